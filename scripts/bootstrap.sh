@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian 12 machine (run as root):
+# the Debian packages the tests and the demo use, and a virtualenv in .venv with
+# the app and its pinned tools. Safe to run again; it only installs what is missing.
+#
+#   scripts/bootstrap.sh          # app + test tools
+#   scripts/bootstrap.sh --app    # app only (for the demo)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=${1:-all}
+
+# Debian packages, grouped by what needs them.
+apt_packages=(
+    # building and running the app
+    python3 python3-venv python3-dev gcc make git curl ca-certificates sqlite3
+)
+if [[ $mode != --app ]]; then
+    apt_packages+=(
+        # web chat test (headless browser)
+        chromium
+        # sandbox hosts: debootstrap images booted with systemd-nspawn
+        debootstrap systemd-container iproute2 nftables iptables openssh-client rsync
+    )
+fi
+
+missing=()
+for pkg in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "bootstrap: missing Debian packages: ${missing[*]} (run as root to install them)" >&2
+        exit 1
+    fi
+    echo "bootstrap: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+    echo "bootstrap: creating .venv with $($python --version)"
+    "$python" -m venv .venv
+fi
+requirements=(-r requirements/app.lock)
+[[ $mode == --app ]] || requirements+=(-r requirements/test.txt)
+stamp=.venv/.bootstrap-$(cat pyproject.toml requirements/*.txt requirements/*.lock | sha256sum | cut -c1-16)-${mode#--}
+if [[ ! -e $stamp ]]; then
+    echo "bootstrap: installing Python packages into .venv"
+    .venv/bin/pip install -q "${requirements[@]}"
+    .venv/bin/pip install -q --no-deps -e .
+    touch "$stamp"
+fi
