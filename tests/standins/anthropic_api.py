@@ -1,0 +1,1333 @@
+"""A local stand-in for the Anthropic Messages API, for tests and demos.
+
+It speaks the real wire protocol closely enough that the official ``anthropic``
+SDK (pointed at it with ``base_url=`` or ``ANTHROPIC_BASE_URL``) cannot tell the
+difference for the endpoints DigitalMe uses, and it validates requests the way
+the real API does, so client bugs fail here instead of in production.
+
+Endpoints
+---------
+``POST /v1/messages``
+    JSON reply (a ``Message``) or, with ``"stream": true``, server-sent events::
+
+        message_start, content_block_start, ping, content_block_delta x N,
+        content_block_stop, [more blocks...], message_delta, message_stop
+
+    (``ping`` follows the first ``content_block_start``; a reply with no content
+    block, i.e. ``max_tokens: 0``, sends it right after ``message_start``.)
+``POST /v1/messages/count_tokens``
+    ``{"input_tokens": N}`` with the same estimate ``/v1/messages`` uses.
+Anything else: ``404 not_found_error`` in the API's error shape.
+
+Authentication: the key may come as ``x-api-key`` or ``Authorization: Bearer``
+(anthropic 2.14 sends an ``api_key`` as a bearer token). It is never stored or
+logged: requests keep only ``api_key_present`` and ``api_key_sha256``. With
+``api_keys=`` (or ``api_key_sha256s=``) only those keys are accepted.
+
+Errors use the real shape and status, with a ``request-id`` header::
+
+    {"type": "error", "error": {"type": "invalid_request_error", "message": "..."},
+     "request_id": "req_..."}
+
+Usage accounting is deterministic: about 4 characters a token, per content
+block, plus a small per-message overhead. Prompt caching is simulated: every
+block carrying ``cache_control`` (tools, system blocks, message blocks; a
+top-level ``cache_control`` marks the last message block) ends a cacheable
+prefix. The first request with a given prefix (per model) reports its tokens as
+``cache_creation_input_tokens``; later ones, within the TTL (5m or 1h),
+report them as ``cache_read_input_tokens``. ``input_tokens`` is the rest, so the
+three always add up to what ``count_tokens`` returns.
+
+Default reply text: ``"Stand-in reply to: " + <first 200 chars of the last user
+message's text>`` (its text blocks joined by newlines, or the text in its
+``tool_result`` blocks if it has none). See ``default_reply_text``.
+
+Scripting (behaviours are frozen dataclasses)
+---------------------------------------------
+``standin.script(b1, b2, ...)``
+    queue behaviours; each valid ``POST /v1/messages`` consumes one (requests that
+    fail authentication or validation consume none; ``count_tokens`` consumes none).
+    With an empty queue the answer is ``Reply()``.
+``Reply(text=None, tool_use=None, stop_reason=None, chunks=None, chunk_delay=0.0)``
+    ``text=None`` means the default text (or no text block when ``tool_use`` is
+    given). ``tool_use={"name": ..., "input": {...}}`` (or a list of them) answers
+    with ``tool_use`` blocks and ``stop_reason: "tool_use"``; the tool must be
+    declared in the request's ``tools`` or the request gets a 400 that names the
+    script mistake. ``chunks`` fixes the streamed text deltas.
+``Error(status=500, type=None, message=None, retry_after=None, should_retry=None, headers={})``
+    the type defaults from the status (429 ``rate_limit_error``, 529
+    ``overloaded_error``, 500 ``api_error``, ...); ``retry_after`` sets ``retry-after``,
+    ``should_retry`` sets ``x-should-retry``.
+``Slow(delay, then=None)``
+    wait ``delay`` seconds, then do ``then`` (default ``Reply()``).
+``StreamThenError(after_chunks=2, error_type="overloaded_error", message="Overloaded", then=None)``
+    stream normally, then after that many deltas send ``event: error`` and end the
+    body. A non-streaming request gets the equivalent HTTP error instead.
+``StreamThenHang(after_chunks=2, then=None)``
+    stream that many deltas, then go silent until the client leaves or the server
+    closes. A non-streaming request hangs.
+``Hang()``
+    accept the request and never answer; the connection is dropped when the
+    server closes.
+``standin.fail_all(behaviour)`` / ``standin.recover()``
+    sticky mode: every request (``count_tokens`` too) gets ``behaviour``, the
+    queue is left alone, until ``recover()``.
+``standin.set_delay(seconds)``
+    every successful answer waits this long first (headers included).
+``standin.reset()``, ``standin.clear_cache()``, ``await standin.wait_for_requests(n)``.
+
+Recorded requests: ``standin.requests`` is a list of ``RecordedRequest``
+(``method``, ``path``, ``query``, ``headers`` without secrets, ``api_key_present``,
+``api_key_sha256``, ``auth_scheme``, ``body`` (parsed JSON), ``time``, ``status``,
+``outcome``, ``behaviour``); ``standin.message_requests`` only the
+``POST /v1/messages`` ones.
+
+Validation notes: by default (``strict_alternation=True``) messages must start
+with ``user`` and alternate, which is stricter than the API (it merges
+consecutive turns) and is what DigitalMe wants; ``strict_alternation=False``
+merges like the API. Unknown top-level fields are rejected like the API does
+("Extra inputs are not permitted"), except on ``?beta=true`` requests.
+``max_tokens: 0`` is accepted (the API's cache pre-warm: no content,
+``stop_reason: "max_tokens"``).
+
+Usage from a test::
+
+    from tests.standins.anthropic_api import Error, Reply, run_anthropic_standin
+
+    async with run_anthropic_standin() as standin:
+        standin.script(Error(status=429, retry_after=0.1), Reply(text="hi"))
+        client = anthropic.AsyncAnthropic(api_key="sk-test", base_url=standin.base_url)
+        msg = await client.messages.create(model="claude-x", max_tokens=64,
+                                           messages=[{"role": "user", "content": "hello"}])
+        assert msg.content[0].text == "hi" and len(standin.requests) == 2
+
+As a process (prints ``anthropic-standin listening on <url>`` once ready; stops
+cleanly on SIGTERM/SIGINT)::
+
+    python -m tests.standins.anthropic_api --host 127.0.0.1 --port 8765 [--delay S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import re
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+__all__ = [
+    "AnthropicStandin",
+    "Behaviour",
+    "Error",
+    "Hang",
+    "RecordedRequest",
+    "Reply",
+    "Slow",
+    "StreamThenError",
+    "StreamThenHang",
+    "default_reply_text",
+    "estimate_tokens",
+    "run_anthropic_standin",
+]
+
+log = logging.getLogger("tests.standins.anthropic_api")
+
+# --------------------------------------------------------------------------- behaviours
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A successful answer. ``text=None``: the default text (none if ``tool_use`` is set)."""
+
+    text: str | None = None
+    tool_use: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None
+    stop_reason: str | None = None
+    chunks: Sequence[str] | None = None
+    chunk_delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Error:
+    """An HTTP error answer in the API's error shape."""
+
+    status: int = 500
+    type: str | None = None
+    message: str | None = None
+    retry_after: float | None = None
+    should_retry: bool | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Slow:
+    """Wait ``delay`` seconds, then behave like ``then`` (default ``Reply()``)."""
+
+    delay: float
+    then: Behaviour | None = None
+
+
+@dataclass(frozen=True)
+class StreamThenError:
+    """Stream ``after_chunks`` deltas, then an ``event: error``."""
+
+    after_chunks: int = 2
+    error_type: str = "overloaded_error"
+    message: str = "Overloaded"
+    then: Reply | None = None
+
+
+@dataclass(frozen=True)
+class StreamThenHang:
+    """Stream ``after_chunks`` deltas, then go silent until the client leaves or we close."""
+
+    after_chunks: int = 2
+    then: Reply | None = None
+
+
+@dataclass(frozen=True)
+class Hang:
+    """Accept the request and never answer."""
+
+
+Behaviour = Reply | Error | Slow | StreamThenError | StreamThenHang | Hang
+
+ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+ERROR_STATUSES: dict[str, int] = {v: k for k, v in ERROR_TYPES.items()}
+DEFAULT_MESSAGES: dict[str, str] = {
+    "rate_limit_error": "Number of request tokens has exceeded your per-minute rate limit",
+    "overloaded_error": "Overloaded",
+    "api_error": "Internal server error",
+    "timeout_error": "Request timed out",
+}
+
+
+def _error_type(status: int) -> str:
+    if status in ERROR_TYPES:
+        return ERROR_TYPES[status]
+    return "api_error" if status >= 500 else "invalid_request_error"
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class RecordedRequest:
+    """One request as the stand-in saw it. Secrets are not kept, only a hash."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    api_key_present: bool
+    api_key_sha256: str | None
+    auth_scheme: str | None  # "x-api-key", "bearer" or None
+    body: Any
+    time: float
+    status: int | None = None
+    outcome: str | None = None  # replied, streamed, error, stream_error, hung, disconnected...
+    behaviour: str | None = None
+
+    @property
+    def stream(self) -> bool:
+        return isinstance(self.body, dict) and self.body.get("stream") is True
+
+    @property
+    def retry_count(self) -> int | None:
+        value = self.headers.get("x-stainless-retry-count")
+        return int(value) if value and value.isdigit() else None
+
+
+SECRET_HEADERS = frozenset({"x-api-key", "authorization", "proxy-authorization", "cookie"})
+
+# --------------------------------------------------------------------------- tokens
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters a token; at least one for non-empty text."""
+    return math.ceil(len(text) / 4) if text else 0
+
+
+BASE_OVERHEAD = 4
+MESSAGE_OVERHEAD = 3
+IMAGE_TOKENS = 1500
+TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
+
+
+@dataclass
+class _Unit:
+    tokens: int
+    material: str
+    cache_control: Mapping[str, Any] | None
+
+
+def _canonical(obj: Any) -> str:
+    if isinstance(obj, dict):
+        obj = {k: v for k, v in obj.items() if k != "cache_control"}
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _block_tokens(block: Any) -> int:
+    if isinstance(block, str):
+        return estimate_tokens(block)
+    if isinstance(block, dict):
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            return estimate_tokens(block["text"])
+        if kind == "image":
+            return IMAGE_TOKENS
+        if kind == "tool_result":
+            content = block.get("content")
+            inner = (
+                sum(_block_tokens(b) for b in content)
+                if isinstance(content, list)
+                else _block_tokens(content or "")
+            )
+            return inner + 5
+    return estimate_tokens(_canonical(block))
+
+
+def _units(body: Mapping[str, Any]) -> list[_Unit]:
+    units: list[_Unit] = []
+    for tool in body.get("tools") or []:
+        units.append(_Unit(estimate_tokens(_canonical(tool)), "tool:" + _canonical(tool),
+                           tool.get("cache_control")))
+    system = body.get("system")
+    if isinstance(system, str) and system:
+        units.append(_Unit(estimate_tokens(system), "system:" + system, None))
+    elif isinstance(system, list):
+        for block in system:
+            units.append(_Unit(_block_tokens(block), "system:" + _canonical(block),
+                               block.get("cache_control")))
+    first_message_unit = len(units)
+    for message in body.get("messages") or []:
+        role = message.get("role")
+        content = message.get("content")
+        blocks = [content] if isinstance(content, str) else list(content or [])
+        if not blocks:
+            units.append(_Unit(MESSAGE_OVERHEAD, f"{role}:", None))
+        for j, block in enumerate(blocks):
+            overhead = MESSAGE_OVERHEAD if j == 0 else 0
+            cache_control = block.get("cache_control") if isinstance(block, dict) else None
+            units.append(_Unit(_block_tokens(block) + overhead, f"{role}:" + _canonical(block),
+                               cache_control))
+    top = body.get("cache_control")
+    if isinstance(top, dict) and len(units) > first_message_unit:
+        last = units[-1]
+        if last.cache_control is None:
+            last.cache_control = top
+    return units
+
+
+def count_input_tokens(body: Mapping[str, Any]) -> int:
+    return BASE_OVERHEAD + sum(u.tokens for u in _units(body))
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    return "\n".join(b["text"] for b in content
+                     if isinstance(b, dict) and b.get("type") == "text"
+                     and isinstance(b.get("text"), str))
+
+
+def default_reply_text(body: Mapping[str, Any]) -> str:
+    """The text the stand-in answers with when the script does not say otherwise."""
+    last_user: Any = None
+    for message in body.get("messages") or []:
+        if isinstance(message, dict) and message.get("role") == "user":
+            last_user = message.get("content")
+    text = _text_of(last_user)
+    if not text and isinstance(last_user, list):
+        text = "\n".join(_text_of(b.get("content")) for b in last_user
+                         if isinstance(b, dict) and b.get("type") == "tool_result")
+    return f"Stand-in reply to: {text[:200]}"
+
+
+# --------------------------------------------------------------------------- validation
+
+MESSAGES_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream",
+    "temperature", "top_p", "top_k", "tools", "tool_choice", "thinking", "service_tier",
+    "container", "cache_control", "diagnostics", "inference_geo", "output_config", "speed",
+})
+COUNT_TOKENS_FIELDS = frozenset({
+    "model", "messages", "system", "tools", "tool_choice", "thinking", "cache_control",
+    "output_config", "speed",
+})
+BLOCK_TYPES = (
+    "text", "image", "document", "search_result", "thinking", "redacted_thinking", "tool_use",
+    "tool_result", "server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
+    "code_execution_tool_result", "bash_code_execution_tool_result",
+    "text_editor_code_execution_tool_result", "tool_search_tool_result", "container_upload",
+)
+ASSISTANT_ONLY = frozenset({"tool_use", "thinking", "redacted_thinking", "server_tool_use"})
+TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _check_cache_control(value: Any, path: str, breakpoints: list[int]) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or value.get("type") != "ephemeral":
+        raise _Invalid(f"{path}.cache_control.type: Input should be 'ephemeral'")
+    if "ttl" in value and value["ttl"] not in TTL_SECONDS:
+        raise _Invalid(f"{path}.cache_control.ttl: Input should be '5m' or '1h'")
+    extra = set(value) - {"type", "ttl"}
+    if extra:
+        raise _Invalid(f"{path}.cache_control.{sorted(extra)[0]}: Extra inputs are not permitted")
+    breakpoints.append(1)
+
+
+def _check_text_block(block: Any, path: str, breakpoints: list[int]) -> None:
+    if not isinstance(block, dict):
+        raise _Invalid(f"{path}: Input should be a valid dictionary or object")
+    if block.get("type") != "text":
+        raise _Invalid(f"{path}.type: Input should be 'text'")
+    if not isinstance(block.get("text"), str):
+        raise _Invalid(f"{path}.text: Field required" if "text" not in block
+                       else f"{path}.text: Input should be a valid string")
+    if not block["text"].strip():
+        where = path.split(".")[0]
+        raise _Invalid(f"{where}: text content blocks must contain non-whitespace text")
+    _check_cache_control(block.get("cache_control"), path, breakpoints)
+
+
+def _check_block(block: Any, role: str, path: str, breakpoints: list[int],
+                 allow_empty_text: bool) -> None:
+    if not isinstance(block, dict):
+        raise _Invalid(f"{path}: Input should be a valid dictionary or object")
+    kind = block.get("type")
+    if kind not in BLOCK_TYPES:
+        expected = ", ".join(f"'{t}'" for t in BLOCK_TYPES)
+        raise _Invalid(f"{path}: Input tag '{kind}' found using 'type' does not match any of "
+                       f"the expected tags: {expected}")
+    if role == "user" and kind in ASSISTANT_ONLY:
+        raise _Invalid(f"{path}: `{kind}` blocks can only be in `assistant` messages")
+    if role == "assistant" and kind == "tool_result":
+        raise _Invalid(f"{path}: `tool_result` blocks can only be in `user` messages")
+    _check_cache_control(block.get("cache_control"), path, breakpoints)
+    if kind == "text":
+        if not isinstance(block.get("text"), str):
+            raise _Invalid(f"{path}.text: Field required")
+        if not block["text"].strip() and not allow_empty_text:
+            raise _Invalid("messages: text content blocks must contain non-whitespace text")
+    elif kind in ("image", "document"):
+        source = block.get("source")
+        if not isinstance(source, dict) or not isinstance(source.get("type"), str):
+            raise _Invalid(f"{path}.source: Field required")
+    elif kind == "tool_use":
+        for key, typ, name in (("id", str, "string"), ("name", str, "string"),
+                               ("input", dict, "dictionary")):
+            if not isinstance(block.get(key), typ):
+                raise _Invalid(f"{path}.{key}: Input should be a valid {name}")
+    elif kind == "tool_result":
+        if not isinstance(block.get("tool_use_id"), str):
+            raise _Invalid(f"{path}.tool_use_id: Field required")
+        content = block.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise _Invalid(f"{path}.content: Input should be a valid string or list")
+        if isinstance(content, list):
+            for k, inner in enumerate(content):
+                _check_block(inner, "user", f"{path}.content.{k}", breakpoints, True)
+        if "is_error" in block and not isinstance(block["is_error"], bool):
+            raise _Invalid(f"{path}.is_error: Input should be a valid boolean")
+    elif kind == "thinking":
+        if not isinstance(block.get("thinking"), str) or not isinstance(block.get("signature"),
+                                                                          str):
+            raise _Invalid(f"{path}: thinking blocks need `thinking` and `signature` strings")
+
+
+def _check_messages(body: Mapping[str, Any], strict_alternation: bool,
+                    breakpoints: list[int]) -> None:
+    if "messages" not in body:
+        raise _Invalid("messages: Field required")
+    messages = body["messages"]
+    if not isinstance(messages, list):
+        raise _Invalid("messages: Input should be a valid list")
+    if not messages:
+        raise _Invalid("messages: at least one message is required")
+    turns: list[tuple[str, list[tuple[int, int, dict[str, Any]]]]] = []  # merged turns
+    for i, message in enumerate(messages):
+        path = f"messages.{i}"
+        if not isinstance(message, dict):
+            raise _Invalid(f"{path}: Input should be a valid dictionary or object")
+        extra = set(message) - {"role", "content"}
+        if extra:
+            raise _Invalid(f"{path}.{sorted(extra)[0]}: Extra inputs are not permitted")
+        role = message.get("role")
+        if role not in ("user", "assistant", "system"):
+            raise _Invalid(f"{path}.role: Input should be 'user' or 'assistant'")
+        if "content" not in message:
+            raise _Invalid(f"{path}.content: Field required")
+        content = message["content"]
+        is_last = i == len(messages) - 1
+        final_assistant = is_last and role == "assistant"
+        if role == "system":
+            if isinstance(content, str):
+                if not content.strip():
+                    raise _Invalid("messages: text content blocks must contain non-whitespace text")
+            elif isinstance(content, list) and content:
+                for j, block in enumerate(content):
+                    _check_text_block(block, f"{path}.content.{j}", breakpoints)
+            else:
+                raise _Invalid(f"{path}.content: Input should be a valid string or list of text "
+                               "blocks")
+            continue
+        if isinstance(content, str):
+            if not content.strip() and not final_assistant:
+                raise _Invalid("messages: text content blocks must contain non-whitespace text")
+            blocks: list[Any] = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            if not content and not final_assistant:
+                raise _Invalid(f"{path}: all messages must have non-empty content except for "
+                               "the optional final assistant message")
+            blocks = content
+            for j, block in enumerate(content):
+                _check_block(block, role, f"{path}.content.{j}", breakpoints, final_assistant)
+        else:
+            raise _Invalid(f"{path}.content: Input should be a valid string or list")
+        if final_assistant:
+            tail = _text_of(content) if isinstance(content, list) else content
+            if tail and tail != tail.rstrip():
+                raise _Invalid("messages: final assistant content cannot end with trailing "
+                               "whitespace")
+        indexed = [(i, j, b) for j, b in enumerate(blocks)]
+        if not turns:
+            if role != "user" and strict_alternation:
+                raise _Invalid('messages: first message must use the "user" role')
+            turns.append((role, indexed))
+        elif turns[-1][0] == role:
+            if strict_alternation:
+                raise _Invalid('messages: roles must alternate between "user" and "assistant", '
+                               f'but found multiple "{role}" roles in a row')
+            turns[-1][1].extend(indexed)
+        else:
+            turns.append((role, indexed))
+    _check_tool_pairing(turns)
+
+
+def _check_tool_pairing(turns: list[tuple[str, list[tuple[int, int, dict[str, Any]]]]]) -> None:
+    seen_ids: set[str] = set()
+    for t, (role, blocks) in enumerate(turns):
+        if role == "assistant":
+            ids = [b["id"] for _, _, b in blocks if b.get("type") == "tool_use"]
+            for tool_id in ids:
+                if tool_id in seen_ids:
+                    raise _Invalid(f"messages: `tool_use` ids must be unique: {tool_id}")
+                seen_ids.add(tool_id)
+            if ids and t + 1 < len(turns):
+                answered = {b.get("tool_use_id") for _, _, b in turns[t + 1][1]
+                            if b.get("type") == "tool_result"}
+                missing = [x for x in ids if x not in answered]
+                if missing:
+                    first = turns[t + 1][1][0][0]
+                    raise _Invalid(
+                        f"messages.{first}: `tool_use` ids were found without `tool_result` "
+                        f"blocks immediately after: {', '.join(missing)}. Each `tool_use` block "
+                        "must have a corresponding `tool_result` block in the next message.")
+        else:
+            previous: set[str] = set()
+            if t > 0 and turns[t - 1][0] == "assistant":
+                previous = {b["id"] for _, _, b in turns[t - 1][1] if b.get("type") == "tool_use"}
+            seen_other = False
+            for i, j, b in blocks:
+                if b.get("type") != "tool_result":
+                    seen_other = True
+                    continue
+                if b["tool_use_id"] not in previous:
+                    raise _Invalid(
+                        f"messages.{i}.content.{j}: unexpected `tool_use_id` found in "
+                        f"`tool_result` blocks: {b['tool_use_id']}. Each `tool_result` block "
+                        "must have a corresponding `tool_use` block in the previous message.")
+                if seen_other:
+                    raise _Invalid(f"messages.{i}.content.{j}: `tool_result` blocks must come "
+                                   "first in the content of a `user` message, before any other "
+                                   "content")
+
+
+def _check_system(body: Mapping[str, Any], breakpoints: list[int]) -> None:
+    if "system" not in body:
+        return
+    system = body["system"]
+    if isinstance(system, str):
+        return
+    if not isinstance(system, list):
+        raise _Invalid("system: Input should be a valid string or a list of text blocks")
+    for k, block in enumerate(system):
+        _check_text_block(block, f"system.{k}", breakpoints)
+
+
+def _check_tools(body: Mapping[str, Any], breakpoints: list[int]) -> set[str]:
+    names: set[str] = set()
+    if "tools" in body:
+        tools = body["tools"]
+        if not isinstance(tools, list):
+            raise _Invalid("tools: Input should be a valid list")
+        for k, tool in enumerate(tools):
+            path = f"tools.{k}"
+            if not isinstance(tool, dict):
+                raise _Invalid(f"{path}: Input should be a valid dictionary or object")
+            name = tool.get("name")
+            if not isinstance(name, str):
+                raise _Invalid(f"{path}.name: Field required")
+            kind = tool.get("type")
+            if kind in (None, "custom"):
+                if not TOOL_NAME.match(name):
+                    raise _Invalid(f"{path}.custom.name: String should match pattern "
+                                   "'^[a-zA-Z0-9_-]{1,64}$'")
+                schema = tool.get("input_schema")
+                if not isinstance(schema, dict):
+                    raise _Invalid(f"{path}.custom.input_schema: Field required")
+                if schema.get("type") != "object":
+                    raise _Invalid(f"{path}.custom.input_schema.type: Input should be 'object'")
+                if "description" in tool and not isinstance(tool["description"], str):
+                    raise _Invalid(f"{path}.custom.description: Input should be a valid string")
+            if name in names:
+                raise _Invalid("tools: Tool names must be unique.")
+            names.add(name)
+            _check_cache_control(tool.get("cache_control"), path, breakpoints)
+    if "tool_choice" in body:
+        choice = body["tool_choice"]
+        if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool",
+                                                                      "none"):
+            raise _Invalid("tool_choice: Input tag found using 'type' does not match any of the "
+                           "expected tags: 'auto', 'any', 'tool', 'none'")
+        if choice["type"] in ("any", "tool") and not names:
+            raise _Invalid("tool_choice: may only be specified while providing tools")
+        if choice["type"] == "tool" and choice.get("name") not in names:
+            raise _Invalid(f"tool_choice.name: tool '{choice.get('name')}' not found in tools")
+    return names
+
+
+def _check_common(body: Any, allowed: frozenset[str] | None) -> None:
+    if not isinstance(body, dict):
+        raise _Invalid("Input should be a valid dictionary or object")
+    if allowed is not None:
+        extra = sorted(set(body) - allowed)
+        if extra:
+            raise _Invalid(f"{extra[0]}: Extra inputs are not permitted")
+    model = body.get("model")
+    if "model" not in body:
+        raise _Invalid("model: Field required")
+    if not isinstance(model, str) or not model:
+        raise _Invalid("model: Input should be a valid string")
+
+
+def validate_messages_request(body: Any, *, strict_alternation: bool = True,
+                              strict_fields: bool = True, count_tokens: bool = False,
+                              ) -> tuple[str | None, set[str]]:
+    """Validate a request body. Returns (error message or None, declared tool names)."""
+    fields = COUNT_TOKENS_FIELDS if count_tokens else MESSAGES_FIELDS
+    breakpoints: list[int] = []
+    try:
+        _check_common(body, fields if strict_fields else None)
+        if not count_tokens:
+            if "max_tokens" not in body:
+                raise _Invalid("max_tokens: Field required")
+            mt = body["max_tokens"]
+            if isinstance(mt, bool) or not isinstance(mt, int):
+                raise _Invalid("max_tokens: Input should be a valid integer")
+            if mt < 0:
+                raise _Invalid("max_tokens: Input should be greater than or equal to 0")
+            if "stream" in body and not isinstance(body["stream"], bool):
+                raise _Invalid("stream: Input should be a valid boolean")
+            stops = body.get("stop_sequences")
+            if stops is not None and (not isinstance(stops, list)
+                                      or not all(isinstance(s, str) and s for s in stops)):
+                raise _Invalid("stop_sequences: Input should be a list of non-empty strings")
+            for name, low, high in (("temperature", 0.0, 1.0), ("top_p", 0.0, 1.0)):
+                if name in body:
+                    value = body[name]
+                    if isinstance(value, bool) or not isinstance(value, int | float):
+                        raise _Invalid(f"{name}: Input should be a valid number")
+                    if not low <= value <= high:
+                        raise _Invalid(f"{name}: range: {low}-{high}")
+            if "metadata" in body:
+                meta = body["metadata"]
+                if not isinstance(meta, dict) or set(meta) - {"user_id"}:
+                    raise _Invalid("metadata: only `user_id` is permitted")
+        _check_system(body, breakpoints)
+        names = _check_tools(body, breakpoints)
+        _check_messages(body, strict_alternation, breakpoints)
+        top = body.get("cache_control")
+        if top is not None:
+            _check_cache_control(top, "cache_control", breakpoints)
+        if len(breakpoints) > 4:
+            raise _Invalid("A maximum of 4 blocks with cache_control may be provided. "
+                           f"Found {len(breakpoints)}.")
+    except _Invalid as exc:
+        return str(exc), set()
+    return None, names
+
+
+# --------------------------------------------------------------------------- ids
+
+_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _make_id(prefix: str, seed: str) -> str:
+    n = int.from_bytes(hashlib.sha256(seed.encode()).digest(), "big")
+    out = []
+    for _ in range(22):
+        n, r = divmod(n, 62)
+        out.append(_B62[r])
+    return f"{prefix}01{''.join(out)}"
+
+
+def _sse(event: str, data: Mapping[str, Any]) -> bytes:
+    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"event: {event}\ndata: {payload}\n\n".encode()
+
+
+def _split_text(text: str, size: int = 12) -> list[str]:
+    """Split at whitespace into pieces of roughly ``size`` characters (joins back exactly)."""
+    if not text:
+        return []
+    pieces = re.findall(r"\S+\s*|\s+", text)
+    chunks: list[str] = []
+    current = ""
+    for piece in pieces:
+        current += piece
+        if len(current) >= size:
+            chunks.append(current)
+            current = ""
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+# --------------------------------------------------------------------------- server
+
+
+class AnthropicStandin:
+    """The stand-in server. Use ``run_anthropic_standin()`` or ``start()``/``close()``."""
+
+    def __init__(
+        self,
+        *,
+        api_keys: Iterable[str] | None = None,
+        api_key_sha256s: Iterable[str] | None = None,
+        strict_alternation: bool = True,
+        strict_fields: bool = True,
+        min_cache_tokens: int = 0,
+        known_models: Iterable[str] | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        hashes = {hashlib.sha256(k.encode()).hexdigest() for k in api_keys or ()}
+        hashes |= {h.lower() for h in api_key_sha256s or ()}
+        self._accepted_key_hashes: frozenset[str] | None = (
+            frozenset(hashes) if api_keys is not None or api_key_sha256s is not None else None)
+        self.strict_alternation = strict_alternation
+        self.strict_fields = strict_fields
+        self.min_cache_tokens = min_cache_tokens
+        self.known_models = set(known_models) if known_models is not None else None
+        self.requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+        self._queue: deque[Behaviour] = deque()
+        self._sticky: Behaviour | None = None
+        self._delay = delay
+        self._cache: dict[str, tuple[float, float]] = {}  # key -> (expires_at, ttl)
+        self._counter = 0
+        self._closing: asyncio.Event | None = None
+        self._arrived: asyncio.Condition | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.host: str | None = None
+        self.port: int | None = None
+
+    # ---------------------------------------------------------------- scripting
+
+    def script(self, *behaviours: Behaviour) -> None:
+        """Queue behaviours; each valid POST /v1/messages consumes one."""
+        for b in behaviours:
+            if not isinstance(b, Reply | Error | Slow | StreamThenError | StreamThenHang | Hang):
+                raise TypeError(f"not a stand-in behaviour: {b!r}")
+        with self._lock:
+            self._queue.extend(behaviours)
+
+    @property
+    def pending(self) -> int:
+        """How many scripted behaviours are still queued."""
+        with self._lock:
+            return len(self._queue)
+
+    def fail_all(self, behaviour: Behaviour) -> None:
+        """Sticky mode: every request gets ``behaviour`` until ``recover()``."""
+        with self._lock:
+            self._sticky = behaviour
+
+    def recover(self) -> None:
+        with self._lock:
+            self._sticky = None
+
+    def set_delay(self, seconds: float) -> None:
+        """Delay every successful answer by ``seconds``."""
+        with self._lock:
+            self._delay = max(0.0, float(seconds))
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def reset(self) -> None:
+        """Forget requests, scripts, sticky mode, delay and the prompt cache."""
+        with self._lock:
+            self.requests.clear()
+            self._queue.clear()
+            self._sticky = None
+            self._delay = 0.0
+            self._cache.clear()
+
+    @property
+    def message_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.method == "POST" and r.path == "/v1/messages"]
+
+    async def wait_for_requests(self, count: int, timeout: float = 5.0) -> list[RecordedRequest]:
+        """Wait until at least ``count`` requests have arrived (of any kind)."""
+        assert self._arrived is not None, "stand-in not started"
+        async with self._arrived:
+            await asyncio.wait_for(self._arrived.wait_for(lambda: len(self.requests) >= count),
+                                   timeout)
+        return list(self.requests)
+
+    def _next_behaviour(self, consume: bool) -> Behaviour | None:
+        with self._lock:
+            if self._sticky is not None:
+                return self._sticky
+            if consume and self._queue:
+                return self._queue.popleft()
+            return None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def base_url(self) -> str:
+        if self.host is None or self.port is None:
+            raise RuntimeError("stand-in not started")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=32 * 1024 * 1024,
+                              middlewares=[self._error_middleware])
+        app.router.add_post("/v1/messages", self._handle_messages)
+        app.router.add_post("/v1/messages/count_tokens", self._handle_count_tokens)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on exactly ``host:port`` (port 0: any free port). Returns the base URL."""
+        self._closing = asyncio.Event()
+        self._arrived = asyncio.Condition()
+        self._runner = web.AppRunner(self.make_app(), handle_signals=False, access_log=None,
+                                     handler_cancellation=True, shutdown_timeout=2.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.host = host
+        self.port = self._runner.addresses[0][1]
+        return self.base_url
+
+    async def close(self) -> None:
+        """Stop listening; hanging and slow requests are cut off."""
+        if self._closing is not None:
+            self._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep; False if the server started closing meanwhile."""
+        assert self._closing is not None
+        if seconds <= 0:
+            return not self._closing.is_set()
+        try:
+            await asyncio.wait_for(self._closing.wait(), timeout=seconds)
+        except TimeoutError:
+            return True
+        return False
+
+    async def _hang(self, request: web.Request, rec: RecordedRequest) -> web.StreamResponse:
+        assert self._closing is not None
+        rec.outcome = "hung"
+        await self._closing.wait()
+        return self._drop(request, rec)
+
+    @staticmethod
+    def _drop(request: web.Request, rec: RecordedRequest) -> web.StreamResponse:
+        """Close the connection without an answer (the server is shutting down)."""
+        rec.outcome = rec.outcome if rec.outcome not in (None, "streaming") else "server_closed"
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError
+
+    # ---------------------------------------------------------------- http plumbing
+
+    @web.middleware
+    async def _error_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return self._error_response(413, "request_too_large",
+                                        "Request exceeds the maximum allowed number of bytes.")
+        except web.HTTPNotFound:
+            return self._error_response(404, "not_found_error", "Not Found")
+        except web.HTTPMethodNotAllowed:
+            return self._error_response(405, "invalid_request_error",
+                                        f"Method {request.method} not allowed")
+
+    def _request_id(self) -> str:
+        with self._lock:
+            self._counter += 1
+            n = self._counter
+        return _make_id("req_", f"req:{n}")
+
+    def _error_response(self, status: int, error_type: str, message: str,
+                        headers: Mapping[str, str] | None = None) -> web.Response:
+        request_id = self._request_id()
+        body = {"type": "error", "error": {"type": error_type, "message": message},
+                "request_id": request_id}
+        return web.json_response(body, status=status,
+                                 headers={"request-id": request_id, **(headers or {})})
+
+    def _scripted_error(self, err: Error) -> web.Response:
+        error_type = err.type or _error_type(err.status)
+        message = err.message or DEFAULT_MESSAGES.get(error_type, error_type.replace("_", " "))
+        headers = dict(err.headers)
+        if err.retry_after is not None:
+            ra = err.retry_after
+            headers["retry-after"] = str(int(ra)) if float(ra).is_integer() else str(ra)
+        if err.should_retry is not None:
+            headers["x-should-retry"] = "true" if err.should_retry else "false"
+        return self._error_response(err.status, error_type, message, headers)
+
+    async def _record(self, request: web.Request) -> tuple[RecordedRequest, bytes]:
+        raw = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()
+                   if k.lower() not in SECRET_HEADERS}
+        key, scheme = None, None
+        if request.headers.get("x-api-key"):
+            key, scheme = request.headers["x-api-key"], "x-api-key"
+        else:
+            auth = request.headers.get("authorization", "")
+            if auth[:7].lower() == "bearer " and auth[7:].strip():
+                key, scheme = auth[7:].strip(), "bearer"
+        try:
+            body: Any = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        rec = RecordedRequest(
+            method=request.method, path=request.path, query=dict(request.query), headers=headers,
+            api_key_present=key is not None,
+            api_key_sha256=hashlib.sha256(key.encode()).hexdigest() if key is not None else None,
+            auth_scheme=scheme, body=body, time=time.time())
+        assert self._arrived is not None
+        async with self._arrived:
+            self.requests.append(rec)
+            self._arrived.notify_all()
+        return rec, raw
+
+    def _precheck(self, request: web.Request, rec: RecordedRequest, raw: bytes,
+                  ) -> web.Response | None:
+        """Authentication, version header and JSON parsing, in that order."""
+        if not rec.api_key_present:
+            return self._error_response(401, "authentication_error",
+                                        "x-api-key header is required")
+        if (self._accepted_key_hashes is not None
+                and rec.api_key_sha256 not in self._accepted_key_hashes):
+            return self._error_response(401, "authentication_error", "invalid x-api-key")
+        version = request.headers.get("anthropic-version")
+        if not version:
+            return self._error_response(400, "invalid_request_error",
+                                        "anthropic-version: header is required")
+        if not VERSION.match(version):
+            return self._error_response(400, "invalid_request_error",
+                                        f"anthropic-version: invalid version {version!r}")
+        if rec.body is None:
+            what = "empty body" if not raw else "invalid JSON"
+            return self._error_response(400, "invalid_request_error",
+                                        f"There was an issue with the request body: {what}")
+        return None
+
+    def _finish(self, rec: RecordedRequest, response: web.StreamResponse, outcome: str,
+                ) -> web.StreamResponse:
+        rec.status = response.status
+        rec.outcome = rec.outcome or outcome
+        model = rec.body.get("model") if isinstance(rec.body, dict) else None
+        log.info("%s %s -> %s %s model=%s stream=%s key=%s behaviour=%s", rec.method,
+                 rec.path, rec.status, rec.outcome, model, rec.stream,
+                 "present" if rec.api_key_present else "missing", rec.behaviour or "default")
+        return response
+
+    # ---------------------------------------------------------------- handlers
+
+    async def _handle_count_tokens(self, request: web.Request) -> web.StreamResponse:
+        rec, raw = await self._record(request)
+        try:
+            early = self._precheck(request, rec, raw)
+            if early is not None:
+                return self._finish(rec, early, "rejected")
+            beta = request.query.get("beta") == "true"
+            error, _ = validate_messages_request(
+                rec.body, strict_alternation=self.strict_alternation,
+                strict_fields=self.strict_fields and not beta, count_tokens=True)
+            if error is not None:
+                return self._finish(rec, self._error_response(400, "invalid_request_error", error),
+                                    "rejected")
+            behaviour = self._next_behaviour(consume=False)
+            while isinstance(behaviour, Slow):
+                rec.behaviour = "Slow"
+                if not await self._pause(behaviour.delay):
+                    return self._drop(request, rec)
+                behaviour = behaviour.then
+            if isinstance(behaviour, Hang | StreamThenHang):
+                rec.behaviour = type(behaviour).__name__
+                return await self._hang(request, rec)
+            if isinstance(behaviour, Error | StreamThenError):
+                rec.behaviour = type(behaviour).__name__
+                return self._finish(rec, self._scripted_error(self._as_error(behaviour)), "error")
+            request_id = self._request_id()
+            response = web.json_response({"input_tokens": count_input_tokens(rec.body)},
+                                         headers={"request-id": request_id})
+            return self._finish(rec, response, "replied")
+        except asyncio.CancelledError:
+            rec.outcome = rec.outcome or "disconnected"
+            raise
+
+    @staticmethod
+    def _as_error(behaviour: Error | StreamThenError) -> Error:
+        if isinstance(behaviour, Error):
+            return behaviour
+        return Error(status=ERROR_STATUSES.get(behaviour.error_type, 500),
+                     type=behaviour.error_type, message=behaviour.message)
+
+    async def _handle_messages(self, request: web.Request) -> web.StreamResponse:
+        rec, raw = await self._record(request)
+        try:
+            return await self._messages(request, rec, raw)
+        except ConnectionResetError:  # the client left while we were writing
+            rec.outcome = "disconnected"
+            log.info("%s %s -> %s", rec.method, rec.path, rec.outcome)
+            raise asyncio.CancelledError from None
+        except asyncio.CancelledError:
+            rec.outcome = rec.outcome if rec.outcome not in (None, "streaming") else "disconnected"
+            log.info("%s %s -> %s", rec.method, rec.path, rec.outcome)
+            raise
+
+    async def _messages(self, request: web.Request, rec: RecordedRequest, raw: bytes,
+                        ) -> web.StreamResponse:
+        early = self._precheck(request, rec, raw)
+        if early is not None:
+            return self._finish(rec, early, "rejected")
+        body: dict[str, Any] = rec.body
+        beta = request.query.get("beta") == "true"
+        error, tool_names = validate_messages_request(
+            body, strict_alternation=self.strict_alternation,
+            strict_fields=self.strict_fields and not beta)
+        if error is None and self.known_models is not None and body["model"] not in \
+                self.known_models:
+            return self._finish(rec, self._error_response(404, "not_found_error",
+                                                          f"model: {body['model']}"), "rejected")
+        if error is not None:
+            return self._finish(rec, self._error_response(400, "invalid_request_error", error),
+                                "rejected")
+
+        behaviour: Behaviour | None = self._next_behaviour(consume=True)
+        rec.behaviour = type(behaviour).__name__ if behaviour is not None else None
+        while isinstance(behaviour, Slow):
+            if not await self._pause(behaviour.delay):
+                return self._drop(request, rec)
+            behaviour = behaviour.then
+        if behaviour is None:
+            behaviour = Reply()
+        if isinstance(behaviour, Hang):
+            return await self._hang(request, rec)
+        if isinstance(behaviour, Error):
+            return self._finish(rec, self._scripted_error(behaviour), "error")
+        if isinstance(behaviour, StreamThenError) and not rec.stream:
+            return self._finish(rec, self._scripted_error(self._as_error(behaviour)), "error")
+        if isinstance(behaviour, StreamThenHang) and not rec.stream:
+            return await self._hang(request, rec)
+
+        reply = behaviour if isinstance(behaviour, Reply) else (behaviour.then or Reply())
+        assert isinstance(reply, Reply)
+        try:
+            message = self._build_message(body, reply, tool_names)
+        except _Invalid as exc:
+            return self._finish(rec, self._error_response(400, "invalid_request_error", str(exc)),
+                                "script_error")
+
+        with self._lock:
+            delay = self._delay
+        if delay and not await self._pause(delay):
+            return self._drop(request, rec)
+        if not rec.stream:
+            request_id = self._request_id()
+            return self._finish(rec, web.json_response(message, headers={"request-id": request_id}),
+                                "replied")
+        cut = behaviour if isinstance(behaviour, StreamThenError | StreamThenHang) else None
+        return await self._stream(request, rec, message, reply, cut)
+
+    # ---------------------------------------------------------------- replies
+
+    def _usage(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        units = _units(body)
+        prefix: list[int] = []
+        running = 0
+        for u in units:
+            running += u.tokens
+            prefix.append(running)
+        total = BASE_OVERHEAD + running
+        model = str(body.get("model"))
+        keys: list[tuple[int, str, str]] = []  # (unit index, cache key, ttl)
+        digest = hashlib.sha256(model.encode())
+        for i, u in enumerate(units):
+            digest.update(b"\x00" + u.material.encode())
+            if u.cache_control is not None:
+                ttl = str(u.cache_control.get("ttl", "5m"))
+                keys.append((i, digest.copy().hexdigest(), ttl))
+        read = 0
+        created = {"5m": 0, "1h": 0}
+        now = time.monotonic()
+        with self._lock:
+            hit = -1
+            for n in range(len(keys) - 1, -1, -1):
+                i, key, _ttl = keys[n]
+                entry = self._cache.get(key)
+                if entry is not None and entry[0] > now:
+                    hit = n
+                    read = prefix[i]
+                    self._cache[key] = (now + entry[1], entry[1])
+                    break
+            previous = read
+            for i, key, ttl in keys[hit + 1:]:
+                if prefix[i] < self.min_cache_tokens:
+                    continue
+                created[ttl] += prefix[i] - previous
+                previous = prefix[i]
+                self._cache[key] = (now + TTL_SECONDS[ttl], TTL_SECONDS[ttl])
+        creation = created["5m"] + created["1h"]
+        return {
+            "input_tokens": total - read - creation,
+            "cache_creation_input_tokens": creation,
+            "cache_read_input_tokens": read,
+            "cache_creation": {"ephemeral_5m_input_tokens": created["5m"],
+                               "ephemeral_1h_input_tokens": created["1h"]},
+            "output_tokens": 0,
+            "service_tier": "standard",
+        }
+
+    def _build_message(self, body: Mapping[str, Any], reply: Reply, tool_names: set[str],
+                       ) -> dict[str, Any]:
+        with self._lock:
+            self._counter += 1
+            n = self._counter
+        msg_id = _make_id("msg_", f"msg:{n}")
+        calls: list[Mapping[str, Any]] = []
+        if reply.tool_use is not None:
+            calls = [reply.tool_use] if isinstance(reply.tool_use, Mapping) else list(
+                reply.tool_use)
+            for call in calls:
+                name = call.get("name")
+                if name not in tool_names:
+                    declared = ", ".join(sorted(tool_names)) or "none"
+                    raise _Invalid(f"[stand-in script] Reply(tool_use=...) names tool {name!r} "
+                                   f"but the request declares tools: {declared}")
+        if reply.chunks is not None:
+            text: str | None = "".join(reply.chunks)
+        elif reply.text is not None:
+            text = reply.text
+        else:
+            text = None if calls else default_reply_text(body)
+        stop_reason = "tool_use" if calls else "end_turn"
+        stop_sequence = None
+        max_tokens = int(body["max_tokens"])
+        if text is not None and not calls:
+            for seq in body.get("stop_sequences") or []:
+                at = text.find(seq)
+                if at >= 0 and (stop_sequence is None or at < text.find(stop_sequence)):
+                    stop_sequence = seq
+            if stop_sequence is not None:
+                text = text[: text.find(stop_sequence)]
+                stop_reason = "stop_sequence"
+            if estimate_tokens(text) > max_tokens:
+                text = text[: max_tokens * 4]
+                stop_reason, stop_sequence = "max_tokens", None
+        content: list[dict[str, Any]] = []
+        if max_tokens == 0:
+            text, calls, stop_reason, stop_sequence = None, [], "max_tokens", None
+        if text:
+            content.append({"type": "text", "text": text})
+        for k, call in enumerate(calls):
+            content.append({"type": "tool_use",
+                            "id": str(call.get("id") or _make_id("toolu_", f"toolu:{n}:{k}")),
+                            "name": call["name"], "input": dict(call.get("input") or {})})
+        usage = self._usage(body)
+        usage["output_tokens"] = 0 if max_tokens == 0 else max(1, sum(
+            estimate_tokens(b["text"]) if b["type"] == "text"
+            else estimate_tokens(_canonical(b["input"])) + 10 for b in content))
+        return {
+            "id": msg_id, "type": "message", "role": "assistant", "model": body["model"],
+            "content": content, "stop_reason": reply.stop_reason or stop_reason,
+            "stop_sequence": stop_sequence, "usage": usage,
+        }
+
+    async def _stream(self, request: web.Request, rec: RecordedRequest, message: dict[str, Any],
+                      reply: Reply, cut: StreamThenError | StreamThenHang | None,
+                      ) -> web.StreamResponse:
+        request_id = self._request_id()
+        response = web.StreamResponse(status=200, headers={
+            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+            "request-id": request_id})
+        await response.prepare(request)
+        rec.status, rec.outcome = 200, "streaming"
+        usage = message["usage"]
+        start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
+                 "usage": {**usage, "output_tokens": 1 if usage["output_tokens"] else 0}}
+        await response.write(_sse("message_start", {"type": "message_start", "message": start}))
+        sent = 0
+        pinged = False
+        for index, block in enumerate(message["content"]):
+            if block["type"] == "text":
+                first = {"type": "text", "text": ""}
+                pieces = list(reply.chunks) if reply.chunks is not None else _split_text(
+                    block["text"])
+                if "".join(pieces) != block["text"]:  # truncated by max_tokens / stop sequence
+                    pieces = _split_text(block["text"])
+                deltas = [{"type": "text_delta", "text": p} for p in pieces]
+            else:
+                first = {**block, "input": {}}
+                encoded = json.dumps(block["input"], separators=(",", ":"), ensure_ascii=False)
+                deltas = [{"type": "input_json_delta", "partial_json": p}
+                          for p in ["", *[encoded[i:i + 10] for i in range(0, len(encoded), 10)]]]
+            await response.write(_sse("content_block_start", {
+                "type": "content_block_start", "index": index, "content_block": first}))
+            if not pinged:
+                await response.write(_sse("ping", {"type": "ping"}))
+                pinged = True
+            for delta in deltas:
+                if cut is not None and sent >= cut.after_chunks:
+                    return await self._cut_stream(request, rec, response, cut)
+                if reply.chunk_delay and sent and not await self._pause(reply.chunk_delay):
+                    return self._drop(request, rec)
+                await response.write(_sse("content_block_delta", {
+                    "type": "content_block_delta", "index": index, "delta": delta}))
+                sent += 1
+            await response.write(_sse("content_block_stop",
+                                      {"type": "content_block_stop", "index": index}))
+        if cut is not None:
+            return await self._cut_stream(request, rec, response, cut)
+        if not pinged:
+            await response.write(_sse("ping", {"type": "ping"}))
+        await response.write(_sse("message_delta", {
+            "type": "message_delta",
+            "delta": {"stop_reason": message["stop_reason"],
+                      "stop_sequence": message["stop_sequence"]},
+            "usage": {"output_tokens": usage["output_tokens"]}}))
+        await response.write(_sse("message_stop", {"type": "message_stop"}))
+        await response.write_eof()
+        rec.outcome = "streamed"
+        return self._finish(rec, response, "streamed")
+
+    async def _cut_stream(self, request: web.Request, rec: RecordedRequest,
+                          response: web.StreamResponse, cut: StreamThenError | StreamThenHang,
+                          ) -> web.StreamResponse:
+        if isinstance(cut, StreamThenHang):
+            return await self._hang(request, rec)
+        rec.outcome = "stream_error"
+        await response.write(_sse("error", {
+            "type": "error", "error": {"type": cut.error_type, "message": cut.message},
+            "request_id": response.headers.get("request-id")}))
+        await response.write_eof()
+        return self._finish(rec, response, "stream_error")
+
+
+@contextlib.asynccontextmanager
+async def run_anthropic_standin(host: str = "127.0.0.1", port: int = 0, **options: Any,
+                                ) -> AsyncIterator[AnthropicStandin]:
+    """Run a stand-in on ``host:port`` for the duration of the block."""
+    standin = AnthropicStandin(**options)
+    await standin.start(host, port)
+    try:
+        yield standin
+    finally:
+        await standin.close()
+
+
+# --------------------------------------------------------------------------- process mode
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.standins.anthropic_api",
+        description="Local stand-in for the Anthropic Messages API (tests and demos). Prints "
+                    "'anthropic-standin listening on <url>' when ready; stops on SIGTERM/SIGINT.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (only this one)")
+    parser.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
+    parser.add_argument("--delay", type=float, default=0.0,
+                        help="seconds to wait before every successful answer")
+    parser.add_argument("--api-key-sha256", action="append", default=None, metavar="HEX",
+                        help="accept only keys with this sha256 (repeatable; default: any key)")
+    parser.add_argument("--min-cache-tokens", type=int, default=0,
+                        help="smallest prefix the simulated prompt cache stores")
+    parser.add_argument("--lenient-roles", action="store_true",
+                        help="merge consecutive same-role messages like the API instead of "
+                             "rejecting them")
+    parser.add_argument("--log-level", default="INFO", help="logging level (stderr)")
+    return parser.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    standin = AnthropicStandin(api_key_sha256s=args.api_key_sha256, delay=args.delay,
+                               min_cache_tokens=args.min_cache_tokens,
+                               strict_alternation=not args.lenient_roles)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    url = await standin.start(args.host, args.port)
+    print(f"anthropic-standin listening on {url}", flush=True)
+    await stop.wait()
+    log.info("stopping")
+    await standin.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
