@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import anthropic
+import httpx2
 import pytest
 
 from tests.standins.anthropic_api import (
@@ -25,6 +26,7 @@ from tests.standins.anthropic_api import (
     Reply,
     Slow,
     StreamThenError,
+    StreamThenHang,
     default_reply_text,
     run_anthropic_standin,
 )
@@ -410,3 +412,63 @@ def test_standalone_process_answers_and_stops_on_sigterm(tmp_path: Path) -> None
     assert process.returncode == 0, err
     assert "POST /v1/messages -> 200 replied" in err and "key=present" in err
     assert KEY not in err and KEY not in out
+
+
+async def test_stream_that_stalls_raises_a_raw_httpx2_timeout(standin, make_client) -> None:
+    # Surprise worth knowing: a read timeout *inside* a stream is not wrapped by the SDK.
+    client = make_client(timeout=0.5)
+    standin.script(StreamThenHang(after_chunks=1, then=Reply(chunks=["first ", "second"])))
+    received: list[str] = []
+    with pytest.raises(httpx2.ReadTimeout):
+        async with client.messages.stream(model=MODEL, max_tokens=64, messages=HELLO) as stream:
+            async for text in stream.text_stream:
+                received.append(text)
+    assert received == ["first "]
+    assert standin.requests[0].behaviour == "StreamThenHang"
+
+
+async def test_api_details_clients_rely_on(make_client) -> None:
+    async with run_anthropic_standin(strict_alternation=False) as lenient:
+        client = make_client(base_url=lenient.base_url)
+        # Consecutive user turns are merged, as the API documents.
+        merged = await client.messages.create(
+            model=MODEL, max_tokens=64,
+            messages=[{"role": "user", "content": "one"}, {"role": "user", "content": "two"}])
+        assert merged.content[0].text == "Stand-in reply to: two"
+
+        # max_tokens=0 pre-warms the cache: no content, the prefix is written.
+        system = [{"type": "text", "text": "persona " * 50, "cache_control": {"type": "ephemeral",
+                                                                              "ttl": "1h"}}]
+        warm = await client.messages.create(model=MODEL, max_tokens=0, system=system,
+                                            messages=HELLO)
+        assert warm.content == [] and warm.stop_reason == "max_tokens"
+        assert warm.usage.output_tokens == 0
+        assert warm.usage.cache_creation.ephemeral_1h_input_tokens == 100
+        hot = await client.messages.create(model=MODEL, max_tokens=64, system=system,
+                                           messages=HELLO)
+        assert hot.usage.cache_read_input_tokens == 100
+
+        # Top-level cache_control caches the whole conversation so far.
+        auto = await client.messages.create(model=MODEL, max_tokens=64, messages=HELLO,
+                                            cache_control={"type": "ephemeral"})
+        assert auto.usage.input_tokens == 4 and auto.usage.cache_creation_input_tokens == 7
+
+        # Stop sequences cut the text and are reported.
+        lenient.script(Reply(text="alpha. STOP beta"))
+        stopped = await client.messages.create(model=MODEL, max_tokens=64, messages=HELLO,
+                                               stop_sequences=["STOP"])
+        assert stopped.content[0].text == "alpha. "
+        assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", "STOP")
+
+        # count_tokens has its own parameter set; unknown routes get the JSON error shape.
+        with pytest.raises(anthropic.BadRequestError, match="max_tokens: Extra inputs"):
+            await client.messages.count_tokens(model=MODEL, messages=HELLO,
+                                               extra_body={"max_tokens": 5})
+        with pytest.raises(anthropic.NotFoundError) as missing:
+            await client.models.list()
+        assert missing.value.type == "not_found_error"
+
+        # A script mistake (tool not declared by the request) is reported, not papered over.
+        lenient.script(Reply(tool_use={"name": "get_weather", "input": {}}))
+        with pytest.raises(anthropic.BadRequestError, match=r"\[stand-in script\]"):
+            await client.messages.create(model=MODEL, max_tokens=64, messages=HELLO)

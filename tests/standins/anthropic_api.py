@@ -820,6 +820,15 @@ class AnthropicStandin:
                                    timeout)
         return list(self.requests)
 
+    def _label(self, behaviour: Behaviour) -> str:
+        """How a behaviour shows in records and logs, e.g. ``Error(529)`` or ``fail_all:Hang``."""
+        name = type(behaviour).__name__
+        if isinstance(behaviour, Error):
+            name += f"({behaviour.status})"
+        with self._lock:
+            sticky = self._sticky is behaviour
+        return f"fail_all:{name}" if sticky else name
+
     def _next_behaviour(self, consume: bool) -> Behaviour | None:
         with self._lock:
             if self._sticky is not None:
@@ -985,7 +994,7 @@ class AnthropicStandin:
         model = rec.body.get("model") if isinstance(rec.body, dict) else None
         log.info("%s %s -> %s %s model=%s stream=%s key=%s behaviour=%s", rec.method,
                  rec.path, rec.status, rec.outcome, model, rec.stream,
-                 "present" if rec.api_key_present else "missing", rec.behaviour or "default")
+                 "present" if rec.api_key_present else "missing", rec.behaviour or "-")
         return response
 
     # ---------------------------------------------------------------- handlers
@@ -1004,16 +1013,15 @@ class AnthropicStandin:
                 return self._finish(rec, self._error_response(400, "invalid_request_error", error),
                                     "rejected")
             behaviour = self._next_behaviour(consume=False)
+            if behaviour is not None:
+                rec.behaviour = self._label(behaviour)
             while isinstance(behaviour, Slow):
-                rec.behaviour = "Slow"
                 if not await self._pause(behaviour.delay):
                     return self._drop(request, rec)
                 behaviour = behaviour.then
             if isinstance(behaviour, Hang | StreamThenHang):
-                rec.behaviour = type(behaviour).__name__
                 return await self._hang(request, rec)
             if isinstance(behaviour, Error | StreamThenError):
-                rec.behaviour = type(behaviour).__name__
                 return self._finish(rec, self._scripted_error(self._as_error(behaviour)), "error")
             request_id = self._request_id()
             response = web.json_response({"input_tokens": count_input_tokens(rec.body)},
@@ -1062,7 +1070,7 @@ class AnthropicStandin:
                                 "rejected")
 
         behaviour: Behaviour | None = self._next_behaviour(consume=True)
-        rec.behaviour = type(behaviour).__name__ if behaviour is not None else None
+        rec.behaviour = self._label(behaviour) if behaviour is not None else "default"
         while isinstance(behaviour, Slow):
             if not await self._pause(behaviour.delay):
                 return self._drop(request, rec)
