@@ -50,7 +50,8 @@ Scripting (behaviours are frozen dataclasses)
     With an empty queue the answer is ``Reply()``.
 ``Reply(text=None, tool_use=None, stop_reason=None, chunks=None, chunk_delay=0.0)``
     ``text=None`` means the default text (or no text block when ``tool_use`` is
-    given). ``tool_use={"name": ..., "input": {...}}`` (or a list of them) answers
+    given). ``tool_use={"name": ..., "input": {...}}`` (or a list of them; an ``"id"``
+    key fixes the block id, otherwise ids are deterministic ``toolu_01...``) answers
     with ``tool_use`` blocks and ``stop_reason: "tool_use"``; the tool must be
     declared in the request's ``tools`` or the request gets a 400 that names the
     script mistake. ``chunks`` fixes the streamed text deltas.
@@ -75,6 +76,14 @@ Scripting (behaviours are frozen dataclasses)
 ``standin.set_delay(seconds)``
     every successful answer waits this long first (headers included).
 ``standin.reset()``, ``standin.clear_cache()``, ``await standin.wait_for_requests(n)``.
+
+Options: ``AnthropicStandin(api_keys=None, api_key_sha256s=None, strict_alternation=True,
+strict_fields=True, min_cache_tokens=0, known_models=None, delay=0.0)``; ``known_models``
+turns unknown models into ``404 not_found_error``; ``min_cache_tokens`` is the smallest
+prefix the cache stores (the API's is 1024+, the default 0 keeps tests small).
+``run_anthropic_standin(host="127.0.0.1", port=0, **options)`` is an async context
+manager yielding a started stand-in (``.base_url``); ``start(host, port)`` / ``close()``
+do the same by hand. Pass an IP address as ``host``: exactly that address is bound.
 
 Recorded requests: ``standin.requests`` is a list of ``RecordedRequest``
 (``method``, ``path``, ``query``, ``headers`` without secrets, ``api_key_present``,
