@@ -7,3 +7,18 @@ test:
 lint:
 	.venv/bin/ruff check app tests bench
 	.venv/bin/mypy
+
+# Sandbox hosts (sandbox/sandbox.py, docs/sandbox.md): HOSTS="app replica" or
+# HOSTS="app:digitalme replica:backup_targets"; SANDBOX names the sandbox (default dev).
+SANDBOX ?= dev
+HOSTS ?= app
+.PHONY: sandbox sandbox-down sandbox-status
+sandbox:
+	scripts/bootstrap.sh
+	python3 sandbox/sandbox.py up --name $(SANDBOX) --inventory inventory/sandbox/hosts.yml $(HOSTS)
+
+sandbox-down:
+	python3 sandbox/sandbox.py down --name $(SANDBOX)
+
+sandbox-status:
+	python3 sandbox/sandbox.py status

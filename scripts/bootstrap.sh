@@ -20,7 +20,7 @@ if [[ $mode != --app ]]; then
         # web chat test (headless browser)
         chromium
         # sandbox hosts: debootstrap images booted with systemd-nspawn
-        debootstrap systemd-container iproute2 nftables iptables openssh-client rsync
+        debootstrap debian-archive-keyring systemd-container iproute2 nftables iptables openssh-client rsync
     )
 fi
 
