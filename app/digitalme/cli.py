@@ -1,0 +1,268 @@
+"""The ``digitalme`` command: serve, migrate, check the configuration, manage the persona
+and API tokens. This is the only module with side effects at the top level of a call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from . import __version__
+from .config import ConfigError, Settings, effective_settings, load_settings, unknown_variables
+from .db import Database, DatabaseError
+from .persona import PersonaError, PersonaStore, build_prompt, load_persona_file
+from .tokens import SCOPES, TokenError, TokenStore
+
+log = logging.getLogger("digitalme")
+T = TypeVar("T")
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+class CommandError(Exception):
+    """A command failed in a way the user can fix; the message says how."""
+
+
+def _setup_logging(level: str) -> None:
+    # Under systemd the journal stamps time and unit; elsewhere we do.
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") \
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+
+
+async def _with_database(settings: Settings,
+                         work: Callable[[Database], Awaitable[T]]) -> T:
+    """Open (and migrate) the database, run ``work``, close it."""
+    db = Database(settings.db_path)
+    await db.open()
+    try:
+        await db.migrate()
+        return await work(db)
+    finally:
+        await db.close()
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .web import SHUTDOWN_GRACE_SECONDS, create_app
+
+    for name in unknown_variables():
+        log.warning("ignoring unknown setting %s (typo?)", name)
+    host, port = settings.listen
+    web.run_app(
+        create_app(settings), host=host, port=port, print=None,
+        access_log_format='%a "%r" %s %b %Tfs',
+        shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
+    )
+    return EXIT_OK
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    async def work() -> list[str]:
+        db = Database(settings.db_path)
+        await db.open()
+        try:
+            return [f"{m.version:04d}_{m.name}" for m in await db.migrate()]
+        finally:
+            await db.close()
+
+    applied = _run(work())
+    if applied:
+        print(f"applied {len(applied)} migration(s) to {settings.db_path}: {', '.join(applied)}")
+    else:
+        print(f"{settings.db_path} is up to date")
+    return EXIT_OK
+
+
+def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
+    rows = effective_settings(settings)
+    width = max(len(name) for name, _, _ in rows)
+    for name, shown, _help in rows:
+        print(f"{name:<{width}}  {shown}")
+    problems = 0
+    for name in unknown_variables():
+        print(f"warning: {name} is set but is not a DigitalMe setting (typo?)", file=sys.stderr)
+    if not settings.db_path.parent.exists():
+        print(f"error: DIGITALME_DB_PATH: directory {settings.db_path.parent} does not exist",
+              file=sys.stderr)
+        problems += 1
+    if not settings.claude_configured:
+        print("warning: ANTHROPIC_API_KEY is not set: the service starts, but chat answers 503",
+              file=sys.stderr)
+    print("configuration is valid" if not problems else "configuration has problems",
+          file=sys.stderr)
+    return EXIT_CONFIG if problems else EXIT_OK
+
+
+def cmd_persona_import(settings: Settings, args: argparse.Namespace) -> int:
+    persona, digest = load_persona_file(Path(args.file))
+
+    async def work(db: Database) -> None:
+        await PersonaStore(db).save(persona, digest)
+
+    _run(_with_database(settings, work))
+    print(f"imported persona {persona.name!r} with {len(persona.traits)} trait(s) "
+          f"from {args.file} (sha256 {digest[:12]})")
+    return EXIT_OK
+
+
+def _load_persona(settings: Settings) -> Any:
+    async def work(db: Database) -> Any:
+        return await PersonaStore(db).load()
+
+    stored = _run(_with_database(settings, work))
+    if stored is None:
+        raise CommandError("no persona imported yet: run `digitalme persona import FILE`")
+    return stored
+
+
+def cmd_persona_show(settings: Settings, args: argparse.Namespace) -> int:
+    stored = _load_persona(settings)
+    if args.format == "json":
+        import json
+        print(json.dumps(stored.persona.to_document(), indent=2, ensure_ascii=False))
+    else:
+        print(f"# imported {stored.imported_at}, source sha256 {stored.source_sha256}")
+        print(yaml.safe_dump(stored.persona.to_document(), sort_keys=False,
+                             allow_unicode=True, width=100), end="")
+    return EXIT_OK
+
+
+def cmd_persona_prompt(settings: Settings, args: argparse.Namespace) -> int:
+    sys.stdout.write(build_prompt(_load_persona(settings).persona))
+    return EXIT_OK
+
+
+def cmd_token_create(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> Any:
+        return await TokenStore(db).create(args.name, args.scope)
+
+    secret, info = _run(_with_database(settings, work))
+    if args.quiet:
+        print(secret)
+    else:
+        print(f"created token {info.id} {info.name!r} (scope {info.scope}). "
+              "Copy it now, it is not shown again:", file=sys.stderr)
+        print(secret)
+    return EXIT_OK
+
+
+def cmd_token_list(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> Any:
+        return await TokenStore(db).all()
+
+    tokens = _run(_with_database(settings, work))
+    if not tokens:
+        print("no tokens; create one with `digitalme token create --name NAME --scope chat`")
+        return EXIT_OK
+    print(f"{'ID':>4}  {'NAME':<24} {'SCOPE':<6} {'PREFIX':<10} {'CREATED':<26} "
+          f"{'LAST USED':<26} STATUS")
+    for t in tokens:
+        status = f"revoked {t.revoked_at}" if t.revoked_at else "active"
+        print(f"{t.id:>4}  {t.name[:24]:<24} {t.scope:<6} {t.prefix:<10} {t.created_at:<26} "
+              f"{t.last_used_at or '-':<26} {status}")
+    return EXIT_OK
+
+
+def cmd_token_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> Any:
+        return await TokenStore(db).revoke(args.id)
+
+    info = _run(_with_database(settings, work))
+    if info is None:
+        raise CommandError(f"no token with id {args.id} (see `digitalme token list`)")
+    print(f"token {info.id} {info.name!r} revoked at {info.revoked_at}")
+    return EXIT_OK
+
+
+# --- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="digitalme",
+        description="DigitalMe: a persona-driven Claude agent. Settings come from DIGITALME_* "
+                    "environment variables (see `digitalme check-config` and docs/"
+                    "configuration.md); commands that use the database migrate it first.")
+    parser.add_argument("--version", action="version", version=f"digitalme {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the HTTP service (what systemd starts)")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("migrate", help="apply pending database migrations and exit")
+    p.set_defaults(func=cmd_migrate)
+    p = sub.add_parser("check-config",
+                       help="validate the settings and print them, secrets masked")
+    p.set_defaults(func=cmd_check_config)
+
+    persona = sub.add_parser("persona", help="import and inspect the persona")
+    psub = persona.add_subparsers(dest="persona_command", required=True, metavar="ACTION")
+    p = psub.add_parser("import", help="import a persona from YAML or Markdown with front "
+                                       "matter (replaces the current one)")
+    p.add_argument("file", help="persona file (.yaml, .yml, .md)")
+    p.set_defaults(func=cmd_persona_import)
+    p = psub.add_parser("show", help="print the stored persona")
+    p.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    p.set_defaults(func=cmd_persona_show)
+    p = psub.add_parser("prompt", help="print the system prompt built from the persona")
+    p.set_defaults(func=cmd_persona_prompt)
+
+    token = sub.add_parser("token", help="manage API bearer tokens")
+    tsub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    p = tsub.add_parser("create", help="create a token and print it (once)")
+    p.add_argument("--name", required=True, help="who or what the token is for")
+    p.add_argument("--scope", required=True, choices=SCOPES,
+                   help="chat: talk to the clone; admin: also manage persona and tokens")
+    p.add_argument("--quiet", action="store_true", help="print only the token")
+    p.set_defaults(func=cmd_token_create)
+    p = tsub.add_parser("list", help="list tokens (never their secrets)")
+    p.set_defaults(func=cmd_token_list)
+    p = tsub.add_parser("revoke", help="revoke a token by id")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_token_revoke)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"digitalme: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    _setup_logging(settings.log_level)
+    try:
+        result: int = args.func(settings, args)
+        return result
+    except (CommandError, PersonaError, TokenError) as exc:
+        print(f"digitalme: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except DatabaseError as exc:
+        print(f"digitalme: database error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"digitalme: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

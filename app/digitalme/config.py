@@ -1,0 +1,306 @@
+"""Settings: every knob declared once, read from the environment or systemd credentials.
+
+Each field of :class:`Settings` names its environment variable, its help text and whether
+it is a secret. Values come from, in order of precedence:
+
+1. the process environment;
+2. a file named like the variable in ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``),
+   so secrets never have to sit in the environment;
+3. the declared default.
+
+:func:`load_settings` validates everything at once and raises :class:`ConfigError`
+naming every bad setting, so the service refuses to start instead of failing later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "DIGITALME_"
+
+
+class ConfigError(Exception):
+    """One or more settings are invalid; ``problems`` maps variable name to message."""
+
+    def __init__(self, problems: Mapping[str, str]) -> None:
+        self.problems = dict(problems)
+        lines = [f"{name}: {message}" for name, message in self.problems.items()]
+        super().__init__("invalid configuration:\n  " + "\n  ".join(lines))
+
+
+# --- parsers: each takes the raw string and returns the value or raises ValueError -------
+
+
+def _str(raw: str) -> str:
+    return raw
+
+
+def _optional_str(raw: str) -> str | None:
+    return raw or None
+
+
+def _path(raw: str) -> Path:
+    if not raw:
+        raise ValueError("must not be empty")
+    return Path(raw)
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_range(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"must be a number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _listen(raw: str) -> tuple[str, int]:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"must be HOST:PORT, got {raw!r}")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError(f"host must be an IP address or localhost, got {host!r}") from None
+    return host, _int_range(0, 65535)(port)
+
+
+def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
+def _url(raw: str) -> str | None:
+    if not raw:
+        return None
+    if not raw.startswith(("http://", "https://")):
+        raise ValueError(f"must be an http:// or https:// URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
+def setting(
+    env: str,
+    default: str,
+    parse: Callable[[str], Any],
+    help: str,
+    *,
+    secret: bool = False,
+) -> Any:
+    """Declare one setting: its variable, default (as the raw string a user would write),
+    parser and help. The parsed default becomes the dataclass default."""
+    return field(
+        default=parse(default),
+        metadata={"env": env, "raw_default": default, "parse": parse, "help": help,
+                  "secret": secret},
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- service -------------------------------------------------------------------------
+    environment: str = setting(
+        "DIGITALME_ENV", "development", _str,
+        "Name of this deployment (development, staging, production), shown in /info.")
+    listen: tuple[str, int] = setting(
+        "DIGITALME_LISTEN", "127.0.0.1:8080", _listen,
+        "Address the HTTP server binds, HOST:PORT. Keep it on loopback behind Caddy.")
+    db_path: Path = setting(
+        "DIGITALME_DB_PATH", "digitalme.db", _path,
+        "SQLite database file. Created and migrated on start.")
+    log_level: str = setting(
+        "DIGITALME_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"),
+        "Log verbosity.")
+    commit: str | None = setting(
+        "DIGITALME_COMMIT", "", _optional_str,
+        "Source commit of this build, shown in /info (the deployment sets it).")
+    # --- HTTP hardening ------------------------------------------------------------------
+    rate_limit_per_minute: int = setting(
+        "DIGITALME_RATE_LIMIT_PER_MINUTE", "100", _int_range(0, 1_000_000),
+        "Requests per minute allowed per client (API token, or address when anonymous); "
+        "0 turns the limit off. Health, info and metrics are not limited.")
+    max_body_bytes: int = setting(
+        "DIGITALME_MAX_BODY_BYTES", "1048576", _int_range(1024, 64 * 1024 * 1024),
+        "Largest request body accepted; larger requests get 413.")
+    max_message_chars: int = setting(
+        "DIGITALME_MAX_MESSAGE_CHARS", "16000", _int_range(1, 1_000_000),
+        "Longest chat message accepted, in characters; longer ones get 400.")
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = setting(
+        "DIGITALME_TRUSTED_PROXIES", "127.0.0.1,::1", _networks,
+        "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
+        "is believed (for rate limiting and logs). Requests arriving through a proxy are "
+        "never served /metrics.")
+    # --- Claude --------------------------------------------------------------------------
+    anthropic_api_key: str | None = setting(
+        "ANTHROPIC_API_KEY", "", _optional_str,
+        "Anthropic API key. Without it the service runs but chat answers 503.", secret=True)
+    anthropic_base_url: str | None = setting(
+        "ANTHROPIC_BASE_URL", "", _url,
+        "Anthropic API base URL; empty means the SDK's default (https://api.anthropic.com).")
+    model: str = setting(
+        "DIGITALME_MODEL", "claude-sonnet-4-5", _str,
+        "Claude model that answers.")
+    max_tokens: int = setting(
+        "DIGITALME_MAX_TOKENS", "1024", _int_range(1, 64000),
+        "Largest reply, in tokens.")
+    context_token_budget: int = setting(
+        "DIGITALME_CONTEXT_TOKEN_BUDGET", "8000", _int_range(100, 1_000_000),
+        "Estimated tokens of conversation history (including the new message) sent with "
+        "each call; older turns that do not fit are left out. The persona comes on top.")
+    claude_timeout_seconds: float = setting(
+        "DIGITALME_CLAUDE_TIMEOUT_SECONDS", "60", _float_range(1, 600),
+        "Timeout of one Claude request (each retry gets its own).")
+    claude_connect_timeout_seconds: float = setting(
+        "DIGITALME_CLAUDE_CONNECT_TIMEOUT_SECONDS", "5", _float_range(0.1, 60),
+        "Timeout for connecting to the Claude API.")
+    claude_max_retries: int = setting(
+        "DIGITALME_CLAUDE_MAX_RETRIES", "2", _int_range(0, 10),
+        "Retries of a failed Claude request (429, 5xx, connection errors), by the SDK.")
+    breaker_failure_threshold: int = setting(
+        "DIGITALME_BREAKER_FAILURE_THRESHOLD", "3", _int_range(1, 1000),
+        "Consecutive failed Claude calls that open the circuit breaker.")
+    breaker_reset_seconds: float = setting(
+        "DIGITALME_BREAKER_RESET_SECONDS", "30", _float_range(0.1, 3600),
+        "How long the breaker stays open before one trial call is let through.")
+    daily_token_budget: int = setting(
+        "DIGITALME_DAILY_TOKEN_BUDGET", "0", _int_range(0, 10**12),
+        "Tokens (input + output, UTC day) the clone may spend per day; 0 means no limit. "
+        "Past it, chat answers 429 until midnight UTC.")
+    price_input_per_mtok: float = setting(
+        "DIGITALME_PRICE_INPUT_PER_MTOK", "3.00", _float_range(0, 1000),
+        "USD per million input tokens, for the cost estimate.")
+    price_output_per_mtok: float = setting(
+        "DIGITALME_PRICE_OUTPUT_PER_MTOK", "15.00", _float_range(0, 1000),
+        "USD per million output tokens, for the cost estimate.")
+    price_cache_write_per_mtok: float = setting(
+        "DIGITALME_PRICE_CACHE_WRITE_PER_MTOK", "3.75", _float_range(0, 1000),
+        "USD per million tokens written to the prompt cache.")
+    price_cache_read_per_mtok: float = setting(
+        "DIGITALME_PRICE_CACHE_READ_PER_MTOK", "0.30", _float_range(0, 1000),
+        "USD per million tokens read from the prompt cache.")
+
+    @property
+    def claude_configured(self) -> bool:
+        return bool(self.anthropic_api_key)
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    field: str
+    env: str
+    raw_default: str
+    help: str
+    secret: bool
+    parse: Callable[[str], Any]
+
+
+def declared_settings() -> Iterator[SettingInfo]:
+    for f in dataclasses.fields(Settings):
+        m = f.metadata
+        yield SettingInfo(f.name, m["env"], m["raw_default"], m["help"], m["secret"], m["parse"])
+
+
+def _credential(directory: str | None, name: str) -> str | None:
+    if not directory:
+        return None
+    path = Path(directory) / name
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except FileNotFoundError:
+        return None
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    credentials_directory: str | None = None,
+) -> Settings:
+    """Build the settings from the environment and credential files; raise ConfigError."""
+    env = os.environ if environ is None else environ
+    cred_dir = credentials_directory or env.get("CREDENTIALS_DIRECTORY")
+    values: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    for info in declared_settings():
+        raw = env.get(info.env)
+        if raw is None:
+            try:
+                raw = _credential(cred_dir, info.env)
+            except OSError as exc:
+                problems[info.env] = f"cannot read credential file: {exc.strerror}"
+                continue
+        if raw is None:
+            continue
+        try:
+            values[info.field] = info.parse(raw.strip())
+        except ValueError as exc:
+            problems[info.env] = str(exc)
+    if problems:
+        raise ConfigError(problems)
+    return Settings(**values)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """DIGITALME_* variables that no setting declares: likely typos."""
+    env = os.environ if environ is None else environ
+    known = {info.env for info in declared_settings()}
+    return sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
+
+
+def effective_settings(settings: Settings) -> list[tuple[str, str, str]]:
+    """(variable, shown value, help) for each setting, with secrets masked."""
+    rows = []
+    for info in declared_settings():
+        value = getattr(settings, info.field)
+        if info.secret:
+            shown = "(set, hidden)" if value else "(not set)"
+        elif value is None:
+            shown = "(not set)"
+        elif isinstance(value, tuple) and info.field == "listen":
+            shown = f"{value[0]}:{value[1]}"
+        elif isinstance(value, tuple):
+            shown = ",".join(str(v) for v in value)
+        else:
+            shown = str(value)
+        rows.append((info.env, shown, info.help))
+    return rows

@@ -1,0 +1,160 @@
+"""Conversations and their messages in SQLite.
+
+A conversation is identified by (channel, external id): a Telegram chat, a Slack thread,
+or an API conversation (whose external id is its own id). Messages keep their role, text,
+time, the platform's message id and, for replies, the tokens and estimated cost.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from .db import Database
+from .llm import Usage
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: str
+    channel: str
+    external_id: str
+    title: str | None
+    token_id: int | None
+    created_at: str
+    updated_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "channel": self.channel, "title": self.title,
+                "created_at": self.created_at, "updated_at": self.updated_at}
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    conversation_id: str
+    role: str
+    text: str
+    created_at: str
+    channel_message_id: str | None = None
+    model: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    cost_usd: float | None = None
+    stop_reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id, "conversation_id": self.conversation_id, "role": self.role,
+            "text": self.text, "created_at": self.created_at}
+        if self.role == "assistant":
+            data["model"] = self.model
+            data["stop_reason"] = self.stop_reason
+            data["usage"] = {
+                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "cache_read_tokens": self.cache_read_tokens,
+                "cache_write_tokens": self.cache_write_tokens}
+            data["cost_usd"] = self.cost_usd
+        return data
+
+
+_CONV_COLUMNS = "id, channel, external_id, title, token_id, created_at, updated_at"
+_MSG_COLUMNS = ("id, conversation_id, role, text, created_at, channel_message_id, model,"
+                " input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,"
+                " stop_reason")
+
+
+class ConversationStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create(self, channel: str, *, external_id: str | None = None,
+                     title: str | None = None, token_id: int | None = None) -> Conversation:
+        conversation_id = uuid.uuid4().hex
+        now = now_iso()
+        await self.db.execute(
+            f"INSERT INTO conversations ({_CONV_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (conversation_id, channel, external_id or conversation_id, title, token_id,
+             now, now))
+        conversation = await self.get(conversation_id)
+        assert conversation is not None
+        return conversation
+
+    async def get_or_create(self, channel: str, external_id: str,
+                            title: str | None = None) -> Conversation:
+        """The conversation of a channel's chat or thread, made on first contact."""
+        now = now_iso()
+        await self.db.execute(
+            f"INSERT INTO conversations ({_CONV_COLUMNS}) VALUES (?, ?, ?, ?, NULL, ?, ?)"
+            " ON CONFLICT (channel, external_id) DO NOTHING",
+            (uuid.uuid4().hex, channel, external_id, title, now, now))
+        row = await self.db.fetchone(
+            f"SELECT {_CONV_COLUMNS} FROM conversations WHERE channel = ? AND external_id = ?",
+            (channel, external_id))
+        assert row is not None
+        return Conversation(**dict(row))
+
+    async def get(self, conversation_id: str) -> Conversation | None:
+        row = await self.db.fetchone(
+            f"SELECT {_CONV_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,))
+        return Conversation(**dict(row)) if row else None
+
+    async def list_for(self, *, token_id: int | None, limit: int = 100) -> list[Conversation]:
+        """Newest first; only the token's own unless token_id is None (admin)."""
+        if token_id is None:
+            rows = await self.db.fetchall(
+                f"SELECT {_CONV_COLUMNS} FROM conversations ORDER BY updated_at DESC LIMIT ?",
+                (limit,))
+        else:
+            rows = await self.db.fetchall(
+                f"SELECT {_CONV_COLUMNS} FROM conversations WHERE token_id = ?"
+                " ORDER BY updated_at DESC LIMIT ?", (token_id, limit))
+        return [Conversation(**dict(row)) for row in rows]
+
+    async def add_message(self, conversation_id: str, role: str, text: str, *,
+                          channel_message_id: str | None = None, model: str | None = None,
+                          usage: Usage | None = None, cost_usd: float | None = None,
+                          stop_reason: str | None = None) -> Message:
+        now = now_iso()
+        u = usage or Usage()
+        async with self.db.transaction() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO messages (conversation_id, role, text, created_at,"
+                " channel_message_id, model, input_tokens, output_tokens, cache_read_tokens,"
+                " cache_write_tokens, cost_usd, stop_reason)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (conversation_id, role, text, now, channel_message_id, model,
+                 u.input_tokens if usage else None, u.output_tokens if usage else None,
+                 u.cache_read_tokens if usage else None,
+                 u.cache_write_tokens if usage else None, cost_usd, stop_reason))
+            await conn.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
+                               (now, conversation_id))
+            message_id = cursor.lastrowid
+        row = await self.db.fetchone(f"SELECT {_MSG_COLUMNS} FROM messages WHERE id = ?",
+                                     (message_id,))
+        assert row is not None
+        return Message(**dict(row))
+
+    async def messages(self, conversation_id: str, *, limit: int = 200,
+                       before_id: int | None = None) -> list[Message]:
+        """Oldest first: the last ``limit`` messages (before ``before_id`` if given)."""
+        rows = await self.db.fetchall(
+            f"SELECT {_MSG_COLUMNS} FROM messages WHERE conversation_id = ? AND id < ?"
+            " ORDER BY id DESC LIMIT ?",
+            (conversation_id, before_id if before_id is not None else 2**62, limit))
+        return [Message(**dict(row)) for row in reversed(rows)]
+
+    async def tokens_used_since(self, since_iso: str) -> int:
+        row = await self.db.fetchone(
+            "SELECT COALESCE(SUM(COALESCE(input_tokens,0) + COALESCE(output_tokens,0)"
+            " + COALESCE(cache_read_tokens,0) + COALESCE(cache_write_tokens,0)), 0) AS used"
+            " FROM messages WHERE role = 'assistant' AND created_at >= ?", (since_iso,))
+        return int(row["used"]) if row else 0

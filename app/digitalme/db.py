@@ -1,0 +1,204 @@
+"""SQLite access: one writer connection behind a lock, one reader, numbered migrations.
+
+WAL mode lets the reader run beside the writer; ``synchronous=FULL`` makes every commit
+durable before it is acknowledged, so a reply the client saw survives ``kill -9`` and a
+power cut. Modules that own a table (conversations, tokens, persona, ...) write their SQL
+against :class:`Database`; handlers never do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 5000
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class DatabaseError(Exception):
+    """The database cannot be used: not writable, not migrated, or newer than this code."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def bundled_migrations() -> list[Migration]:
+    """The migrations shipped in ``digitalme/migrations``, in order."""
+    found = []
+    for entry in resources.files("digitalme.migrations").iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise DatabaseError(f"migrations are not numbered 1..n without gaps: {versions}")
+    return found
+
+
+async def _pragma(conn: aiosqlite.Connection, pragma: str) -> None:
+    # Fetch the result: a pragma's statement stays active (holding locks) until it is.
+    async with conn.execute(f"PRAGMA {pragma}") as cursor:
+        await cursor.fetchall()
+
+
+class Database:
+    """The app's SQLite database. Open with :meth:`open`, close with :meth:`close`."""
+
+    def __init__(self, path: Path, migrations: Sequence[Migration] | None = None) -> None:
+        self.path = path
+        self.migrations = list(migrations) if migrations is not None else bundled_migrations()
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.path.parent and not self.path.parent.exists():
+            raise DatabaseError(f"directory {self.path.parent} does not exist")
+        try:
+            self._writer = await self._connect()
+            await _pragma(self._writer, "journal_mode=WAL")
+            self._reader = await self._connect()
+        except sqlite3.Error as exc:
+            await self.close()
+            raise DatabaseError(f"cannot open {self.path}: {exc}") from exc
+
+    async def _connect(self) -> aiosqlite.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        await _pragma(conn, f"busy_timeout={BUSY_TIMEOUT_MS}")
+        await _pragma(conn, "synchronous=FULL")
+        await _pragma(conn, "foreign_keys=ON")
+        return conn
+
+    async def close(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    @property
+    def writer(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise DatabaseError("database is not open")
+        return self._writer
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise DatabaseError("database is not open")
+        return self._reader
+
+    # --- queries -------------------------------------------------------------------------
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        async with self.reader.execute(sql, tuple(params)) as cursor:
+            return list(await cursor.fetchall())
+
+    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+        async with self.reader.execute(sql, tuple(params)) as cursor:
+            row: sqlite3.Row | None = await cursor.fetchone()
+            return row
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Serialised write transaction; committed (durably) when the block exits."""
+        async with self._write_lock:
+            conn = self.writer
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
+
+    async def execute(self, sql: str, params: Iterable[Any] = ()) -> int:
+        """One write statement in its own transaction; returns lastrowid."""
+        async with self.transaction() as conn, conn.execute(sql, tuple(params)) as cursor:
+            return cursor.lastrowid or 0
+
+    # --- migrations ----------------------------------------------------------------------
+
+    async def applied_migrations(self) -> dict[int, str]:
+        exists = await self.fetchone(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_migrations'")
+        if not exists:
+            return {}
+        rows = await self.fetchall("SELECT version, checksum FROM schema_migrations")
+        return {row["version"]: row["checksum"] for row in rows}
+
+    async def pending_migrations(self) -> list[Migration]:
+        applied = await self.applied_migrations()
+        known = {m.version: m for m in self.migrations}
+        unknown = sorted(set(applied) - set(known))
+        if unknown:
+            raise DatabaseError(
+                f"database has migrations {unknown} that this version does not know: "
+                "it was written by a newer DigitalMe; upgrade instead of downgrading")
+        for version, checksum in applied.items():
+            if known[version].checksum != checksum:
+                raise DatabaseError(
+                    f"migration {version:04d}_{known[version].name} changed after it was "
+                    "applied to this database; restore the original file")
+        return [m for m in self.migrations if m.version not in applied]
+
+    async def migrate(self) -> list[Migration]:
+        """Apply pending migrations, each in its own transaction. Returns those applied."""
+        await self.writer.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL,"
+            " applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))")
+        applied = []
+        for migration in await self.pending_migrations():
+            async with self._write_lock:
+                try:
+                    await self.writer.executescript(
+                        "BEGIN IMMEDIATE;\n" + migration.sql + "\n;"
+                        "INSERT INTO schema_migrations (version, name, checksum) VALUES ("
+                        f"{migration.version}, '{migration.name}', '{migration.checksum}');\n"
+                        "COMMIT;")
+                except sqlite3.Error as exc:
+                    if self.writer.in_transaction:
+                        await self.writer.execute("ROLLBACK")
+                    raise DatabaseError(
+                        f"migration {migration.version:04d}_{migration.name} failed: {exc}; "
+                        "the database was left at the previous version") from exc
+            log.info("applied migration %04d_%s", migration.version, migration.name)
+            applied.append(migration)
+        return applied
+
+    def size_bytes(self) -> int:
+        """Bytes on disk of the database and its WAL (two stat calls; cheap enough to run
+        on the event loop)."""
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += Path(str(self.path) + suffix).stat().st_size
+            except FileNotFoundError:
+                pass
+        return total

@@ -1,0 +1,43 @@
+"""Operational endpoints: liveness, readiness, build info, Prometheus metrics."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from .. import __version__
+from ..keys import METRICS, READINESS, SETTINGS, STARTED_AT
+from ..metrics import CONTENT_TYPE
+from ..middlewares import VIA_PROXY
+
+
+async def health(request: web.Request) -> web.Response:
+    """Alive: the process answers. Touches no dependency."""
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    is_ready, checks = await request.app[READINESS].run()
+    return web.json_response({"status": "ready" if is_ready else "not_ready",
+                              "checks": checks}, status=200 if is_ready else 503)
+
+
+async def info(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    return web.json_response({
+        "name": "digitalme",
+        "version": __version__,
+        "commit": settings.commit,
+        "environment": settings.environment,
+        "started_at": request.app[STARTED_AT],
+        "now": datetime.now(UTC).isoformat(timespec="seconds"),
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    if request[VIA_PROXY]:
+        # Scrapers talk to the app directly on loopback; the public proxy never serves this.
+        raise web.HTTPNotFound()
+    body = await request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -1,0 +1,75 @@
+"""Every Prometheus metric the service exports, in one place.
+
+Each app gets its own :class:`Metrics` (and registry), so tests can build many apps in one
+process. Names carry the ``digitalme_`` prefix, units, and ``_total`` on counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        # HTTP
+        self.http_requests = Counter(
+            "digitalme_http_requests_total", "HTTP requests answered.",
+            ["method", "route", "status"], registry=registry)
+        self.http_latency = Histogram(
+            "digitalme_http_request_duration_seconds", "Time to answer an HTTP request.",
+            ["method", "route"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.rate_limited = Counter(
+            "digitalme_http_rate_limited_total", "Requests refused by the rate limit.",
+            registry=registry)
+        # Claude
+        self.claude_calls = Counter(
+            "digitalme_claude_calls_total", "Calls to Claude by outcome.",
+            ["outcome"], registry=registry)
+        self.claude_latency = Histogram(
+            "digitalme_claude_call_duration_seconds", "Time of one Claude call.",
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.claude_errors = Counter(
+            "digitalme_claude_errors_total", "Failed Claude calls by error type.",
+            ["error"], registry=registry)
+        self.claude_tokens = Counter(
+            "digitalme_claude_tokens_total", "Tokens used, by kind.",
+            ["kind"], registry=registry)
+        self.claude_cost = Counter(
+            "digitalme_claude_cost_usd_total", "Estimated Claude spend in US dollars.",
+            registry=registry)
+        self.breaker_state = Gauge(
+            "digitalme_claude_breaker_state",
+            "Circuit breaker in front of Claude: 0 closed, 1 half-open, 2 open.",
+            registry=registry)
+        self.breaker_opened = Counter(
+            "digitalme_claude_breaker_opened_total", "Times the circuit breaker opened.",
+            registry=registry)
+        # Conversations
+        self.chat_replies = Counter(
+            "digitalme_chat_replies_total", "Replies stored, by channel.",
+            ["channel"], registry=registry)
+        # Database
+        self.db_size = Gauge(
+            "digitalme_database_size_bytes", "Size of the SQLite database and its WAL.",
+            registry=registry)
+        self.build_info = Gauge(
+            "digitalme_build_info", "Version and commit of the running service.",
+            ["version", "commit", "environment"], registry=registry)
+        self._refreshers: list[Callable[[], Awaitable[None]]] = []
+
+    def on_scrape(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        """Register a coroutine that updates gauges just before each scrape."""
+        self._refreshers.append(refresh)
+
+    async def render(self) -> bytes:
+        for refresh in self._refreshers:
+            await refresh()
+        return generate_latest(self.registry)

@@ -1,0 +1,156 @@
+"""Request pipeline: metrics, JSON errors, client identity, authentication, rate limits,
+and the security headers every response carries."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from aiohttp import web
+
+from .errors import HTTP_CODES, ApiError, error_response, retry_after_header
+from .keys import METRICS, RATE_LIMITER, REQUEST_TOKEN, SETTINGS, TOKENS
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Operational endpoints: never rate-limited or authenticated (monitoring must always work).
+OPS_PATHS = frozenset({"/health", "/health/ready", "/info", "/metrics"})
+CLIENT_ADDRESS = "digitalme.client_address"
+VIA_PROXY = "digitalme.via_proxy"
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=()",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+
+
+def _trusted(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def client_address(peer: str, forwarded_for: str | None,
+                   trusted: Sequence[Network]) -> tuple[str, bool]:
+    """The client's address, and whether the request came through a trusted proxy.
+
+    X-Forwarded-For is believed only when the peer is a trusted proxy, and then only up to
+    the first hop (from the right) that is not itself a trusted proxy.
+    """
+    if not forwarded_for or not _trusted(peer, trusted):
+        return peer, False
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, trusted):
+            return hop[:64], True
+    return (hops[0][:64] if hops else peer), True
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    started = time.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics.http_requests.labels(request.method, route, str(status)).inc()
+        metrics.http_latency.labels(request.method, route).observe(time.monotonic() - started)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, headers=exc.headers,
+                              **exc.extra)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        if exc.status == 404:
+            message = f"no such endpoint: {request.method} {request.path}"
+        elif exc.status == 405:
+            message = f"{request.method} is not allowed here; allowed: {headers.get('Allow')}"
+        elif exc.status == 413:
+            limit = request.app[SETTINGS].max_body_bytes
+            message = f"the request body is larger than {limit} bytes"
+        else:
+            message = exc.text or exc.reason
+        return error_response(exc.status, HTTP_CODES.get(exc.status, "http_error"),
+                              message, headers=headers)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal_error",
+                              "something went wrong on our side; it has been logged")
+
+
+@web.middleware
+async def client_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Who is asking: address (through trusted proxies), bearer token, rate limit."""
+    settings = request.app[SETTINGS]
+    address, via_proxy = client_address(
+        request.remote or "", request.headers.get("X-Forwarded-For"),
+        settings.trusted_proxies)
+    request[CLIENT_ADDRESS] = address
+    request[VIA_PROXY] = via_proxy
+    request[REQUEST_TOKEN] = None
+    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+        raise web.HTTPRequestEntityTooLarge(settings.max_body_bytes, request.content_length)
+    if request.path in OPS_PATHS:
+        return await handler(request)
+
+    key = f"address:{address}"
+    authorization = request.headers.get("Authorization")
+    if authorization is not None and request.path.startswith("/api/"):
+        scheme, _, secret = authorization.partition(" ")
+        token = None
+        if scheme.lower() == "bearer" and secret.strip():
+            token = await request.app[TOKENS].authenticate(secret.strip())
+        if token is None:
+            _limit(request, key)  # failed attempts count against the address
+            raise ApiError(401, "invalid_token",
+                           "the bearer token is not valid (unknown, revoked or malformed)",
+                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        request[REQUEST_TOKEN] = token
+        key = f"token:{token.id}"
+        await request.app[TOKENS].touch(token.id)
+    _limit(request, key)
+    return await handler(request)
+
+
+def _limit(request: web.Request, key: str) -> None:
+    wait = request.app[RATE_LIMITER].check(key)
+    if wait > 0:
+        request.app[METRICS].rate_limited.inc()
+        limit = request.app[RATE_LIMITER].per_minute
+        raise ApiError(429, "rate_limited",
+                       f"too many requests (limit {limit} per minute); retry after the "
+                       "Retry-After delay", headers=retry_after_header(wait))
+
+
+async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if request.path.startswith(("/api/", "/health", "/info", "/metrics")):
+        response.headers.setdefault("Cache-Control", "no-store")
