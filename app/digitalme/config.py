@@ -191,10 +191,15 @@ class Settings:
         "each call; older turns that do not fit are left out. The persona comes on top.")
     claude_timeout_seconds: float = setting(
         "DIGITALME_CLAUDE_TIMEOUT_SECONDS", "60", _float_range(1, 600),
-        "Timeout of one Claude request (each retry gets its own).")
+        "Read timeout of one Claude request: the longest silence allowed while waiting for "
+        "an answer or between chunks of a streamed one (each retry gets its own).")
     claude_connect_timeout_seconds: float = setting(
         "DIGITALME_CLAUDE_CONNECT_TIMEOUT_SECONDS", "5", _float_range(0.1, 60),
         "Timeout for connecting to the Claude API.")
+    claude_deadline_seconds: float = setting(
+        "DIGITALME_CLAUDE_DEADLINE_SECONDS", "90", _float_range(1, 3600),
+        "Longest wait for Claude to start answering, all retries and their Retry-After "
+        "waits included; past it the caller gets a quick 503.")
     claude_max_retries: int = setting(
         "DIGITALME_CLAUDE_MAX_RETRIES", "2", _int_range(0, 10),
         "Retries of a failed Claude request (429, 5xx, connection errors), by the SDK.")

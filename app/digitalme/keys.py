@@ -27,6 +27,8 @@ READINESS = web.AppKey("readiness", Readiness)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 STARTED_AT = web.AppKey("started_at", str)
 
-# Per-request: the authenticated token (set by the auth wrapper).
-REQUEST_TOKEN = "digitalme.token"  # noqa: S105 - a request key, not a secret
-__all__ = ["REQUEST_TOKEN", "TokenInfo"]
+# Per request, set by the client middleware: the bearer token (None when absent), the
+# client's address (through trusted proxies), and whether it came through such a proxy.
+REQUEST_TOKEN: web.RequestKey[TokenInfo | None] = web.RequestKey("token")
+CLIENT_ADDRESS = web.RequestKey("client_address", str)
+VIA_PROXY = web.RequestKey("via_proxy", bool)

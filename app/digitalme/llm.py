@@ -11,13 +11,16 @@ wrong into one of two exceptions the rest of the service understands:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
+import httpx2
 
 from .breaker import BreakerOpen, BreakerState, CircuitBreaker
 from .config import Settings
@@ -35,6 +38,12 @@ class ClaudeUnavailable(Exception):
 
 class ClaudeRejected(Exception):
     pass
+
+
+# What a call can fail with, besides our own bugs: the SDK's errors, and transport errors
+# that the SDK lets through unwrapped when a stream stalls or is cut (httpx2.ReadTimeout,
+# RemoteProtocolError), and our own deadline.
+_CALL_FAILURES = (anthropic.APIError, httpx2.TransportError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,8 @@ class Claude:
             timeout=anthropic.Timeout(s.claude_timeout_seconds,
                                       connect=s.claude_connect_timeout_seconds),
             max_retries=s.claude_max_retries,
+            # Never export prompts as telemetry, whatever ANTHROPIC_OPEN_TELEMETRY* say.
+            open_telemetry=False,
         )
 
     async def close(self) -> None:
@@ -194,7 +205,7 @@ class Claude:
         """Record a failure and translate it."""
         name = type(exc).__name__
         self.metrics.claude_errors.labels(name).inc()
-        if isinstance(exc, anthropic.APIStatusError) and exc.status_code < 500 \
+        if isinstance(exc, anthropic.APIStatusError) and 400 <= exc.status_code < 500 \
                 and exc.status_code not in (408, 409, 429):
             # Claude refused this request: our bug or bad input, not an outage.
             self.breaker.record_neutral()
@@ -230,8 +241,10 @@ class Claude:
         client = self._admit()
         started = time.monotonic()
         try:
-            message = await client.messages.create(**self._request(system, messages, tools))
-        except anthropic.APIError as exc:
+            async with asyncio.timeout(self.settings.claude_deadline_seconds):
+                message = await client.messages.create(
+                    **self._request(system, messages, tools))
+        except _CALL_FAILURES as exc:
             raise self._failed(exc) from exc
         except BaseException:
             self.breaker.record_neutral()
@@ -248,12 +261,17 @@ class Claude:
         client = self._admit()
         started = time.monotonic()
         try:
-            async with client.messages.stream(**self._request(system, messages, tools)) as s:
+            async with AsyncExitStack() as stack:
+                # The deadline covers getting the answer started, SDK retries and their
+                # Retry-After waits included; after that each chunk has the read timeout.
+                async with asyncio.timeout(self.settings.claude_deadline_seconds):
+                    s = await stack.enter_async_context(
+                        client.messages.stream(**self._request(system, messages, tools)))
                 async for event in s:
                     if event.type == "text":
                         yield TextDelta(event.text)
                 message = await s.get_final_message()
-        except anthropic.APIError as exc:
+        except _CALL_FAILURES as exc:
             raise self._failed(exc) from exc
         except BaseException:
             self.breaker.record_neutral()

@@ -11,7 +11,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 
 from .errors import HTTP_CODES, ApiError, error_response, retry_after_header
-from .keys import METRICS, RATE_LIMITER, REQUEST_TOKEN, SETTINGS, TOKENS
+from .keys import (
+    CLIENT_ADDRESS,
+    METRICS,
+    RATE_LIMITER,
+    REQUEST_TOKEN,
+    SETTINGS,
+    TOKENS,
+    VIA_PROXY,
+)
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +28,6 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Operational endpoints: never rate-limited or authenticated (monitoring must always work).
 OPS_PATHS = frozenset({"/health", "/health/ready", "/info", "/metrics"})
-CLIENT_ADDRESS = "digitalme.client_address"
-VIA_PROXY = "digitalme.via_proxy"
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (

@@ -7,9 +7,8 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from .. import __version__
-from ..keys import METRICS, READINESS, SETTINGS, STARTED_AT
+from ..keys import METRICS, READINESS, SETTINGS, STARTED_AT, VIA_PROXY
 from ..metrics import CONTENT_TYPE
-from ..middlewares import VIA_PROXY
 
 
 async def health(request: web.Request) -> web.Response:

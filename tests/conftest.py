@@ -1,0 +1,137 @@
+"""Shared fixtures: a clean environment, the Claude stand-in, and the real app under test.
+
+``service`` builds the real application (``create_app``) on a fresh SQLite file, with the
+sample persona imported, one admin and one chat token, and Claude pointed at a local
+stand-in of the Anthropic API (tests/standins/anthropic_api.py) through the real SDK.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from digitalme.config import Settings, load_settings
+from digitalme.keys import PERSONAS, TOKENS
+from digitalme.persona import load_persona_file
+from digitalme.web import create_app
+from tests.standins.anthropic_api import AnthropicStandin, run_anthropic_standin
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_PERSONA = REPO / "docs" / "examples" / "persona.yaml"
+ARTIFACTS = REPO / "artifacts"
+TEST_API_KEY = "sk-ant-test-" + "k" * 24
+
+# Variables the SDK (or httpx2) reads even when given explicit settings, and our own:
+# a developer's shell must not leak into tests.
+_LEAKY_ENV = (
+    "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL",
+    "ANTHROPIC_CUSTOM_HEADERS", "ANTHROPIC_PROFILE", "ANTHROPIC_LOG",
+    "ANTHROPIC_FEDERATION_RULE_ID", "ANTHROPIC_ORGANIZATION_ID", "ANTHROPIC_IDENTITY_TOKEN",
+    "ANTHROPIC_IDENTITY_TOKEN_FILE", "CREDENTIALS_DIRECTORY",
+    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name in _LEAKY_ENV or name.startswith("DIGITALME_"):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ANTHROPIC_CONFIG_DIR", str(tmp_path / "anthropic-config"))
+    monkeypatch.setenv("NO_PROXY", "*")
+
+
+@pytest.fixture
+async def standin() -> AsyncIterator[AnthropicStandin]:
+    async with run_anthropic_standin("127.0.0.1", 0) as server:
+        yield server
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, standin: AnthropicStandin) -> Callable[..., Settings]:
+    """Settings for a test: fresh database, the stand-in as Claude, fast failure modes."""
+    def make(**overrides: Any) -> Settings:
+        base = load_settings({
+            "DIGITALME_DB_PATH": str(tmp_path / "digitalme.db"),
+            "DIGITALME_ENV": "test",
+            "ANTHROPIC_API_KEY": TEST_API_KEY,
+            "ANTHROPIC_BASE_URL": standin.base_url,
+            "DIGITALME_MODEL": "claude-test",
+            "DIGITALME_CLAUDE_MAX_RETRIES": "0",
+            "DIGITALME_CLAUDE_TIMEOUT_SECONDS": "5",
+        })
+        return replace(base, **overrides)
+    return make
+
+
+@dataclass
+class Service:
+    """The running app and what a test needs to talk to it."""
+
+    client: TestClient
+    standin: AnthropicStandin
+    settings: Settings
+    admin_token: str
+    chat_token: str
+
+    @property
+    def app(self) -> Any:
+        return self.client.app
+
+    def auth(self, token: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token or self.chat_token}"}
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return self.auth(self.admin_token)
+
+    async def new_conversation(self, token: str | None = None) -> str:
+        response = await self.client.post("/api/v1/conversations", headers=self.auth(token))
+        assert response.status == 201, await response.text()
+        conversation_id: str = (await response.json())["id"]
+        return conversation_id
+
+    async def say(self, conversation_id: str, text: str, token: str | None = None,
+                  ) -> dict[str, Any]:
+        response = await self.client.post(
+            f"/api/v1/conversations/{conversation_id}/messages",
+            json={"text": text}, headers=self.auth(token))
+        assert response.status == 201, await response.text()
+        body: dict[str, Any] = await response.json()
+        return body
+
+
+ServiceFactory = Callable[..., Awaitable[Service]]
+
+
+@pytest.fixture
+async def make_service(aiohttp_client: Any, make_settings: Callable[..., Settings],
+                       standin: AnthropicStandin) -> ServiceFactory:
+    async def make(*, persona: bool = True, **overrides: Any) -> Service:
+        settings = make_settings(**overrides)
+        app = create_app(settings)
+        client = await aiohttp_client(app)
+        if persona:
+            loaded, digest = load_persona_file(SAMPLE_PERSONA)
+            await app[PERSONAS].save(loaded, digest)
+        admin, _ = await app[TOKENS].create("test-admin", "admin")
+        chat, _ = await app[TOKENS].create("test-chat", "chat")
+        return Service(client, standin, settings, admin, chat)
+    return make
+
+
+@pytest.fixture
+async def service(make_service: ServiceFactory) -> Service:
+    return await make_service()
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
