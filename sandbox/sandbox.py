@@ -22,6 +22,7 @@ table and process the sandbox created, and nothing else. See docs/sandbox.md.
 Stdlib only (runs with the system python3 before any virtualenv exists); must run as root.
 """
 
+# ruff: noqa: S603, S606, S607 (this tool runs system commands by design, never a shell)
 from __future__ import annotations
 
 import argparse
@@ -72,15 +73,26 @@ DEFAULT_GROUPS = ("digitalme", "backup_targets")  # first host, then every other
 
 SUITE = "bookworm"
 BASE_PACKAGES = (
-    "systemd", "systemd-sysv", "dbus", "openssh-server", "sudo", "iproute2",
-    "ca-certificates", "procps", "python3", "python3-apt",
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "sudo",
+    "iproute2",
+    "ca-certificates",
+    "procps",
+    "python3",
+    "python3-apt",
 )
 # Timers that would start apt or dpkg behind a role's back (dpkg-lock races) or do disk
 # maintenance that makes no sense in a container. Disabled, not masked: a role may enable
 # them (unattended-upgrades needs the apt ones).
 DISABLED_TIMERS = (
-    "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
-    "e2scrub_all.timer", "fstrim.timer",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "fstrim.timer",
 )
 IMAGE_MAX_AGE_DAYS = float(os.environ.get("SANDBOX_IMAGE_MAX_AGE_DAYS", "14"))
 
@@ -112,16 +124,27 @@ def run(
     """Run a command; failures and timeouts name the step they hit."""
     try:
         proc = subprocess.run(
-            argv, input=input_text, capture_output=True, text=True, timeout=timeout,
-            env=env, stdin=None if input_text is not None else subprocess.DEVNULL,
+            argv,
+            input=input_text,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            stdin=None if input_text is not None else subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired as exc:
-        raise SandboxError(f"timeout after {timeout:g}s in step '{step}': {' '.join(argv)}") from exc
+        raise SandboxError(
+            f"timeout after {timeout:g}s in step '{step}': {' '.join(argv)}"
+        ) from exc
     except FileNotFoundError as exc:
-        raise SandboxError(f"step '{step}': {argv[0]} is not installed (run scripts/bootstrap.sh)") from exc
+        raise SandboxError(
+            f"step '{step}': {argv[0]} is not installed (run scripts/bootstrap.sh)"
+        ) from exc
     if check and proc.returncode != 0:
         output = (proc.stderr or proc.stdout).strip()
-        raise SandboxError(f"step '{step}' failed (exit {proc.returncode}): {' '.join(argv)}\n{output}")
+        raise SandboxError(
+            f"step '{step}' failed (exit {proc.returncode}): {' '.join(argv)}\n{output}"
+        )
     return proc
 
 
@@ -160,7 +183,9 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
 
 def require_root() -> None:
     if os.geteuid() != 0:
-        raise SandboxError("must run as root (network namespaces, mounts and systemd-nspawn need it)")
+        raise SandboxError(
+            "must run as root (network namespaces, mounts and systemd-nspawn need it)"
+        )
 
 
 # --------------------------------------------------------------------------- apt sources
@@ -195,8 +220,9 @@ class AptSources:
             raise SandboxError("no Debian mirror found in the machine's apt sources")
         mirror = next((u for u, s in uris if s == SUITE), uris[0][0])
         hosts = frozenset(urllib.parse.urlsplit(u).hostname or "" for u, _ in uris) - {""}
-        proxy = run(["apt-config", "shell", "P", "Acquire::http::Proxy"], "read apt proxy",
-                    check=False).stdout.strip()
+        proxy = run(
+            ["apt-config", "shell", "P", "Acquire::http::Proxy"], "read apt proxy", check=False
+        ).stdout.strip()
         match = re.match(r"^P='(.*)'$", proxy)
         upstream = match.group(1) if match and match.group(1) not in ("", "DIRECT") else None
         return cls(files=files, mirror=mirror, hosts=hosts, upstream_proxy=upstream)
@@ -275,7 +301,9 @@ def _finish_image(root: Path) -> None:
     )
     (root / "var/log/journal").mkdir(parents=True, exist_ok=True)  # persistent: shown on failure
     (root / "etc/hostname").write_text("localhost\n")
-    (root / "etc/hosts").write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n")
+    (root / "etc/hosts").write_text(
+        "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
+    )
     (root / "etc/resolv.conf").write_text(
         "# Sandbox host: no DNS. Sandbox names are in /etc/hosts; apt goes through the\n"
         "# controller's mirror proxy (/etc/apt/apt.conf.d/00sandbox-proxy).\n"
@@ -287,9 +315,14 @@ def _finish_image(root: Path) -> None:
 def image_key(sources: AptSources) -> str:
     digest = hashlib.sha256()
     for part in (
-        SUITE, sources.mirror, json.dumps(sorted(sources.files.items())),
-        " ".join(BASE_PACKAGES), " ".join(DISABLED_TIMERS), _image_recipe_script(),
-        inspect.getsource(_configure_image), inspect.getsource(_finish_image),
+        SUITE,
+        sources.mirror,
+        json.dumps(sorted(sources.files.items())),
+        " ".join(BASE_PACKAGES),
+        " ".join(DISABLED_TIMERS),
+        _image_recipe_script(),
+        inspect.getsource(_configure_image),
+        inspect.getsource(_finish_image),
         inspect.getsource(build_image),
     ):
         digest.update(part.encode())
@@ -356,10 +389,19 @@ def build_image(sources: AptSources, key: str) -> Path:
         env["http_proxy"] = sources.upstream_proxy
     with open(build_log, "w") as out:
         steps: list[tuple[str, list[str], float]] = [
-            ("debootstrap", [
-                "debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-                f"--cache-dir={debs}", SUITE, str(root), sources.mirror,
-            ], 900),
+            (
+                "debootstrap",
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={','.join(BASE_PACKAGES)}",
+                    f"--cache-dir={debs}",
+                    SUITE,
+                    str(root),
+                    sources.mirror,
+                ],
+                900,
+            ),
         ]
         for step, argv, timeout in steps:
             _logged_step(step, argv, timeout, out, env)
@@ -371,16 +413,36 @@ def build_image(sources: AptSources, key: str) -> Path:
         # vanish with it, and so does any process a script might leave behind.
         chroot = (
             f"mount -t proc proc {root}/proc && mount -t sysfs sysfs {root}/sys && "
-            f"mount --rbind /dev {root}/dev && exec chroot {root} /bin/sh -c \"$0\""
+            f'mount --rbind /dev {root}/dev && exec chroot {root} /bin/sh -c "$0"'
         )
-        _logged_step("finish image (apt update, upgrade, CAs)", [
-            "unshare", "--mount", "--propagation", "private", "--pid", "--fork",
-            "/bin/sh", "-c", chroot, _image_recipe_script(),
-        ], 900, out, env)
+        _logged_step(
+            "finish image (apt update, upgrade, CAs)",
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--pid",
+                "--fork",
+                "/bin/sh",
+                "-c",
+                chroot,
+                _image_recipe_script(),
+            ],
+            900,
+            out,
+            env,
+        )
     _finish_image(root)
     seconds = time.monotonic() - started
-    meta = {"key": key, "built_at": time.time(), "build_seconds": round(seconds, 1),
-            "suite": SUITE, "mirror": sources.mirror, "packages": list(BASE_PACKAGES)}
+    meta = {
+        "key": key,
+        "built_at": time.time(),
+        "build_seconds": round(seconds, 1),
+        "suite": SUITE,
+        "mirror": sources.mirror,
+        "packages": list(BASE_PACKAGES),
+    }
     (build_dir / "image.json").write_text(json.dumps(meta, indent=2) + "\n")
     final = images / f"{key}.{time.strftime('%Y%m%d%H%M%S')}"
     os.replace(build_dir, final)
@@ -392,14 +454,24 @@ def _logged_step(step: str, argv: list[str], timeout: float, out: Any, env: dict
     out.write(f"\n### {step}: {' '.join(argv[:12])}\n")
     out.flush()
     try:
-        proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              timeout=timeout, env=env)
+        proc = subprocess.run(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired as exc:
-        raise SandboxError(f"timeout after {timeout:g}s in image step '{step}'; see {out.name}") from exc
+        raise SandboxError(
+            f"timeout after {timeout:g}s in image step '{step}'; see {out.name}"
+        ) from exc
     if proc.returncode != 0:
         out.flush()
         tail = "\n".join(Path(out.name).read_text().splitlines()[-25:])
-        raise SandboxError(f"image step '{step}' failed (exit {proc.returncode}); {out.name} ends:\n{tail}")
+        raise SandboxError(
+            f"image step '{step}' failed (exit {proc.returncode}); {out.name} ends:\n{tail}"
+        )
 
 
 def _gc_images(keep: Path) -> None:
@@ -408,7 +480,9 @@ def _gc_images(keep: Path) -> None:
     for candidate in (CACHE / "images").iterdir():
         if candidate == keep or candidate in in_use or not candidate.is_dir():
             continue
-        if candidate.name.startswith(".build-") and _pid_alive(int(candidate.name.rsplit("-", 1)[1])):
+        if candidate.name.startswith(".build-") and _pid_alive(
+            int(candidate.name.rsplit("-", 1)[1])
+        ):
             continue
         shutil.rmtree(candidate, ignore_errors=True)
 
@@ -457,7 +531,9 @@ def _routes_overlapping(subnet: ipaddress.IPv4Network) -> list[str]:
 
 def allocate_slot() -> int:
     used = {s["slot"] for s in all_states()}
-    links = {link.get("ifname") for link in json.loads(run(["ip", "-j", "link"], "read links").stdout)}
+    links = {
+        link.get("ifname") for link in json.loads(run(["ip", "-j", "link"], "read links").stdout)
+    }
     for slot in range(FIRST_SLOT, LAST_SLOT + 1):
         if slot in used or f"{PREFIX}{slot}" in links:
             continue
@@ -519,7 +595,9 @@ def _proc_start(pid: int) -> int:
 
 def _same_process(record: dict[str, Any] | None) -> bool:
     """Is the process recorded (pid + start time) still the one we started?"""
-    return bool(record) and _pid_alive(record["pid"]) and _proc_start(record["pid"]) == record["start"]
+    return (
+        bool(record) and _pid_alive(record["pid"]) and _proc_start(record["pid"]) == record["start"]
+    )
 
 
 def _cgroup_roots() -> list[Path]:
@@ -528,7 +606,7 @@ def _cgroup_roots() -> list[Path]:
     roots = []
     for line in mounts:
         _, target, fstype, options = line.split()[:4]
-        if fstype == "cgroup" and "name=systemd" in options.split(",") or (
+        if (fstype == "cgroup" and "name=systemd" in options.split(",")) or (
             fstype == "cgroup2" and target in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")
         ):
             roots.append(Path(target))
@@ -549,6 +627,7 @@ def _cgroup_procs_files(relative: str) -> list[str]:
 
 def _joiner(procs_files: list[str]) -> Any:
     """A preexec_fn moving the child into our cgroup before exec (only os calls: fork-safe)."""
+
     def join() -> None:
         pid = str(os.getpid()).encode()
         for procs in procs_files:
@@ -557,6 +636,7 @@ def _joiner(procs_files: list[str]) -> Any:
                 os.write(fd, pid)
             finally:
                 os.close(fd)
+
     return join
 
 
@@ -574,18 +654,22 @@ def _cgroup_pids(relative: str) -> set[int]:
 
 def _kill_cgroup(relative: str, step: str, timeout: float = 10) -> None:
     """SIGKILL everything left in a cgroup tree, then remove the tree."""
+
     def empty() -> bool:
         pids = _cgroup_pids(relative)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         return not pids
+
     wait_for(step, timeout, empty, 0.1)
     for root in _cgroup_roots():
         base = root / relative
         if not base.is_dir():
             continue
-        for directory in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        for directory in sorted(
+            (p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)
+        ):
             with contextlib.suppress(OSError):
                 directory.rmdir()
         with contextlib.suppress(OSError):
@@ -652,7 +736,9 @@ def ensure_network(state: dict[str, Any]) -> None:
     rules = f"""table inet {table} {{
     chain prerouting {{
         type filter hook prerouting priority filter - 10; policy accept;
-        iifname "{bridge}" ip daddr != {subnet} fib daddr type != {{ local, broadcast, multicast }} reject with icmpx type admin-prohibited
+        iifname "{bridge}" ip daddr != {subnet} \\
+            fib daddr type != {{ local, broadcast, multicast }} \\
+            reject with icmpx type admin-prohibited
     }}
     chain forward {{
         type filter hook forward priority filter - 10; policy accept;
@@ -669,7 +755,12 @@ def ensure_network(state: dict[str, Any]) -> None:
 
 
 def teardown_network(state: dict[str, Any]) -> None:
-    if run(["nft", "list", "table", "inet", state["nft_table"]], "read firewall", check=False).returncode == 0:
+    if (
+        run(
+            ["nft", "list", "table", "inet", state["nft_table"]], "read firewall", check=False
+        ).returncode
+        == 0
+    ):
         run(["nft", "delete", "table", "inet", state["nft_table"]], "delete firewall")
     if Path(f"/sys/class/net/{state['bridge']}").exists():
         run(["ip", "link", "del", state["bridge"]], "delete bridge")
@@ -724,8 +815,17 @@ def _undo_shared_runtime_dirs() -> None:
 # --------------------------------------------------------------------------- the mirror proxy
 
 
-HOP_BY_HOP = {"connection", "proxy-connection", "keep-alive", "te", "trailers", "transfer-encoding",
-              "upgrade", "proxy-authorization", "proxy-authenticate"}
+HOP_BY_HOP = {
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+}
 CACHEABLE = re.compile(r"/(pool|by-hash)/[A-Za-z0-9._+~%/-]+$")
 
 
@@ -739,8 +839,9 @@ class MirrorProxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], allowed: frozenset[str], cache: Path,
-                 upstream: str | None) -> None:
+    def __init__(
+        self, address: tuple[str, int], allowed: frozenset[str], cache: Path, upstream: str | None
+    ) -> None:
         super().__init__(address, MirrorProxyHandler)
         self.allowed = allowed
         self.cache = cache
@@ -757,9 +858,11 @@ class MirrorProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: MirrorProxy
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+    def log_message(self, format: str, *args: Any) -> None:
         with self.server.log_lock:
-            sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.client_address[0]} {format % args}\n")
+            sys.stderr.write(
+                f"{time.strftime('%H:%M:%S')} {self.client_address[0]} {format % args}\n"
+            )
             sys.stderr.flush()
 
     def do_GET(self) -> None:
@@ -788,8 +891,11 @@ class MirrorProxyHandler(http.server.BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         host = (url.hostname or "").lower()
         if url.scheme != "http" or host not in self.server.allowed or url.port not in (None, 80):
-            self._refuse(403, f"only http://{{{','.join(sorted(self.server.allowed))}}}/ is reachable "
-                              f"from sandbox hosts, not {self.path}")
+            self._refuse(
+                403,
+                f"only http://{{{','.join(sorted(self.server.allowed))}}}/ is reachable "
+                f"from sandbox hosts, not {self.path}",
+            )
             return
         cached = None
         if self.command == "GET" and "Range" not in self.headers:
@@ -814,7 +920,9 @@ class MirrorProxyHandler(http.server.BaseHTTPRequestHandler):
     def _forward(self, url: urllib.parse.SplitResult, host: str, cache_to: Path | None) -> None:
         upstream = self.server.upstream
         if upstream:
-            conn = http.client.HTTPConnection(upstream.hostname or "", upstream.port or 80, timeout=60)
+            conn = http.client.HTTPConnection(
+                upstream.hostname or "", upstream.port or 80, timeout=60
+            )
             target = self.path
         else:
             conn = http.client.HTTPConnection(host, 80, timeout=60)
@@ -849,7 +957,9 @@ class MirrorProxyHandler(http.server.BaseHTTPRequestHandler):
         finally:
             conn.close()
 
-    def _copy_body(self, resp: http.client.HTTPResponse, length: int, cache_to: Path | None) -> None:
+    def _copy_body(
+        self, resp: http.client.HTTPResponse, length: int, cache_to: Path | None
+    ) -> None:
         part = None
         if cache_to is not None:
             cache_to.parent.mkdir(parents=True, exist_ok=True)
@@ -869,11 +979,16 @@ class MirrorProxyHandler(http.server.BaseHTTPRequestHandler):
 
 
 def serve_proxy(args: argparse.Namespace) -> int:
-    server = MirrorProxy((args.listen, args.port), frozenset(args.allow), Path(args.cache),
-                         args.upstream or None)
+    server = MirrorProxy(
+        (args.listen, args.port), frozenset(args.allow), Path(args.cache), args.upstream or None
+    )
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    print(f"{time.strftime('%H:%M:%S')} mirror proxy for {', '.join(args.allow)} on "
-          f"{args.listen}:{args.port} (cache {args.cache})", file=sys.stderr, flush=True)
+    print(
+        f"{time.strftime('%H:%M:%S')} mirror proxy for {', '.join(args.allow)} on "
+        f"{args.listen}:{args.port} (cache {args.cache})",
+        file=sys.stderr,
+        flush=True,
+    )
     server.serve_forever()
     return 0
 
@@ -886,21 +1001,41 @@ def ensure_proxy(state: dict[str, Any]) -> None:
     cache = CACHE / "apt-proxy"
     cache.mkdir(parents=True, exist_ok=True)
     log_path = Path(state["run_dir"]) / "proxy.log"
-    argv = [sys.executable, str(Path(__file__).resolve()), "proxy", "--listen", state["gateway"],
-            "--port", str(PROXY_PORT), "--cache", str(cache), "--sandbox", state["name"]]
+    argv = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "proxy",
+        "--listen",
+        state["gateway"],
+        "--port",
+        str(PROXY_PORT),
+        "--cache",
+        str(cache),
+        "--sandbox",
+        state["name"],
+    ]
     for host in sorted(sources.hosts):
         argv += ["--allow", host]
     if sources.upstream_proxy:
         argv += ["--upstream", sources.upstream_proxy]
     cgroup = f"{state['cgroup']}/proxy"
     with open(log_path, "a") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_joiner(_cgroup_procs_files(cgroup)))
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_joiner(_cgroup_procs_files(cgroup)),
+        )
     state["proxy"] = {"pid": proc.pid, "start": _proc_start(proc.pid), "cgroup": cgroup}
     save_state(state)
     try:
-        wait_for("start the mirror proxy", 10, lambda: proc.poll() is not None or
-                 _port_open(state["gateway"], PROXY_PORT, 0.2))
+        wait_for(
+            "start the mirror proxy",
+            10,
+            lambda: proc.poll() is not None or _port_open(state["gateway"], PROXY_PORT, 0.2),
+        )
     except SandboxError as exc:
         raise SandboxError(f"{exc}; {log_path}:\n{_tail(log_path, 20)}") from exc
     if proc.poll() is not None:
@@ -953,12 +1088,17 @@ def parse_host_specs(specs: list[str]) -> dict[str, list[str]]:
     for index, spec in enumerate(specs or ["app"]):
         name, _, group_text = spec.partition(":")
         if not HOST_RE.match(name):
-            raise SandboxError(f"bad host name {name!r}: use a-z, 0-9 and '-' (a valid hostname, "
-                               "at most 32 characters)")
+            raise SandboxError(
+                f"bad host name {name!r}: use a-z, 0-9 and '-' (a valid hostname, "
+                "at most 32 characters)"
+            )
         if name in hosts:
             raise SandboxError(f"host {name!r} is listed twice")
-        groups = [g for g in group_text.split(",") if g] if group_text else [
-            DEFAULT_GROUPS[0] if index == 0 else DEFAULT_GROUPS[1]]
+        groups = (
+            [g for g in group_text.split(",") if g]
+            if group_text
+            else [DEFAULT_GROUPS[0] if index == 0 else DEFAULT_GROUPS[1]]
+        )
         for group in groups:
             if not GROUP_RE.match(group) or group in ("all", "ungrouped"):
                 raise SandboxError(f"bad group name {group!r} for host {name!r}")
@@ -971,15 +1111,34 @@ def parse_host_specs(specs: list[str]) -> dict[str, list[str]]:
 def ssh_base(state: dict[str, Any]) -> list[str]:
     run_dir = Path(state["run_dir"])
     return [
-        "ssh", "-i", str(run_dir / "id_ed25519"),
-        "-o", f"UserKnownHostsFile={run_dir / 'known_hosts'}",
-        "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-        "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR", "-l", "root",
+        "ssh",
+        "-i",
+        str(run_dir / "id_ed25519"),
+        "-o",
+        f"UserKnownHostsFile={run_dir / 'known_hosts'}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=5",
+        "-o",
+        "LogLevel=ERROR",
+        "-l",
+        "root",
     ]
 
 
-def ssh_run(state: dict[str, Any], address: str, command: str, step: str, timeout: float = 60,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+def ssh_run(
+    state: dict[str, Any],
+    address: str,
+    command: str,
+    step: str,
+    timeout: float = 60,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
     return run([*ssh_base(state), address, command], step, timeout=timeout, check=check)
 
 
@@ -988,16 +1147,35 @@ def ensure_keys(state: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = run_dir / "id_ed25519"
     if not key.exists():
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"sandbox-{state['name']}",
-             "-f", str(key)], "generate the sandbox ssh key")
+        run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                f"sandbox-{state['name']}",
+                "-f",
+                str(key),
+            ],
+            "generate the sandbox ssh key",
+        )
 
 
 def _host_paths(state: dict[str, Any], host: str) -> dict[str, Path]:
     cache = Path(state["cache_dir"]) / host
     run_dir = Path(state["run_dir"]) / "hosts" / host
-    return {"upper": cache / "upper", "work": cache / "work", "cache": cache,
-            "root": run_dir / "root", "run": run_dir, "console": run_dir / "console.log",
-            "hostkey": run_dir / "ssh_host_ed25519_key"}
+    return {
+        "upper": cache / "upper",
+        "work": cache / "work",
+        "cache": cache,
+        "root": run_dir / "root",
+        "run": run_dir,
+        "console": run_dir / "console.log",
+        "hostkey": run_dir / "ssh_host_ed25519_key",
+    }
 
 
 def _is_mounted(path: Path) -> bool:
@@ -1015,16 +1193,38 @@ def prepare_host(state: dict[str, Any], host: str, image: Path) -> None:
     for key in ("upper", "work", "root", "run"):
         paths[key].mkdir(parents=True, exist_ok=True)
     if not _is_mounted(paths["root"]):
-        run(["mount", "-t", "overlay", "overlay", "-o",
-             f"lowerdir={image},upperdir={paths['upper']},workdir={paths['work']}", str(paths["root"])],
-            f"{host}: mount the overlay root")
+        run(
+            [
+                "mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                f"lowerdir={image},upperdir={paths['upper']},workdir={paths['work']}",
+                str(paths["root"]),
+            ],
+            f"{host}: mount the overlay root",
+        )
     record["mounted"] = True
     save_state(state)
     root = paths["root"]
     # Host key: generated here so that it can be pinned before the host ever answers.
     if not paths["hostkey"].exists():
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{host}",
-             "-f", str(paths["hostkey"])], f"{host}: generate the host key")
+        run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                f"root@{host}",
+                "-f",
+                str(paths["hostkey"]),
+            ],
+            f"{host}: generate the host key",
+        )
     for suffix, mode in (("", 0o600), (".pub", 0o644)):
         dest = root / f"etc/ssh/ssh_host_ed25519_key{suffix}"
         shutil.copyfile(f"{paths['hostkey']}{suffix}", dest)
@@ -1045,21 +1245,33 @@ def prepare_host(state: dict[str, Any], host: str, image: Path) -> None:
     if not Path(f"/run/netns/{netns}").exists():
         run(["ip", "netns", "add", netns], f"{host}: create the network namespace")
     if not Path(f"/sys/class/net/{veth}").exists():
-        run(["ip", "link", "add", veth, "type", "veth", "peer", "name", f"{veth}p", "netns", netns],
-            f"{host}: create the veth pair")
+        run(
+            ["ip", "link", "add", veth, "type", "veth", "peer", "name", f"{veth}p", "netns", netns],
+            f"{host}: create the veth pair",
+        )
         run(["ip", "-n", netns, "link", "set", f"{veth}p", "name", "eth0"], f"{host}: name eth0")
-        run(["ip", "-n", netns, "addr", "add", f"{record['address']}/24", "dev", "eth0"],
-            f"{host}: address eth0")
-        run(["ip", "link", "set", veth, "master", state["bridge"], "up"], f"{host}: plug into bridge")
+        run(
+            ["ip", "-n", netns, "addr", "add", f"{record['address']}/24", "dev", "eth0"],
+            f"{host}: address eth0",
+        )
+        run(
+            ["ip", "link", "set", veth, "master", state["bridge"], "up"],
+            f"{host}: plug into bridge",
+        )
         run(["ip", "-n", netns, "link", "set", "lo", "up"], f"{host}: loopback up")
         run(["ip", "-n", netns, "link", "set", "eth0", "up"], f"{host}: eth0 up")
-        run(["ip", "-n", netns, "route", "add", "default", "via", state["gateway"]],
-            f"{host}: default route")
+        run(
+            ["ip", "-n", netns, "route", "add", "default", "via", state["gateway"]],
+            f"{host}: default route",
+        )
 
 
 def _write_etc_hosts(state: dict[str, Any], root: Path) -> None:
-    lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback",
-             f"{state['gateway']} sandbox-controller"]
+    lines = [
+        "127.0.0.1 localhost",
+        "::1 localhost ip6-localhost ip6-loopback",
+        f"{state['gateway']} sandbox-controller",
+    ]
     for name, record in sorted(state["hosts"].items(), key=lambda item: item[1]["index"]):
         lines.append(f"{record['address']} {name}")
     (root / "etc/hosts").write_text("\n".join(lines) + "\n")
@@ -1070,19 +1282,33 @@ def start_host(state: dict[str, Any], host: str) -> None:
     paths = _host_paths(state, host)
     cgroup = f"{state['cgroup']}/{host}"
     argv = [
-        "systemd-nspawn", "--quiet", "--boot", f"--directory={paths['root']}",
-        f"--machine={record['netns']}", f"--hostname={host}",
+        "systemd-nspawn",
+        "--quiet",
+        "--boot",
+        f"--directory={paths['root']}",
+        f"--machine={record['netns']}",
+        f"--hostname={host}",
         # No machined or system D-Bus on the controller: no registration, no scope unit.
-        "--register=no", "--keep-unit",
-        "--console=read-only", "--resolv-conf=off", "--link-journal=no", "--timezone=copy",
+        "--register=no",
+        "--keep-unit",
+        "--console=read-only",
+        "--resolv-conf=off",
+        "--link-journal=no",
+        "--timezone=copy",
         f"--network-namespace-path=/run/netns/{record['netns']}",
         # Without it, PrivateNetwork= services get a loopback that is down and a host
         # firewall cannot be loaded. It only acts on the host's own namespace.
         "--capability=CAP_NET_ADMIN",
     ]
     with open(paths["console"], "w") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_joiner(_cgroup_procs_files(cgroup)))
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_joiner(_cgroup_procs_files(cgroup)),
+        )
     record["nspawn"] = {"pid": proc.pid, "start": _proc_start(proc.pid), "cgroup": cgroup}
     record["started_at"] = time.time()
     save_state(state)
@@ -1105,23 +1331,37 @@ def wait_host(state: dict[str, Any], host: str, timeout: float) -> dict[str, Any
             raise SandboxError(f"{host}: systemd-nspawn exited during boot")
         sshd_seconds = time.monotonic() - started
         remaining = max(5.0, timeout - sshd_seconds)
-        proc = ssh_run(state, address, "systemctl is-system-running --wait", f"{host}: wait for systemd "
-                       "to finish booting (systemctl is-system-running --wait)", timeout=remaining,
-                       check=False)
+        proc = ssh_run(
+            state,
+            address,
+            "systemctl is-system-running --wait",
+            f"{host}: wait for systemd to finish booting (systemctl is-system-running --wait)",
+            timeout=remaining,
+            check=False,
+        )
         status = proc.stdout.strip() or proc.stderr.strip()
         if proc.returncode == 255:
             raise SandboxError(f"{host}: ssh to {address} failed: {proc.stderr.strip()}")
         reason = ""
         if status == "degraded":
-            failed = ssh_run(state, address, "systemctl --failed --plain --no-legend --no-pager",
-                             f"{host}: list failed units", check=False).stdout.strip()
+            failed = ssh_run(
+                state,
+                address,
+                "systemctl --failed --plain --no-legend --no-pager",
+                f"{host}: list failed units",
+                check=False,
+            ).stdout.strip()
             reason = f"failed units: {failed or '(none listed)'}"
         elif status != "running":
             raise SandboxError(f"{host}: systemd reports {status!r} after boot")
     except SandboxError as exc:
         raise SandboxError(f"{exc}\n{host_diagnostics(state, host)}") from exc
-    return {"sshd_seconds": round(sshd_seconds, 2), "boot_seconds": round(time.monotonic() - started, 2),
-            "system_state": status, "degraded_reason": reason}
+    return {
+        "sshd_seconds": round(sshd_seconds, 2),
+        "boot_seconds": round(time.monotonic() - started, 2),
+        "system_state": status,
+        "degraded_reason": reason,
+    }
 
 
 def host_diagnostics(state: dict[str, Any], host: str) -> str:
@@ -1129,9 +1369,23 @@ def host_diagnostics(state: dict[str, Any], host: str) -> str:
     parts = [f"--- {host}: console ({paths['console']}), last lines:", _tail(paths["console"], 30)]
     journals = sorted((paths["upper"] / "var/log/journal").glob("*/"))
     for journal in journals[-1:]:
-        proc = run(["journalctl", f"--directory={journal}", "--no-pager", "-n", "60", "-o", "short-monotonic"],
-                   f"{host}: read the journal", check=False)
-        parts += [f"--- {host}: journal ({journal}), last lines:", (proc.stdout or proc.stderr).strip()]
+        proc = run(
+            [
+                "journalctl",
+                f"--directory={journal}",
+                "--no-pager",
+                "-n",
+                "60",
+                "-o",
+                "short-monotonic",
+            ],
+            f"{host}: read the journal",
+            check=False,
+        )
+        parts += [
+            f"--- {host}: journal ({journal}), last lines:",
+            (proc.stdout or proc.stderr).strip(),
+        ]
     if not journals:
         parts.append(f"--- {host}: no journal written (systemd did not get as far as journald)")
     return "\n".join(parts)
@@ -1162,8 +1416,11 @@ def stop_hosts(state: dict[str, Any], hosts: list[str]) -> None:
             _kill_cgroup(nspawn["cgroup"], f"{host}: kill remaining processes")
         paths = _host_paths(state, host)
         if _is_mounted(paths["root"]):
-            for attempt in range(20):
-                if run(["umount", str(paths["root"])], f"{host}: unmount", check=False).returncode == 0:
+            for _attempt in range(20):
+                if (
+                    run(["umount", str(paths["root"])], f"{host}: unmount", check=False).returncode
+                    == 0
+                ):
                     break
                 time.sleep(0.2)
             else:
@@ -1187,15 +1444,25 @@ def stop_hosts(state: dict[str, Any], hosts: list[str]) -> None:
 
 
 def _write_known_hosts(state: dict[str, Any]) -> None:
-    lines = [f"{r['address']} {' '.join(r['host_key'])}" for r in state["hosts"].values() if r.get("host_key")]
-    write_atomic(Path(state["run_dir"]) / "known_hosts", "\n".join(lines) + ("\n" if lines else ""), 0o644)
+    lines = [
+        f"{r['address']} {' '.join(r['host_key'])}"
+        for r in state["hosts"].values()
+        if r.get("host_key")
+    ]
+    write_atomic(
+        Path(state["run_dir"]) / "known_hosts", "\n".join(lines) + ("\n" if lines else ""), 0o644
+    )
 
 
 def host_is_healthy(state: dict[str, Any], host: str) -> bool:
     record = state["hosts"][host]
     paths = _host_paths(state, host)
-    return (_same_process(record.get("nspawn")) and _is_mounted(paths["root"])
-            and Path(f"/run/netns/{record['netns']}").exists() and _ssh_banner(record["address"]))
+    return (
+        _same_process(record.get("nspawn"))
+        and _is_mounted(paths["root"])
+        and Path(f"/run/netns/{record['netns']}").exists()
+        and _ssh_banner(record["address"])
+    )
 
 
 # --------------------------------------------------------------------------- inventory
@@ -1231,27 +1498,42 @@ def _scalar(value: Any) -> str:
     return json.dumps(str(value))
 
 
-INVENTORY_HEADER = "# Written by sandbox/sandbox.py for sandbox {name!r}: do not edit, it is rewritten\n"
+INVENTORY_HEADER = (
+    "# Written by sandbox/sandbox.py for sandbox {name!r}: do not edit, it is rewritten\n"
+)
 
 
 def describe(state: dict[str, Any]) -> dict[str, Any]:
     run_dir = Path(state["run_dir"])
-    ssh_args = (f"-o UserKnownHostsFile={run_dir / 'known_hosts'} -o StrictHostKeyChecking=yes "
-                "-o IdentitiesOnly=yes")
+    ssh_args = (
+        f"-o UserKnownHostsFile={run_dir / 'known_hosts'} -o StrictHostKeyChecking=yes "
+        "-o IdentitiesOnly=yes"
+    )
     hosts = []
     for name, record in sorted(state["hosts"].items(), key=lambda item: item[1]["index"]):
-        hosts.append({
-            "name": name, "address": record["address"], "groups": record["groups"],
-            "netns": record["netns"], "ssh": [*ssh_base(state), record["address"]],
-            "system_state": record.get("system_state", ""),
-            "degraded_reason": record.get("degraded_reason", ""),
-            "timings": record.get("timings", {}),
-        })
+        hosts.append(
+            {
+                "name": name,
+                "address": record["address"],
+                "groups": record["groups"],
+                "netns": record["netns"],
+                "ssh": [*ssh_base(state), record["address"]],
+                "system_state": record.get("system_state", ""),
+                "degraded_reason": record.get("degraded_reason", ""),
+                "timings": record.get("timings", {}),
+            }
+        )
     return {
-        "name": state["name"], "subnet": state["subnet"], "controller_address": state["gateway"],
-        "apt_proxy": f"http://{state['gateway']}:{PROXY_PORT}/", "user": "root",
-        "private_key": str(run_dir / "id_ed25519"), "known_hosts": str(run_dir / "known_hosts"),
-        "ssh_common_args": ssh_args, "inventory": state.get("inventory"), "image": state["image"],
+        "name": state["name"],
+        "subnet": state["subnet"],
+        "controller_address": state["gateway"],
+        "apt_proxy": f"http://{state['gateway']}:{PROXY_PORT}/",
+        "user": "root",
+        "private_key": str(run_dir / "id_ed25519"),
+        "known_hosts": str(run_dir / "known_hosts"),
+        "ssh_common_args": ssh_args,
+        "inventory": state.get("inventory"),
+        "image": state["image"],
         "hosts": hosts,
     }
 
@@ -1262,20 +1544,22 @@ def render_inventory(state: dict[str, Any]) -> str:
     for host in info["hosts"]:
         for group in host["groups"]:
             groups.setdefault(group, {"hosts": {}})["hosts"][host["name"]] = None
-    inventory = {"all": {
-        "vars": {
-            "ansible_user": "root",
-            "ansible_ssh_private_key_file": info["private_key"],
-            # Host-key checking stays on: every host key is pinned in this known_hosts.
-            "ansible_ssh_common_args": info["ssh_common_args"],
-            "ansible_python_interpreter": "/usr/bin/python3",
-            "sandbox_name": info["name"],
-            "sandbox_controller_address": info["controller_address"],
-            "sandbox_apt_proxy": info["apt_proxy"],
-        },
-        "hosts": {h["name"]: {"ansible_host": h["address"]} for h in info["hosts"]},
-        "children": groups,
-    }}
+    inventory = {
+        "all": {
+            "vars": {
+                "ansible_user": "root",
+                "ansible_ssh_private_key_file": info["private_key"],
+                # Host-key checking stays on: every host key is pinned in this known_hosts.
+                "ansible_ssh_common_args": info["ssh_common_args"],
+                "ansible_python_interpreter": "/usr/bin/python3",
+                "sandbox_name": info["name"],
+                "sandbox_controller_address": info["controller_address"],
+                "sandbox_apt_proxy": info["apt_proxy"],
+            },
+            "hosts": {h["name"]: {"ansible_host": h["address"]} for h in info["hosts"]},
+            "children": groups,
+        }
+    }
     return INVENTORY_HEADER.format(name=state["name"]) + "---" + _yaml(inventory)
 
 
@@ -1297,14 +1581,18 @@ def remove_inventory(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- up / down
 
 
-def sandbox_up(name: str, specs: list[str], inventory: Path | None, timeout: float) -> dict[str, Any]:
+def sandbox_up(
+    name: str, specs: list[str], inventory: Path | None, timeout: float
+) -> dict[str, Any]:
     require_root()
     wanted = parse_host_specs(specs)
     with machine_lock():
         state = load_state(name)
         if state is not None and state["owner"] != str(REPO):
-            raise SandboxError(f"sandbox {name!r} belongs to the checkout {state['owner']}: take it down "
-                               f"there, or use another name (--name / SANDBOX=...)")
+            raise SandboxError(
+                f"sandbox {name!r} belongs to the checkout {state['owner']}: take it down "
+                f"there, or use another name (--name / SANDBOX=...)"
+            )
         if state is None:
             state = new_state(name)
             state_dir(name).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -1330,8 +1618,10 @@ def sandbox_up(name: str, specs: list[str], inventory: Path | None, timeout: flo
         for host in new:
             index = next(free)
             state["hosts"][host] = {
-                "index": index, "address": f"{SUBNET_BASE}.{state['slot']}.{FIRST_HOST_OCTET + index}",
-                "netns": f"{PREFIX}{state['slot']}-{host}", "veth": f"{PREFIX}{state['slot']}h{index}",
+                "index": index,
+                "address": f"{SUBNET_BASE}.{state['slot']}.{FIRST_HOST_OCTET + index}",
+                "netns": f"{PREFIX}{state['slot']}-{host}",
+                "veth": f"{PREFIX}{state['slot']}h{index}",
                 "groups": wanted[host],
             }
         for host, groups in wanted.items():
@@ -1362,15 +1652,24 @@ def sandbox_up(name: str, specs: list[str], inventory: Path | None, timeout: flo
                 record["degraded_reason"] = result.pop("degraded_reason")
                 record["timings"] = result
                 note = f" ({record['degraded_reason']})" if record["degraded_reason"] else ""
-                log(f"{name}: {host} is up at {record['address']}: sshd after {result['sshd_seconds']}s, "
-                    f"systemd {record['system_state']}{note} after {result['boot_seconds']}s")
+                log(
+                    f"{name}: {host} is up at {record['address']}: "
+                    f"sshd after {result['sshd_seconds']}s, "
+                    f"systemd {record['system_state']}{note} after {result['boot_seconds']}s"
+                )
         save_state(state)
         if errors:
-            raise SandboxError("\n".join(errors) + f"\n(the sandbox is left up for inspection: "
-                               f"`sandbox.py down --name {name}` removes it)")
+            raise SandboxError(
+                "\n".join(errors) + f"\n(the sandbox is left up for inspection: "
+                f"`sandbox.py down --name {name}` removes it)"
+            )
         if new:
-            log(f"{name}: {len(new)} host(s) booted in {time.monotonic() - boot_started:.1f}s "
-                f"(image ready in {image_seconds:.1f}s)")
+            log(
+                f"{name}: {len(new)} host(s) booted in {time.monotonic() - boot_started:.1f}s "
+                f"(image ready in {image_seconds:.1f}s)"
+            )
+        if inventory is None and state.get("inventory"):
+            inventory = Path(state["inventory"])  # keep the one written before up to date
         if inventory is not None:
             write_inventory(state, inventory)
             log(f"{name}: inventory written to {inventory}")
@@ -1403,14 +1702,18 @@ def sandbox_down(name: str) -> bool:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    info = sandbox_up(args.name, args.hosts, Path(args.inventory) if args.inventory else None, args.timeout)
+    info = sandbox_up(
+        args.name, args.hosts, Path(args.inventory) if args.inventory else None, args.timeout
+    )
     if args.write_known_hosts:
         shutil.copyfile(info["known_hosts"], args.write_known_hosts)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for host in info["hosts"]:
-            print(f"{host['name']}\t{host['address']}\t{','.join(host['groups'])}\t{host['system_state']}")
+            print(
+                f"{host['name']}\t{host['address']}\t{','.join(host['groups'])}\t{host['system_state']}"
+            )
     return 0
 
 
@@ -1434,8 +1737,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0 if not args.name else 1
     for state in states:
         proxy = "up" if _same_process(state.get("proxy")) else "DOWN"
-        print(f"sandbox {state['name']}: {state['subnet']} on {state['bridge']}, proxy {proxy}, "
-              f"owner {state['owner']}, inventory {state.get('inventory') or '-'}")
+        print(
+            f"sandbox {state['name']}: {state['subnet']} on {state['bridge']}, proxy {proxy}, "
+            f"owner {state['owner']}, inventory {state.get('inventory') or '-'}"
+        )
         for name, record in sorted(state["hosts"].items(), key=lambda item: item[1]["index"]):
             alive = "running" if host_is_healthy(state, name) else "NOT HEALTHY"
             print(f"  {name:<16} {record['address']:<15} {','.join(record['groups']):<24} {alive}")
@@ -1445,8 +1750,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_ssh(args: argparse.Namespace) -> int:
     state = load_state(args.name)
     if state is None or args.host not in state["hosts"]:
-        raise SandboxError(f"no host {args.host!r} in sandbox {args.name!r} (see `sandbox.py status`)")
-    argv = [*ssh_base(state), "-o", "BatchMode=no", state["hosts"][args.host]["address"], *args.command]
+        raise SandboxError(
+            f"no host {args.host!r} in sandbox {args.name!r} (see `sandbox.py status`)"
+        )
+    argv = [
+        *ssh_base(state),
+        "-o",
+        "BatchMode=no",
+        state["hosts"][args.host]["address"],
+        *args.command,
+    ]
     if sys.stdin.isatty() and not args.command:
         argv.insert(1, "-t")
     os.execvp("ssh", argv)
@@ -1464,8 +1777,11 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sandbox.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sandbox.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     name_help = f"sandbox name (default {DEFAULT_NAME}); sandboxes of different names do not clash"
 
@@ -1475,9 +1791,13 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--json", action="store_true", help="print the sandbox description as JSON")
     up.add_argument("--write-known-hosts", help="also copy the pinned known_hosts here")
     up.add_argument("--timeout", type=float, default=120, help="seconds for a host to boot")
-    up.add_argument("hosts", nargs="*", metavar="HOST[:GROUP[,GROUP]]",
-                    help="host names (default: app); the first defaults to group digitalme, "
-                         "the others to backup_targets")
+    up.add_argument(
+        "hosts",
+        nargs="*",
+        metavar="HOST[:GROUP[,GROUP]]",
+        help="host names (default: app); the first defaults to group digitalme, "
+        "the others to backup_targets",
+    )
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="remove every host and everything the sandbox created")

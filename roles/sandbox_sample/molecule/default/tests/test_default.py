@@ -24,8 +24,10 @@ def test_unit_is_enabled_and_running(host, journal):
 
 def test_unit_listens_and_serves_the_page(host, journal):
     assert host.socket(f"tcp://0.0.0.0:{PORT}").is_listening, journal()
-    page = host.run(f"python3 -c \"import urllib.request; print(urllib.request.urlopen("
-                    f"'http://127.0.0.1:{PORT}/index.html', timeout=5).read().decode())\"")
+    page = host.run(
+        f'python3 -c "import urllib.request; print(urllib.request.urlopen('
+        f"'http://127.0.0.1:{PORT}/index.html', timeout=5).read().decode())\""
+    )
     assert page.rc == 0, page.stderr
     assert MESSAGE in page.stdout
 

@@ -1,0 +1,68 @@
+"""Booted sandbox hosts for end-to-end tests (sandbox/sandbox.py; see docs/sandbox.md).
+
+Fixture API
+-----------
+``sandbox_hosts`` (module scope) is a factory. Call it with host specs, as for
+``make sandbox HOSTS=...``: ``"app"``, or ``"app:digitalme"`` / ``"replica:backup_targets,extra"``
+to choose the Ansible groups (by default the first host is in ``digitalme`` and the others
+in ``backup_targets``). It boots the hosts (or keeps them, if the module already has them)
+and returns a :class:`Sandbox`; at the end of the module every host is removed::
+
+    @pytest.mark.e2e
+    def test_backup_reaches_the_replica(sandbox_hosts):
+        sandbox = sandbox_hosts("app", "replica")
+        sandbox.ansible_playbook("playbooks/site.yml")        # uses sandbox.inventory
+        app = sandbox.hosts["app"]
+        assert app.run("systemctl is-active litestream").stdout.strip() == "active"
+        server = MyStandIn(host=sandbox.controller_address)   # hosts reach the controller
+
+Each module gets its own sandbox (own bridge, /24 and hosts), so modules never share
+state. Calling the factory again with other hosts makes the module's sandbox have exactly
+those hosts (hosts not named are removed); ``name=`` gives a module a second sandbox.
+
+- :class:`Sandbox`: ``name``, ``hosts`` (dict name -> :class:`SandboxHost`), ``inventory``
+  (a directory usable as ``ansible -i``: the generated ``hosts.yml`` plus links to
+  ``inventory/sandbox/group_vars`` and ``host_vars`` when they exist), ``controller_address``
+  (the controller as the hosts see it; also the name ``sandbox-controller`` on the hosts),
+  ``subnet``, ``private_key``, ``known_hosts``, ``apt_proxy``; methods ``ansible()``,
+  ``ansible_playbook()`` (run from the repository root, so ``ansible.cfg`` applies),
+  ``down()`` and ``leftovers()`` (what a teardown failed to remove: should be ``[]``).
+- :class:`SandboxHost`: ``name``, ``address``, ``groups``, ``ssh_command`` (argv prefix,
+  host key pinned) and ``run(command)`` (a shell command as root over SSH).
+
+The tests need root (network namespaces, mounts, systemd-nspawn): they fail, not skip,
+without it, since CI runs them as root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.sandboxes import Sandbox, boot_sandbox, module_sandbox_name, require_root, run_tool
+
+
+@pytest.fixture(scope="module")
+def sandbox_hosts(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Sandbox]]:
+    """Factory: ``sandbox_hosts("app", "replica:backup_targets", name=None) -> Sandbox``."""
+    require_root()
+    default_name = module_sandbox_name(request.module.__name__)
+    booted: dict[str, Sandbox] = {}
+    inventories: dict[str, Path] = {}
+
+    def factory(*specs: str, name: str | None = None) -> Sandbox:
+        sandbox_name = name or default_name
+        if sandbox_name not in inventories:
+            inventories[sandbox_name] = tmp_path_factory.mktemp(f"inventory-{sandbox_name}")
+        booted[sandbox_name] = boot_sandbox(
+            sandbox_name, specs or ("app",), inventories[sandbox_name]
+        )
+        return booted[sandbox_name]
+
+    yield factory
+    for sandbox_name in booted:
+        run_tool("down", "--name", sandbox_name, timeout=300, check=False)

@@ -1,0 +1,229 @@
+"""The sandbox hosts themselves: boot, reach, isolate, tear down; and Molecule on them.
+
+One two-host sandbox serves the module's tests in order; the last of them takes it down
+and checks that nothing is left. Needs root (CI runs as root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e.sandboxes import REPO, RUN_ROOT, Sandbox, boot_sandbox, run_tool, tool_env
+
+pytestmark = pytest.mark.e2e
+
+OUTSIDE = ("1.1.1.1", 443)  # only a connection attempt from inside a host: the firewall refuses it
+
+
+@pytest.fixture(scope="module")
+def pair(sandbox_hosts) -> Sandbox:
+    return sandbox_hosts("app", "replica")
+
+
+def python_on(host, code: str, check: bool = True):
+    return host.run(f"python3 -c {shlex.quote(code)}", check=check, timeout=60)
+
+
+def test_hosts_boot_with_systemd_as_pid_1(pair):
+    assert set(pair.hosts) == {"app", "replica"}
+    for host in pair.hosts.values():
+        state = host.run("systemctl is-system-running", check=False).stdout.strip()
+        failed = host.run("systemctl --failed --plain --no-legend", check=False).stdout
+        assert state == "running", f"{host.name}: {state}; failed units:\n{failed}"
+        assert host.run("ps -o comm= -p 1").stdout.strip() == "systemd"
+        assert host.run("hostname").stdout.strip() == host.name
+        os_release = host.run("cat /etc/os-release").stdout
+        assert "VERSION_CODENAME=bookworm" in os_release
+        assert host.run("python3 -c 'import apt_pkg; print(1)'").stdout.strip() == "1"
+
+
+def test_each_host_has_its_own_namespace_address_and_machine_id(pair):
+    app, replica = pair.hosts["app"], pair.hosts["replica"]
+    assert app.address != replica.address
+    for host in (app, replica):
+        assert f"inet {host.address}/24" in host.run("ip -4 -o addr show dev eth0").stdout
+    ids = {h.run("cat /etc/machine-id").stdout.strip() for h in (app, replica)}
+    assert len(ids) == 2 and all(len(i) == 32 for i in ids)
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"dmsb{pair.slot}-app" in netns and f"dmsb{pair.slot}-replica" in netns
+
+
+def test_inventory_has_groups_hosts_and_connection_vars(pair):
+    inventory = yaml.safe_load((pair.inventory / "hosts.yml").read_text())["all"]
+    assert inventory["hosts"] == {
+        "app": {"ansible_host": pair.hosts["app"].address},
+        "replica": {"ansible_host": pair.hosts["replica"].address},
+    }
+    assert inventory["children"]["digitalme"]["hosts"] == {"app": None}
+    assert inventory["children"]["backup_targets"]["hosts"] == {"replica": None}
+    variables = inventory["vars"]
+    assert variables["ansible_user"] == "root"
+    assert variables["ansible_ssh_private_key_file"] == str(pair.private_key)
+    assert "StrictHostKeyChecking=yes" in variables["ansible_ssh_common_args"]
+    assert f"UserKnownHostsFile={pair.known_hosts}" in variables["ansible_ssh_common_args"]
+    assert variables["sandbox_controller_address"] == pair.controller_address
+
+
+def test_ansible_reaches_every_host_through_the_inventory(pair):
+    result = pair.ansible("all", "-m", "ansible.builtin.ping")
+    assert result.stdout.count("SUCCESS") == 2, result.stdout
+    facts = pair.ansible(
+        "digitalme", "-m", "ansible.builtin.setup", "-a", "filter=ansible_service_mgr"
+    )
+    assert '"ansible_service_mgr": "systemd"' in facts.stdout
+
+
+def test_host_keys_are_pinned_and_checked(pair, tmp_path):
+    app = pair.hosts["app"]
+    pinned = pair.known_hosts.read_text()
+    assert f"{app.address} ssh-ed25519 " in pinned
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    argv = [
+        a if not a.startswith("UserKnownHostsFile=") else f"UserKnownHostsFile={empty}"
+        for a in app.ssh_command
+    ]
+    refused = subprocess.run([*argv, "true"], capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 255
+    assert "Host key verification failed" in refused.stderr
+
+
+def test_apt_get_install_works_through_the_mirror_proxy(pair):
+    app = pair.hosts["app"]
+    app.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends hello")
+    assert app.run("hello").stdout.strip() == "Hello, world!"
+
+
+def test_hosts_reach_each_other_and_the_controller(pair):
+    app, replica = pair.hosts["app"], pair.hosts["replica"]
+    banner = python_on(
+        app, "import socket; print(socket.create_connection(('replica', 22), 5).recv(7).decode())"
+    )
+    assert banner.stdout.strip() == "SSH-2.0"
+    banner = python_on(
+        replica,
+        f"import socket; print(socket.create_connection(('{app.address}', 22), 5)"
+        ".recv(7).decode())",
+    )
+    assert banner.stdout.strip() == "SSH-2.0"
+
+    # A stand-in server on the controller, as e2e tests run them.
+    with socket.create_server((pair.controller_address, 0)) as server:
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(b"hello from the controller\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        reply = python_on(
+            app,
+            f"import socket; print(socket.create_connection(('sandbox-controller', {port}), 5)"
+            ".recv(64).decode().strip())",
+        )
+        thread.join(5)
+    assert reply.stdout.strip() == "hello from the controller"
+
+
+def test_nothing_outside_is_reachable_but_the_mirror(pair):
+    app = pair.hosts["app"]
+    direct = python_on(
+        app,
+        "import socket\n"
+        "try:\n"
+        f"    socket.create_connection({OUTSIDE!r}, 5); print('open')\n"
+        "except OSError as exc:\n"
+        "    print('refused', exc.errno)",
+        check=True,
+    )
+    assert direct.stdout.startswith("refused"), direct.stdout
+    # The proxy only forwards to the mirror: other names are refused without a connection.
+    via_proxy = python_on(
+        app,
+        "import urllib.request, urllib.error\n"
+        f"opener = urllib.request.build_opener(urllib.request.ProxyHandler("
+        f"{{'http': '{pair.apt_proxy}'}}))\n"
+        "try:\n"
+        "    opener.open('http://example.org/', timeout=10); print('open')\n"
+        "except urllib.error.HTTPError as exc:\n"
+        "    print(exc.code)",
+    )
+    assert via_proxy.stdout.strip() == "403"
+    resolv = app.run("getent hosts deb.debian.org", check=False)
+    assert resolv.returncode != 0, "hosts have no DNS: names outside the sandbox do not resolve"
+
+
+def test_up_again_changes_nothing(pair):
+    before = json.loads(run_tool("status", "--json", "--name", pair.name).stdout)[0]
+    inventory_before = (pair.inventory / "hosts.yml").read_text()
+    again = boot_sandbox(pair.name, ("app", "replica"), pair.inventory)
+    after = json.loads(run_tool("status", "--json", "--name", pair.name).stdout)[0]
+    assert again.hosts == pair.hosts
+    assert before["hosts"] == after["hosts"]
+    assert (pair.inventory / "hosts.yml").read_text() == inventory_before
+    state = json.loads((RUN_ROOT / pair.name / "state.json").read_text())
+    pids = {name: host["nspawn"]["pid"] for name, host in state["hosts"].items()}
+    assert all(Path(f"/proc/{pid}").exists() for pid in pids.values())
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert netns.count(f"dmsb{pair.slot}-") == 2
+
+
+def test_a_boot_timeout_names_its_step_and_shows_the_console():
+    name = "e2e-timeout-check"
+    try:
+        proc = run_tool("up", "--name", name, "--timeout", "0.001", "lonely", check=False)
+        assert proc.returncode == 1
+        assert "timeout after 0.001s in step 'lonely: wait for sshd on" in proc.stderr
+        assert "--- lonely: console" in proc.stderr
+    finally:
+        run_tool("down", "--name", name)
+    assert not (RUN_ROOT / name).exists()
+
+
+def test_down_removes_everything_it_created(pair):
+    # Leave an Ansible ControlPersist master behind on purpose: down must end it too.
+    pair.ansible("all", "-m", "ansible.builtin.ping")
+    started = time.monotonic()
+    pair.down()
+    assert time.monotonic() - started < 60
+    assert pair.leftovers() == []
+    assert not (pair.inventory / "hosts.yml").exists()
+
+
+def test_molecule_test_of_the_sample_scenario_passes():
+    """The shared Molecule config drives a role on a fresh sandbox host, end to end."""
+    log = REPO / "artifacts" / "molecule-sandbox_sample.log"
+    log.parent.mkdir(exist_ok=True)
+    started = time.monotonic()
+    proc = subprocess.run(
+        ["molecule", "test"],
+        cwd=REPO / "roles" / "sandbox_sample",
+        env=dict(tool_env(), NO_COLOR="1", ANSIBLE_FORCE_COLOR="0"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        stdin=subprocess.DEVNULL,
+    )
+    log.write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, (
+        f"molecule test failed ({log}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+    )
+    output = proc.stdout + proc.stderr
+    for step in ("create", "converge", "idempotence", "verify", "destroy"):
+        assert f"{step}: Executed: Successful" in output, step
+    print(f"molecule test of roles/sandbox_sample: {time.monotonic() - started:.0f}s")
+    status = json.loads(run_tool("status", "--json").stdout)
+    assert not [s for s in status if s["name"] == "mol-sandbox-sample-default"]
+    assert not os.path.exists(RUN_ROOT / "mol-sandbox-sample-default")
