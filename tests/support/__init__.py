@@ -1,0 +1,1 @@
+"""Helpers shared by tests (and the benchmark) that are not pytest fixtures."""
