@@ -1190,6 +1190,8 @@ def prepare_host(state: dict[str, Any], host: str, image: Path) -> None:
     """Overlay root, per-host files and network, ready for nspawn."""
     record = state["hosts"][host]
     paths = _host_paths(state, host)
+    if not _is_mounted(paths["root"]):  # a fresh host: no upper layer left from an earlier one
+        shutil.rmtree(paths["cache"], ignore_errors=True)
     for key in ("upper", "work", "root", "run"):
         paths[key].mkdir(parents=True, exist_ok=True)
     if not _is_mounted(paths["root"]):

@@ -11,6 +11,7 @@ import os
 import shlex
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -227,3 +228,30 @@ def test_molecule_test_of_the_sample_scenario_passes():
     status = json.loads(run_tool("status", "--json").stdout)
     assert not [s for s in status if s["name"] == "mol-sandbox-sample-default"]
     assert not os.path.exists(RUN_ROOT / "mol-sandbox-sample-default")
+
+
+def test_a_stale_or_broken_image_cache_is_detected(tmp_path, monkeypatch):
+    """What makes `up` rebuild the base image by itself (checked without building one)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sandbox_tool", REPO / "sandbox" / "sandbox.py")
+    tool = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, tool)  # dataclasses look it up
+    spec.loader.exec_module(tool)
+    image = tmp_path / "abc.20260101000000"
+    assert "incomplete" in tool._image_problem(image, "abc")
+    (image / "rootfs").mkdir(parents=True)
+    for marker in tool.IMAGE_MARKERS:
+        (image / "rootfs" / marker).parent.mkdir(parents=True, exist_ok=True)
+        (image / "rootfs" / marker).touch()
+    (image / "image.json").write_text(json.dumps({"key": "abc", "built_at": time.time()}))
+    assert tool._image_problem(image, "abc") is None
+    assert "another recipe" in tool._image_problem(image, "def")
+    (image / "rootfs" / "usr/sbin/sshd").unlink()
+    assert "broken (missing /usr/sbin/sshd)" == tool._image_problem(image, "abc")
+    (image / "rootfs" / "usr/sbin/sshd").touch()
+    old = time.time() - 86400 * (tool.IMAGE_MAX_AGE_DAYS + 1)
+    (image / "image.json").write_text(json.dumps({"key": "abc", "built_at": old}))
+    assert tool._image_problem(image, "abc").startswith("stale")
+    (image / "image.json").write_text("{not json")
+    assert tool._image_problem(image, "abc") == "broken image.json"
