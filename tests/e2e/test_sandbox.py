@@ -6,6 +6,7 @@ and checks that nothing is left. Needs root (CI runs as root).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -225,9 +226,11 @@ def test_molecule_test_of_the_sample_scenario_passes():
     for step in ("create", "converge", "idempotence", "verify", "destroy"):
         assert f"{step}: Executed: Successful" in output, step
     print(f"molecule test of roles/sandbox_sample: {time.monotonic() - started:.0f}s")
+    name = f"mol-sandbox-sample-default-{hashlib.sha1(str(REPO).encode()).hexdigest()[:6]}"
+    assert "Take the sandbox down" in output
     status = json.loads(run_tool("status", "--json").stdout)
-    assert not [s for s in status if s["name"] == "mol-sandbox-sample-default"]
-    assert not os.path.exists(RUN_ROOT / "mol-sandbox-sample-default")
+    assert not [s for s in status if s["name"] == name]
+    assert not os.path.exists(RUN_ROOT / name)
 
 
 def test_a_stale_or_broken_image_cache_is_detected(tmp_path, monkeypatch):
