@@ -16,7 +16,14 @@ from typing import Any, TypeVar
 import yaml
 
 from . import __version__
-from .config import ConfigError, Settings, effective_settings, load_settings, unknown_variables
+from .config import (
+    ConfigError,
+    Settings,
+    effective_settings,
+    load_settings,
+    settings_reference_markdown,
+    unknown_variables,
+)
 from .db import Database, DatabaseError
 from .persona import PersonaError, PersonaStore, build_prompt, load_persona_file
 from .tokens import SCOPES, TokenError, TokenStore
@@ -91,6 +98,9 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
+    if args.reference:
+        print(settings_reference_markdown(), end="")
+        return EXIT_OK
     rows = effective_settings(settings)
     width = max(len(name) for name, _, _ in rows)
     for name, shown, _help in rows:
@@ -209,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_migrate)
     p = sub.add_parser("check-config",
                        help="validate the settings and print them, secrets masked")
+    p.add_argument("--reference", action="store_true",
+                   help="print the reference table of all settings (Markdown) and exit")
     p.set_defaults(func=cmd_check_config)
 
     persona = sub.add_parser("persona", help="import and inspect the persona")

@@ -152,7 +152,7 @@ class Settings:
         "SQLite database file. Created and migrated on start.")
     log_level: str = setting(
         "DIGITALME_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"),
-        "Log verbosity.")
+        "Log verbosity: debug, info, warning or error.")
     commit: str | None = setting(
         "DIGITALME_COMMIT", "", _optional_str,
         "Source commit of this build, shown in /info (the deployment sets it).")
@@ -290,6 +290,16 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     env = os.environ if environ is None else environ
     known = {info.env for info in declared_settings()}
     return sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
+
+
+def settings_reference_markdown() -> str:
+    """The reference table of every setting, as docs/configuration.md carries it."""
+    lines = ["| Variable | Default | Secret | Meaning |", "| --- | --- | --- | --- |"]
+    for info in declared_settings():
+        default = f"`{info.raw_default}`" if info.raw_default else "(empty)"
+        lines.append(f"| `{info.env}` | {default} | {'yes' if info.secret else ''} | "
+                     f"{info.help} |")
+    return "\n".join(lines) + "\n"
 
 
 def effective_settings(settings: Settings) -> list[tuple[str, str, str]]:

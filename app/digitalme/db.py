@@ -82,17 +82,22 @@ class Database:
             self._writer = await self._connect()
             await _pragma(self._writer, "journal_mode=WAL")
             self._reader = await self._connect()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise DatabaseError(f"cannot open {self.path}: {exc}") from exc
 
     async def _connect(self) -> aiosqlite.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves.
         conn = await aiosqlite.connect(self.path, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        await _pragma(conn, f"busy_timeout={BUSY_TIMEOUT_MS}")
-        await _pragma(conn, "synchronous=FULL")
-        await _pragma(conn, "foreign_keys=ON")
+        try:
+            conn.row_factory = sqlite3.Row
+            await _pragma(conn, f"busy_timeout={BUSY_TIMEOUT_MS}")
+            await _pragma(conn, "synchronous=FULL")
+            await _pragma(conn, "foreign_keys=ON")
+        except BaseException:
+            # Close it, or its (non-daemon) worker thread keeps the process alive.
+            await conn.close()
+            raise
         return conn
 
     async def close(self) -> None:

@@ -1,0 +1,85 @@
+"""Settings: parsing, precedence, credentials, errors that name the setting, docs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from digitalme.config import (
+    ConfigError,
+    declared_settings,
+    effective_settings,
+    load_settings,
+    settings_reference_markdown,
+    unknown_variables,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults() -> None:
+    settings = load_settings({})
+    assert settings.listen == ("127.0.0.1", 8080)
+    assert settings.rate_limit_per_minute == 100
+    assert settings.environment == "development"
+    assert settings.anthropic_api_key is None
+    assert not settings.claude_configured
+
+
+def test_environment_values_are_parsed() -> None:
+    settings = load_settings({
+        "DIGITALME_LISTEN": "[::1]:9000", "DIGITALME_RATE_LIMIT_PER_MINUTE": "7",
+        "DIGITALME_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1",
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:1234/", "DIGITALME_LOG_LEVEL": "DEBUG"})
+    assert settings.listen == ("::1", 9000)
+    assert settings.rate_limit_per_minute == 7
+    assert [str(n) for n in settings.trusted_proxies] == ["10.0.0.0/8", "127.0.0.1/32"]
+    assert settings.anthropic_base_url == "http://127.0.0.1:1234"
+    assert settings.log_level == "debug"
+
+
+def test_every_bad_value_is_named_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"DIGITALME_LISTEN": "8080", "DIGITALME_RATE_LIMIT_PER_MINUTE": "lots",
+                       "DIGITALME_MAX_TOKENS": "0", "ANTHROPIC_BASE_URL": "ftp://x"})
+    problems = caught.value.problems
+    assert set(problems) == {"DIGITALME_LISTEN", "DIGITALME_RATE_LIMIT_PER_MINUTE",
+                             "DIGITALME_MAX_TOKENS", "ANTHROPIC_BASE_URL"}
+    assert "whole number" in problems["DIGITALME_RATE_LIMIT_PER_MINUTE"]
+    assert "DIGITALME_LISTEN" in str(caught.value)
+
+
+def test_secrets_from_systemd_credentials(tmp_path: Path) -> None:
+    (tmp_path / "ANTHROPIC_API_KEY").write_text("sk-from-credential\n")
+    settings = load_settings({"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert settings.anthropic_api_key == "sk-from-credential"
+    # The environment, when set, wins over the credential file.
+    settings = load_settings({"CREDENTIALS_DIRECTORY": str(tmp_path),
+                              "ANTHROPIC_API_KEY": "sk-env"})
+    assert settings.anthropic_api_key == "sk-env"
+
+
+def test_secrets_are_masked_in_the_effective_settings() -> None:
+    settings = load_settings({"ANTHROPIC_API_KEY": "sk-very-secret"})
+    rows = effective_settings(settings)
+    assert "sk-very-secret" not in str(rows)
+    assert ("ANTHROPIC_API_KEY", "(set, hidden)") in [(name, shown) for name, shown, _ in rows]
+
+
+def test_unknown_variables_are_reported() -> None:
+    assert unknown_variables({"DIGITALME_RATE_LIMT": "5", "DIGITALME_ENV": "x", "HOME": "/"}) \
+        == ["DIGITALME_RATE_LIMT"]
+
+
+def test_every_setting_has_help_and_the_docs_carry_the_current_reference() -> None:
+    for info in declared_settings():
+        assert len(info.help) > 15, info.env
+    docs = (REPO / "docs" / "configuration.md").read_text()
+    # Regenerate with: .venv/bin/digitalme check-config --reference
+    assert settings_reference_markdown() in docs, \
+        "docs/configuration.md is out of date: paste `digitalme check-config --reference`"
+    documented = set(re.findall(r"`(DIGITALME_[A-Z0-9_]+)`", docs))
+    assert documented <= {info.env for info in declared_settings()}, \
+        "docs/configuration.md names settings that do not exist"
