@@ -600,6 +600,12 @@ def _same_process(record: dict[str, Any] | None) -> bool:
     )
 
 
+def _wait_reaped(pid: int, timeout: float = 5) -> None:
+    """Our detached processes are reparented to PID 1: give it a moment to reap the zombie."""
+    with contextlib.suppress(SandboxError):
+        wait_for(f"reap process {pid}", timeout, lambda: not Path(f"/proc/{pid}").exists(), 0.1)
+
+
 def _cgroup_roots() -> list[Path]:
     """The hierarchies that track processes: name=systemd (+ unified) on v1/hybrid, or v2."""
     mounts = Path("/proc/self/mounts").read_text().splitlines()
@@ -1051,6 +1057,7 @@ def stop_proxy(state: dict[str, Any]) -> None:
         with contextlib.suppress(SandboxError):
             wait_for("stop the mirror proxy", 5, lambda: not _pid_alive(record["pid"]))
     _kill_cgroup(record["cgroup"], "stop the mirror proxy")
+    _wait_reaped(record["pid"])
     state["proxy"] = None
     save_state(state)
 
@@ -1416,6 +1423,7 @@ def stop_hosts(state: dict[str, Any], hosts: list[str]) -> None:
             except SandboxError:
                 log(f"{host}: did not power off within 20s; killing it")
             _kill_cgroup(nspawn["cgroup"], f"{host}: kill remaining processes")
+            _wait_reaped(nspawn["pid"])
         paths = _host_paths(state, host)
         if _is_mounted(paths["root"]):
             for _attempt in range(20):
@@ -1685,6 +1693,8 @@ def sandbox_down(name: str) -> bool:
         if state is None:
             log(f"no sandbox named {name!r} is up")
             return False
+        if _same_process(state.get("proxy")):  # stops while the hosts power off
+            os.kill(state["proxy"]["pid"], signal.SIGTERM)
         stop_hosts(state, list(state["hosts"]))
         stop_proxy(state)
         teardown_network(state)
