@@ -367,7 +367,7 @@ def ensure_image(rebuild: bool = False) -> Path:
             problem = _image_problem(candidate, key)
             if problem is None:
                 return candidate / "rootfs"
-            log(f"image {candidate.name} is {problem}: rebuilding")
+            log(f"cached image {candidate.name} is {problem}: not using it")
     image_dir = build_image(sources, key)
     _gc_images(keep=image_dir)
     return image_dir / "rootfs"
