@@ -123,12 +123,20 @@ def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_persona_import(settings: Settings, args: argparse.Namespace) -> int:
     persona, digest = load_persona_file(Path(args.file))
 
-    async def work(db: Database) -> None:
-        await PersonaStore(db).save(persona, digest)
+    async def work(db: Database) -> bool:
+        store = PersonaStore(db)
+        if args.if_changed:
+            current = await store.load()
+            if current is not None and current.source_sha256 == digest:
+                return False
+        await store.save(persona, digest)
+        return True
 
-    _run(_with_database(settings, work))
-    print(f"imported persona {persona.name!r} with {len(persona.traits)} trait(s) "
-          f"from {args.file} (sha256 {digest[:12]})")
+    if _run(_with_database(settings, work)):
+        print(f"imported persona {persona.name!r} with {len(persona.traits)} trait(s) "
+              f"from {args.file} (sha256 {digest[:12]})")
+    else:
+        print(f"persona unchanged: the stored one came from this file (sha256 {digest[:12]})")
     return EXIT_OK
 
 
@@ -228,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = psub.add_parser("import", help="import a persona from YAML or Markdown with front "
                                        "matter (replaces the current one)")
     p.add_argument("file", help="persona file (.yaml, .yml, .md)")
+    p.add_argument("--if-changed", action="store_true",
+                   help="do nothing when the stored persona was imported from this very file "
+                        "(same SHA-256); for deployment tools")
     p.set_defaults(func=cmd_persona_import)
     p = psub.add_parser("show", help="print the stored persona")
     p.add_argument("--format", choices=("yaml", "json"), default="yaml")

@@ -78,3 +78,19 @@ def test_unreadable_and_oversized_files(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(PersonaError, match="not UTF-8"):
         load_persona_file(binary)
+
+
+def test_import_if_changed_skips_the_same_file(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from digitalme.cli import main
+
+    monkeypatch.setenv("DIGITALME_DB_PATH", str(tmp_path / "p.db"))
+    assert main(["persona", "import", "--if-changed", str(SAMPLE)]) == 0
+    assert capsys.readouterr().out.startswith("imported persona 'Mara Lindqvist'")
+    assert main(["persona", "import", "--if-changed", str(SAMPLE)]) == 0
+    assert capsys.readouterr().out.startswith("persona unchanged")
+    changed = tmp_path / "p.yaml"
+    changed.write_text(SAMPLE.read_text().replace("Mara Lindqvist", "Mara L."))
+    assert main(["persona", "import", "--if-changed", str(changed)]) == 0
+    assert capsys.readouterr().out.startswith("imported persona 'Mara L.'")
