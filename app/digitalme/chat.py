@@ -170,11 +170,13 @@ class ChatService:
     # --- a turn --------------------------------------------------------------------------
 
     async def reply(self, conversation: Conversation, text: str, *,
-                    channel_message_id: str | None = None) -> Turn:
+                    channel_message_id: str | None = None,
+                    user_message: Message | None = None) -> Turn:
         """Store ``text``, get Claude's answer, store and return both."""
         final: Turn | None = None
         async for item in self.stream_reply(conversation, text,
-                                            channel_message_id=channel_message_id):
+                                            channel_message_id=channel_message_id,
+                                            user_message=user_message):
             if isinstance(item, Turn):
                 final = item
         assert final is not None
@@ -182,20 +184,25 @@ class ChatService:
 
     async def stream_reply(self, conversation: Conversation, text: str, *,
                            channel_message_id: str | None = None,
+                           user_message: Message | None = None,
                            ) -> AsyncIterator[TextDelta | Message | Turn]:
         """Yield the stored user :class:`Message`, text deltas, then the :class:`Turn`.
 
         The user message is stored (durably) before Claude is asked, so a failed call
-        loses nothing. Exceptions: PersonaMissing, BudgetExhausted, ClaudeUnavailable,
-        ClaudeRejected.
+        loses nothing. A retry passes that stored ``user_message`` back instead of storing
+        the text again (the channel inbox does, after an outage or a crash). Exceptions:
+        PersonaMissing, BudgetExhausted, ClaudeUnavailable, ClaudeRejected.
         """
         async with self._lock(conversation.id):
             system = await self.system_blocks()
             await self._check_budget()
-            user = await self.conversations.add_message(
+            user = user_message or await self.conversations.add_message(
                 conversation.id, "user", text, channel_message_id=channel_message_id)
             yield user
             messages = await self._history(conversation)
+            if messages and messages[-1]["role"] != "user":
+                # A retried message that newer turns have overtaken: ask it again last.
+                messages.append({"role": "user", "content": text})
             tools = [tool.definition() for tool in self.tools.values()] or None
             texts: list[str] = []
             usage = Usage()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,23 @@ def _url(raw: str) -> str | None:
     if not raw.startswith(("http://", "https://")):
         raise ValueError(f"must be an http:// or https:// URL, got {raw!r}")
     return raw.rstrip("/")
+
+
+def _telegram_secret(raw: str) -> str | None:
+    if not raw:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", raw):
+        raise ValueError("must be 1-256 characters of A-Z, a-z, 0-9, _ and - (Telegram's rule)")
+    return raw
+
+
+def _github_handle(raw: str) -> str | None:
+    handle = raw.removeprefix("@")
+    if not handle:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})", handle):
+        raise ValueError(f"must be a GitHub login, got {raw!r}")
+    return handle
 
 
 def setting(
@@ -225,6 +243,102 @@ class Settings:
     price_cache_read_per_mtok: float = setting(
         "DIGITALME_PRICE_CACHE_READ_PER_MTOK", "0.30", _float_range(0, 1000),
         "USD per million tokens read from the prompt cache.")
+
+    # --- channels: the durable inbox and its worker -----------------------------------------
+    worker_concurrency: int = setting(
+        "DIGITALME_WORKER_CONCURRENCY", "4", _int_range(1, 64),
+        "Webhook deliveries the background worker processes at once (Claude calls and "
+        "outbound replies).")
+    worker_poll_seconds: float = setting(
+        "DIGITALME_WORKER_POLL_SECONDS", "5", _float_range(0.05, 300),
+        "How often the worker looks for due deliveries when nothing woke it (retries, and "
+        "items set back to pending by `digitalme inbox retry` from another process).")
+    inbox_max_attempts: int = setting(
+        "DIGITALME_INBOX_MAX_ATTEMPTS", "8", _int_range(1, 100),
+        "Attempts at a delivery before it is marked failed (Claude outages do not count: "
+        "they only delay).")
+    inbox_retry_base_seconds: float = setting(
+        "DIGITALME_INBOX_RETRY_BASE_SECONDS", "5", _float_range(0.01, 3600),
+        "First delay before a failed delivery is tried again; it doubles each attempt.")
+    inbox_retry_max_seconds: float = setting(
+        "DIGITALME_INBOX_RETRY_MAX_SECONDS", "900", _float_range(0.01, 86400),
+        "Longest delay between two attempts at a delivery.")
+    outbound_timeout_seconds: float = setting(
+        "DIGITALME_OUTBOUND_TIMEOUT_SECONDS", "10", _float_range(0.1, 120),
+        "Total timeout of one outbound call to Telegram, Slack, GitHub or ClickUp.")
+    outbound_connect_timeout_seconds: float = setting(
+        "DIGITALME_OUTBOUND_CONNECT_TIMEOUT_SECONDS", "5", _float_range(0.1, 60),
+        "Timeout for connecting to Telegram, Slack, GitHub or ClickUp.")
+    outbound_retries: int = setting(
+        "DIGITALME_OUTBOUND_RETRIES", "2", _int_range(0, 10),
+        "Immediate retries of an outbound call after 429, 5xx or a connection error (with "
+        "backoff, honouring Retry-After up to 30 s); after that the delivery is retried later.")
+    # --- Telegram ------------------------------------------------------------------------
+    telegram_bot_token: str | None = setting(
+        "DIGITALME_TELEGRAM_BOT_TOKEN", "", _optional_str,
+        "Telegram bot token from @BotFather, for sendMessage and setWebhook.", secret=True)
+    telegram_secret_token: str | None = setting(
+        "DIGITALME_TELEGRAM_SECRET_TOKEN", "", _telegram_secret,
+        "Secret Telegram sends in X-Telegram-Bot-Api-Secret-Token (1-256 of A-Z a-z 0-9 _ -). "
+        "Unset: the Telegram channel is off.", secret=True)
+    telegram_api_base: str | None = setting(
+        "DIGITALME_TELEGRAM_API_BASE", "https://api.telegram.org", _url,
+        "Telegram Bot API base URL.")
+    # --- Slack ---------------------------------------------------------------------------
+    slack_signing_secret: str | None = setting(
+        "DIGITALME_SLACK_SIGNING_SECRET", "", _optional_str,
+        "Slack app signing secret, to verify Events API and slash-command requests. "
+        "Unset: the Slack channel is off.", secret=True)
+    slack_bot_token: str | None = setting(
+        "DIGITALME_SLACK_BOT_TOKEN", "", _optional_str,
+        "Slack bot token (xoxb-...), for chat.postMessage.", secret=True)
+    slack_api_base: str | None = setting(
+        "DIGITALME_SLACK_API_BASE", "https://slack.com/api", _url,
+        "Slack Web API base URL. response_url replies go only to hooks.slack.com or this "
+        "host.")
+    # --- GitHub --------------------------------------------------------------------------
+    github_webhook_secret: str | None = setting(
+        "DIGITALME_GITHUB_WEBHOOK_SECRET", "", _optional_str,
+        "GitHub webhook secret, to verify X-Hub-Signature-256. Unset: the GitHub channel "
+        "is off.", secret=True)
+    github_token: str | None = setting(
+        "DIGITALME_GITHUB_TOKEN", "", _optional_str,
+        "GitHub token of the clone's account, to answer mentions with a comment. Unset: "
+        "events are still recorded as activity.", secret=True)
+    github_api_base: str | None = setting(
+        "DIGITALME_GITHUB_API_BASE", "https://api.github.com", _url,
+        "GitHub REST API base URL.")
+    github_handle: str | None = setting(
+        "DIGITALME_GITHUB_HANDLE", "", _github_handle,
+        "The clone's GitHub login (without @): a comment mentioning it is answered.")
+    # --- ClickUp -------------------------------------------------------------------------
+    clickup_webhook_secret: str | None = setting(
+        "DIGITALME_CLICKUP_WEBHOOK_SECRET", "", _optional_str,
+        "ClickUp webhook secret, to verify X-Signature. Unset: the ClickUp webhook is off.",
+        secret=True)
+    clickup_token: str | None = setting(
+        "DIGITALME_CLICKUP_TOKEN", "", _optional_str,
+        "ClickUp API token, for creating tasks (with DIGITALME_CLICKUP_LIST_ID).", secret=True)
+    clickup_api_base: str | None = setting(
+        "DIGITALME_CLICKUP_API_BASE", "https://api.clickup.com", _url,
+        "ClickUp API base URL (without /api/v2).")
+    clickup_list_id: str | None = setting(
+        "DIGITALME_CLICKUP_LIST_ID", "", _optional_str,
+        "The one ClickUp list the clone may create tasks in. Unset: no task tool.")
+    clickup_max_tasks_per_day: int = setting(
+        "DIGITALME_CLICKUP_MAX_TASKS_PER_DAY", "5", _int_range(0, 1000),
+        "ClickUp tasks the clone may create per UTC day; 0 disables the tool.")
+    # --- the owner's activity digest -----------------------------------------------------
+    activity_digest_days: int = setting(
+        "DIGITALME_ACTIVITY_DIGEST_DAYS", "7", _int_range(0, 365),
+        "Days of GitHub and ClickUp activity summarised into each Claude call; 0 turns the "
+        "digest off.")
+    activity_digest_max_events: int = setting(
+        "DIGITALME_ACTIVITY_DIGEST_MAX_EVENTS", "20", _int_range(1, 500),
+        "Most activity events (newest first) in the digest.")
+    activity_digest_max_tokens: int = setting(
+        "DIGITALME_ACTIVITY_DIGEST_MAX_TOKENS", "600", _int_range(50, 100_000),
+        "Estimated tokens the activity digest may take, on top of the history budget.")
 
     @property
     def claude_configured(self) -> bool:

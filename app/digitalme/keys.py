@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .activity import ActivityStore
 from .chat import ChatService
 from .config import Settings
 from .conversations import ConversationStore
 from .db import Database
 from .health import Readiness
+from .inbox import InboxStore
+from .integrations import WEBHOOK_OUTCOME as WEBHOOK_OUTCOME  # how a delivery ended
+from .integrations import Channel
 from .llm import Claude
 from .metrics import Metrics
+from .outbound import Outbound
 from .persona import PersonaStore
 from .ratelimit import RateLimiter
 from .tokens import TokenInfo, TokenStore
+from .worker import Worker
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -26,6 +32,11 @@ TOKENS = web.AppKey("tokens", TokenStore)
 READINESS = web.AppKey("readiness", Readiness)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 STARTED_AT = web.AppKey("started_at", str)
+INBOX = web.AppKey("inbox", InboxStore)
+WORKER = web.AppKey("worker", Worker)
+OUTBOUND = web.AppKey("outbound", Outbound)
+ACTIVITY = web.AppKey("activity", ActivityStore)
+CHANNELS: web.AppKey[tuple[Channel, ...]] = web.AppKey("channels")
 
 # Per request, set by the client middleware: the bearer token (None when absent), the
 # client's address (through trusted proxies), and whether it came through such a proxy.

@@ -56,6 +56,36 @@ class Metrics:
         self.chat_replies = Counter(
             "digitalme_chat_replies_total", "Replies stored, by channel.",
             ["channel"], registry=registry)
+        # Channels: webhook deliveries, the inbox and its worker, outbound calls
+        self.webhook_deliveries = Counter(
+            "digitalme_webhook_deliveries_total",
+            "Webhook deliveries by channel and outcome (accepted, duplicate, ignored, "
+            "bad_signature, stale_timestamp, malformed, not_configured, too_large, ...).",
+            ["channel", "outcome"], registry=registry)
+        self.inbox_items = Gauge(
+            "digitalme_inbox_items", "Deliveries in the inbox by channel and status "
+            "(pending + processing is the queue depth).",
+            ["channel", "status"], registry=registry)
+        self.inbox_processed = Counter(
+            "digitalme_inbox_processed_total",
+            "Attempts at inbox items by channel and result (done, ignored, retry, "
+            "deferred, failed).", ["channel", "result"], registry=registry)
+        self.inbox_attempt_latency = Histogram(
+            "digitalme_inbox_attempt_duration_seconds",
+            "Time of one attempt at an inbox item (Claude and outbound calls included).",
+            ["channel"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.inbox_completion_latency = Histogram(
+            "digitalme_inbox_completion_seconds",
+            "Time from a delivery's acknowledgement to its completion (retries included).",
+            ["channel"], buckets=(*_LATENCY_BUCKETS, 300, 900, 3600, 21600, 86400),
+            registry=registry)
+        self.outbound_requests = Counter(
+            "digitalme_outbound_requests_total",
+            "Outbound calls (retries included) to a platform.", ["service"], registry=registry)
+        self.outbound_errors = Counter(
+            "digitalme_outbound_errors_total",
+            "Failed outbound calls by platform and kind (rate_limited, server_error, "
+            "network, permanent).", ["service", "kind"], registry=registry)
         # Database
         self.db_size = Gauge(
             "digitalme_database_size_bytes", "Size of the SQLite database and its WAL.",

@@ -19,6 +19,7 @@ from .keys import (
     SETTINGS,
     TOKENS,
     VIA_PROXY,
+    WEBHOOK_OUTCOME,
 )
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,14 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Operational endpoints: never rate-limited or authenticated (monitoring must always work).
 OPS_PATHS = frozenset({"/health", "/health/ready", "/info", "/metrics"})
+
+# Platform webhooks: signed, cheap to verify, sent from a few addresses in bursts, so valid
+# deliveries are never rate-limited; failed verifications count against the address.
+WEBHOOK_PREFIX = "/webhooks/"
+WEBHOOK_CHANNELS = frozenset({"telegram", "slack", "github", "clickup"})
+_WEBHOOK_STATUS_OUTCOMES = {400: "malformed", 401: "bad_signature", 404: "not_configured",
+                            405: "wrong_method", 413: "too_large", 429: "rate_limited",
+                            500: "error"}
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -81,6 +90,12 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         route = resource.canonical if resource is not None else "unmatched"
         metrics.http_requests.labels(request.method, route, str(status)).inc()
         metrics.http_latency.labels(request.method, route).observe(time.monotonic() - started)
+        if request.path.startswith(WEBHOOK_PREFIX):
+            channel = request.path.split("/")[2]
+            outcome = request.get(WEBHOOK_OUTCOME) or _WEBHOOK_STATUS_OUTCOMES.get(
+                status, f"http_{status}")
+            metrics.webhook_deliveries.labels(
+                channel if channel in WEBHOOK_CHANNELS else "unknown", outcome).inc()
 
 
 @web.middleware
@@ -127,6 +142,16 @@ async def client_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
 
     key = f"address:{address}"
+    if request.path.startswith(WEBHOOK_PREFIX):
+        limiter = request.app[RATE_LIMITER]
+        if limiter.peek(key) > 0:
+            _limit(request, key)
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            if exc.status == 401:
+                limiter.check(key)
+            raise
     authorization = request.headers.get("Authorization")
     if authorization is not None and request.path.startswith("/api/"):
         scheme, _, secret = authorization.partition(" ")

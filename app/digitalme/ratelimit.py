@@ -25,6 +25,14 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.per_minute > 0
 
+    def peek(self, key: str) -> float:
+        """Like :meth:`check`, without taking a request: 0.0 if one would be allowed."""
+        if not self.enabled:
+            return 0.0
+        tokens, last = self._buckets.get(key, (float(self.per_minute), self._clock()))
+        tokens = min(float(self.per_minute), tokens + (self._clock() - last) * self._rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self._rate
+
     def check(self, key: str) -> float:
         """Take one request for ``key``: 0.0 if allowed, else seconds until it would be."""
         if not self.enabled:

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from .handlers import api, ops, webchat
 from .handlers.api import requires
+from .keys import CHANNELS
 
 
 def setup_routes(app: web.Application) -> None:
@@ -34,3 +35,6 @@ def setup_routes(app: web.Application) -> None:
         web.post("/api/v1/tokens", admin(api.create_token)),
         web.delete("/api/v1/tokens/{token_id}", admin(api.revoke_token)),
     ])
+    # platform webhooks (signed; a channel whose secret is not set answers 404)
+    for channel in app[CHANNELS]:
+        app.add_routes(channel.routes())

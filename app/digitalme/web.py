@@ -7,29 +7,48 @@ application's cleanup context, when the server starts and stops.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
 
 from . import __version__
+from .activity import ActivityStore
 from .chat import ChatService
 from .config import Settings
 from .conversations import ConversationStore
 from .db import Database
-from .health import Readiness, claude_check, database_check, migrations_check, persona_check
+from .health import (
+    CheckResult,
+    Readiness,
+    claude_check,
+    database_check,
+    migrations_check,
+    persona_check,
+)
+from .inbox import InboxStore
+from .integrations import Channel, ChannelContext
+from .integrations.clickup import ClickUpChannel
+from .integrations.github import GitHubChannel
+from .integrations.slack import SlackChannel
+from .integrations.telegram import TelegramChannel
 from .keys import (
+    ACTIVITY,
+    CHANNELS,
     CHAT,
     CLAUDE,
     CONVERSATIONS,
     DATABASE,
+    INBOX,
     METRICS,
+    OUTBOUND,
     PERSONAS,
     RATE_LIMITER,
     READINESS,
     SETTINGS,
     STARTED_AT,
     TOKENS,
+    WORKER,
 )
 from .llm import Claude
 from .metrics import Metrics
@@ -39,10 +58,13 @@ from .middlewares import (
     error_middleware,
     metrics_middleware,
 )
+from .outbound import Outbound
 from .persona import PersonaStore
 from .ratelimit import RateLimiter
 from .routes import setup_routes
 from .tokens import TokenStore
+from .tool_actions import ToolActionLog
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +86,74 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     finally:
         await claude.close()
         await db.close()
+
+
+async def _channels(app: web.Application) -> AsyncIterator[None]:
+    """The outbound HTTP session and the inbox worker; they stop before the database
+    closes (cleanup contexts unwind in reverse)."""
+    outbound, worker = app[OUTBOUND], app[WORKER]
+    await outbound.start()
+    try:
+        await worker.start()
+        for channel in app[CHANNELS]:
+            status = channel.status()
+            log.log(logging.INFO if status.ok else logging.WARNING, "channel %s: %s",
+                    channel.name, status.detail)
+        yield
+        await worker.stop()
+    finally:
+        await outbound.close()
+
+
+def _inbox_check(inbox: InboxStore, worker: Worker) -> Callable[[], Awaitable[CheckResult]]:
+    async def check() -> CheckResult:
+        counts = await inbox.counts()
+        by_status = {status: sum(n for (_, s), n in counts.items() if s == status)
+                     for status in ("pending", "processing", "failed")}
+        oldest = await inbox.oldest_due_age()
+        data = {**by_status, "oldest_due_seconds": round(oldest, 1) if oldest else 0}
+        if not worker.running:
+            return CheckResult(False, "the inbox worker is not running", data)
+        detail = "worker running"
+        if by_status["failed"]:
+            detail += f"; {by_status['failed']} failed (see `digitalme inbox list --status " \
+                      "failed`)"
+        return CheckResult(True, detail, data)
+    return check
+
+
+def _wire_channels(app: web.Application, settings: Settings, metrics: Metrics, db: Database,
+                   chat: ChatService, conversations: ConversationStore,
+                   readiness: Readiness) -> None:
+    inbox = InboxStore(db)
+    activity = ActivityStore(db, settings)
+    outbound = Outbound(settings, metrics)
+    worker = Worker(settings, inbox, metrics, processors={})
+    ctx = ChannelContext(settings, metrics, inbox, chat, conversations, activity, outbound,
+                         worker.wake)
+    clickup = ClickUpChannel(ctx, ToolActionLog(db))
+    channels: tuple[Channel, ...] = (TelegramChannel(ctx), SlackChannel(ctx),
+                                     GitHubChannel(ctx), clickup)
+    for channel in channels:
+        worker.processors[channel.name] = channel.process
+        readiness.add(channel.name, channel.check, required=False)
+    readiness.add("inbox", _inbox_check(inbox, worker),
+                  required=any(channel.enabled for channel in channels))
+    chat.add_context_provider(activity.digest)
+    if clickup.tool is not None:
+        chat.add_tool(clickup.tool)
+
+    async def refresh_inbox_gauges() -> None:
+        for (channel_name, status), count in (await inbox.counts()).items():
+            metrics.inbox_items.labels(channel_name, status).set(count)
+    metrics.on_scrape(refresh_inbox_gauges)
+
+    app[INBOX] = inbox
+    app[ACTIVITY] = activity
+    app[OUTBOUND] = outbound
+    app[WORKER] = worker
+    app[CHANNELS] = channels
+    app.cleanup_ctx.append(_channels)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -96,11 +186,13 @@ def create_app(settings: Settings) -> web.Application:
     app[CONVERSATIONS] = conversations
     app[PERSONAS] = personas
     app[TOKENS] = TokenStore(db)
-    app[CHAT] = ChatService(settings, conversations, personas, claude, metrics)
+    chat = ChatService(settings, conversations, personas, claude, metrics)
+    app[CHAT] = chat
     app[READINESS] = readiness
     app[RATE_LIMITER] = RateLimiter(settings.rate_limit_per_minute)
     app[STARTED_AT] = ""
     app.cleanup_ctx.append(_resources)
+    _wire_channels(app, settings, metrics, db, chat, conversations, readiness)
     app.on_response_prepare.append(add_security_headers)
     setup_routes(app)
     return app

@@ -1,0 +1,213 @@
+"""The durable inbox: verified webhook deliveries, stored before they are acknowledged.
+
+Each delivery is one row keyed by ``(channel, delivery_id)``, the platform's own id, so a
+redelivery is a no-op insert. The background worker (:mod:`digitalme.worker`) moves rows
+through these states::
+
+    pending ──claim──▶ processing ──▶ done
+       ▲                   │  ├─────▶ ignored   (nothing to do)
+       │                   │  └─────▶ failed    (permanent error, or out of attempts)
+       └───retry later─────┘                     `digitalme inbox retry ID` ──▶ pending
+
+Deliveries that need no work at all (a bot's own message, an unknown update type) are
+stored as ``ignored`` straight away, so their redeliveries are deduplicated too.
+
+Progress within an item is persisted as it happens (the stored user message, Claude's
+stored reply, how many reply parts the platform accepted), so a retry after a crash or an
+outage resumes where the last attempt stopped instead of asking Claude or sending again.
+Items a crash left ``processing`` are made due again by :meth:`InboxStore.recover`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .conversations import now_iso
+from .db import Database
+
+STATUSES = ("pending", "processing", "done", "failed", "ignored")
+
+_COLUMNS = ("id, channel, delivery_id, kind, payload, status, attempts, next_attempt_at,"
+            " received_at, updated_at, last_error, user_message_id, reply_message_id,"
+            " parts_sent, result")
+_ERROR_LIMIT = 2000
+
+
+@dataclass(frozen=True)
+class InboxItem:
+    id: int
+    channel: str
+    delivery_id: str
+    kind: str
+    payload: str
+    status: str
+    attempts: int
+    next_attempt_at: float
+    received_at: str
+    updated_at: str
+    last_error: str | None
+    user_message_id: int | None
+    reply_message_id: int | None
+    parts_sent: int
+    result: str | None
+
+    @property
+    def data(self) -> Any:
+        return json.loads(self.payload)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "channel": self.channel, "delivery_id": self.delivery_id,
+                "kind": self.kind, "status": self.status, "attempts": self.attempts,
+                "next_attempt_at": self.next_attempt_at, "received_at": self.received_at,
+                "updated_at": self.updated_at, "last_error": self.last_error,
+                "result": self.result}
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """What :meth:`InboxStore.ingest` did: stored a new item, or found a duplicate."""
+
+    item_id: int
+    duplicate: bool
+
+
+class InboxStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def ingest(self, channel: str, delivery_id: str, kind: str, payload: Any, *,
+                     ignored: bool = False) -> Ingested:
+        """Store a delivery (durably) unless one with the same id is already there."""
+        now = now_iso()
+        async with self.db.transaction() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO inbox (channel, delivery_id, kind, payload, status,"
+                " next_attempt_at, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (channel, delivery_id) DO NOTHING",
+                (channel, delivery_id, kind, json.dumps(payload, ensure_ascii=False),
+                 "ignored" if ignored else "pending", time.time(), now, now))
+            if cursor.rowcount:
+                return Ingested(cursor.lastrowid or 0, duplicate=False)
+            async with conn.execute(
+                    "SELECT id FROM inbox WHERE channel = ? AND delivery_id = ?",
+                    (channel, delivery_id)) as found:
+                row = await found.fetchone()
+        assert row is not None
+        return Ingested(int(row[0]), duplicate=True)
+
+    async def get(self, item_id: int) -> InboxItem | None:
+        row = await self.db.fetchone(f"SELECT {_COLUMNS} FROM inbox WHERE id = ?", (item_id,))
+        return InboxItem(**dict(row)) if row else None
+
+    async def recent(self, *, status: str | None = None, limit: int = 50) -> list[InboxItem]:
+        """Newest first, optionally only one status."""
+        if status is None:
+            rows = await self.db.fetchall(
+                f"SELECT {_COLUMNS} FROM inbox ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = await self.db.fetchall(
+                f"SELECT {_COLUMNS} FROM inbox WHERE status = ? ORDER BY id DESC LIMIT ?",
+                (status, limit))
+        return [InboxItem(**dict(row)) for row in rows]
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        rows = await self.db.fetchall(
+            "SELECT channel, status, COUNT(*) AS n FROM inbox GROUP BY channel, status")
+        return {(row["channel"], row["status"]): int(row["n"]) for row in rows}
+
+    async def oldest_due_age(self) -> float | None:
+        """Seconds the longest-waiting pending item has been due, or None."""
+        row = await self.db.fetchone(
+            "SELECT MIN(next_attempt_at) AS due FROM inbox WHERE status = 'pending'")
+        if row is None or row["due"] is None:
+            return None
+        return max(0.0, time.time() - float(row["due"]))
+
+    async def next_due_in(self) -> float | None:
+        """Seconds until the next pending item is due (0 if one is due now), or None."""
+        row = await self.db.fetchone(
+            "SELECT MIN(next_attempt_at) AS due FROM inbox WHERE status = 'pending'")
+        if row is None or row["due"] is None:
+            return None
+        return max(0.0, float(row["due"]) - time.time())
+
+    # --- the worker's transitions --------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Make items a crash left ``processing`` due again; returns how many."""
+        async with self.db.transaction() as conn:
+            cursor = await conn.execute(
+                "UPDATE inbox SET status = 'pending', next_attempt_at = ?, updated_at = ?,"
+                " last_error = COALESCE(last_error, 'interrupted (service stopped)')"
+                " WHERE status = 'processing'", (time.time(), now_iso()))
+            return cursor.rowcount
+
+    async def claim(self, limit: int, *, exclude: frozenset[int] = frozenset(),
+                    ) -> list[InboxItem]:
+        """Take up to ``limit`` due items, oldest first, and mark them processing (each
+        claim counts as an attempt)."""
+        if limit <= 0:
+            return []
+        skip = ",".join(str(int(i)) for i in exclude) or "0"
+        async with self.db.transaction() as conn, conn.execute(
+                "UPDATE inbox SET status = 'processing', attempts = attempts + 1,"
+                " updated_at = ? WHERE id IN (SELECT id FROM inbox WHERE status = 'pending'"
+                f" AND next_attempt_at <= ? AND id NOT IN ({skip}) ORDER BY id LIMIT ?)"
+                f" RETURNING {_COLUMNS}", (now_iso(), time.time(), limit)) as cursor:
+            rows = await cursor.fetchall()
+        return sorted((InboxItem(**dict(row)) for row in rows), key=lambda i: i.id)
+
+    async def _finish(self, item_id: int, status: str, *, result: str | None = None,
+                      error: str | None = None) -> None:
+        await self.db.execute(
+            "UPDATE inbox SET status = ?, updated_at = ?, result = COALESCE(?, result),"
+            " last_error = ? WHERE id = ?",
+            (status, now_iso(), result, error[:_ERROR_LIMIT] if error else None, item_id))
+
+    async def complete(self, item_id: int, result: str | None = None) -> None:
+        await self._finish(item_id, "done", result=result)
+
+    async def ignore(self, item_id: int, reason: str) -> None:
+        await self._finish(item_id, "ignored", result=reason)
+
+    async def fail(self, item_id: int, error: str) -> None:
+        await self._finish(item_id, "failed", error=error)
+
+    async def retry_later(self, item_id: int, delay: float, error: str, *,
+                          count_attempt: bool = True) -> None:
+        """Back to pending, due in ``delay`` seconds. ``count_attempt=False`` gives the
+        attempt back: an outage of Claude delays a delivery but never uses it up."""
+        await self.db.execute(
+            "UPDATE inbox SET status = 'pending', next_attempt_at = ?, updated_at = ?,"
+            " last_error = ?, attempts = attempts - ? WHERE id = ?",
+            (time.time() + delay, now_iso(), error[:_ERROR_LIMIT], 0 if count_attempt else 1,
+             item_id))
+
+    async def retry(self, item_id: int) -> InboxItem | None:
+        """Set a failed (or ignored) item back to pending, due now, with fresh attempts;
+        the running service's worker picks it up. Returns the item, or None if unknown."""
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "UPDATE inbox SET status = 'pending', attempts = 0, next_attempt_at = ?,"
+                " updated_at = ? WHERE id = ? AND status IN ('failed', 'ignored')",
+                (time.time(), now_iso(), item_id))
+        return await self.get(item_id)
+
+    # --- progress within an item ---------------------------------------------------------
+
+    async def set_user_message(self, item_id: int, message_id: int) -> None:
+        await self.db.execute("UPDATE inbox SET user_message_id = ? WHERE id = ?",
+                              (message_id, item_id))
+
+    async def set_reply_message(self, item_id: int, message_id: int) -> None:
+        await self.db.execute("UPDATE inbox SET reply_message_id = ? WHERE id = ?",
+                              (message_id, item_id))
+
+    async def set_parts_sent(self, item_id: int, parts: int, result: str | None = None,
+                             ) -> None:
+        await self.db.execute(
+            "UPDATE inbox SET parts_sent = ?, result = COALESCE(?, result) WHERE id = ?",
+            (parts, result, item_id))

@@ -1,0 +1,218 @@
+"""Channels to the platforms where the owner's people are: one package per platform.
+
+Each package (``telegram``, ``slack``, ``github``, ``clickup``) has the same three parts
+and never imports another package:
+
+* ``webhook``: verify the delivery on its raw bytes (constant-time, failing closed when
+  the secret is not set), parse just enough to know what it is, store it in the inbox,
+  wake the worker and acknowledge at once;
+* ``act``: the worker's side, what the delivery leads to (record activity, ask Claude,
+  reply through the platform's API);
+* the package itself: a :class:`Channel` that says whether it is configured, how its
+  readiness reads, which routes it serves and how it processes an inbox item.
+
+What they share lives here: :class:`ChannelContext` (the app's stores and clients),
+request helpers that turn every refusal into a JSON error and a metric, and
+:func:`stored_reply`, which asks Claude at most once per delivery.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ..activity import ActivityStore
+from ..chat import ChatService, Turn
+from ..config import Settings
+from ..conversations import Conversation, ConversationStore, Message
+from ..errors import ApiError
+from ..health import CheckResult
+from ..inbox import InboxItem, InboxStore, Ingested
+from ..metrics import Metrics
+from ..outbound import Outbound
+from ..worker import Outcome
+
+log = logging.getLogger(__name__)
+
+# Request key: how the webhook handler ended, for digitalme_webhook_deliveries_total.
+WEBHOOK_OUTCOME = web.RequestKey("webhook_outcome", str)
+
+
+@dataclass
+class ChannelContext:
+    """What a channel may use. Built by ``create_app`` without I/O."""
+
+    settings: Settings
+    metrics: Metrics
+    inbox: InboxStore
+    chat: ChatService
+    conversations: ConversationStore
+    activity: ActivityStore
+    outbound: Outbound
+    wake_worker: Callable[[], None]
+
+
+class Channel(ABC):
+    """One platform: its webhook routes, readiness, and inbox processor."""
+
+    name: str
+    required_setting: str  # the variable whose absence turns the channel off
+
+    def __init__(self, ctx: ChannelContext) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+
+    @property
+    @abstractmethod
+    def enabled(self) -> bool:
+        """The webhook secret is set: deliveries are accepted."""
+
+    @abstractmethod
+    def routes(self) -> list[web.RouteDef]: ...
+
+    @abstractmethod
+    async def process(self, item: InboxItem) -> Outcome: ...
+
+    def status(self) -> CheckResult:
+        """Readiness detail; override to check outbound tokens."""
+        if not self.enabled:
+            return CheckResult(True, f"off ({self.required_setting} not set)", {"enabled": False})
+        return CheckResult(True, "on", {"enabled": True})
+
+    async def check(self) -> CheckResult:
+        return self.status()
+
+    # --- helpers for webhook handlers ----------------------------------------------------
+
+    def require_enabled(self) -> None:
+        if not self.enabled:
+            raise ApiError(404, "channel_not_configured",
+                           f"the {self.name} channel is off: {self.required_setting} is not set",
+                           channel=self.name)
+
+    def note(self, request: web.Request, outcome: str) -> None:
+        """Record how a delivery that needs no inbox item ended (e.g. a ping)."""
+        request[WEBHOOK_OUTCOME] = outcome
+
+    async def ingest(self, request: web.Request, delivery_id: str, kind: str, payload: Any,
+                     *, ignored: bool = False) -> Ingested:
+        """Store a verified delivery, wake the worker, and note the outcome."""
+        ingested = await self.ctx.inbox.ingest(self.name, delivery_id, kind, payload,
+                                               ignored=ignored)
+        if ingested.duplicate:
+            outcome = "duplicate"
+        elif ignored:
+            outcome = "ignored"
+        else:
+            outcome = "accepted"
+            self.ctx.wake_worker()
+        request[WEBHOOK_OUTCOME] = outcome
+        log.debug("%s delivery %s (%s): %s as inbox item %d", self.name, delivery_id, kind,
+                  outcome, ingested.item_id)
+        return ingested
+
+
+def secrets_match(expected: str, given: str | None) -> bool:
+    """Constant-time comparison of a shared secret (bytes, so any input is safe)."""
+    if given is None:
+        return False
+    return hmac.compare_digest(expected.encode(), given.encode(errors="surrogateescape"))
+
+
+def refuse(request: web.Request, status: int, outcome: str, code: str, message: str) -> ApiError:
+    """A refusal of a delivery, counted under ``outcome``."""
+    request[WEBHOOK_OUTCOME] = outcome
+    return ApiError(status, code, message)
+
+
+def json_payload(request: web.Request, raw: bytes) -> dict[str, Any]:
+    """The verified body as a JSON object, or a 400."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise refuse(request, 400, "malformed", "invalid_json",
+                     "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise refuse(request, 400, "malformed", "invalid_json",
+                     "the request body must be a JSON object")
+    return body
+
+
+def malformed(request: web.Request, message: str) -> ApiError:
+    return refuse(request, 400, "malformed", "malformed_payload", message)
+
+
+# --- the worker's side: ask Claude at most once per delivery --------------------------------
+
+
+async def _message(conversations: ConversationStore, conversation: Conversation,
+                   message_id: int) -> Message | None:
+    found = await conversations.messages(conversation.id, limit=1, before_id=message_id + 1)
+    return found[0] if found and found[0].id == message_id else None
+
+
+async def _answer_after(conversations: ConversationStore, conversation: Conversation,
+                        user: Message) -> Message | None:
+    """The reply stored right after ``user``, if a crash kept us from noting it."""
+    recent = await conversations.messages(conversation.id, limit=200)
+    for earlier, later in itertools.pairwise(recent):
+        if earlier.id == user.id:
+            return later if later.role == "assistant" else None
+    return None
+
+
+async def stored_reply(ctx: ChannelContext, item: InboxItem, conversation: Conversation,
+                       text: str, *, channel_message_id: str | None = None) -> Message:
+    """Claude's reply to this delivery, stored: from an earlier attempt if there was one,
+    else asked now. Progress is noted in the inbox as it happens, so a retry after an
+    outage or a crash neither stores the message twice nor asks Claude twice."""
+    conversations = ctx.conversations
+    user: Message | None = None
+    if item.reply_message_id is not None:
+        reply = await _message(conversations, conversation, item.reply_message_id)
+        if reply is not None:
+            return reply
+    if item.user_message_id is not None:
+        user = await _message(conversations, conversation, item.user_message_id)
+        if user is not None:
+            reply = await _answer_after(conversations, conversation, user)
+            if reply is not None:
+                await ctx.inbox.set_reply_message(item.id, reply.id)
+                return reply
+    final = None
+    async for piece in ctx.chat.stream_reply(conversation, text,
+                                             channel_message_id=channel_message_id,
+                                             user_message=user):
+        if isinstance(piece, Message):
+            if user is None:
+                await ctx.inbox.set_user_message(item.id, piece.id)
+                user = piece
+        elif isinstance(piece, Turn):
+            final = piece
+    assert final is not None
+    await ctx.inbox.set_reply_message(item.id, final.reply.id)
+    return final.reply
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """``text`` in parts of at most ``limit`` characters, cut at paragraph, line or word
+    boundaries where possible."""
+    parts: list[str] = []
+    rest = text.strip() or "…"
+    while len(rest) > limit:
+        cut = max(rest.rfind("\n\n", 0, limit), rest.rfind("\n", 0, limit),
+                  rest.rfind(" ", 0, limit))
+        if cut < limit // 2:
+            cut = limit
+        parts.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    parts.append(rest)
+    return parts
