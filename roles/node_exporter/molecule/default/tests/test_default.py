@@ -1,0 +1,151 @@
+"""Testinfra checks of the node_exporter role on a sandbox host (run by `molecule verify`)."""
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import time
+
+import pytest
+
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
+TEXTFILE_GROUP = "node-exporter-textfile"
+UNIT = "prometheus-node-exporter"
+
+
+def ansible_playbook(*args):
+    """Run the scenario's converge.yml against its hosts (Molecule's inventory and config)."""
+    playbook = os.path.join(os.environ["MOLECULE_SCENARIO_DIRECTORY"], "converge.yml")
+    proc = subprocess.run(
+        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], *args, playbook],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+        env=dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0"),
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def changed_tasks(output):
+    """Names of the tasks an ansible-playbook output reports as changed."""
+    task, changed = None, []
+    for line in output.splitlines():
+        if line.startswith("TASK ["):
+            task = line[len("TASK ["):line.rindex("]")]
+        elif line.startswith("changed:"):
+            changed.append(task)
+    return changed
+
+
+def test_check_mode_reports_no_change_on_the_converged_host():
+    """`ansible-playbook --check --diff` on the converged host changes nothing.
+
+    Runs first (file order), before the other tests touch the host; Molecule hands the
+    verifier its inventory and ansible.cfg through the environment.
+    """
+    rc, output = ansible_playbook("--check", "--diff")
+    assert rc == 0, output[-6000:]
+    recap = re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", output, re.MULTILINE)
+    assert recap and all(changed == "0" for _, changed in recap), (
+        f"changed in check mode: {changed_tasks(output)}\n{output[-6000:]}"
+    )
+
+
+def test_preflight_refuses_a_public_listen_address():
+    """An impossible setting stops the play before any change, saying what to do."""
+    rc, output = ansible_playbook("--check", "-e", "node_exporter_listen_address=0.0.0.0:9100")
+    assert rc != 0, output[-4000:]
+    assert "use a loopback" in output and "changed=0" in output, output[-4000:]
+
+
+@pytest.fixture
+def journal(host):
+    """The unit's journal, to show in a failure message."""
+    return lambda: host.run(f"journalctl -u {UNIT} --no-pager -n 60").stdout
+
+
+def metrics(host):
+    page = host.run(
+        "python3 -c \"import urllib.request; print(urllib.request.urlopen("
+        "'http://127.0.0.1:9100/metrics', timeout=10).read().decode())\""
+    )
+    assert page.rc == 0, page.stderr
+    return page.stdout
+
+
+def test_package_is_installed_without_recommends(host):
+    assert host.package("prometheus-node-exporter").is_installed
+    for recommended in ("prometheus-node-exporter-collectors", "nvme-cli"):
+        assert not host.package(recommended).is_installed, recommended
+
+
+def test_unit_is_enabled_and_running_and_nothing_failed(host, journal):
+    service = host.service(UNIT)
+    assert service.is_enabled
+    assert service.is_running, journal()
+    failed = host.run("systemctl --failed --plain --no-legend").stdout
+    assert failed.strip() == "", failed
+
+
+def test_arguments_are_in_the_environment_file(host):
+    args = host.file("/etc/default/prometheus-node-exporter")
+    assert args.user == "root" and args.group == "root"
+    assert args.mode == 0o644
+    assert (
+        'ARGS="--web.listen-address=127.0.0.1:9100 --collector.systemd '
+        f'--collector.textfile.directory={TEXTFILE_DIR}"'
+    ) in args.content_string
+    cmdline = host.run(f"cat /proc/$(systemctl show -p MainPID --value {UNIT})/cmdline")
+    assert "--web.listen-address=127.0.0.1:9100" in cmdline.stdout
+
+
+def test_listens_on_loopback_only(host, journal):
+    assert host.socket("tcp://127.0.0.1:9100").is_listening, journal()
+    assert not host.socket("tcp://0.0.0.0:9100").is_listening
+    assert not host.socket("tcp://:::9100").is_listening
+    listeners = host.run("ss -Htln 'sport = :9100'").stdout.split()
+    assert [field for field in listeners if field.endswith(":9100")] == ["127.0.0.1:9100"]
+
+
+def test_is_not_reachable_from_the_controller(host):
+    address = host.ansible.get_variables()["ansible_host"]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((address, 9100), timeout=5).close()
+
+
+def test_textfile_directory_is_group_writable_and_setgid(host):
+    directory = host.file(TEXTFILE_DIR)
+    assert directory.is_directory
+    assert directory.user == "root"
+    assert directory.group == TEXTFILE_GROUP
+    assert directory.mode == 0o2775
+    assert host.group(TEXTFILE_GROUP).exists
+    assert TEXTFILE_GROUP in host.user("prometheus").groups
+    assert TEXTFILE_GROUP in host.user("digitalme").groups
+
+
+def test_systemd_collector_reports_unit_states(host, journal):
+    page = metrics(host)
+    assert (
+        f'node_systemd_unit_state{{name="{UNIT}.service",state="active",type="simple"}} 1'
+    ) in page, journal()
+
+
+def test_a_service_user_publishes_a_textfile_metric(host, journal):
+    """A drill running as digitalme writes a .prom file (atomically, umask 027)."""
+    run_id = str(time.time_ns())
+    content = f'# TYPE molecule_drill_success gauge\nmolecule_drill_success{{run="{run_id}"}} 1\n'
+    final = f"{TEXTFILE_DIR}/molecule_drill.prom"
+    script = (
+        "import os; os.umask(0o027); "
+        f"open({final + '.tmp'!r}, 'w').write({content!r}); "
+        f"os.rename({final + '.tmp'!r}, {final!r})"
+    )
+    write = host.run(f"runuser -u digitalme -- python3 -c {shlex.quote(script)}")
+    assert write.rc == 0, write.stderr
+    written = host.file(final)
+    assert written.user == "digitalme" and written.group == TEXTFILE_GROUP
+    assert written.mode == 0o640
+    page = metrics(host)
+    assert f'molecule_drill_success{{run="{run_id}"}} 1' in page, journal()
+    assert "node_textfile_scrape_error 0" in page
+
