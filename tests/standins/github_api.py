@@ -1,6 +1,7 @@
 """A stand-in for the GitHub REST API's issue comments: ``POST`` and ``GET
 /repos/{owner}/{repo}/issues/{number}/comments`` (with ``since``). Needs
-``Authorization: token <token>``; errors use GitHub's ``{"message": ...}`` shape."""
+``Authorization: token <token>``; errors use GitHub's ``{"message": ...}`` shape.
+``lose_answers = N`` stores the next N comments but answers them 502."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class GitHubStandin(PlatformStandin):
         self.login = login
         self.comments: dict[str, list[dict[str, Any]]] = {}
         self._next_id = 5000
+        # This many comment POSTs are stored but answered 502 (a write whose answer is lost).
+        self.lose_answers = 0
 
     @property
     def posted(self) -> list[dict[str, Any]]:
@@ -59,4 +62,7 @@ class GitHubStandin(PlatformStandin):
                    "html_url": f"https://github.test/{owner}/{repo}/issues/{number}"
                                f"#issuecomment-{self._next_id}"}
         thread.append(comment)
+        if self.lose_answers:
+            self.lose_answers -= 1
+            return web.json_response({"message": "Server Error"}, status=502)
         return web.json_response(comment, status=201)
