@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Builds (once) the wheelhouse a host installs DigitalMe from, on the controller.
+
+    wheelhouse.py SOURCE_DIR CACHE_DIR PYTHON_VERSION MACHINE
+
+SOURCE_DIR is the repository (pyproject.toml, app/, requirements/app.lock). The release id
+is a hash of everything that goes into the install: the app's sources, pyproject.toml, the
+lock file and the target (Python version, machine). The wheelhouse is written to
+CACHE_DIR/<release>/ (atomically: built aside, then renamed) and reused while the release
+id is unchanged. Prints one JSON line: {"release", "version", "path", "built"}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# manylinux tags pip should accept for a glibc x86_64/aarch64 host; pip does not expand
+# --platform to older tags by itself.
+GLIBC_TAGS = ["2_17", "2_24", "2_26", "2_27", "2_28", "2_31", "2_34", "2_35", "2_36", "2_39"]
+
+
+def release_id(source: Path, python_version: str, machine: str) -> str:
+    digest = hashlib.sha256(f"{python_version}\0{machine}\0".encode())
+    files = [source / "pyproject.toml", source / "requirements" / "app.lock"]
+    files += sorted(p for p in (source / "app").rglob("*")
+                    if p.is_file() and "__pycache__" not in p.parts
+                    and not p.name.endswith((".pyc", ".egg-info")) and ".egg-info" not in str(p))
+    for path in files:
+        digest.update(str(path.relative_to(source)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def project_version(source: Path) -> str:
+    match = re.search(r'^version\s*=\s*"([^"]+)"', (source / "pyproject.toml").read_text(),
+                      re.MULTILINE)
+    if not match:
+        raise SystemExit("wheelhouse: no version in pyproject.toml")
+    return match[1]
+
+
+def run(*args: str) -> None:
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        sys.stderr.write(f"wheelhouse: {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+        raise SystemExit(result.returncode)
+
+
+def main() -> None:
+    source, cache, python_version, machine = (Path(sys.argv[1]), Path(sys.argv[2]),
+                                              sys.argv[3], sys.argv[4])
+    version = project_version(source)
+    release = f"{version}-{release_id(source, python_version, machine)}"
+    target = cache / release
+    built = False
+    if not (target / ".complete").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{release}.", dir=cache))
+        try:
+            major_minor = ".".join(python_version.split(".")[:2])
+            platforms = [f"--platform=manylinux_{tag}_{machine}" for tag in GLIBC_TAGS]
+            pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+            run(*pip, "download", "--quiet", "--dest", str(work), "--only-binary=:all:",
+                f"--python-version={major_minor}", "--implementation=cp", *platforms,
+                "-r", str(source / "requirements" / "app.lock"))
+            # The app itself: a pure-Python wheel built from the sources.
+            with tempfile.TemporaryDirectory() as build:
+                shutil.copytree(source / "app", Path(build) / "app")
+                for name in ("pyproject.toml", "README.md"):
+                    shutil.copy2(source / name, Path(build) / name)
+                run(*pip, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(work), build)
+            (work / ".complete").write_text(release + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(work, target)
+            built = True
+        finally:
+            if work.exists():
+                shutil.rmtree(work)
+    print(json.dumps({"release": release, "version": version, "path": str(target),
+                      "built": built}))
+
+
+if __name__ == "__main__":
+    main()
