@@ -25,6 +25,7 @@ from .config import (
     unknown_variables,
 )
 from .db import Database, DatabaseError
+from .inbox import STATUSES
 from .persona import PersonaError, PersonaStore, build_prompt, load_persona_file
 from .tokens import SCOPES, TokenError, TokenStore
 
@@ -212,6 +213,83 @@ def cmd_token_revoke(settings: Settings, args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------------
 
 
+def cmd_inbox_list(settings: Settings, args: argparse.Namespace) -> int:
+    from .inbox import InboxStore
+
+    async def work(db: Database) -> Any:
+        return await InboxStore(db).recent(status=args.status, limit=args.limit)
+
+    items = _run(_with_database(settings, work))
+    if not items:
+        print("the inbox is empty" if args.status is None
+              else f"no inbox items with status {args.status}")
+        return EXIT_OK
+    print(f"{'ID':>6}  {'CHANNEL':<9} {'KIND':<22} {'STATUS':<10} {'TRIES':>5}  "
+          f"{'RECEIVED':<24} DETAIL")
+    for item in items:
+        detail = item.last_error if item.status in ("failed", "pending") and item.last_error \
+            else item.result or ""
+        print(f"{item.id:>6}  {item.channel:<9} {item.kind[:22]:<22} {item.status:<10} "
+              f"{item.attempts:>5}  {item.received_at:<24} {' '.join(detail.split())[:160]}")
+    return EXIT_OK
+
+
+def cmd_inbox_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from .inbox import InboxStore
+
+    async def work(db: Database) -> Any:
+        store = InboxStore(db)
+        before = await store.get(args.id)
+        if before is None:
+            return None, None
+        return before, await store.retry(args.id)
+
+    before, after = _run(_with_database(settings, work))
+    if before is None:
+        raise CommandError(f"no inbox item {args.id} (see `digitalme inbox list`)")
+    if before.status not in ("failed", "ignored"):
+        raise CommandError(f"inbox item {args.id} is {before.status}, not failed or ignored: "
+                           "nothing to retry")
+    print(f"inbox item {after.id} ({after.channel} {after.kind}) is pending again; the "
+          "running service picks it up within DIGITALME_WORKER_POLL_SECONDS")
+    return EXIT_OK
+
+
+def cmd_telegram_set_webhook(settings: Settings, args: argparse.Namespace) -> int:
+    from .integrations.telegram import ALLOWED_UPDATES, TelegramApi
+    from .metrics import Metrics
+    from .outbound import Outbound, OutboundError
+
+    if not settings.telegram_bot_token:
+        raise CommandError("DIGITALME_TELEGRAM_BOT_TOKEN is not set (environment or systemd "
+                           "credential): it is the token @BotFather gave the bot")
+    if not settings.telegram_secret_token:
+        raise CommandError("DIGITALME_TELEGRAM_SECRET_TOKEN is not set: choose a random "
+                           "secret (1-256 of A-Z a-z 0-9 _ -) so the service can tell "
+                           "Telegram's deliveries from forgeries")
+    if not args.url.startswith(("https://", "http://")):
+        raise CommandError(f"the webhook URL must start with https:// (got {args.url!r})")
+
+    async def work() -> Any:
+        outbound = Outbound(settings, Metrics())
+        await outbound.start()
+        try:
+            api = TelegramApi(outbound, settings.telegram_api_base or "",
+                              settings.telegram_bot_token or "")
+            return await api.set_webhook(args.url, settings.telegram_secret_token or "",
+                                         ALLOWED_UPDATES)
+        finally:
+            await outbound.close()
+
+    try:
+        result = _run(work())
+    except OutboundError as exc:
+        raise CommandError(f"Telegram refused setWebhook: {exc}") from None
+    print(f"webhook set to {args.url} (updates: {', '.join(ALLOWED_UPDATES)}; "
+          f"secret token from DIGITALME_TELEGRAM_SECRET_TOKEN); Telegram said: {result}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="digitalme",
@@ -259,6 +337,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = tsub.add_parser("revoke", help="revoke a token by id")
     p.add_argument("id", type=int)
     p.set_defaults(func=cmd_token_revoke)
+
+    inbox = sub.add_parser("inbox", help="show and retry webhook deliveries")
+    isub = inbox.add_subparsers(dest="inbox_command", required=True, metavar="ACTION")
+    p = isub.add_parser("list", help="list deliveries, newest first, with their last error")
+    p.add_argument("--status", choices=STATUSES, help="only deliveries with this status")
+    p.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    p.set_defaults(func=cmd_inbox_list)
+    p = isub.add_parser("retry", help="set a failed (or ignored) delivery back to pending; "
+                                      "the running service processes it again")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_inbox_retry)
+
+    telegram = sub.add_parser("telegram", help="set up the Telegram bot")
+    tgsub = telegram.add_subparsers(dest="telegram_command", required=True, metavar="ACTION")
+    p = tgsub.add_parser("set-webhook", help="register URL as the bot's webhook, with the "
+                                             "secret token and the update types we handle")
+    p.add_argument("url", help="public URL of /webhooks/telegram, e.g. "
+                               "https://clone.example.org/webhooks/telegram")
+    p.set_defaults(func=cmd_telegram_set_webhook)
     return parser
 
 
