@@ -1,0 +1,22 @@
+"""`ansible-playbook --check --diff` of the scenario's converge.yml on the converged hosts.
+
+Runs first (file order), before the other tests touch the hosts.
+"""
+
+import os
+import re
+
+from conftest import run_playbook
+
+
+def test_check_mode_reports_no_change_on_the_converged_hosts():
+    playbook = os.path.join(os.environ["MOLECULE_SCENARIO_DIRECTORY"], "converge.yml")
+    output = run_playbook("--check", "--diff", playbook)
+    recap = re.findall(
+        r"^(\S+)\s+:\s+ok=\d+\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", output, re.M
+    )
+    assert len(recap) == 3, output[-6000:]
+    for _host, changed, unreachable, failed in recap:
+        assert (changed, unreachable, failed) == ("0", "0", "0"), output[-6000:]
+    # The secrets never show in a diff.
+    assert "PRIVATE KEY" not in output

@@ -1,0 +1,309 @@
+"""Testinfra checks of the app hosts: app-file (file replica) and app-sftp (SFTP replica).
+
+The tests run in file order and build on each other: the database does not exist after
+converge; the stand-in app (digitalme.service, installed by prepare.yml) creates it; rows
+are written and measured on their way to the replica; Litestream is killed during writes;
+the database is removed and comes back from the replica before the app starts; on app-sftp,
+a converge of a host without database or Litestream state brings it back too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import time
+
+import pytest
+
+from conftest import DB, other_host, python_on, record, run_playbook
+
+testinfra_hosts = ["app-file", "app-sftp"]
+
+REPLICA = {"app-file": "file", "app-sftp": "sftp"}
+SOCKET = "/run/litestream/litestream.sock"
+
+# Runs on the host as root: restores the replica into a scratch file with litestream-admin
+# until it holds at least `want` rows (or the deadline passes); prints what it found.
+RESTORE_UNTIL = r"""
+import json, os, sqlite3, subprocess, sys, time
+db, want, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+out, start, result = "/tmp/litestream-check.db", time.monotonic(), {}
+while True:
+    for path in (out, out + "-wal", out + "-shm"):
+        if os.path.exists(path):
+            os.remove(path)
+    proc = subprocess.run(["litestream-admin", "restore", "-o", out, db], capture_output=True, text=True)
+    result = {"rc": proc.returncode, "stderr": proc.stderr[-2000:], "seconds": time.monotonic() - start}
+    if proc.returncode == 0 and os.path.exists(out):
+        check = sqlite3.connect(out)
+        result["integrity"] = check.execute("PRAGMA integrity_check").fetchone()[0]
+        result["rows"] = check.execute("SELECT count(*) FROM rows").fetchone()[0]
+        result["marks"] = [m for (m,) in check.execute("SELECT what FROM rows WHERE what LIKE 'app started%'")]
+        check.close()
+        if result["rows"] >= want:
+            break
+    if time.monotonic() > deadline:
+        break
+    time.sleep(0.05)
+print(json.dumps(result))
+"""
+
+# Runs on the host as root: commits one row at a time as the app's user (so the database's
+# files keep their owner), then times how long the replica takes to hold it.
+LAG = r"""
+import json, os, sqlite3, subprocess, sys, time
+db, trials, out, lags = sys.argv[1], int(sys.argv[2]), "/tmp/litestream-lag.db", []
+insert = "import sqlite3; c = sqlite3.connect(%r, isolation_level=None); c.execute('PRAGMA busy_timeout=5000'); c.execute(\"INSERT INTO rows (what, at) VALUES ('lag', 0)\"); print(c.execute('SELECT count(*) FROM rows').fetchone()[0])" % db
+for trial in range(trials):
+    time.sleep(0.3 + 0.13 * trial)  # spread the writes over the sync cycle
+    want = int(subprocess.run(["runuser", "-u", "digitalme", "--", "python3", "-c", insert],
+                              capture_output=True, text=True, check=True).stdout)
+    committed = time.monotonic()
+    while True:
+        for path in (out, out + "-wal", out + "-shm"):
+            if os.path.exists(path):
+                os.remove(path)
+        proc = subprocess.run(["litestream-admin", "restore", "-o", out, db], capture_output=True)
+        if proc.returncode == 0 and sqlite3.connect(out).execute("SELECT count(*) FROM rows").fetchone()[0] >= want:
+            break
+        if time.monotonic() - committed > 30:
+            raise SystemExit("row %d not in the replica after 30s" % want)
+        time.sleep(0.05)
+    lags.append(time.monotonic() - committed)
+print(json.dumps(lags))
+"""
+
+# Runs on the host as the app's user: inserts rows for `seconds`, prints the final count.
+WRITER = r"""
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA busy_timeout=5000")
+db.execute("PRAGMA synchronous=FULL")
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    db.execute("INSERT INTO rows (what, at) VALUES ('during kill', ?)", (time.time(),))
+    time.sleep(0.01)
+print(db.execute("SELECT count(*) FROM rows").fetchone()[0])
+"""
+
+COUNT = r"""
+import json, sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+print(json.dumps({"rows": db.execute("SELECT count(*) FROM rows").fetchone()[0],
+                  "integrity": db.execute("PRAGMA integrity_check").fetchone()[0]}))
+"""
+
+
+def restore_until(host, want: int, within: float) -> dict:
+    code = RESTORE_UNTIL.replace("'", "'\"'\"'")
+    result = host.run(f"python3 -c '{code}' {DB} {want} {within}")
+    assert result.rc == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def count_on_host(host) -> dict:
+    """Rows in the live database, read as the app's user (root would leave root-owned -shm)."""
+    code = COUNT.replace("'", "'\"'\"'")
+    result = host.run(f"runuser -u digitalme -- python3 -c '{code}' {DB}")
+    assert result.rc == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_for_rows(host, rows: int, within: float = 15) -> dict:
+    """The live database's row count once it reaches `rows` (the stand-in app inserts its
+    start mark just after systemd reports it started)."""
+    deadline = time.monotonic() + within
+    while True:
+        found = count_on_host(host)
+        if found["rows"] >= rows or time.monotonic() > deadline:
+            return found
+        time.sleep(0.3)
+
+
+def show(host, unit: str, *properties: str) -> dict:
+    out = host.check_output(f"systemctl show {unit} " + " ".join(f"-p {p}" for p in properties))
+    return dict(line.split("=", 1) for line in out.splitlines())
+
+
+# --- installation -----------------------------------------------------------
+
+
+def test_binary_is_the_pinned_static_build(host):
+    binary = host.file("/usr/local/bin/litestream")
+    assert (binary.user, binary.group, binary.mode) == ("root", "root", 0o755)
+    assert host.check_output("/usr/local/bin/litestream version") == "0.5.17"
+    assert binary.sha256sum == "200e4248a4cc83da2ca52babe66774f1a71afa993d31373adb0ce0fe12154647"
+
+
+def test_service_user_is_the_app_user(host):
+    user = host.user("digitalme")
+    assert user.exists and user.group == "digitalme"
+    assert user.home == "/var/lib/digitalme" and user.shell == "/usr/sbin/nologin"
+    assert user.uid < 1000
+    folder = host.file("/var/lib/digitalme")
+    assert (folder.user, folder.group, folder.mode) == ("digitalme", "digitalme", 0o750)
+
+
+def test_configuration_is_valid_and_secrets_are_root_only(host, name):
+    config = host.file("/etc/litestream.yml")
+    assert (config.user, config.mode) == ("root", 0o644)
+    listed = host.check_output("litestream databases -config /etc/litestream.yml")
+    assert re.search(rf"^{re.escape(DB)}\s+{REPLICA[name]}$", listed, re.M), listed
+    secrets = host.file("/etc/litestream")
+    assert (secrets.user, secrets.mode) == ("root", 0o700)
+    key = host.file("/etc/litestream/sftp-key")
+    assert not host.file("/etc/litestream/s3.env").exists
+    if name == "app-sftp":
+        assert (key.user, key.group, key.mode) == ("root", "root", 0o600)
+        assert "PRIVATE KEY" not in config.content_string
+        assert "host-key: \"ssh-ed25519 AAAA" in config.content_string
+    else:
+        assert not key.exists
+        replica = host.file("/var/backups/digitalme/litestream")
+        assert (replica.user, replica.mode) == ("digitalme", 0o750)
+    admin = host.file("/usr/local/sbin/litestream-admin")
+    assert (admin.user, admin.mode) == ("root", 0o750)
+
+
+def test_units_are_enabled_ordered_and_running_hardened(host, journal):
+    assert host.service("litestream").is_enabled
+    assert host.service("litestream").is_running, journal()
+    assert host.service("litestream-restore").is_enabled
+    props = show(host, "litestream", "User", "Restart", "Before", "After", "Wants", "MainPID")
+    assert props["User"] == "digitalme" and props["Restart"] == "always"
+    assert "digitalme.service" in props["Before"].split()
+    assert "litestream-restore.service" in props["After"].split()
+    assert "litestream-restore.service" in props["Wants"].split()
+    restore = show(host, "litestream-restore", "Type", "RemainAfterExit", "Before", "RequiredBy", "ConditionResult")
+    assert restore["Type"] == "oneshot" and restore["RemainAfterExit"] == "no"
+    assert {"litestream.service", "digitalme.service"} <= set(restore["Before"].split())
+    assert "digitalme.service" in restore["RequiredBy"].split()
+    assert host.file("/etc/systemd/system/digitalme.service.requires/litestream-restore.service").is_symlink
+    status = host.file(f"/proc/{props['MainPID']}/status").content_string
+    fields = {k: v.strip() for k, v in (line.split(":", 1) for line in status.splitlines())}
+    assert int(fields["Uid"].split()[0]) == host.user("digitalme").uid
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0
+    assert fields["NoNewPrivs"] == "1" and fields["Seccomp"] == "2"
+
+
+def test_listens_on_no_network_port_only_on_its_control_socket(host, name):
+    pid = show(host, "litestream", "MainPID")["MainPID"]
+    sockets = host.check_output("ss -H -tulpn")
+    assert f"pid={pid}," not in sockets, sockets
+    sock = host.file(SOCKET)
+    assert sock.is_socket and (sock.user, sock.mode) == ("digitalme", 0o600)
+    info = host.check_output(f"litestream info -socket {SOCKET}")
+    assert "Litestream 0.5.17" in info and "Databases:  1" in info
+    if name == "app-file":  # a file replica has no network at all
+        assert host.check_output(f"nsenter -t {pid} -n ip -o link | wc -l") == "1"
+
+
+def test_exposure_scores_are_at_most_4(host, name):
+    for unit in ("litestream.service", "litestream-restore.service"):
+        report = host.check_output(f"systemd-analyze security {unit} --no-pager")
+        score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", report).group(1))
+        record(name, f"exposure {unit}", score)
+        assert score <= 4.0, report
+
+
+# --- replication ------------------------------------------------------------
+
+
+def test_litestream_waits_for_a_database_that_does_not_exist_yet(host, journal):
+    assert not host.file(DB).exists
+    assert host.service("litestream").is_running, journal()
+    assert "initialized db" in host.check_output("journalctl -u litestream --no-pager -o cat"), journal()
+
+
+def test_replication_starts_when_the_app_creates_the_database(host, name, journal):
+    started = time.monotonic()
+    host.check_output("systemctl start digitalme.service")
+    found = restore_until(host, 1, within=30)
+    record(name, "seconds from app start to first replicated row", round(time.monotonic() - started, 2))
+    assert found.get("rows") == 1 and found["integrity"] == "ok", (found, journal())
+    db = host.file(DB)
+    assert (db.user, db.group) == ("digitalme", "digitalme")
+    assert host.file("/var/lib/digitalme/.digitalme.db-litestream").is_directory
+
+
+def test_replication_lag_is_about_the_sync_interval(host, name, journal):
+    code = LAG.replace("'", "'\"'\"'")
+    result = host.run(f"python3 -c '{code}' {DB} 8")
+    assert result.rc == 0, result.stderr + journal()
+    lags = json.loads(result.stdout)
+    record(name, "replication lag seconds (commit to restorable; sync-interval 1s)",
+           {"median": round(statistics.median(lags), 2), "max": round(max(lags), 2),
+            "all": [round(x, 2) for x in lags]})
+    assert max(lags) < 5, lags
+
+
+def test_no_row_is_lost_when_litestream_is_killed_during_writes(host, name, journal):
+    before = show(host, "litestream", "MainPID", "NRestarts")
+    code = WRITER.replace("'", "'\"'\"'")
+    host.check_output(
+        f"systemd-run --unit=litestream-test-writer --uid=digitalme --gid=digitalme --collect "
+        f"python3 -c '{code}' {DB} 8"
+    )
+    time.sleep(3)
+    host.check_output("systemctl kill --signal=KILL litestream.service")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after = show(host, "litestream", "MainPID", "NRestarts", "ActiveState")
+        if after["ActiveState"] == "active" and after["MainPID"] not in ("0", before["MainPID"]):
+            break
+        time.sleep(0.5)
+    assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1, (after, journal())
+    while host.run("systemctl is-active litestream-test-writer").stdout.strip() in ("active", "activating"):
+        time.sleep(0.5)
+    committed = count_on_host(host)["rows"]
+    found = restore_until(host, committed, within=30)
+    record(name, "rows committed around a SIGKILL / found in the replica", [committed, found.get("rows")])
+    assert found.get("rows") == committed and found["integrity"] == "ok", (committed, found, journal())
+
+
+def test_a_removed_database_comes_back_before_the_app_starts(host, name, journal):
+    # Stop the app first; stopping Litestream ships what is left of the WAL.
+    host.check_output("systemctl stop digitalme.service litestream.service")
+    before = count_on_host(host)
+    assert before["integrity"] == "ok"
+    host.check_output(f"rm -f {DB} {DB}-wal {DB}-shm")
+    # What a boot does: the app requires the restore and Litestream wants it; both are
+    # ordered after it. The stand-in app would create an empty database if it ran first.
+    host.check_output("systemctl start litestream.service digitalme.service")
+    after = wait_for_rows(host, before["rows"] + 1)
+    assert after == {"rows": before["rows"] + 1, "integrity": "ok"}, (before, after, journal())
+    db = host.file(DB)
+    assert (db.user, db.group, db.mode) == ("digitalme", "digitalme", 0o640)
+    ran = show(host, "litestream-restore", "ConditionResult", "Result", "ActiveState")
+    assert ran == {"ConditionResult": "yes", "Result": "success", "ActiveState": "inactive"}, (ran, journal())
+    assert host.service("litestream").is_running and host.service("digitalme").is_running, journal()
+    # The restored database replicates again.
+    found = restore_until(host, after["rows"], within=30)
+    assert found.get("rows") == after["rows"], (found, journal())
+    record(name, "rows after removing the database and starting the app", [before["rows"], after["rows"]])
+
+
+def test_sftp_replica_pins_the_host_key(host, name):
+    if name != "app-sftp":
+        pytest.skip("SFTP replica only")
+    log = host.check_output("journalctl -u litestream -u litestream-restore --no-pager -o cat")
+    assert "type=sftp" in log
+    assert "not verified" not in log and "insecure" not in log.lower(), log[-3000:]
+
+
+def test_a_fresh_host_converge_restores_the_database(host, name, journal):
+    """As if the host were rebuilt: no database, no Litestream state; converge brings it back."""
+    if name != "app-sftp":
+        pytest.skip("one host is enough: the same tasks run on both")
+    host.check_output("systemctl stop digitalme.service litestream.service")
+    before = count_on_host(host)
+    host.check_output(f"rm -rf {DB} {DB}-wal {DB}-shm /var/lib/digitalme/.digitalme.db-litestream")
+    playbook = os.path.join(os.environ["MOLECULE_SCENARIO_DIRECTORY"], "converge.yml")
+    output = run_playbook("--limit", "app-sftp,replica", playbook)
+    assert re.search(r"TASK \[litestream : Report whether a database was restored\][^\n]*\nchanged: \[app-sftp\]", output), output[-4000:]
+    assert count_on_host(host) == before, journal()
+    assert host.service("litestream").is_running, journal()
+    host.check_output("systemctl start digitalme.service")
+    assert wait_for_rows(host, before["rows"] + 1)["rows"] == before["rows"] + 1
