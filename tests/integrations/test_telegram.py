@@ -4,12 +4,14 @@ Bot API stand-in, /start and /help, duplicates answered once, fast acks, and fai
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from digitalme.keys import CONVERSATIONS
 from tests.conftest import Service
 from tests.integrations import payloads
 from tests.integrations.conftest import (
     TELEGRAM_SECRET,
+    TELEGRAM_TOKEN,
     ChannelServiceFactory,
     Platforms,
     metric_value,
@@ -19,6 +21,7 @@ from tests.integrations.conftest import (
 from tests.standins import signing
 from tests.standins.anthropic_api import Slow
 from tests.standins.platform import Fail
+from tests.support.process import run_cli, service_env
 
 PATH = "/webhooks/telegram"
 
@@ -175,3 +178,29 @@ async def test_bot_token_never_appears_in_errors(make_channel_service: ChannelSe
     [item] = await wait_settled(service)
     assert item.status == "failed"
     assert "123456:TEST" not in (item.last_error or "")
+
+
+async def test_set_webhook_registers_url_secret_and_update_types(
+        tmp_path: Path, platforms: Platforms) -> None:
+    env = service_env(tmp_path, DIGITALME_TELEGRAM_BOT_TOKEN=TELEGRAM_TOKEN,
+                      DIGITALME_TELEGRAM_SECRET_TOKEN=TELEGRAM_SECRET,
+                      DIGITALME_TELEGRAM_API_BASE=platforms.telegram.base_url)
+    url = "https://clone.example.org/webhooks/telegram"
+    result = await asyncio.to_thread(run_cli, ["telegram", "set-webhook", url], env)
+    assert result.returncode == 0, result.stderr
+    assert "webhook set to https://clone.example.org/webhooks/telegram" in result.stdout
+    assert platforms.telegram.webhook == {"url": url, "secret_token": TELEGRAM_SECRET,
+                                          "allowed_updates": ["message"]}
+    assert TELEGRAM_SECRET not in result.stdout + result.stderr
+    assert TELEGRAM_TOKEN not in result.stdout + result.stderr
+
+    platforms.telegram.script(Fail(401))
+    refused = await asyncio.to_thread(run_cli, ["telegram", "set-webhook", url], env)
+    assert refused.returncode == 1
+    assert "Telegram refused setWebhook" in refused.stderr and "Traceback" not in refused.stderr
+    assert TELEGRAM_TOKEN not in refused.stderr
+
+    del env["DIGITALME_TELEGRAM_BOT_TOKEN"]
+    missing = await asyncio.to_thread(run_cli, ["telegram", "set-webhook", url], env)
+    assert missing.returncode == 1
+    assert "DIGITALME_TELEGRAM_BOT_TOKEN is not set" in missing.stderr
