@@ -19,6 +19,8 @@ if [[ $mode != --app ]]; then
     apt_packages+=(
         # web chat test (headless browser)
         chromium
+        # load generator of bench/http_bench.py
+        wrk
         # sandbox hosts: debootstrap images booted with systemd-nspawn
         debootstrap debian-archive-keyring systemd-container iproute2 nftables iptables openssh-client rsync
     )

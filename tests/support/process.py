@@ -55,7 +55,7 @@ _libc = ctypes.CDLL(_libc_name, use_errno=True) if sys.platform == "linux" and _
     else None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: get SIGKILL when the parent dies (Linux only)."""
     if _libc is not None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -184,7 +184,7 @@ class ServiceProcess:
             self.process = subprocess.Popen(
                 [*digitalme_command(), "serve"], env=env, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
-                preexec_fn=_die_with_parent)
+                preexec_fn=die_with_parent)
 
     def _exited_early(self) -> bool:
         """True if the process died before answering (raises unless it lost a port race)."""
@@ -322,7 +322,7 @@ class StandinProcess:
                 [sys.executable, "-m", "tests.standins.anthropic_api", "--host", "127.0.0.1",
                  "--port", "0", "--delay", str(self.delay), "--log-level", "WARNING"],
                 env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=log, preexec_fn=_die_with_parent)
+                stderr=log, preexec_fn=die_with_parent)
         assert self.process.stdout is not None
         line = _read_line(self.process.stdout, timeout)
         prefix = "anthropic-standin listening on "
