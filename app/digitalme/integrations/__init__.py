@@ -19,7 +19,6 @@ request helpers that turn every refusal into a JSON error and a metric, and
 from __future__ import annotations
 
 import hmac
-import itertools
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -159,16 +158,6 @@ async def _message(conversations: ConversationStore, conversation: Conversation,
     return found[0] if found and found[0].id == message_id else None
 
 
-async def _answer_after(conversations: ConversationStore, conversation: Conversation,
-                        user: Message) -> Message | None:
-    """The reply stored right after ``user``, if a crash kept us from noting it."""
-    recent = await conversations.messages(conversation.id, limit=200)
-    for earlier, later in itertools.pairwise(recent):
-        if earlier.id == user.id:
-            return later if later.role == "assistant" else None
-    return None
-
-
 async def stored_reply(ctx: ChannelContext, item: InboxItem, conversation: Conversation,
                        text: str, *, channel_message_id: str | None = None) -> Message:
     """Claude's reply to this delivery, stored: from an earlier attempt if there was one,
@@ -181,12 +170,9 @@ async def stored_reply(ctx: ChannelContext, item: InboxItem, conversation: Conve
         if reply is not None:
             return reply
     if item.user_message_id is not None:
+        # Asked before without an answer noted (an outage, or a crash in the instant
+        # between storing the reply and noting it): ask again for the same stored message.
         user = await _message(conversations, conversation, item.user_message_id)
-        if user is not None:
-            reply = await _answer_after(conversations, conversation, user)
-            if reply is not None:
-                await ctx.inbox.set_reply_message(item.id, reply.id)
-                return reply
     final = None
     async for piece in ctx.chat.stream_reply(conversation, text,
                                              channel_message_id=channel_message_id,

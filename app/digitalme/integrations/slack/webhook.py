@@ -114,14 +114,15 @@ async def events(channel: Channel, verifier: SignatureVerifier,
 
 
 def response_url_allowed(url: str, api_base: str | None) -> bool:
-    """Replies go only to Slack's hooks host or the configured API host (a stand-in)."""
+    """Replies go only to Slack's hooks host (over HTTPS) or to the configured API's own
+    scheme and host (a stand-in in tests)."""
     parsed = urllib.parse.urlsplit(url)
-    allowed = {SLACK_HOOKS_HOST}
-    if api_base:
-        allowed.add(urllib.parse.urlsplit(api_base).hostname or "")
     if parsed.scheme == "https" and parsed.hostname == SLACK_HOOKS_HOST:
         return True
-    return parsed.scheme in ("http", "https") and parsed.hostname in allowed
+    if api_base:
+        api = urllib.parse.urlsplit(api_base)
+        return (parsed.scheme, parsed.netloc) == (api.scheme, api.netloc) and bool(api.netloc)
+    return False
 
 
 async def commands(channel: Channel, verifier: SignatureVerifier,
