@@ -152,6 +152,16 @@ def test_preflight_refuses_acme_for_a_reserved_name():
     assert "changed=0" in output, output[-4000:]
 
 
+def test_a_caddyfile_that_caddy_rejects_never_reaches_the_host(host):
+    """A value preflight lets through but Caddy refuses: the converge fails, nothing changes."""
+    before = host.file("/etc/caddy/Caddyfile").sha256sum
+    rc, output = ansible_playbook("converge.yml", "-e", "caddy_max_body_size=99999999999GiB")
+    assert rc != 0, output[-4000:]
+    assert "failed to validate" in output and "too large" in output, output[-4000:]
+    assert host.file("/etc/caddy/Caddyfile").sha256sum == before
+    assert host.service(UNIT).is_running
+
+
 def test_acme_staging_configuration_renders_and_validates(host):
     """The production (ACME) branch of the template passes preflight and `caddy validate`."""
     scratch = "/root/Caddyfile.acme-check"

@@ -57,6 +57,16 @@ def test_preflight_refuses_a_public_listen_address():
     assert "use a loopback" in output and "changed=0" in output, output[-4000:]
 
 
+def test_a_flag_the_binary_rejects_never_reaches_the_host(host):
+    """A flag preflight lets through but node-exporter refuses: the converge fails, no change."""
+    before = host.file("/etc/default/prometheus-node-exporter").sha256sum
+    rc, output = ansible_playbook("-e", '{"node_exporter_extra_args": ["--collector.bogus"]}')
+    assert rc != 0, output[-4000:]
+    assert "failed to validate" in output and "collector.bogus" in output, output[-4000:]
+    assert host.file("/etc/default/prometheus-node-exporter").sha256sum == before
+    assert host.service(UNIT).is_running
+
+
 @pytest.fixture
 def journal(host):
     """The unit's journal, to show in a failure message."""
