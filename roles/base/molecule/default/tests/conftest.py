@@ -76,13 +76,16 @@ def target(_testinfra_host) -> Target:
 @pytest.fixture(scope="module")
 def host(target):
     """The host as the admin user, commands run through sudo."""
+    # One SSH connection for all the checks. The socket path must stay under ~104 bytes
+    # (ssh adds 17 characters while it sets it up), hence not the long ephemeral directory.
+    control_dir = Path.home() / ".ansible" / "cp"
+    control_dir.mkdir(parents=True, exist_ok=True)
     return testinfra.get_host(
         f"ssh://{target.admin_user}@{target.address}:{target.port}",
         ssh_identity_file=str(target.private_key),
         ssh_extra_args=shlex.join(target.ssh_common_args),
         sudo=True,
-        # One SSH connection for all the checks ("%%" because testinfra %-formats it).
-        controlpath=os.path.join(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "testinfra-%%C"),
+        controlpath=f"{control_dir}/testinfra-%%C",  # "%%": testinfra %-formats it
     )
 
 
