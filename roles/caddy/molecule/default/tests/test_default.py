@@ -362,7 +362,11 @@ def test_access_log_goes_to_the_journal_without_credentials(host, https):
     status, _, _, _ = https(
         "GET",
         f"/health?{probe}",
-        headers={"Authorization": f"Bearer secret-{probe}", "Cookie": f"session=cookie-{probe}"},
+        headers={
+            "Authorization": f"Bearer secret-{probe}",
+            "Cookie": f"session=cookie-{probe}",
+            "x-telegram-bot-api-secret-token": f"webhook-{probe}",  # any case on the wire
+        },
     )
     assert status == 200
     deadline = time.monotonic() + 10
@@ -378,3 +382,4 @@ def test_access_log_goes_to_the_journal_without_credentials(host, https):
     assert entry["status"] == 200
     assert f"secret-{probe}" not in log
     assert f"cookie-{probe}" not in log
+    assert f"webhook-{probe}" not in log
