@@ -52,6 +52,11 @@ class Platforms:
         }
 
 
+# The acknowledgement budget the tests hold every channel to while Claude takes 5 s: a third
+# of Slack's 3 s deadline (the tightest), with room for a loaded CI machine; in practice an
+# ack takes a few milliseconds (bench/webhook_bench.py).
+ACK_BUDGET = 1.0
+
 FAST = {"worker_poll_seconds": 0.1, "inbox_retry_base_seconds": 0.05,
         "inbox_retry_max_seconds": 0.5, "outbound_timeout_seconds": 2.0,
         "outbound_retries": 1, "rate_limit_per_minute": 0}

@@ -10,6 +10,7 @@ from digitalme.keys import CONVERSATIONS
 from tests.conftest import Service
 from tests.integrations import payloads
 from tests.integrations.conftest import (
+    ACK_BUDGET,
     TELEGRAM_SECRET,
     TELEGRAM_TOKEN,
     ChannelServiceFactory,
@@ -124,7 +125,7 @@ async def test_slow_claude_does_not_slow_the_acknowledgement(
             channel_service, payloads.telegram_message(6000 + n, f"slow {n}", chat_id=n))
         assert status == 200
         timings.append(elapsed)
-    assert max(timings) < 0.5, timings  # Telegram waits ~60 s; we answer in milliseconds
+    assert max(timings) < ACK_BUDGET, timings  # Telegram waits ~60 s; we answer in milliseconds
     await channel_service.standin.wait_for_requests(3)
     await wait_settled(channel_service, timeout=15)
     assert len(platforms.telegram.sent) == 3
