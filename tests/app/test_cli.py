@@ -17,14 +17,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+
 from digitalme.config import declared_settings
 from digitalme.db import bundled_migrations
 from digitalme.persona import build_prompt, load_persona_file
-
 from tests.standins.anthropic_api import run_anthropic_standin
 from tests.support.process import (
     SAMPLE_PERSONA,
     digitalme_command,
+    free_port,
     run_cli,
     running_service_async,
     service_env,
@@ -36,10 +37,12 @@ TOKEN = re.compile(r"^dm_[A-Za-z0-9_-]{40,}$")
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    return service_env(tmp_path)
+    # A port of its own: should a `serve` that must refuse start anyway, it binds nothing
+    # anyone else uses.
+    return service_env(tmp_path, DIGITALME_LISTEN=f"127.0.0.1:{free_port()}")
 
 
-def cli(env: dict[str, str], *args: str, timeout: float = 30.0,
+def cli(env: dict[str, str], *args: str, timeout: float = 120.0,
         ) -> subprocess.CompletedProcess[str]:
     return run_cli(args, env, timeout=timeout)
 
@@ -138,6 +141,7 @@ def settings_table(stdout: str) -> dict[str, str]:
 def test_check_config_prints_every_setting_and_masks_the_key(env: dict[str, str]) -> None:
     env["ANTHROPIC_API_KEY"] = SECRET_KEY
     env["DIGITALME_MAX_TOKENS"] = "2048"
+    del env["DIGITALME_LISTEN"]
     result = cli(env, "check-config")
     assert_ok(result)
     table = settings_table(result.stdout)
@@ -180,7 +184,6 @@ def test_check_config_fails_when_the_database_directory_is_missing(env: dict[str
 INVALID = [
     ("DIGITALME_RATE_LIMIT_PER_MINUTE", "abc", "must be a whole number, got 'abc'"),
     ("DIGITALME_LISTEN", "nope", "must be HOST:PORT, got 'nope'"),
-    ("DIGITALME_LISTEN", "example.com:80", "host must be an IP address or localhost"),
     ("DIGITALME_MAX_TOKENS", "0", "must be between 1 and 64000, got 0"),
     ("DIGITALME_LOG_LEVEL", "loud", "must be one of debug, info, warning, error"),
     ("ANTHROPIC_BASE_URL", "ftp://127.0.0.1", "must be an http:// or https:// URL"),
@@ -289,7 +292,7 @@ def test_persona_prompt_is_byte_identical_across_runs(env: dict[str, str],
 
     def prompt() -> bytes:
         result = subprocess.run([*digitalme_command(), "persona", "prompt"], env=env,
-                                capture_output=True, timeout=30, check=False)
+                                capture_output=True, timeout=120, check=False)
         assert result.returncode == 0, result.stderr
         return result.stdout
 
@@ -343,8 +346,18 @@ def test_invalid_persona_is_refused_naming_the_field(env: dict[str, str], tmp_pa
     assert_refused(result, 1, message)
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1, result.stderr
-    # Nothing was stored.
-    assert_refused(cli(env, "persona", "show"), 1, "no persona imported yet")
+    # Nothing was stored: the refusal happens before the database is opened.
+    assert not Path(env["DIGITALME_DB_PATH"]).exists()
+
+
+def test_a_refused_import_keeps_the_current_persona(env: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    assert_ok(cli(env, "persona", "import", str(SAMPLE_PERSONA)))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_PERSONAS["weight-11"][0])
+    assert_refused(cli(env, "persona", "import", str(bad)), 1, "weight")
+    assert json.loads(cli(env, "persona", "show", "--format", "json").stdout) \
+        == expected_sample()
 
 
 def test_markdown_persona_with_front_matter_imports(env: dict[str, str], tmp_path: Path) -> None:
@@ -453,12 +466,12 @@ async def test_cli_tokens_work_against_the_running_service(env: dict[str, str],
 # --- serve refusing to start ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "value", "why"), INVALID[:3],
-                         ids=[f"{n}={v}" for n, v, _ in INVALID[:3]])
+@pytest.mark.parametrize(("name", "value", "why"), INVALID[:2],
+                         ids=[f"{n}={v}" for n, v, _ in INVALID[:2]])
 def test_serve_refuses_an_invalid_setting(env: dict[str, str], name: str, value: str,
                                           why: str) -> None:
     env[name] = value
-    result = cli(env, "serve", timeout=15)
+    result = cli(env, "serve")
     assert_refused(result, 2, f"{name}: {why}")
     assert not Path(env["DIGITALME_DB_PATH"]).exists()
 
@@ -472,7 +485,7 @@ def test_serve_refuses_a_database_whose_migration_checksum_changed(env: dict[str
     db_path = migrated(env)
     with sqlite3.connect(db_path) as conn:
         conn.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1")
-    result = cli(env, "serve", timeout=15)
+    result = cli(env, "serve")
     one_line_refusal(result, "digitalme: database error: migration 0001_initial changed after "
                              "it was applied to this database")
 
@@ -482,26 +495,22 @@ def test_serve_refuses_a_database_from_a_newer_version(env: dict[str, str]) -> N
     with sqlite3.connect(db_path) as conn:
         conn.execute("INSERT INTO schema_migrations (version, name, checksum)"
                      " VALUES (999, 'future', 'x')")
-    result = cli(env, "serve", timeout=15)
+    result = cli(env, "serve")
     one_line_refusal(result, "database has migrations [999] that this version does not know")
 
 
 def test_serve_refuses_a_missing_database_directory(env: dict[str, str], tmp_path: Path) -> None:
     env["DIGITALME_DB_PATH"] = str(tmp_path / "gone" / "digitalme.db")
-    result = cli(env, "serve", timeout=15)
+    result = cli(env, "serve")
     one_line_refusal(result, f"directory {tmp_path / 'gone'} does not exist")
 
 
-@pytest.mark.xfail(strict=True, raises=subprocess.TimeoutExpired, reason=(
-    "db.Database._connect leaks the aiosqlite connection when a PRAGMA fails on a file "
-    "that is not SQLite; its worker thread is not a daemon, so the process prints the "
-    "error and then never exits"))
-@pytest.mark.parametrize(("command", "timeout"), [("serve", 8), ("migrate", 4)])
-def test_serve_refuses_a_file_that_is_not_sqlite(env: dict[str, str], command: str,
-                                                 timeout: float) -> None:
-    # serve needs ~3 s to import the anthropic SDK before it opens the database.
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+def test_serve_refuses_a_file_that_is_not_sqlite(env: dict[str, str], command: str) -> None:
+    # A regression here used to hang: a connection leaked by a failed PRAGMA kept its
+    # (non-daemon) worker thread, so the process printed the error and never exited.
     db_path = Path(env["DIGITALME_DB_PATH"])
     db_path.write_text("these are my notes, not a database\n" * 50)
-    result = cli(env, command, timeout=timeout)
+    result = cli(env, command, timeout=60)
     one_line_refusal(result, f"digitalme: database error: cannot open {db_path}: "
                              "file is not a database")

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE_PERSONA = REPO / "docs" / "examples" / "persona.yaml"
 TEST_API_KEY = "sk-ant-test-" + "k" * 24
 
-READY_TIMEOUT_SECONDS = 20.0
+READY_TIMEOUT_SECONDS = 90.0
 STOP_GRACE_SECONDS = 10.0
 _POLL_SECONDS = 0.05
 _PORT_ATTEMPTS = 3
@@ -85,7 +85,6 @@ def base_env(home: Path) -> dict[str, str]:
         "HOME": str(home),
         "NO_PROXY": "*",
         "ANTHROPIC_CONFIG_DIR": str(home / "anthropic-config"),
-        "PYTHONDONTWRITEBYTECODE": "1",
     }
 
 
@@ -110,7 +109,7 @@ def service_env(workdir: Path, *, anthropic_base_url: str | None = None,
     return env
 
 
-def run_cli(args: Sequence[str], env: Mapping[str, str], *, timeout: float = 30.0,
+def run_cli(args: Sequence[str], env: Mapping[str, str], *, timeout: float = 120.0,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``digitalme ARGS`` to completion (text output captured, never checked)."""
     return subprocess.run(
@@ -302,9 +301,12 @@ async def running_service_async(env: Mapping[str, str], workdir: Path, *,
 class StandinProcess:
     """``python -m tests.standins.anthropic_api`` on a free port (it reports its URL)."""
 
-    def __init__(self, workdir: Path, *, delay: float = 0.0) -> None:
+    def __init__(self, workdir: Path, *, delay: float = 0.0, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
         self.workdir = workdir
         self.delay = delay
+        self.host = host
+        self.port = port
         self.log_path = workdir / "standin.log"
         self.base_url = ""
         self.process: subprocess.Popen[bytes] | None = None
@@ -319,8 +321,9 @@ class StandinProcess:
         env = base_env(self.workdir / "standin-home")
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "tests.standins.anthropic_api", "--host", "127.0.0.1",
-                 "--port", "0", "--delay", str(self.delay), "--log-level", "WARNING"],
+                [sys.executable, "-m", "tests.standins.anthropic_api", "--host", self.host,
+                 "--port", str(self.port), "--delay", str(self.delay), "--log-level",
+                 "WARNING"],
                 env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=log, preexec_fn=die_with_parent)
         assert self.process.stdout is not None
