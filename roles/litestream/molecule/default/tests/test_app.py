@@ -293,6 +293,34 @@ def test_sftp_replica_pins_the_host_key(host, name):
     assert "not verified" not in log and "insecure" not in log.lower(), log[-3000:]
 
 
+def test_litestream_keeps_retrying_while_the_target_is_unreachable(host, name, journal):
+    """Litestream 0.5 exits at start when the SFTP target cannot be reached: systemd must
+    keep restarting it (no start limit) until the target is back."""
+    if name != "app-sftp":
+        pytest.skip("SFTP replica only")
+    target = other_host("replica").ansible.get_variables()["ansible_host"]
+    host.check_output(f"ip route add blackhole {target}/32")
+    try:
+        host.check_output("systemctl restart litestream.service")
+        time.sleep(12)
+        down = show(host, "litestream", "NRestarts", "ActiveState", "SubState")
+        log = host.check_output("journalctl -u litestream --no-pager -o cat -n 30")
+    finally:
+        host.check_output(f"ip route del blackhole {target}/32")
+    assert int(down["NRestarts"]) >= 1 and down["SubState"] != "failed", (down, journal())
+    assert "cannot open store" in log, log
+    deadline = time.monotonic() + 30  # the next restart (RestartSec=5s) finds the target
+    while show(host, "litestream", "SubState")["SubState"] != "running" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert host.service("litestream").is_running, journal()
+    before = count_on_host(host)["rows"]
+    host.check_output("systemctl restart digitalme.service")  # one more row: its start mark
+    rows = wait_for_rows(host, before + 1)["rows"]
+    assert rows == before + 1
+    found = restore_until(host, rows, within=30)
+    assert found.get("rows") == rows, (found, journal())
+
+
 def test_a_fresh_host_converge_restores_the_database(host, name, journal):
     """As if the host were rebuilt: no database, no Litestream state; converge brings it back."""
     if name != "app-sftp":
