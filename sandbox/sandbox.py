@@ -1565,8 +1565,19 @@ def render_inventory(state: dict[str, Any]) -> str:
                 "sandbox_name": info["name"],
                 "sandbox_controller_address": info["controller_address"],
                 "sandbox_apt_proxy": info["apt_proxy"],
+                # The client key's public half: plays authorise it for the accounts they
+                # create (the base role's admin user, an SFTP replica account).
+                "sandbox_ssh_public_key": Path(info["private_key"] + ".pub").read_text().strip(),
             },
-            "hosts": {h["name"]: {"ansible_host": h["address"]} for h in info["hosts"]},
+            # Each host's SSH host key, for plays that must pin it themselves (e.g. an
+            # SFTP replica's client).
+            "hosts": {
+                h["name"]: {
+                    "ansible_host": h["address"],
+                    "sandbox_host_key": " ".join(state["hosts"][h["name"]].get("host_key", [])),
+                }
+                for h in info["hosts"]
+            },
             "children": groups,
         }
     }

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -70,11 +71,20 @@ class SandboxHost:
     ssh_command: tuple[str, ...]
 
     def run(
-        self, command: str, *, check: bool = True, timeout: float = 300
+        self, command: str, *, check: bool = True, timeout: float = 300,
+        login: str = "root",
     ) -> subprocess.CompletedProcess[str]:
-        """Run a shell command on the host as root; check=True fails the test with its output."""
+        """Run a shell command on the host as root; check=True fails the test with its output.
+
+        ``login`` logs in as another user and runs the command through ``sudo`` (after the
+        base role has run, root may not log in any more; its admin user may).
+        """
+        argv = list(self.ssh_command)
+        if login != "root":
+            argv[argv.index("-l") + 1] = login
+            command = f"sudo -n sh -c {shlex.quote(command)}"
         proc = subprocess.run(
-            [*self.ssh_command, command],
+            [*argv, command],
             capture_output=True,
             text=True,
             timeout=timeout,

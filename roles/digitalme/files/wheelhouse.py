@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Builds (once) the wheelhouse a host installs DigitalMe from, on the controller.
+"""Builds (once) the package a host installs DigitalMe from, on the controller.
 
     wheelhouse.py SOURCE_DIR CACHE_DIR PYTHON_VERSION MACHINE
 
-SOURCE_DIR is the repository (pyproject.toml, app/, requirements/app.lock). The release id
-is a hash of everything that goes into the install: the app's sources, pyproject.toml, the
-lock file and the target (Python version, machine). The wheelhouse is written to
-CACHE_DIR/<release>/ (atomically: built aside, then renamed) and reused while the release
-id is unchanged. Prints one JSON line: {"release", "version", "path", "built"}.
+SOURCE_DIR is the repository (pyproject.toml, app/, requirements/app.lock, docs/). The
+release id is a hash of everything that goes into the install: the app's sources,
+pyproject.toml, the lock file, the docs and the target (Python version, machine). The
+package is CACHE_DIR/<release>.tar: `wheels/` (the app and every pinned dependency, built
+for the target) and `docs/`. One file, so it crosses to the host in one transfer. It is
+built aside and renamed into place, and reused while the release id is unchanged. Prints
+one JSON line: {"release", "version", "path", "built"}.
 """
 
 from __future__ import annotations
@@ -19,20 +21,23 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
 # manylinux tags pip should accept for a glibc x86_64/aarch64 host; pip does not expand
 # --platform to older tags by itself.
+KEEP_PACKAGES = 5
 GLIBC_TAGS = ["2_17", "2_24", "2_26", "2_27", "2_28", "2_31", "2_34", "2_35", "2_36", "2_39"]
 
 
 def release_id(source: Path, python_version: str, machine: str) -> str:
     digest = hashlib.sha256(f"{python_version}\0{machine}\0".encode())
     files = [source / "pyproject.toml", source / "requirements" / "app.lock"]
-    files += sorted(p for p in (source / "app").rglob("*")
-                    if p.is_file() and "__pycache__" not in p.parts
-                    and not p.name.endswith((".pyc", ".egg-info")) and ".egg-info" not in str(p))
+    for folder in ("app", "docs"):
+        files += sorted(p for p in (source / folder).rglob("*")
+                        if p.is_file() and "__pycache__" not in p.parts
+                        and ".egg-info" not in str(p) and not p.name.endswith(".pyc"))
     for path in files:
         digest.update(str(path.relative_to(source)).encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
@@ -59,32 +64,39 @@ def main() -> None:
                                               sys.argv[3], sys.argv[4])
     version = project_version(source)
     release = f"{version}-{release_id(source, python_version, machine)}"
-    target = cache / release
+    target = cache / f"{release}.tar"
     built = False
-    if not (target / ".complete").exists():
+    if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{release}.", dir=cache))
         try:
+            wheels = work / "wheels"
             major_minor = ".".join(python_version.split(".")[:2])
             platforms = [f"--platform=manylinux_{tag}_{machine}" for tag in GLIBC_TAGS]
             pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-            run(*pip, "download", "--quiet", "--dest", str(work), "--only-binary=:all:",
+            run(*pip, "download", "--quiet", "--dest", str(wheels), "--only-binary=:all:",
                 f"--python-version={major_minor}", "--implementation=cp", *platforms,
                 "-r", str(source / "requirements" / "app.lock"))
-            # The app itself: a pure-Python wheel built from the sources.
+            # The app itself: a pure-Python wheel built from a copy of the sources (a build
+            # in place would leave build/ and egg-info behind in the repository).
             with tempfile.TemporaryDirectory() as build:
-                shutil.copytree(source / "app", Path(build) / "app")
+                shutil.copytree(source / "app", Path(build) / "app",
+                                ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
                 for name in ("pyproject.toml", "README.md"):
                     shutil.copy2(source / name, Path(build) / name)
-                run(*pip, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(work), build)
-            (work / ".complete").write_text(release + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(work, target)
+                run(*pip, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), build)
+            partial = work / "package.tar"
+            with tarfile.open(partial, "w") as tar:
+                tar.add(wheels, arcname="wheels")
+                tar.add(source / "docs", arcname="docs")
+            os.rename(partial, target)
             built = True
         finally:
-            if work.exists():
-                shutil.rmtree(work)
+            shutil.rmtree(work, ignore_errors=True)
+    # The controller keeps the few newest packages, for rollbacks and other hosts.
+    for old in sorted(cache.glob("*.tar"), key=lambda p: p.stat().st_mtime)[:-KEEP_PACKAGES]:
+        if old != target:
+            old.unlink()
     print(json.dumps({"release": release, "version": version, "path": str(target),
                       "built": built}))
 

@@ -48,6 +48,10 @@ def test_release_is_a_versioned_virtualenv(host):
     info = json.loads(host.check_output("curl -fsS http://127.0.0.1:8080/info"))
     assert info["environment"] == "molecule"
     assert current.linked_to.endswith(info["commit"])
+    assert host.file(f"{current.linked_to}/.complete").exists
+    # The docs travel with the release and are where the unit's Documentation= points.
+    assert host.file("/usr/share/doc/digitalme/operations.md").exists or \
+        host.file("/usr/share/doc/digitalme/configuration.md").exists
 
 
 def test_settings_file_has_no_secret(host):
