@@ -1776,8 +1776,12 @@ def cmd_ssh(args: argparse.Namespace) -> int:
         raise SandboxError(
             f"no host {args.host!r} in sandbox {args.name!r} (see `sandbox.py status`)"
         )
+    base = ssh_base(state)
+    base[base.index("-l") + 1] = args.user
+    if args.command[:1] == ["--"]:
+        args.command = args.command[1:]
     argv = [
-        *ssh_base(state),
+        *base,
         "-o",
         "BatchMode=no",
         state["hosts"][args.host]["address"],
@@ -1836,6 +1840,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ssh = sub.add_parser("ssh", help="ssh into a host (pinned host key)")
     ssh.add_argument("--name", default=DEFAULT_NAME, help=name_help)
+    ssh.add_argument("--user", default="root",
+                     help="log in as this user (after the base role, root may not: use admin)")
     ssh.add_argument("host")
     ssh.add_argument("command", nargs=argparse.REMAINDER)
     ssh.set_defaults(func=cmd_ssh)
