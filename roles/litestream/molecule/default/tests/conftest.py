@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 from pathlib import Path
 
@@ -34,11 +33,6 @@ def other_host(name: str):
     """A testinfra host of the scenario other than the one under test."""
     inventory = os.environ["MOLECULE_INVENTORY_FILE"]
     return testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}")
-
-
-def python_on(host, code: str, timeout: int = 120):
-    """Run Python code on the host as root; returns the completed command."""
-    return host.run(f"timeout {timeout} python3 -c {shlex.quote(code)}")
 
 
 def run_playbook(*args: str, timeout: int = 900) -> str:

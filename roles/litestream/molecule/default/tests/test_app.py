@@ -17,15 +17,17 @@ import time
 
 import pytest
 
-from conftest import DB, other_host, python_on, record, run_playbook
+from conftest import DB, other_host, record, run_playbook
 
 testinfra_hosts = ["app-file", "app-sftp"]
 
 REPLICA = {"app-file": "file", "app-sftp": "sftp"}
 SOCKET = "/run/litestream/litestream.sock"
 
-# Runs on the host as root: restores the replica into a scratch file with litestream-admin
-# until it holds at least `want` rows (or the deadline passes); prints what it found.
+# Runs on the host as root: restores the replica into a scratch file until it holds at
+# least `want` rows (or the deadline passes); prints what it found. Calls the binary
+# directly with the credentials folder (litestream-admin, tested on its own, adds a
+# transient unit's start-up to every call, which would blur the lag measurement).
 RESTORE_UNTIL = r"""
 import json, os, sqlite3, subprocess, sys, time
 db, want, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
@@ -34,7 +36,8 @@ while True:
     for path in (out, out + "-wal", out + "-shm"):
         if os.path.exists(path):
             os.remove(path)
-    proc = subprocess.run(["litestream-admin", "restore", "-o", out, db], capture_output=True, text=True)
+    proc = subprocess.run(["litestream", "restore", "-o", out, db], capture_output=True, text=True,
+                          env=dict(os.environ, CREDENTIALS_DIRECTORY="/etc/litestream"))
     result = {"rc": proc.returncode, "stderr": proc.stderr[-2000:], "seconds": time.monotonic() - start}
     if proc.returncode == 0 and os.path.exists(out):
         check = sqlite3.connect(out)
@@ -65,7 +68,8 @@ for trial in range(trials):
         for path in (out, out + "-wal", out + "-shm"):
             if os.path.exists(path):
                 os.remove(path)
-        proc = subprocess.run(["litestream-admin", "restore", "-o", out, db], capture_output=True)
+        proc = subprocess.run(["litestream", "restore", "-o", out, db], capture_output=True,
+                              env=dict(os.environ, CREDENTIALS_DIRECTORY="/etc/litestream"))
         if proc.returncode == 0 and sqlite3.connect(out).execute("SELECT count(*) FROM rows").fetchone()[0] >= want:
             break
         if time.monotonic() - committed > 30:
@@ -261,6 +265,18 @@ def test_no_row_is_lost_when_litestream_is_killed_during_writes(host, name, jour
     found = restore_until(host, committed, within=30)
     record(name, "rows committed around a SIGKILL / found in the replica", [committed, found.get("rows")])
     assert found.get("rows") == committed and found["integrity"] == "ok", (committed, found, journal())
+
+
+def test_admin_command_runs_litestream_as_the_app_user_with_the_secrets(host, name):
+    out = "/tmp/litestream-admin-check.db"
+    host.check_output(f"rm -f {out} && litestream-admin restore -o {out} {DB}")
+    restored = host.file(out)
+    assert (restored.user, restored.group, restored.mode) == ("digitalme", "digitalme", 0o640)
+    listed = host.check_output(f"litestream-admin list -socket {SOCKET}")
+    assert f"{DB} [replicating]" in listed, listed
+    failed = host.run("litestream-admin restore -o /tmp/nowhere.db /no/such.db")
+    assert failed.rc == 1 and "database not found in config" in failed.stderr
+    host.check_output(f"rm -f {out}")
 
 
 def test_a_removed_database_comes_back_before_the_app_starts(host, name, journal):
