@@ -37,8 +37,14 @@ def test_s3_configuration_is_accepted_by_litestream(host, rendered):
 def test_s3_credentials_go_to_a_root_only_environment_file(host, rendered):
     env = host.file(f"{RENDERED}/s3.env")
     assert (env.user, env.mode) == ("root", 0o600)
-    assert f"LITESTREAM_SECRET_ACCESS_KEY={SECRET}" in env.content_string
-    assert "LITESTREAM_ACCESS_KEY_ID=AKIAMOLECULE" in env.content_string
+    assert f"LITESTREAM_SECRET_ACCESS_KEY='{SECRET}'" in env.content_string
+    assert "LITESTREAM_ACCESS_KEY_ID='AKIAMOLECULE'" in env.content_string
+    # systemd reads the values without the quotes.
+    seen = host.check_output(
+        f"systemd-run --quiet --pipe --wait --collect --property=EnvironmentFile={RENDERED}/s3.env "
+        "printenv LITESTREAM_SECRET_ACCESS_KEY"
+    )
+    assert seen == SECRET
     assert SECRET not in rendered  # no_log and diff: false
 
 
