@@ -25,9 +25,10 @@ from typing import Any, Protocol
 
 from .config import Settings
 from .conversations import Conversation, ConversationStore, Message
-from .llm import Claude, Reply, TextDelta, Usage
+from .llm import Claude, Reply, TextDelta
 from .metrics import Metrics
 from .persona import PersonaStore, build_prompt
+from .usage import Usage
 
 log = logging.getLogger(__name__)
 

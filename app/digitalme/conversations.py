@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .db import Database
-from .llm import Usage
+from .usage import Usage
 
 
 def now_iso() -> str:
@@ -80,27 +80,27 @@ class ConversationStore:
                      title: str | None = None, token_id: int | None = None) -> Conversation:
         conversation_id = uuid.uuid4().hex
         now = now_iso()
-        await self.db.execute(
-            f"INSERT INTO conversations ({_CONV_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        row = await self.db.write_returning(
+            f"INSERT INTO conversations ({_CONV_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            f" RETURNING {_CONV_COLUMNS}",
             (conversation_id, channel, external_id or conversation_id, title, token_id,
              now, now))
-        conversation = await self.get(conversation_id)
-        assert conversation is not None
-        return conversation
+        assert row is not None  # an INSERT without conflict clause returns its row
+        return Conversation(**dict(row))
 
     async def get_or_create(self, channel: str, external_id: str,
                             title: str | None = None) -> Conversation:
         """The conversation of a channel's chat or thread, made on first contact."""
         now = now_iso()
-        await self.db.execute(
-            f"INSERT INTO conversations ({_CONV_COLUMNS}) VALUES (?, ?, ?, ?, NULL, ?, ?)"
-            " ON CONFLICT (channel, external_id) DO NOTHING",
-            (uuid.uuid4().hex, channel, external_id, title, now, now))
-        row = await self.db.fetchone(
-            f"SELECT {_CONV_COLUMNS} FROM conversations WHERE channel = ? AND external_id = ?",
-            (channel, external_id))
-        assert row is not None
-        return Conversation(**dict(row))
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                f"INSERT INTO conversations ({_CONV_COLUMNS}) VALUES (?, ?, ?, ?, NULL, ?, ?)"
+                " ON CONFLICT (channel, external_id) DO NOTHING",
+                (uuid.uuid4().hex, channel, external_id, title, now, now))
+            rows = await conn.execute_fetchall(
+                f"SELECT {_CONV_COLUMNS} FROM conversations"
+                " WHERE channel = ? AND external_id = ?", (channel, external_id))
+        return Conversation(**dict(next(iter(rows))))
 
     async def get(self, conversation_id: str) -> Conversation | None:
         row = await self.db.fetchone(
@@ -126,22 +126,18 @@ class ConversationStore:
         now = now_iso()
         u = usage or Usage()
         async with self.db.transaction() as conn:
-            cursor = await conn.execute(
+            rows = await conn.execute_fetchall(
                 "INSERT INTO messages (conversation_id, role, text, created_at,"
                 " channel_message_id, model, input_tokens, output_tokens, cache_read_tokens,"
                 " cache_write_tokens, cost_usd, stop_reason)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_MSG_COLUMNS}",
                 (conversation_id, role, text, now, channel_message_id, model,
                  u.input_tokens if usage else None, u.output_tokens if usage else None,
                  u.cache_read_tokens if usage else None,
                  u.cache_write_tokens if usage else None, cost_usd, stop_reason))
             await conn.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
                                (now, conversation_id))
-            message_id = cursor.lastrowid
-        row = await self.db.fetchone(f"SELECT {_MSG_COLUMNS} FROM messages WHERE id = ?",
-                                     (message_id,))
-        assert row is not None
-        return Message(**dict(row))
+        return Message(**dict(next(iter(rows))))
 
     async def messages(self, conversation_id: str, *, limit: int = 200,
                        before_id: int | None = None) -> list[Message]:

@@ -121,13 +121,15 @@ class Database:
     # --- queries -------------------------------------------------------------------------
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        async with self.reader.execute(sql, tuple(params)) as cursor:
-            return list(await cursor.fetchall())
+        # One call into the reader's thread runs, steps and finishes the statement, so no
+        # other read can interleave with it and stretch its snapshot: every read sees what
+        # was committed before it started (a read-after-write never misses the write).
+        rows = await self.reader.execute_fetchall(sql, tuple(params))
+        return list(rows)
 
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-        async with self.reader.execute(sql, tuple(params)) as cursor:
-            row: sqlite3.Row | None = await cursor.fetchone()
-            return row
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -141,6 +143,13 @@ class Database:
                 await conn.execute("ROLLBACK")
                 raise
             await conn.execute("COMMIT")
+
+    async def write_returning(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+        """One write statement with a RETURNING clause, in its own transaction: the row as
+        written, without a second read."""
+        async with self.transaction() as conn:
+            rows = await conn.execute_fetchall(sql, tuple(params))
+        return next(iter(rows), None)
 
     async def execute(self, sql: str, params: Iterable[Any] = ()) -> int:
         """One write statement in its own transaction; returns lastrowid."""

@@ -25,6 +25,7 @@ import httpx2
 from .breaker import BreakerOpen, BreakerState, CircuitBreaker
 from .config import Settings
 from .metrics import Metrics
+from .usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -44,31 +45,6 @@ class ClaudeRejected(Exception):
 # that the SDK lets through unwrapped when a stream stalls or is cut (httpx2.ReadTimeout,
 # RemoteProtocolError), and our own deadline.
 _CALL_FAILURES = (anthropic.APIError, httpx2.TransportError, TimeoutError)
-
-
-@dataclass(frozen=True)
-class Usage:
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
-
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(self.input_tokens + other.input_tokens,
-                     self.output_tokens + other.output_tokens,
-                     self.cache_read_tokens + other.cache_read_tokens,
-                     self.cache_write_tokens + other.cache_write_tokens)
-
-    @property
-    def total_tokens(self) -> int:
-        return (self.input_tokens + self.output_tokens + self.cache_read_tokens
-                + self.cache_write_tokens)
-
-    def cost_usd(self, settings: Settings) -> float:
-        return (self.input_tokens * settings.price_input_per_mtok
-                + self.output_tokens * settings.price_output_per_mtok
-                + self.cache_write_tokens * settings.price_cache_write_per_mtok
-                + self.cache_read_tokens * settings.price_cache_read_per_mtok) / 1_000_000
 
 
 @dataclass(frozen=True)

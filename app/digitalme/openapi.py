@@ -34,16 +34,23 @@ _CONVERSATION_ID = {
     "schema": {"type": "string", "maxLength": 64},
 }
 
+# Texts the persona importer accepts: at least one non-blank character (it strips them).
+_TEXT = {"type": "string", "pattern": "\\S"}
+# A list of texts; YAML's convenience of a single text for a one-item list holds here too,
+# and null (like leaving the field out) means none.
+_TEXTS = {"oneOf": [_TEXT, {"type": "array", "items": _TEXT}, {"type": "null"}]}
+_OPTIONAL_TEXT = {"type": ["string", "null"]}
+
 _TRAIT = {
     "type": "object",
     "required": ["category", "name", "weight"],
     "additionalProperties": False,
     "properties": {
-        "category": {"type": "string", "minLength": 1},
-        "name": {"type": "string", "minLength": 1},
-        "description": {"type": "string"},
+        "category": _TEXT,
+        "name": _TEXT,
+        "description": _OPTIONAL_TEXT,
         "weight": {"type": "number", "minimum": 0, "maximum": 10},
-        "examples": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "examples": _TEXTS,
     },
 }
 
@@ -52,13 +59,13 @@ _PERSONA = {
     "required": ["name", "bio"],
     "additionalProperties": False,
     "properties": {
-        "name": {"type": "string", "minLength": 1},
-        "bio": {"type": "string", "minLength": 1},
-        "languages": {"type": "array", "items": {"type": "string", "minLength": 1}},
-        "values": {"type": "array", "items": {"type": "string", "minLength": 1}},
-        "communication_style": {"type": "string"},
-        "technical_preferences": {"type": "array", "items": {"type": "string", "minLength": 1}},
-        "traits": {"type": "array", "items": _ref("Trait")},
+        "name": _TEXT,
+        "bio": _TEXT,
+        "languages": _TEXTS,
+        "values": _TEXTS,
+        "communication_style": _OPTIONAL_TEXT,
+        "technical_preferences": _TEXTS,
+        "traits": {"type": ["array", "null"], "items": _ref("Trait")},
     },
 }
 
@@ -165,7 +172,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Start a conversation (scope chat).",
                     "requestBody": {"required": False, "content": {"application/json": {
                         "schema": {"type": "object", "properties": {
-                            "title": {"type": "string", "maxLength": 200}}}}}},
+                            "title": {"type": ["string", "null"], "maxLength": 200}}}}}},
                     "responses": {"201": _json(_ref("Conversation"), "Created."),
                                   "400": _error("Malformed body."), **_AUTH_ERRORS},
                 },
@@ -200,7 +207,7 @@ def openapi_document() -> dict[str, Any]:
                         {"name": "limit", "in": "query",
                          "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                         {"name": "before", "in": "query",
-                         "schema": {"type": "integer", "minimum": 1}},
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 2**62}},
                     ],
                     "responses": {"200": _json({"type": "object", "properties": {
                         "messages": {"type": "array", "items": _ref("Message")}}},

@@ -124,7 +124,9 @@ def persona_from_document(doc: Any) -> Persona:
     if unknown:
         raise PersonaError(f"unknown keys: {', '.join(sorted(map(str, unknown)))} "
                            f"(allowed: {', '.join(sorted(_PROFILE_KEYS))})")
-    traits_raw = doc.get("traits") or []
+    traits_raw = doc.get("traits")
+    if traits_raw is None:
+        traits_raw = []
     if not isinstance(traits_raw, list):
         raise PersonaError("traits must be a list")
     traits = tuple(_trait(raw, i) for i, raw in enumerate(traits_raw))

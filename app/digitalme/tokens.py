@@ -66,12 +66,12 @@ class TokenStore:
             raise TokenError(f"scope must be one of {', '.join(SCOPES)}")
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
         prefix = secret[: len(TOKEN_PREFIX) + 6]
-        token_id = await self.db.execute(
+        row = await self.db.write_returning(
             "INSERT INTO api_tokens (name, scope, token_sha256, prefix, created_at)"
-            " VALUES (?, ?, ?, ?, ?)", (name, scope, _digest(secret), prefix, _now()))
-        info = await self.get(token_id)
-        assert info is not None
-        return secret, info
+            f" VALUES (?, ?, ?, ?, ?) RETURNING {_COLUMNS}",
+            (name, scope, _digest(secret), prefix, _now()))
+        assert row is not None  # an INSERT without conflict clause returns its row
+        return secret, TokenInfo(**dict(row))
 
     async def get(self, token_id: int) -> TokenInfo | None:
         row = await self.db.fetchone(f"SELECT {_COLUMNS} FROM api_tokens WHERE id = ?",

@@ -137,10 +137,6 @@ async def test_acknowledged_turns_survive_kill_9(tmp_path: Path, standin: Anthro
             assert len(sent) == 2 * TURNS // CONVERSATIONS + 1
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "ConversationStore.add_message/create read the new row back through the shared reader "
-    "connection; a read running concurrently on it holds an older snapshot, the row is not "
-    "found, `assert row is not None` fails and the client gets a 500 for a stored turn"))
 async def test_concurrent_turns_all_get_their_stored_reply(make_service: ServiceFactory,
                                                            ) -> None:
     """Chat turns alongside other reads (the web chat polls its conversation list) must
@@ -177,9 +173,6 @@ async def test_concurrent_turns_all_get_their_stored_reply(make_service: Service
     assert statuses.count(201) == len(statuses) == 120, sorted(set(statuses))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the same bug, deterministically: add_message reads its row back on the shared reader "
-    "connection, inside the snapshot of a read that is still open there"))
 async def test_a_stored_message_is_read_back_while_another_read_is_open(tmp_path: Path,
                                                                       ) -> None:
     db = Database(tmp_path / "digitalme.db")

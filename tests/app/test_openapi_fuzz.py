@@ -43,18 +43,7 @@ SCHEMATHESIS = Path(sys.executable).with_name("st")
 # Mismatches between the document and the handlers that schemathesis reports today, as
 # (failure code, operation). Each one is a bug to fix in openapi.py or the handler; then
 # delete its line here. Anything not listed fails the test.
-KNOWN_SPEC_MISMATCHES: dict[tuple[str, str], str] = {
-    ("ST201", "POST /api/v1/conversations"):
-        '{"title": null} is accepted (201) but the schema says title is a string',
-    ("ST201", "PUT /api/v1/persona"):
-        "a single string is accepted where the schema says array (traits[].examples, "
-        "languages, values, technical_preferences): persona._text_list wraps it in a list",
-    ("ST202", "PUT /api/v1/persona"):
-        "whitespace-only strings (e.g. category '\\u000b') satisfy minLength: 1 but the "
-        "handler strips them and answers 400 '... must not be empty'",
-    ("ST202", "GET /api/v1/conversations/{conversation_id}/messages"):
-        "'before' has no maximum in the schema but the handler refuses values above 2**62",
-}
+KNOWN_SPEC_MISMATCHES: dict[tuple[str, str], str] = {}
 
 
 @dataclass
