@@ -1,0 +1,280 @@
+"""`ansible-playbook playbooks/site.yml` end to end on fresh sandbox hosts.
+
+One module-scoped deployment (an app host in `digitalme`, a replica host in
+`backup_targets`, and a bare host for the package-install floor); a Claude stand-in runs on
+the controller, where the app reaches it. The tests after the first look at what the
+deployment left, the way an owner would: over HTTPS through Caddy, from outside the host,
+and on it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.sandboxes import REPO, Sandbox, SandboxHost
+from tests.support.process import StandinProcess
+
+pytestmark = pytest.mark.e2e
+
+DOMAIN = "digitalme.sandbox.test"
+ADMIN = "admin"  # base_admin_user in inventory/sandbox/group_vars/all/main.yml
+CADDY_ROOT = "/var/lib/caddy/.local/share/caddy/pki/authorities/local/root.crt"
+STANDIN_PORT = 8765  # digitalme_anthropic_base_url in the sandbox group_vars
+UNITS = ("digitalme", "caddy", "litestream", "prometheus-node-exporter")
+# What the roles install, for the floor measurement: the same packages, straight from apt.
+ROLE_PACKAGES = ("caddy prometheus-node-exporter nftables unattended-upgrades "
+                 "systemd-timesyncd python3-venv sqlite3 curl acl sudo openssh-server")
+TIMINGS = REPO / "artifacts" / "site-timings.json"
+
+
+@dataclass
+class Deployment:
+    sandbox: Sandbox
+    workdir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def app(self) -> SandboxHost:
+        return self.sandbox.hosts["app"]
+
+    def on_app(self, command: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        """A command on the app host, as root through the admin user (root may not log in)."""
+        return self.app.run(command, login=ADMIN, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def ca_file(self) -> Path:
+        path = self.workdir / "caddy-root.crt"
+        if not path.exists():
+            path.write_text(self.on_app(f"cat {CADDY_ROOT}").stdout)
+        return path
+
+    def curl(self, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """curl from the controller to the app host, by name, trusting Caddy's root."""
+        port = "443" if url.startswith("https") else "80"
+        return subprocess.run(
+            ["curl", "--silent", "--show-error", "--max-time", "30", "--noproxy", "*",
+             "--resolve", f"{DOMAIN}:{port}:{self.app.address}", "--cacert", str(self.ca_file),
+             *args, url],
+            capture_output=True, text=True, timeout=60)
+
+    def record(self, name: str, value: float) -> None:
+        self.timings[name] = round(value, 2)
+        TIMINGS.parent.mkdir(exist_ok=True)
+        TIMINGS.write_text(json.dumps(self.timings, indent=2) + "\n")
+
+
+def _recap(output: str) -> dict[str, dict[str, int]]:
+    recap = {}
+    for host, counters in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", output, re.MULTILINE):
+        recap[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", counters)}
+    return recap
+
+
+@pytest.fixture(scope="module")
+def deployment(sandbox_hosts, tmp_path_factory) -> Iterator[Deployment]:
+    sandbox = sandbox_hosts("app:digitalme", "replica:backup_targets", "floor:floor")
+    workdir = tmp_path_factory.mktemp("site")
+    standin = StandinProcess(workdir, host=sandbox.controller_address, port=STANDIN_PORT)
+    standin.start()
+    try:
+        deployment = Deployment(sandbox, workdir)
+        started = time.monotonic()
+        result = sandbox.ansible_playbook("playbooks/site.yml", "--limit", "app,replica")
+        deployment.record("site_fresh_seconds", time.monotonic() - started)
+        (REPO / "artifacts" / "site-first-run.log").write_text(result.stdout)
+        recap = _recap(result.stdout)
+        assert recap["app"]["failed"] == 0 and recap["app"]["changed"] > 0, result.stdout[-3000:]
+        yield deployment
+    finally:
+        standin.stop()
+
+
+def test_second_run_changes_nothing(deployment: Deployment) -> None:
+    started = time.monotonic()
+    result = deployment.sandbox.ansible_playbook("playbooks/site.yml", "--limit", "app,replica")
+    deployment.record("site_rerun_seconds", time.monotonic() - started)
+    recap = _recap(result.stdout)
+    changed = [line for line in result.stdout.splitlines() if line.startswith("changed:")]
+    assert recap["app"]["changed"] == 0 and recap["replica"]["changed"] == 0, \
+        f"{recap}\n{changed}\n{result.stdout[-4000:]}"
+
+
+def test_check_mode_reports_no_change(deployment: Deployment) -> None:
+    result = deployment.sandbox.ansible_playbook(
+        "playbooks/site.yml", "--limit", "app,replica", "--check", "--diff")
+    recap = _recap(result.stdout)
+    assert recap["app"]["changed"] == 0 and recap["replica"]["changed"] == 0, \
+        result.stdout[-4000:]
+
+
+def test_root_may_no_longer_log_in(deployment: Deployment) -> None:
+    denied = deployment.app.run("true", check=False)
+    assert denied.returncode == 255
+    assert "Permission denied" in denied.stderr
+    assert deployment.on_app("id -un").stdout.strip() == "root"  # admin + sudo works
+
+
+def test_https_health_with_hsts_and_security_headers(deployment: Deployment) -> None:
+    result = deployment.curl(f"https://{DOMAIN}/health", "--include", "--fail")
+    assert result.returncode == 0, result.stderr
+    head, _, body = result.stdout.partition("\n\n")  # text=True folds \r\n
+    headers = {k.lower(): v for k, v in re.findall(r"^([\w-]+): (.*?)\r?$", head, re.MULTILINE)}
+    assert head.startswith("HTTP/2 200")
+    assert json.loads(body) == {"status": "ok"}
+    assert headers["strict-transport-security"].startswith("max-age=31536000")
+    assert "includeSubDomains" in headers["strict-transport-security"]
+    assert headers["x-content-type-options"] == "nosniff"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY"
+    assert "server" not in headers
+
+
+def test_certificate_comes_from_caddys_internal_ca(deployment: Deployment) -> None:
+    # Without Caddy's root the certificate is not trusted; with it, it is (above).
+    untrusted = subprocess.run(
+        ["curl", "--silent", "--noproxy", "*", "--max-time", "20", "--resolve",
+         f"{DOMAIN}:443:{deployment.app.address}", f"https://{DOMAIN}/health"],
+        capture_output=True, text=True)
+    assert untrusted.returncode == 60  # peer certificate cannot be authenticated
+    issuer = subprocess.run(
+        ["openssl", "s_client", "-connect", f"{deployment.app.address}:443", "-servername",
+         DOMAIN, "-CAfile", str(deployment.ca_file)],
+        input="", capture_output=True, text=True, timeout=30)
+    assert "Caddy Local Authority" in issuer.stdout
+    assert "Verify return code: 0 (ok)" in issuer.stdout
+
+
+def test_plain_http_redirects_to_https(deployment: Deployment) -> None:
+    result = deployment.curl(f"http://{DOMAIN}/health?x=1", "--include")
+    assert result.stdout.startswith("HTTP/1.1 308"), result.stdout
+    assert f"Location: https://{DOMAIN}/health?x=1" in result.stdout
+
+
+def test_metrics_are_not_public(deployment: Deployment) -> None:
+    result = deployment.curl(f"https://{DOMAIN}/metrics", "--include")
+    assert " 404" in result.stdout.splitlines()[0]
+    assert "digitalme_http_requests_total" in deployment.on_app(
+        "curl -fsS http://127.0.0.1:8080/metrics").stdout
+
+
+def test_chat_turn_through_caddy_reaches_the_claude_standin(deployment: Deployment) -> None:
+    token = deployment.on_app(
+        "/usr/local/sbin/digitalme token create --name e2e --scope chat --quiet").stdout.strip()
+    auth = ["--header", f"Authorization: Bearer {token}", "--fail"]
+    created = deployment.curl(f"https://{DOMAIN}/api/v1/conversations", *auth,
+                              "--request", "POST")
+    assert created.returncode == 0, created.stderr
+    conversation = json.loads(created.stdout)["id"]
+    said = deployment.curl(f"https://{DOMAIN}/api/v1/conversations/{conversation}/messages",
+                           *auth, "--json", json.dumps({"text": "Hello from the e2e test"}))
+    assert said.returncode == 0, said.stderr
+    reply = json.loads(said.stdout)["reply"]
+    assert reply["text"] == "Stand-in reply to: Hello from the e2e test"
+    assert reply["usage"]["input_tokens"] > 0
+    streamed = deployment.curl(
+        f"https://{DOMAIN}/api/v1/conversations/{conversation}/messages", *auth,
+        "--header", "Accept: text/event-stream", "--no-buffer",
+        "--json", json.dumps({"text": "And streamed?"}))
+    assert "event: delta" in streamed.stdout and "event: done" in streamed.stdout
+
+
+def _open(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def test_only_ssh_http_and_https_are_reachable_from_outside(deployment: Deployment) -> None:
+    listening = deployment.on_app("ss -Hltn | awk '{print $4}'").stdout.split()
+    ports = {int(a.rsplit(":", 1)[1]) for a in listening} | set(range(1, 1025)) \
+        | {2019, 3000, 8080, 8443, 9090, 9100}
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        results = dict(zip(ports, pool.map(lambda p: _open(deployment.app.address, p), ports),
+                           strict=True))
+    assert {port for port, is_open in results.items() if is_open} == {22, 80, 443}, listening
+    # Things listen on those other ports, on loopback only.
+    assert {8080, 9100, 2019} <= {int(a.rsplit(":", 1)[1]) for a in listening}
+
+
+def test_node_exporter_answers_on_the_host_only(deployment: Deployment) -> None:
+    metrics = deployment.on_app("curl -fsS http://127.0.0.1:9100/metrics").stdout
+    assert 'node_systemd_unit_state{name="digitalme.service",state="active"' in metrics
+    assert not _open(deployment.app.address, 9100)
+
+
+def test_units_are_active_and_hardened(deployment: Deployment) -> None:
+    active = deployment.on_app(f"systemctl is-active {' '.join(UNITS)}").stdout.split()
+    assert active == ["active"] * len(UNITS)
+    scores = {}
+    for unit in UNITS:
+        line = deployment.on_app(
+            f"systemd-analyze security {unit}.service --no-pager | tail -1").stdout
+        scores[unit] = float(re.search(r"exposure level for \S+: ([\d.]+)", line)[1])
+        deployment.record(f"exposure_{unit}", scores[unit])
+    print(f"systemd-analyze security: {scores}")
+    assert scores["digitalme"] <= 2.0
+    assert scores["litestream"] <= 4.0
+
+
+def test_writes_reach_the_replica_and_restore_intact(deployment: Deployment) -> None:
+    marker = f"replica check {uuid.uuid4()}"
+    token = deployment.on_app(
+        "/usr/local/sbin/digitalme token create --name e2e-replica --scope chat --quiet"
+    ).stdout.strip()
+    auth = ["--header", f"Authorization: Bearer {token}", "--fail"]
+    conversation = json.loads(deployment.curl(
+        f"https://{DOMAIN}/api/v1/conversations", *auth, "--request", "POST").stdout)["id"]
+    for i in range(5):
+        said = deployment.curl(
+            f"https://{DOMAIN}/api/v1/conversations/{conversation}/messages", *auth,
+            "--json", json.dumps({"text": f"{marker} #{i}"}))
+        assert said.returncode == 0, said.stderr
+    acknowledged = time.monotonic()
+    query = shlex.quote(f"PRAGMA integrity_check; SELECT count(*) FROM messages "
+                        f"WHERE text LIKE '%{marker}%';")
+    deadline = acknowledged + 30
+    while True:
+        restore = deployment.on_app(
+            "rm -f /var/lib/digitalme/e2e-restore.db* && "
+            "litestream-admin restore -o /var/lib/digitalme/e2e-restore.db "
+            "/var/lib/digitalme/digitalme.db && "
+            f"sqlite3 /var/lib/digitalme/e2e-restore.db {query}", check=False)
+        if restore.returncode == 0 and restore.stdout.split() == ["ok", "10"]:
+            break
+        assert time.monotonic() < deadline, restore.stdout + restore.stderr
+        time.sleep(1)
+    deployment.record("replica_visible_seconds", time.monotonic() - acknowledged)
+    deployment.on_app("rm -f /var/lib/digitalme/e2e-restore.db*")
+    # The replica lives on the other host.
+    files = deployment.sandbox.hosts["replica"].run(
+        "find /srv/litestream/replicas/digitalme -type f | head -5", login=ADMIN).stdout
+    assert files.strip(), "no replica files on the backup target"
+
+
+def test_package_install_floor(deployment: Deployment) -> None:
+    """The time apt alone takes to install what the roles install, on a fresh host."""
+    floor = deployment.sandbox.hosts["floor"]
+    started = time.monotonic()
+    floor.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
+              f"{ROLE_PACKAGES} >/dev/null", timeout=900)
+    seconds = time.monotonic() - started
+    deployment.record("package_install_floor_seconds", seconds)
+    fresh = deployment.timings.get("site_fresh_seconds")
+    if fresh:
+        deployment.record("site_fresh_over_floor", fresh / seconds)
+        print(f"site.yml fresh {fresh:.0f}s, apt floor {seconds:.0f}s, "
+              f"ratio {fresh / seconds:.1f}")
