@@ -1,0 +1,49 @@
+"""`molecule test` of every role's scenario, each on fresh sandbox hosts.
+
+Every role under roles/ with a molecule/default scenario is run: destroy, syntax, create,
+(prepare,) converge, idempotence (a second converge must change nothing), verify,
+destroy. What each scenario proves is described in the role's README. The sample role of
+the sandbox itself is run by test_sandbox.py. Logs: artifacts/molecule-<role>.log.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from tests.e2e.sandboxes import REPO, require_root, tool_env
+
+ROLES = sorted(
+    path.parents[2].name for path in REPO.glob("roles/*/molecule/default/molecule.yml")
+    if path.parents[2].name != "sandbox_sample"
+)
+
+
+def test_every_deployment_role_has_a_scenario() -> None:
+    assert set(ROLES) >= {"base", "caddy", "digitalme", "litestream", "node_exporter"}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("role", ROLES)
+def test_molecule_scenario_passes(role: str) -> None:
+    require_root()
+    log = REPO / "artifacts" / f"molecule-{role}.log"
+    log.parent.mkdir(exist_ok=True)
+    started = time.monotonic()
+    proc = subprocess.run(
+        ["molecule", "test"],
+        cwd=REPO / "roles" / role,
+        env=dict(tool_env(), NO_COLOR="1", ANSIBLE_FORCE_COLOR="0"),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        stdin=subprocess.DEVNULL,
+    )
+    output = proc.stdout + proc.stderr
+    log.write_text(output)
+    assert proc.returncode == 0, f"molecule test failed ({log}):\n{output[-8000:]}"
+    for step in ("converge", "idempotence", "verify", "destroy"):
+        assert f"{step}: Executed: Successful" in output, step
+    print(f"molecule test of roles/{role}: {time.monotonic() - started:.0f}s")
