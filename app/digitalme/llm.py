@@ -211,24 +211,6 @@ class Claude:
             self.metrics.claude_tokens.labels(kind).inc(value)
         self.metrics.claude_cost.inc(u.cost_usd(self.settings))
 
-    async def complete(self, system: Sequence[dict[str, Any]],
-                       messages: Sequence[dict[str, Any]],
-                       tools: Sequence[dict[str, Any]] | None = None) -> Reply:
-        client = self._admit()
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(self.settings.claude_deadline_seconds):
-                message = await client.messages.create(
-                    **self._request(system, messages, tools))
-        except _CALL_FAILURES as exc:
-            raise self._failed(exc) from exc
-        except BaseException:
-            self.breaker.record_neutral()
-            raise
-        reply = _reply_from_message(message)
-        self._succeeded(reply, started)
-        return reply
-
     async def stream(self, system: Sequence[dict[str, Any]],
                      messages: Sequence[dict[str, Any]],
                      tools: Sequence[dict[str, Any]] | None = None,

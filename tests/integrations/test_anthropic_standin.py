@@ -42,28 +42,7 @@ WEATHER_TOOL = {
                      "required": ["city"]},
 }
 
-# Environment the SDK reads even when api_key/base_url are passed explicitly (or that httpx2
-# reads): a developer's shell must not leak into these tests.
-SDK_ENV = [
-    "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "ANTHROPIC_CUSTOM_HEADERS",
-    "ANTHROPIC_PROFILE", "ANTHROPIC_CONFIG_DIR", "ANTHROPIC_LOG", "ANTHROPIC_FEDERATION_RULE_ID",
-    "ANTHROPIC_ORGANIZATION_ID", "ANTHROPIC_IDENTITY_TOKEN", "ANTHROPIC_IDENTITY_TOKEN_FILE",
-    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
-]
-
-
-@pytest.fixture(autouse=True)
-def _clean_sdk_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in SDK_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("ANTHROPIC_CONFIG_DIR", str(tmp_path / "anthropic-config"))
-    monkeypatch.setenv("NO_PROXY", "*")
-
-
-@pytest.fixture
-async def standin() -> AsyncIterator[AnthropicStandin]:
-    async with run_anthropic_standin("127.0.0.1", 0) as server:
-        yield server
+# The SDK's environment is cleaned, and `standin` provided, by tests/conftest.py.
 
 
 @pytest.fixture
@@ -390,7 +369,7 @@ async def test_hang_until_the_server_closes() -> None:
 
 
 def test_standalone_process_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in SDK_ENV}
+    env = dict(os.environ)  # already cleaned of SDK variables by tests/conftest.py
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.standins.anthropic_api", "--host", "127.0.0.1",
          "--port", "0", "--delay", "0.05"],
