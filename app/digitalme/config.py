@@ -114,6 +114,10 @@ def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
     return tuple(networks)
 
 
+def _optional_path(raw: str) -> Path | None:
+    return Path(raw) if raw else None
+
+
 def _url(raw: str) -> str | None:
     if not raw:
         return None
@@ -339,6 +343,26 @@ class Settings:
     activity_digest_max_tokens: int = setting(
         "DIGITALME_ACTIVITY_DIGEST_MAX_TOKENS", "600", _int_range(50, 100_000),
         "Estimated tokens the activity digest may take, on top of the history budget.")
+
+    # --- backups: Litestream's replication and the restore drill ----------------------------
+    litestream_socket: Path | None = setting(
+        "DIGITALME_LITESTREAM_SOCKET", "", _optional_path,
+        "Litestream's control socket (/run/litestream/litestream.sock where the roles "
+        "deployed it). The `backup` readiness check and the digitalme_backup_* metrics ask "
+        "it when the replica last synced. Empty: replication is not checked.")
+    backup_max_lag_seconds: float = setting(
+        "DIGITALME_BACKUP_MAX_LAG_SECONDS", "30", _float_range(1, 86400),
+        "The `backup` readiness check fails when Litestream's last successful sync to the "
+        "replica is older than this (it syncs every second while the replica accepts "
+        "writes). It is reported, not required: the service stays in rotation.")
+    backup_drill_result: Path | None = setting(
+        "DIGITALME_BACKUP_DRILL_RESULT", "", _optional_path,
+        "JSON result of the last restore drill (written by digitalme-backup-drill.service), "
+        "shown in the `backup` readiness check. Empty: drills are not shown.")
+    backup_drill_max_age_hours: float = setting(
+        "DIGITALME_BACKUP_DRILL_MAX_AGE_HOURS", "48", _float_range(1, 24 * 366),
+        "The `backup` readiness check fails when the last restore drill finished longer ago "
+        "than this (the drill runs daily by default).")
 
     @property
     def claude_configured(self) -> bool:

@@ -6,6 +6,7 @@ process. Names carry the ``digitalme_`` prefix, units, and ``_total`` on counter
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -90,6 +91,18 @@ class Metrics:
         self.db_size = Gauge(
             "digitalme_database_size_bytes", "Size of the SQLite database and its WAL.",
             registry=registry)
+        # Backups (Litestream's control socket; the restore drill publishes its own
+        # digitalme_backup_drill_* metrics through node-exporter's textfile collector)
+        self.backup_litestream_up = Gauge(
+            "digitalme_backup_litestream_up",
+            "1 when Litestream answers on its control socket for the database, else 0.",
+            registry=registry)
+        self.backup_replication_lag = Gauge(
+            "digitalme_backup_replication_lag_seconds",
+            "Seconds since Litestream last completed a sync to the replica (NaN when it "
+            "does not answer): the most a crash of this host would lose.",
+            registry=registry)
+        self.backup_replication_lag.set(math.nan)  # unknown until Litestream is asked
         self.build_info = Gauge(
             "digitalme_build_info", "Version and commit of the running service.",
             ["version", "commit", "environment"], registry=registry)

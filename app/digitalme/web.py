@@ -14,6 +14,7 @@ from aiohttp import web
 
 from . import __version__
 from .activity import ActivityStore
+from .backup import backup_check, replication_metrics_refresher
 from .chat import ChatService
 from .config import Settings
 from .conversations import ConversationStore
@@ -178,6 +179,13 @@ def create_app(settings: Settings) -> web.Application:
     readiness.add("migrations", migrations_check(db))
     readiness.add("persona", persona_check(personas))
     readiness.add("claude", claude_check(claude))
+    if settings.litestream_socket is not None or settings.backup_drill_result is not None:
+        # Reported, not required: a stalled replica must show, but it must not take the
+        # only instance out of rotation (docs/operations/backup-and-recovery.md).
+        readiness.add("backup", backup_check(settings), required=False)
+    if settings.litestream_socket is not None:
+        metrics.on_scrape(replication_metrics_refresher(
+            settings.litestream_socket, settings.db_path, metrics))
 
     app[SETTINGS] = settings
     app[METRICS] = metrics
