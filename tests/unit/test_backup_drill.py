@@ -1,0 +1,327 @@
+"""The restore drill script (roles/litestream/files/usr/local/libexec/digitalme-backup).
+
+It runs as a process, as the drill unit runs it, against a stand-in of the `litestream`
+command: ``restore -o OUT`` copies a prepared "replica state" database (or fails like
+Litestream does on a corrupted replica), ``ltx -json`` lists one file. The live database is a
+real SQLite file in WAL mode with a writer connection open, like the app's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "roles/litestream/files/usr/local/libexec/digitalme-backup"
+
+FAKE_LITESTREAM = textwrap.dedent("""\
+    #!{python}
+    # Stand-in of litestream 0.5.17's restore and ltx commands for the drill's tests.
+    import json, os, shutil, sys
+    args = sys.argv[1:]
+    state = os.environ["FAKE_REPLICA_STATE"]
+    if os.environ.get("FAKE_RESTORE_ERROR") and args[0] in ("restore", "ltx"):
+        print("time=2026-11-26T04:12:13Z level=INFO msg=restoring", file=sys.stderr)
+        print("Error: " + os.environ["FAKE_RESTORE_ERROR"], file=sys.stderr)
+        sys.exit(1)
+    if args[0] == "restore":
+        out = args[args.index("-o") + 1]
+        if os.path.exists(out):
+            print("Error: output file already exists", file=sys.stderr)
+            sys.exit(1)
+        if os.path.exists(state):
+            shutil.copyfile(state, out)
+            # Litestream 0.5.17 logs on stdout, before the JSON summary.
+            print('time=2026-11-26T04:27:32.340Z level=INFO msg="post-restore integrity '
+                  'check passed" db=digitalme.db replica=sftp')
+            print(json.dumps({{"db_path": out, "replica": "file", "txid": "00000000000000a1",
+                               "duration_ms": 5, "integrity_check": "full"}}, indent=2))
+        sys.exit(0)
+    if args[0] == "ltx":
+        print(json.dumps([{{"level": 0, "min_txid": "00000000000000a1",
+                            "max_txid": "00000000000000a1", "size": 609,
+                            "timestamp": os.environ["FAKE_REPLICA_TIME"]}}]))
+        sys.exit(0)
+    sys.exit(2)
+""")
+
+SCHEMA = """
+CREATE TABLE _litestream_seq (id INTEGER PRIMARY KEY, seq INTEGER);
+CREATE TABLE conversations (id TEXT PRIMARY KEY, created_at TEXT NOT NULL);
+CREATE TABLE messages (id INTEGER PRIMARY KEY, conversation_id TEXT NOT NULL,
+                       text TEXT NOT NULL, created_at TEXT NOT NULL);
+"""
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Host:
+    """A stand-in host: the live database, a replica state, the drill's folders."""
+
+    root: Path
+    live: sqlite3.Connection
+
+    @property
+    def db(self) -> Path:
+        return self.root / "live" / "digitalme.db"
+
+    @property
+    def replica_state(self) -> Path:
+        return self.root / "replica-state.db"
+
+    @property
+    def workdir(self) -> Path:
+        return self.root / "drill"
+
+    @property
+    def textfile(self) -> Path:
+        return self.root / "textfile"
+
+    def write(self, count: int, newest: datetime) -> None:
+        """Commit `count` messages, the last one created at `newest`."""
+        for i in range(count):
+            at = newest - timedelta(seconds=count - 1 - i)
+            self.live.execute("INSERT INTO messages (conversation_id, text, created_at) "
+                              "VALUES ('c1', ?, ?)", (f"message {i}", iso(at)))
+
+    def replicate(self) -> None:
+        """The replica holds exactly what the live database holds now."""
+        self.replica_state.unlink(missing_ok=True)
+        backup = sqlite3.connect(self.replica_state)
+        self.live.backup(backup)
+        backup.close()
+
+    def drill(self, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
+        fake = self.root / "litestream"
+        return subprocess.run(
+            [sys.executable, str(SCRIPT), "drill", "--db", str(self.db), "--config",
+             "/dev/null", "--litestream", str(fake), "--workdir", str(self.workdir),
+             "--textfile-dir", str(self.textfile), "--max-behind-seconds", "60", *extra],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "FAKE_REPLICA_STATE": str(self.replica_state),
+                 "FAKE_REPLICA_TIME": "2026-11-26T04:10:51Z", **env})
+
+    def result(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads((self.workdir / "result.json").read_text())
+        return loaded
+
+    def metrics(self) -> dict[str, float]:
+        text = (self.textfile / "digitalme_backup.prom").read_text()
+        return {m[1]: float(m[2]) for m in re.finditer(r"^([^#\s]\S*) (\S+)$", text, re.M)}
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    (tmp_path / "live").mkdir()
+    (tmp_path / "drill").mkdir()
+    (tmp_path / "textfile").mkdir()
+    fake = tmp_path / "litestream"
+    fake.write_text(FAKE_LITESTREAM.format(python=sys.executable))
+    fake.chmod(0o755)
+    live = sqlite3.connect(tmp_path / "live" / "digitalme.db", isolation_level=None)
+    live.execute("PRAGMA journal_mode = WAL")
+    live.executescript(SCHEMA)
+    live.execute("INSERT INTO conversations VALUES ('c1', '2026-11-01T00:00:00.000Z')")
+    yield Host(tmp_path, live)
+    live.close()
+
+
+def test_a_drill_on_a_current_replica_passes_and_publishes_its_metrics(host: Host) -> None:
+    host.write(20, datetime.now(UTC))
+    host.replicate()
+    before = sorted(p.name for p in host.db.parent.iterdir())
+    proc = host.drill()
+    assert proc.returncode == 0, proc.stderr
+    assert "restore drill passed" in proc.stdout
+    result = host.result()
+    assert result["ok"] is True and result["error"] is None
+    assert result["integrity"] == "ok"
+    assert result["rows"] == {"conversations": 1, "messages": 20}
+    assert result["behind_seconds"] == 0.0
+    assert result["restored_txid"] == "00000000000000a1"
+    assert result["replica_newest_change_at"].startswith("2026-11-26T04:10:51")
+    assert result["last_success_at"] == result["finished_at"]
+    metrics = host.metrics()
+    assert metrics["digitalme_backup_drill_success"] == 1
+    assert metrics["digitalme_backup_drill_duration_seconds"] > 0
+    assert metrics["digitalme_backup_drill_last_run_timestamp_seconds"] == pytest.approx(
+        result["finished_epoch"])
+    assert metrics["digitalme_backup_drill_behind_seconds"] == 0
+    assert metrics['digitalme_backup_drill_restored_rows{table="messages"}'] == 20
+    assert metrics["digitalme_backup_replica_age_seconds"] > 0
+    # Written atomically, scratch copy gone, the live database's folder untouched.
+    assert sorted(p.name for p in host.workdir.iterdir()) == ["result.json"]
+    assert sorted(p.name for p in host.textfile.iterdir()) == ["digitalme_backup.prom"]
+    assert sorted(p.name for p in host.db.parent.iterdir()) == before
+
+
+def test_an_idle_clone_is_not_a_stale_replica(host: Host) -> None:
+    # Nothing written for ten days: the replica holds the newest row, so it is current.
+    host.write(5, datetime.now(UTC) - timedelta(days=10))
+    host.replicate()
+    proc = host.drill()
+    assert proc.returncode == 0, proc.stderr
+    assert host.result()["behind_seconds"] == 0.0
+
+
+def test_a_replica_that_stopped_receiving_changes_fails(host: Host) -> None:
+    host.write(5, datetime.now(UTC) - timedelta(minutes=30))
+    host.replicate()
+    host.write(3, datetime.now(UTC))  # written after replication stopped
+    proc = host.drill()
+    assert proc.returncode == 1
+    assert "restore drill FAILED" in proc.stderr and "the replica is stale" in proc.stderr
+    result = host.result()
+    assert result["ok"] is False
+    assert 1700 < result["behind_seconds"] < 1900
+    assert "more than 60s" in result["error"]
+    assert host.metrics()["digitalme_backup_drill_success"] == 0
+
+
+def test_rows_written_within_the_allowed_lag_pass(host: Host) -> None:
+    host.write(5, datetime.now(UTC) - timedelta(seconds=20))
+    host.replicate()
+    host.write(1, datetime.now(UTC))  # 20 s newer than the replica: within 60 s
+    proc = host.drill()
+    assert proc.returncode == 0, proc.stderr
+    assert 19 < host.result()["behind_seconds"] < 21
+
+
+def test_a_corrupted_replica_fails_loudly_and_keeps_the_last_success(host: Host) -> None:
+    host.write(5, datetime.now(UTC))
+    host.replicate()
+    assert host.drill().returncode == 0
+    passed = host.result()["last_success_epoch"]
+    proc = host.drill(FAKE_RESTORE_ERROR="decode database: decode page 59: read page header 0:"
+                                         " decompress block: lz4: invalid source")
+    assert proc.returncode == 1
+    result = host.result()
+    assert result["ok"] is False
+    assert result["error"].startswith("litestream restore failed (exit 1): ")
+    assert "lz4: invalid source" in result["error"]
+    assert result["last_success_epoch"] == passed
+    metrics = host.metrics()
+    assert metrics["digitalme_backup_drill_success"] == 0
+    assert metrics["digitalme_backup_drill_last_success_timestamp_seconds"] == pytest.approx(
+        passed)
+    assert not (host.workdir / "scratch").exists()
+
+
+def test_a_restored_copy_that_fails_integrity_check_fails(host: Host) -> None:
+    host.write(400, datetime.now(UTC))
+    host.live.execute("CREATE INDEX messages_text ON messages (text)")
+    host.replicate()
+    data = bytearray(host.replica_state.read_bytes())
+    page = 4096
+    for offset in range(len(data) - 2 * page, len(data) - page):  # one late page
+        data[offset] ^= 0x5A
+    host.replica_state.write_bytes(bytes(data))
+    proc = host.drill()
+    assert proc.returncode == 1
+    error = host.result()["error"]
+    assert "integrity_check" in error or "malformed" in error, error
+    assert host.metrics()["digitalme_backup_drill_success"] == 0
+
+
+def test_an_empty_replica_fails(host: Host) -> None:
+    host.write(2, datetime.now(UTC))
+    proc = host.drill()  # no replica state: restore succeeds without a database
+    assert proc.returncode == 1
+    assert "holds no backup" in host.result()["error"]
+
+
+def test_rows_in_the_live_database_missing_from_the_copy_fail(host: Host) -> None:
+    host.replicate()  # replicated while empty
+    host.write(2, datetime.now(UTC))
+    proc = host.drill()
+    assert proc.returncode == 1
+    assert "the restored copy has none" in host.result()["error"]
+
+
+def test_a_missing_live_database_fails(host: Host, tmp_path: Path) -> None:
+    host.write(2, datetime.now(UTC))
+    host.replicate()
+    proc = host.drill("--db", str(tmp_path / "nowhere.db"))
+    assert proc.returncode == 1
+    assert "cannot read the newest row of the live database" in host.result()["error"]
+
+
+def test_a_leftover_scratch_copy_is_replaced(host: Host) -> None:
+    host.write(2, datetime.now(UTC))
+    host.replicate()
+    (host.workdir / "scratch").mkdir()
+    (host.workdir / "scratch" / "restored.db").write_text("left by an interrupted drill")
+    proc = host.drill()
+    assert proc.returncode == 0, proc.stderr
+    assert not (host.workdir / "scratch").exists()
+
+
+def test_unix_seconds_timestamps_are_understood(host: Host) -> None:
+    host.live.execute("CREATE TABLE rows (id INTEGER PRIMARY KEY, what TEXT, at REAL)")
+    now = datetime.now(UTC).timestamp()
+    host.live.execute("INSERT INTO rows (what, at) VALUES ('a', ?), ('b', ?)", (now - 5, now))
+    host.replicate()
+    proc = host.drill("--table", "rows", "--time-column", "at")
+    assert proc.returncode == 0, proc.stderr
+    assert host.result()["restored_newest_row_at"].startswith(
+        datetime.fromtimestamp(now, UTC).isoformat()[:19])
+
+
+def test_inspect_reports_integrity_rows_and_newest_row(host: Host) -> None:
+    newest = datetime(2026, 11, 26, 4, 10, 51, tzinfo=UTC)
+    host.write(3, newest)
+    shm_before = host.db.with_name("digitalme.db-shm").stat().st_mtime_ns
+    proc = subprocess.run([sys.executable, str(SCRIPT), "inspect", "--live", str(host.db)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["integrity"] == "ok"
+    assert report["rows"] == {"conversations": 1, "messages": 3}
+    assert report["newest_row_at"] == "2026-11-26T04:10:51.000+00:00"
+    assert host.db.with_name("digitalme.db-shm").stat().st_mtime_ns >= shm_before
+    host.replicate()
+    copy = subprocess.run([sys.executable, str(SCRIPT), "inspect", str(host.replica_state)],
+                          capture_output=True, text=True, timeout=30)
+    assert json.loads(copy.stdout)["rows"] == report["rows"]
+    # A restored copy is opened immutable: no -wal/-shm left beside it.
+    assert sorted(p.name for p in host.root.glob("replica-state.db*")) == ["replica-state.db"]
+    missing = subprocess.run([sys.executable, str(SCRIPT), "inspect", "/nonexistent.db"],
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_the_script_runs_on_the_hosts_python() -> None:
+    """Debian 12's python3 is 3.11: the script must not need anything newer, or any
+    package outside the standard library."""
+    source = SCRIPT.read_text()
+    assert source.startswith("#!/usr/bin/python3\n")
+    imports = set(re.findall(r"^(?:import|from) (\w+)", source, re.M))
+    assert imports <= {"__future__", "argparse", "json", "math", "os", "shutil", "sqlite3",
+                       "subprocess", "sys", "time", "traceback", "urllib", "datetime",
+                       "pathlib", "typing"}
+    assert shutil.which("python3")
+
+
+def test_the_script_passes_ruff_and_strict_mypy() -> None:
+    """It lives outside app/, so the project's lint run does not see it: check it here."""
+    venv = Path(sys.executable).parent
+    for argv in ([str(venv / "ruff"), "check", str(SCRIPT)],
+                 [str(venv / "mypy"), "--strict", "--no-incremental", str(SCRIPT)]):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
