@@ -12,12 +12,15 @@ bridge address and that forwards only to the mirror of the machine's own apt sou
     sandbox.py down [--name NAME | --all]
     sandbox.py status [--name NAME] [--json]
     sandbox.py ssh [--name NAME] HOST [COMMAND...]
+    sandbox.py kill [--name NAME] HOST...
     sandbox.py image [--rebuild]
 
 `up` is declarative: the sandbox ends up with exactly the hosts asked for (hosts already
 running are kept, others are booted, hosts no longer asked for are removed), so running it
-twice changes nothing. `down` removes every host, network namespace, mount, cgroup, firewall
-table and process the sandbox created, and nothing else. See docs/sandbox.md.
+twice changes nothing; a host that died, or that `kill` cut off like a power failure, is
+booted fresh under its name and address. `down` removes every host, network namespace,
+mount, cgroup, firewall table and process the sandbox created, and nothing else. See
+docs/sandbox.md.
 
 Stdlib only (runs with the system python3 before any virtualenv exists); must run as root.
 """
@@ -1630,14 +1633,18 @@ def sandbox_up(
             log(f"{name}: removing hosts no longer asked for: {', '.join(gone)}")
             stop_hosts(state, gone)
         stale = [h for h in state["hosts"] if not host_is_healthy(state, h)]
+        # A host that died (or was killed) comes back fresh under its name and address.
+        reused = {h: state["hosts"][h]["index"] for h in stale}
         if stale:
             log(f"{name}: rebooting hosts that are not healthy: {', '.join(stale)}")
             stop_hosts(state, stale)
         new = [h for h in wanted if h not in state["hosts"]]
-        used = {r["index"] for r in state["hosts"].values()}
+        used = {r["index"] for r in state["hosts"].values()} | {
+            i for h, i in reused.items() if h in new
+        }
         free = (i for i in range(MAX_HOSTS) if i not in used)
         for host in new:
-            index = next(free)
+            index = reused[host] if host in reused else next(free)
             state["hosts"][host] = {
                 "index": index,
                 "address": f"{SUBNET_BASE}.{state['slot']}.{FIRST_HOST_OCTET + index}",
@@ -1721,6 +1728,35 @@ def sandbox_down(name: str) -> bool:
         return True
 
 
+def sandbox_kill(name: str, hosts: list[str]) -> list[str]:
+    """Kill hosts without shutdown, like a power cut: SIGKILL to the nspawn process and to
+    everything in the host's cgroup at once. The state keeps them, marked killed, so
+    `status` shows them NOT HEALTHY and the next `up` naming them boots them fresh (new
+    upper layer, new host key) with the same name and address."""
+    require_root()
+    with machine_lock():
+        state = load_state(name)
+        if state is None:
+            raise SandboxError(f"no sandbox named {name!r} is up")
+        unknown = [h for h in hosts if h not in state["hosts"]]
+        if unknown:
+            raise SandboxError(f"no host {', '.join(unknown)} in sandbox {name!r}")
+        for host in hosts:
+            record = state["hosts"][host]
+            nspawn = record.get("nspawn")
+            if nspawn:
+                _kill_cgroup(nspawn["cgroup"], f"{host}: kill every process")
+                _wait_reaped(nspawn["pid"])
+            record["killed_at"] = time.time()
+            log(f"{name}: {host} killed (no shutdown); `up` boots it fresh")
+        save_state(state)
+        # Connections Ansible or testinfra kept open would hang on the dead host.
+        for pid in _mux_masters_to({state["hosts"][h]["address"] for h in hosts}):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        return hosts
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -1747,6 +1783,11 @@ def cmd_down(args: argparse.Namespace) -> int:
             sandbox_down(name)
         return 0
     sandbox_down(args.name)
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    sandbox_kill(args.name, args.hosts)
     return 0
 
 
@@ -1832,6 +1873,13 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument("--all", action="store_true", help="every sandbox of this checkout")
     down.add_argument("--any-owner", action="store_true", help="with --all: of any checkout")
     down.set_defaults(func=cmd_down)
+
+    kill = sub.add_parser(
+        "kill", help="kill hosts without shutdown (a power cut); `up` boots them fresh"
+    )
+    kill.add_argument("--name", default=DEFAULT_NAME, help=name_help)
+    kill.add_argument("hosts", nargs="+", metavar="HOST")
+    kill.set_defaults(func=cmd_kill)
 
     status = sub.add_parser("status", help="list sandboxes and their hosts")
     status.add_argument("--name", help="only this sandbox")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -180,6 +181,40 @@ def test_up_again_changes_nothing(pair):
     assert all(Path(f"/proc/{pid}").exists() for pid in pids.values())
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert netns.count(f"dmsb{pair.slot}-") == 2
+
+
+def test_kill_cuts_a_host_off_and_up_boots_it_fresh(pair):
+    """`kill` is a power cut (no shutdown); `up` then brings a fresh host back under the same
+    name and address, and leaves the other hosts alone."""
+    app, replica = pair.hosts["app"], pair.hosts["replica"]
+    app.run("echo written-before-the-kill > /var/tmp/marker && sync")
+    state = json.loads((RUN_ROOT / pair.name / "state.json").read_text())
+    old_pid = state["hosts"]["app"]["nspawn"]["pid"]
+    old_key = state["hosts"]["app"]["host_key"]
+    replica_pid = state["hosts"]["replica"]["nspawn"]["pid"]
+    started = time.monotonic()
+    run_tool("kill", "--name", pair.name, "app")
+    assert time.monotonic() - started < 30
+    assert not Path(f"/proc/{old_pid}").exists()
+    cgroup = state["hosts"]["app"]["nspawn"]["cgroup"]
+    assert not any((root / cgroup).exists() for root in
+                   (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"),
+                    Path("/sys/fs/cgroup")))
+    status = run_tool("status", "--name", pair.name).stdout
+    assert re.search(r"^  app\s.*NOT HEALTHY$", status, re.M), status
+    assert app.run("true", check=False, timeout=60).returncode == 255
+    assert replica.run("systemctl is-system-running").stdout.strip() == "running"
+
+    again = boot_sandbox(pair.name, ("app", "replica"), pair.inventory)
+    fresh = again.hosts["app"]
+    assert fresh.address == app.address
+    after = json.loads((RUN_ROOT / pair.name / "state.json").read_text())
+    assert after["hosts"]["app"]["host_key"] != old_key
+    assert after["hosts"]["replica"]["nspawn"]["pid"] == replica_pid
+    assert fresh.run("systemctl is-system-running --wait").stdout.strip() == "running"
+    assert fresh.run("test -e /var/tmp/marker", check=False).returncode == 1
+    # The inventory and known_hosts follow: Ansible reaches the new host, key checked.
+    again.ansible("app", "-m", "ansible.builtin.ping")
 
 
 def test_a_boot_timeout_names_its_step_and_shows_the_console():
