@@ -63,10 +63,14 @@ def test_each_host_has_its_own_namespace_address_and_machine_id(pair):
 
 def test_inventory_has_groups_hosts_and_connection_vars(pair):
     inventory = yaml.safe_load((pair.inventory / "hosts.yml").read_text())["all"]
-    assert inventory["hosts"] == {
-        "app": {"ansible_host": pair.hosts["app"].address},
-        "replica": {"ansible_host": pair.hosts["replica"].address},
-    }
+    assert set(inventory["hosts"]) == {"app", "replica"}
+    pinned = pair.known_hosts.read_text()
+    for name, host_vars in inventory["hosts"].items():
+        assert host_vars["ansible_host"] == pair.hosts[name].address
+        # The host's own public key (what the sftp replica target pins), as in known_hosts.
+        key_type, key = host_vars["sandbox_host_key"].split()
+        assert key_type == "ssh-ed25519"
+        assert f"{pair.hosts[name].address} {key_type} {key}" in pinned
     assert inventory["children"]["digitalme"]["hosts"] == {"app": None}
     assert inventory["children"]["backup_targets"]["hosts"] == {"replica": None}
     variables = inventory["vars"]
