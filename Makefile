@@ -5,7 +5,7 @@ test:
 	scripts/test.sh
 
 lint:
-	.venv/bin/ruff check app tests bench
+	.venv/bin/ruff check .
 	.venv/bin/mypy
 
 # Sandbox hosts (sandbox/sandbox.py, docs/sandbox.md): HOSTS="app replica" or

@@ -1,9 +1,13 @@
-"""The restore drill script (roles/litestream/files/usr/local/libexec/digitalme-backup).
+"""The backup tool (roles/litestream/files/usr/local/libexec/digitalme-backup): restores,
+drills, inspection.
 
-It runs as a process, as the drill unit runs it, against a stand-in of the `litestream`
-command: ``restore -o OUT`` copies a prepared "replica state" database (or fails like
-Litestream does on a corrupted replica), ``ltx -json`` lists one file. The live database is a
-real SQLite file in WAL mode with a writer connection open, like the app's.
+It runs as a process, as the units run it, with a settings file like the role's, against
+stand-ins of the commands it drives: ``litestream`` (``restore -dry-run -json`` prints a plan
+of one LTX file; ``restore -o OUT`` writes the "replica state" database, from the replica or
+from a local ``file://`` copy; it fails like Litestream on a corrupted replica) and OpenSSH's
+``sftp`` (runs the batch of ``get`` commands against a folder standing for the target's
+chroot, after checking the pinned host key and the key file). The live database is a real
+SQLite file in WAL mode with a writer connection open, like the app's.
 """
 
 from __future__ import annotations
@@ -26,36 +30,78 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "roles/litestream/files/usr/local/libexec/digitalme-backup"
+LTX = "0000000000000001-00000000000000a1.ltx"
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE0cq4z49d9k3986lOi569WRw8gsBMzgYxbsOa4ynoRf"
 
 FAKE_LITESTREAM = textwrap.dedent("""\
     #!{python}
-    # Stand-in of litestream 0.5.17's restore and ltx commands for the drill's tests.
+    # Stand-in of litestream 0.5.17's restore command (plan, restore, restore from file://).
     import json, os, shutil, sys
     args = sys.argv[1:]
     state = os.environ["FAKE_REPLICA_STATE"]
-    if os.environ.get("FAKE_RESTORE_ERROR") and args[0] in ("restore", "ltx"):
-        print("time=2026-11-26T04:12:13Z level=INFO msg=restoring", file=sys.stderr)
-        print("Error: " + os.environ["FAKE_RESTORE_ERROR"], file=sys.stderr)
+    log = 'time=2026-11-26T04:27:32.340Z level=INFO msg="post-restore integrity check passed"'
+    def fail(message):
+        print("Error: " + message, file=sys.stderr)
         sys.exit(1)
-    if args[0] == "restore":
-        out = args[args.index("-o") + 1]
-        if os.path.exists(out):
-            print("Error: output file already exists", file=sys.stderr)
-            sys.exit(1)
-        if os.path.exists(state):
-            shutil.copyfile(state, out)
-            # Litestream 0.5.17 logs on stdout, before the JSON summary.
-            print('time=2026-11-26T04:27:32.340Z level=INFO msg="post-restore integrity '
-                  'check passed" db=digitalme.db replica=sftp')
-            print(json.dumps({{"db_path": out, "replica": "file", "txid": "00000000000000a1",
-                               "duration_ms": 5, "integrity_check": "full"}}, indent=2))
+    with open(os.environ["FAKE_CALLS"], "a") as calls:
+        calls.write(" ".join(args) + "\\n")
+    if args[0] != "restore":
+        sys.exit(2)
+    out, source = args[args.index("-o") + 1], args[-1]
+    if "-dry-run" in args:
+        if not os.path.exists(state):
+            fail("no matching backup files available")
+        print(log)  # Litestream 0.5.17 logs on stdout, before the JSON
+        print(json.dumps({{"source": source, "target_path": out, "replica": "sftp",
+                           "min_txid": "0000000000000001", "max_txid": "00000000000000a1",
+                           "files": [{{"level": 9, "name": "{ltx}",
+                                       "min_txid": "0000000000000001",
+                                       "max_txid": "00000000000000a1",
+                                       "size": os.path.getsize(state),
+                                       "timestamp": os.environ["FAKE_REPLICA_TIME"]}}]}}, indent=2))
         sys.exit(0)
-    if args[0] == "ltx":
-        print(json.dumps([{{"level": 0, "min_txid": "00000000000000a1",
-                            "max_txid": "00000000000000a1", "size": 609,
-                            "timestamp": os.environ["FAKE_REPLICA_TIME"]}}]))
-        sys.exit(0)
-    sys.exit(2)
+    if os.environ.get("FAKE_RESTORE_ERROR"):
+        print(log)
+        fail(os.environ["FAKE_RESTORE_ERROR"])
+    if os.path.exists(out):
+        fail("output file already exists")
+    if source.startswith("file://"):
+        if args[args.index("-txid") + 1] != "00000000000000a1":
+            fail("unexpected -txid")
+        src = os.path.join(source[len("file://"):], "ltx", "9", "{ltx}")
+    else:
+        src = state
+    if not os.path.exists(src):
+        fail("no matching backup files available")
+    shutil.copyfile(src, out)
+    print(log)
+    print(json.dumps({{"db_path": out, "replica": "file", "txid": "00000000000000a1",
+                       "duration_ms": 5, "integrity_check": "full"}}, indent=2))
+""")
+
+FAKE_SFTP = textwrap.dedent("""\
+    #!{python}
+    # Stand-in of OpenSSH's sftp: runs a batch of gets against FAKE_SFTP_ROOT (the chroot).
+    import os, shlex, shutil, sys
+    args = sys.argv[1:]
+    options = [args[i + 1] for i, a in enumerate(args) if a == "-o"]
+    def option(name):
+        return next((o.split("=", 1)[1] for o in options if o.startswith(name + "=")), None)
+    if os.environ.get("FAKE_SFTP_ERROR"):
+        print(os.environ["FAKE_SFTP_ERROR"], file=sys.stderr)
+        sys.exit(255)
+    assert option("StrictHostKeyChecking") == "yes" and option("BatchMode") == "yes"
+    assert open(option("UserKnownHostsFile")).read() == os.environ["FAKE_KNOWN_HOST"]
+    assert os.path.exists(option("IdentityFile")), "no key"
+    assert args[-1] == os.environ["FAKE_DESTINATION"], args[-1]
+    batch = args[args.index("-b") + 1]
+    for line in open(batch):
+        verb, remote, local = shlex.split(line)
+        assert verb == "get"
+        shutil.copyfile(os.environ["FAKE_SFTP_ROOT"] + remote, local)
+        if os.environ.get("FAKE_SFTP_TRUNCATE"):
+            with open(local, "r+b") as f:
+                f.truncate(100)
 """)
 
 SCHEMA = """
@@ -72,10 +118,11 @@ def iso(moment: datetime) -> str:
 
 @dataclass
 class Host:
-    """A stand-in host: the live database, a replica state, the drill's folders."""
+    """A stand-in host: the live database, a replica state, the tool's settings."""
 
     root: Path
     live: sqlite3.Connection
+    replica_type: str = "file"
 
     @property
     def db(self) -> Path:
@@ -86,12 +133,21 @@ class Host:
         return self.root / "replica-state.db"
 
     @property
+    def sftp_root(self) -> Path:
+        return self.root / "target"
+
+    @property
     def workdir(self) -> Path:
         return self.root / "drill"
 
     @property
     def textfile(self) -> Path:
         return self.root / "textfile"
+
+    @property
+    def calls(self) -> list[str]:
+        path = self.root / "calls"
+        return path.read_text().splitlines() if path.exists() else []
 
     def write(self, count: int, newest: datetime) -> None:
         """Commit `count` messages, the last one created at `newest`."""
@@ -106,16 +162,38 @@ class Host:
         backup = sqlite3.connect(self.replica_state)
         self.live.backup(backup)
         backup.close()
+        on_target = self.sftp_root / "replicas/digitalme/ltx/9" / LTX
+        on_target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.replica_state, on_target)
 
-    def drill(self, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
-        fake = self.root / "litestream"
+    def settings(self) -> Path:
+        replica: dict[str, Any] = {"type": self.replica_type}
+        if self.replica_type == "sftp":
+            replica.update(host="10.213.7.12", port=2222, user="litestream",
+                           path="/replicas/digitalme/", host_key=HOST_KEY + " root@replica")
+        path = self.root / "digitalme-backup.json"
+        path.write_text(json.dumps({
+            "db": str(self.db), "config": "/dev/null", "litestream": str(self.root / "litestream"),
+            "sftp": str(self.root / "sftp"), "replica": replica,
+            "table": "messages", "time_column": "created_at",
+            "drill": {"workdir": str(self.workdir), "textfile_dir": str(self.textfile),
+                      "max_behind_seconds": 60}}))
+        return path
+
+    def tool(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, str(SCRIPT), "drill", "--db", str(self.db), "--config",
-             "/dev/null", "--litestream", str(fake), "--workdir", str(self.workdir),
-             "--textfile-dir", str(self.textfile), "--max-behind-seconds", "60", *extra],
+            [sys.executable, str(SCRIPT), "--settings", str(self.settings()), *args],
             capture_output=True, text=True, timeout=60,
             env={**os.environ, "FAKE_REPLICA_STATE": str(self.replica_state),
-                 "FAKE_REPLICA_TIME": "2026-11-26T04:10:51Z", **env})
+                 "FAKE_REPLICA_TIME": "2026-11-26T04:10:51Z",
+                 "FAKE_CALLS": str(self.root / "calls"),
+                 "FAKE_SFTP_ROOT": str(self.sftp_root),
+                 "FAKE_KNOWN_HOST": f"[10.213.7.12]:2222 {HOST_KEY}\n",
+                 "FAKE_DESTINATION": "litestream@10.213.7.12",
+                 "CREDENTIALS_DIRECTORY": str(self.root / "credentials"), **env})
+
+    def drill(self, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return self.tool("drill", *extra, **env)
 
     def result(self) -> dict[str, Any]:
         loaded: dict[str, Any] = json.loads((self.workdir / "result.json").read_text())
@@ -128,12 +206,13 @@ class Host:
 
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[Host]:
-    (tmp_path / "live").mkdir()
-    (tmp_path / "drill").mkdir()
-    (tmp_path / "textfile").mkdir()
-    fake = tmp_path / "litestream"
-    fake.write_text(FAKE_LITESTREAM.format(python=sys.executable))
-    fake.chmod(0o755)
+    for folder in ("live", "drill", "textfile", "credentials"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "credentials" / "sftp-key").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    for name, source in (("litestream", FAKE_LITESTREAM), ("sftp", FAKE_SFTP)):
+        fake = tmp_path / name
+        fake.write_text(source.format(python=sys.executable, ltx=LTX))
+        fake.chmod(0o755)
     live = sqlite3.connect(tmp_path / "live" / "digitalme.db", isolation_level=None)
     live.execute("PRAGMA journal_mode = WAL")
     live.executescript(SCHEMA)
@@ -157,6 +236,10 @@ def test_a_drill_on_a_current_replica_passes_and_publishes_its_metrics(host: Hos
     assert result["restored_txid"] == "00000000000000a1"
     assert result["replica_newest_change_at"].startswith("2026-11-26T04:10:51")
     assert result["last_success_at"] == result["finished_at"]
+    assert result["restore"]["method"] == "litestream restore"
+    plan, restore = host.calls
+    assert plan.startswith("restore -config /dev/null -dry-run -json -o ") and "/scratch/" in plan
+    assert restore.startswith("restore -config /dev/null -integrity-check full -json -o ")
     metrics = host.metrics()
     assert metrics["digitalme_backup_drill_success"] == 1
     assert metrics["digitalme_backup_drill_duration_seconds"] > 0
@@ -304,6 +387,98 @@ def test_inspect_reports_integrity_rows_and_newest_row(host: Host) -> None:
     missing = subprocess.run([sys.executable, str(SCRIPT), "inspect", "/nonexistent.db"],
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_restore_over_sftp_fetches_the_plan_then_restores_from_the_local_copy(
+        host: Host) -> None:
+    host.replica_type = "sftp"
+    host.write(30, datetime.now(UTC))
+    host.replicate()
+    output = host.root / "restored" / "digitalme.db"
+    output.parent.mkdir()
+    proc = host.tool("restore", "--output", str(output))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["method"] == "sftp fetch, then litestream restore from the local copy"
+    assert summary["fetched_files"] == 1
+    assert summary["fetched_bytes"] == host.replica_state.stat().st_size == summary["plan_bytes"]
+    assert summary["txid"] == "00000000000000a1"
+    plan, restore = host.calls
+    assert "-dry-run" in plan and plan.endswith(str(host.db))
+    assert f"-txid 00000000000000a1 -o {output} file://" in restore
+    assert restore.startswith("restore -integrity-check full -json")
+    # The fetched files are gone; the copy is the replica's state.
+    assert sorted(p.name for p in output.parent.iterdir()) == ["digitalme.db"]
+    assert sqlite3.connect(output).execute("SELECT count(*) FROM messages").fetchone()[0] == 30
+
+
+def test_a_drill_over_sftp_uses_the_fast_path(host: Host) -> None:
+    host.replica_type = "sftp"
+    host.write(3, datetime.now(UTC))
+    host.replicate()
+    proc = host.drill()
+    assert proc.returncode == 0, proc.stderr
+    assert host.result()["restore"]["method"].startswith("sftp fetch")
+    assert host.result()["restore"]["fetch_seconds"] >= 0
+
+
+def test_an_sftp_failure_fails_the_restore_and_leaves_nothing(host: Host) -> None:
+    host.replica_type = "sftp"
+    host.write(3, datetime.now(UTC))
+    host.replicate()
+    output = host.root / "restored.db"
+    proc = host.tool("restore", "--output", str(output),
+                     FAKE_SFTP_ERROR="Host key verification failed.")
+    assert proc.returncode == 1
+    assert "sftp could not fetch the replica's files from litestream@10.213.7.12" in proc.stderr
+    assert "Host key verification failed." in proc.stderr
+    assert not output.exists()
+    assert not list(host.root.glob(".restored.db.fetch"))
+
+
+def test_a_truncated_download_is_caught(host: Host) -> None:
+    host.replica_type = "sftp"
+    host.write(3, datetime.now(UTC))
+    host.replicate()
+    proc = host.tool("restore", "--output", str(host.root / "restored.db"),
+                     FAKE_SFTP_TRUNCATE="1")
+    assert proc.returncode == 1
+    assert "came back with 100 bytes" in proc.stderr
+
+
+def test_the_sftp_key_must_be_handed_over(host: Host) -> None:
+    host.replica_type = "sftp"
+    host.write(3, datetime.now(UTC))
+    host.replicate()
+    (host.root / "credentials" / "sftp-key").unlink()
+    proc = host.tool("restore", "--output", str(host.root / "restored.db"))
+    assert proc.returncode == 1
+    assert "the SFTP key is not available" in proc.stderr
+
+
+def test_restore_never_overwrites_and_knows_an_empty_replica(host: Host) -> None:
+    output = host.root / "restored.db"
+    # Empty replica: a failure, unless told that is fine (a first deployment).
+    empty = host.tool("restore", "--output", str(output))
+    assert empty.returncode == 1 and "the replica holds no backup" in empty.stderr
+    fine = host.tool("restore", "--if-replica-exists", "--output", str(output))
+    assert fine.returncode == 0 and not output.exists()
+    # An existing output is never replaced; with --if-db-not-exists that is a success.
+    output.write_text("keep me")
+    refused = host.tool("restore", "--output", str(output))
+    assert refused.returncode == 1 and "exists" in refused.stderr
+    kept = host.tool("restore", "--if-db-not-exists", "--output", str(output))
+    assert kept.returncode == 0 and output.read_text() == "keep me"
+    assert len(host.calls) == 2  # only the two plans of the empty replica
+
+
+def test_a_point_in_time_goes_to_the_plan_and_the_restore(host: Host) -> None:
+    host.write(3, datetime.now(UTC))
+    host.replicate()
+    proc = host.tool("restore", "--timestamp", "2026-11-26T02:00:00Z",
+                     "--output", str(host.root / "then.db"))
+    assert proc.returncode == 0, proc.stderr
+    assert all("-timestamp 2026-11-26T02:00:00Z" in call for call in host.calls)
 
 
 def test_the_script_runs_on_the_hosts_python() -> None:

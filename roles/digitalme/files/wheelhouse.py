@@ -53,7 +53,7 @@ def project_version(source: Path) -> str:
 
 
 def run(*args: str) -> None:
-    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    result = subprocess.run(args, capture_output=True, text=True, check=False)  # noqa: S603 (our own pip/tar argv)
     if result.returncode != 0:
         sys.stderr.write(f"wheelhouse: {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
         raise SystemExit(result.returncode)

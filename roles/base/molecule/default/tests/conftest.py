@@ -6,7 +6,6 @@ the controller-side tests need to open their own SSH and TCP connections.
 """
 
 # The tests run ssh, ansible-playbook and ssh-keygen from the controller on purpose.
-# ruff: noqa: S603, S607
 
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ next `ansible-playbook` run would see the host.
 """
 
 # The tests run ssh, ansible-playbook and ssh-keygen from the controller on purpose.
-# ruff: noqa: S603, S607
 
 from __future__ import annotations
 

@@ -16,7 +16,6 @@ import statistics
 import time
 
 import pytest
-
 from conftest import DB, other_host, record, run_playbook
 
 testinfra_hosts = ["app-file", "app-sftp"]

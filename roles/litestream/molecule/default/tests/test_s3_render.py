@@ -8,7 +8,6 @@ import os
 import re
 
 import pytest
-
 from conftest import record, run_playbook
 
 testinfra_hosts = ["app-file"]
