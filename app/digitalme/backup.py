@@ -10,7 +10,8 @@ the data a crash would lose. Checked against Litestream 0.5.17 (docs/operations/
 backup-and-recovery.md).
 
 The restore drill (``digitalme-backup-drill.service``, roles/litestream) writes its result
-as JSON next to the database; the app only reads it.
+as JSON (``/var/lib/digitalme/backup-drill/result.json`` by default,
+``DIGITALME_BACKUP_DRILL_RESULT``); the app only reads it.
 
 Both feed the ``backup`` readiness check (reported, not required: a backup problem must
 be seen, but must not take the only instance out of rotation) and the

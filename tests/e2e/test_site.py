@@ -18,68 +18,19 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.sandboxes import REPO, Sandbox, SandboxHost
+from tests.e2e.deployments import ADMIN, DOMAIN, STANDIN_PORT, UNITS, Deployment, recap
+from tests.e2e.sandboxes import REPO
 from tests.support.process import StandinProcess
 
 pytestmark = pytest.mark.e2e
 
-DOMAIN = "digitalme.sandbox.test"
-ADMIN = "admin"  # base_admin_user in inventory/sandbox/group_vars/all/main.yml
-CADDY_ROOT = "/var/lib/caddy/.local/share/caddy/pki/authorities/local/root.crt"
-STANDIN_PORT = 8765  # digitalme_anthropic_base_url in the sandbox group_vars
-UNITS = ("digitalme", "caddy", "litestream", "prometheus-node-exporter")
 # What the roles install, for the floor measurement: the same packages, straight from apt.
 ROLE_PACKAGES = ("caddy prometheus-node-exporter nftables unattended-upgrades "
-                 "systemd-timesyncd python3-venv sqlite3 curl acl sudo openssh-server")
+                 "systemd-timesyncd python3-venv sqlite3 curl jq acl sudo openssh-server")
 TIMINGS = REPO / "artifacts" / "site-timings.json"
-
-
-@dataclass
-class Deployment:
-    sandbox: Sandbox
-    workdir: Path
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def app(self) -> SandboxHost:
-        return self.sandbox.hosts["app"]
-
-    def on_app(self, command: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-        """A command on the app host, as root through the admin user (root may not log in)."""
-        return self.app.run(command, login=ADMIN, **kwargs)  # type: ignore[arg-type]
-
-    @property
-    def ca_file(self) -> Path:
-        path = self.workdir / "caddy-root.crt"
-        if not path.exists():
-            path.write_text(self.on_app(f"cat {CADDY_ROOT}").stdout)
-        return path
-
-    def curl(self, url: str, *args: str) -> subprocess.CompletedProcess[str]:
-        """curl from the controller to the app host, by name, trusting Caddy's root."""
-        port = "443" if url.startswith("https") else "80"
-        return subprocess.run(
-            ["curl", "--silent", "--show-error", "--max-time", "30", "--noproxy", "*",
-             "--resolve", f"{DOMAIN}:{port}:{self.app.address}", "--cacert", str(self.ca_file),
-             *args, url],
-            capture_output=True, text=True, timeout=60)
-
-    def record(self, name: str, value: float) -> None:
-        self.timings[name] = round(value, 2)
-        TIMINGS.parent.mkdir(exist_ok=True)
-        TIMINGS.write_text(json.dumps(self.timings, indent=2) + "\n")
-
-
-def _recap(output: str) -> dict[str, dict[str, int]]:
-    recap = {}
-    for host, counters in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", output, re.MULTILINE):
-        recap[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", counters)}
-    return recap
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +40,13 @@ def deployment(sandbox_hosts, tmp_path_factory) -> Iterator[Deployment]:
     standin = StandinProcess(workdir, host=sandbox.controller_address, port=STANDIN_PORT)
     standin.start()
     try:
-        deployment = Deployment(sandbox, workdir)
+        deployment = Deployment(sandbox, workdir, TIMINGS)
         started = time.monotonic()
         result = sandbox.ansible_playbook("playbooks/site.yml", "--limit", "app,replica")
         deployment.record("site_fresh_seconds", time.monotonic() - started)
         (REPO / "artifacts" / "site-first-run.log").write_text(result.stdout)
-        recap = _recap(result.stdout)
-        assert recap["app"]["failed"] == 0 and recap["app"]["changed"] > 0, result.stdout[-3000:]
+        counts = recap(result.stdout)
+        assert counts["app"]["failed"] == 0 and counts["app"]["changed"] > 0, result.stdout[-3000:]
         yield deployment
     finally:
         standin.stop()
@@ -105,17 +56,17 @@ def test_second_run_changes_nothing(deployment: Deployment) -> None:
     started = time.monotonic()
     result = deployment.sandbox.ansible_playbook("playbooks/site.yml", "--limit", "app,replica")
     deployment.record("site_rerun_seconds", time.monotonic() - started)
-    recap = _recap(result.stdout)
+    counts = recap(result.stdout)
     changed = [line for line in result.stdout.splitlines() if line.startswith("changed:")]
-    assert recap["app"]["changed"] == 0 and recap["replica"]["changed"] == 0, \
-        f"{recap}\n{changed}\n{result.stdout[-4000:]}"
+    assert counts["app"]["changed"] == 0 and counts["replica"]["changed"] == 0, \
+        f"{counts}\n{changed}\n{result.stdout[-4000:]}"
 
 
 def test_check_mode_reports_no_change(deployment: Deployment) -> None:
     result = deployment.sandbox.ansible_playbook(
         "playbooks/site.yml", "--limit", "app,replica", "--check", "--diff")
-    recap = _recap(result.stdout)
-    assert recap["app"]["changed"] == 0 and recap["replica"]["changed"] == 0, \
+    counts = recap(result.stdout)
+    assert counts["app"]["changed"] == 0 and counts["replica"]["changed"] == 0, \
         result.stdout[-4000:]
 
 
@@ -170,8 +121,7 @@ def test_metrics_are_not_public(deployment: Deployment) -> None:
 
 
 def test_chat_turn_through_caddy_reaches_the_claude_standin(deployment: Deployment) -> None:
-    token = deployment.on_app(
-        "/usr/local/sbin/digitalme token create --name e2e --scope chat --quiet").stdout.strip()
+    token = deployment.chat_token("e2e")
     auth = ["--header", f"Authorization: Bearer {token}", "--fail"]
     created = deployment.curl(f"https://{DOMAIN}/api/v1/conversations", *auth,
                               "--request", "POST")
@@ -232,9 +182,7 @@ def test_units_are_active_and_hardened(deployment: Deployment) -> None:
 
 def test_writes_reach_the_replica_and_restore_intact(deployment: Deployment) -> None:
     marker = f"replica check {uuid.uuid4()}"
-    token = deployment.on_app(
-        "/usr/local/sbin/digitalme token create --name e2e-replica --scope chat --quiet"
-    ).stdout.strip()
+    token = deployment.chat_token("e2e-replica")
     auth = ["--header", f"Authorization: Bearer {token}", "--fail"]
     conversation = json.loads(deployment.curl(
         f"https://{DOMAIN}/api/v1/conversations", *auth, "--request", "POST").stdout)["id"]

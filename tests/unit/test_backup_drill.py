@@ -16,10 +16,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -45,6 +47,9 @@ FAKE_LITESTREAM = textwrap.dedent("""\
         sys.exit(1)
     with open(os.environ["FAKE_CALLS"], "a") as calls:
         calls.write(" ".join(args) + "\\n")
+    if os.environ.get("FAKE_SLEEP"):
+        import time
+        time.sleep(float(os.environ["FAKE_SLEEP"]))
     if args[0] != "restore":
         sys.exit(2)
     out, source = args[args.index("-o") + 1], args[-1]
@@ -306,6 +311,29 @@ def test_a_corrupted_replica_fails_loudly_and_keeps_the_last_success(host: Host)
     assert not (host.workdir / "scratch").exists()
 
 
+def test_a_drill_stopped_by_systemd_reports_a_failure(host: Host) -> None:
+    host.write(5, datetime.now(UTC))
+    host.replicate()
+    drill = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--settings", str(host.settings()), "drill"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "FAKE_REPLICA_STATE": str(host.replica_state),
+             "FAKE_CALLS": str(host.root / "calls"), "FAKE_SLEEP": "30"})
+    deadline = time.monotonic() + 20
+    while not host.calls:  # litestream (the stand-in) is running
+        assert time.monotonic() < deadline and drill.poll() is None
+        time.sleep(0.05)
+    started = time.monotonic()
+    drill.send_signal(signal.SIGTERM)  # what TimeoutStartSec or `systemctl stop` sends
+    _, stderr = drill.communicate(timeout=20)
+    assert time.monotonic() - started < 10  # the stand-in was killed, not waited for
+    assert drill.returncode == 1
+    assert "restore drill FAILED" in stderr and "stopped by SIGTERM" in stderr
+    assert host.result()["ok"] is False and "SIGTERM" in host.result()["error"]
+    assert host.metrics()["digitalme_backup_drill_success"] == 0
+    assert not (host.workdir / "scratch").exists()
+
+
 def test_a_restored_copy_that_fails_integrity_check_fails(host: Host) -> None:
     host.write(400, datetime.now(UTC))
     host.live.execute("CREATE INDEX messages_text ON messages (text)")
@@ -488,7 +516,7 @@ def test_the_script_runs_on_the_hosts_python() -> None:
     assert source.startswith("#!/usr/bin/python3\n")
     imports = set(re.findall(r"^(?:import|from) (\w+)", source, re.M))
     assert imports <= {"__future__", "argparse", "json", "math", "os", "shutil", "sqlite3",
-                       "subprocess", "sys", "time", "traceback", "urllib", "datetime",
+                       "signal", "subprocess", "sys", "time", "traceback", "urllib", "datetime",
                        "pathlib", "typing"}
     assert shutil.which("python3")
 

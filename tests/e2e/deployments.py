@@ -1,0 +1,82 @@
+"""A DigitalMe deployed by site.yml on sandbox hosts, seen from the controller.
+
+Shared by the end-to-end modules that deploy the whole site (test_site.py,
+test_recovery.py): the names the sandbox inventory gives things, commands on the app host
+through its admin user (root may not log in after the base role), curl over HTTPS through
+Caddy trusting its internal CA, ansible-playbook's recap, and timings kept as an artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.e2e.sandboxes import Sandbox, SandboxHost
+
+DOMAIN = "digitalme.sandbox.test"
+ADMIN = "admin"  # base_admin_user in inventory/sandbox/group_vars/all/main.yml
+CADDY_ROOT = "/var/lib/caddy/.local/share/caddy/pki/authorities/local/root.crt"
+STANDIN_PORT = 8765  # digitalme_anthropic_base_url in the sandbox group_vars
+UNITS = ("digitalme", "caddy", "litestream", "prometheus-node-exporter")
+DB = "/var/lib/digitalme/digitalme.db"  # digitalme_db_path's default
+
+
+@dataclass
+class Deployment:
+    sandbox: Sandbox
+    workdir: Path
+    timings_file: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def app(self) -> SandboxHost:
+        return self.sandbox.hosts["app"]
+
+    def on_app(self, command: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        """A command on the app host, as root through the admin user (root may not log in)."""
+        return self.app.run(command, login=ADMIN, **kwargs)  # type: ignore[arg-type]
+
+    def on(self, host: str, command: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        """A command on another host of the deployment, as root through the admin user."""
+        return self.sandbox.hosts[host].run(command, login=ADMIN, **kwargs)  # type: ignore[arg-type]
+
+    def rebooted(self, sandbox: Sandbox) -> None:
+        """The sandbox after hosts were replaced: new addresses' keys, a new Caddy CA."""
+        self.sandbox = sandbox
+        self.ca_file.unlink(missing_ok=True)
+
+    @property
+    def ca_file(self) -> Path:
+        return self.workdir / "caddy-root.crt"
+
+    def curl(self, url: str, *args: str, max_time: float = 30) -> subprocess.CompletedProcess[str]:
+        """curl from the controller to the app host, by name, trusting Caddy's root."""
+        if not self.ca_file.exists():
+            self.ca_file.write_text(self.on_app(f"cat {CADDY_ROOT}").stdout)
+        port = "443" if url.startswith("https") else "80"
+        return subprocess.run(
+            ["curl", "--silent", "--show-error", "--max-time", f"{max_time:g}", "--noproxy", "*",
+             "--resolve", f"{DOMAIN}:{port}:{self.app.address}", "--cacert", str(self.ca_file),
+             *args, url],
+            capture_output=True, text=True, timeout=max_time + 30)
+
+    def chat_token(self, name: str) -> str:
+        return self.on_app(
+            f"/usr/local/sbin/digitalme token create --name {name} --scope chat --quiet"
+        ).stdout.strip()
+
+    def record(self, name: str, value: float) -> None:
+        self.timings[name] = round(value, 2)
+        self.timings_file.parent.mkdir(exist_ok=True)
+        self.timings_file.write_text(json.dumps(self.timings, indent=2) + "\n")
+
+
+def recap(output: str) -> dict[str, dict[str, int]]:
+    """ansible-playbook's PLAY RECAP: host -> {"ok": .., "changed": .., "failed": ..}."""
+    found = {}
+    for host, counters in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", output, re.MULTILINE):
+        found[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", counters)}
+    return found
