@@ -540,7 +540,7 @@ def allocate_slot() -> int:
     for slot in range(FIRST_SLOT, LAST_SLOT + 1):
         if slot in used or f"{PREFIX}{slot}" in links:
             continue
-        if _routes_overlapping(ipaddress.ip_network(f"{SUBNET_BASE}.{slot}.0/24")):
+        if _routes_overlapping(ipaddress.IPv4Network(f"{SUBNET_BASE}.{slot}.0/24")):
             continue
         return slot
     raise SandboxError(f"no free /24 left in {SUBNET_BASE}.{FIRST_SLOT}-{LAST_SLOT}.0")
@@ -598,9 +598,9 @@ def _proc_start(pid: int) -> int:
 
 def _same_process(record: dict[str, Any] | None) -> bool:
     """Is the process recorded (pid + start time) still the one we started?"""
-    return (
-        bool(record) and _pid_alive(record["pid"]) and _proc_start(record["pid"]) == record["start"]
-    )
+    if not record:
+        return False
+    return _pid_alive(record["pid"]) and _proc_start(record["pid"]) == record["start"]
 
 
 def _wait_reaped(pid: int, timeout: float = 5) -> None:
@@ -632,6 +632,21 @@ def _cgroup_procs_files(relative: str) -> list[str]:
         path.mkdir(parents=True, exist_ok=True)
         files.append(str(path / "cgroup.procs"))
     return files
+
+
+def _spawn_in_cgroup(argv: list[str], log_path: Path | str, mode: str,
+                     cgroup: str) -> subprocess.Popen[bytes]:
+    """Start a long-lived child in its own session, inside the sandbox's cgroup (so that
+    `down` finds and kills it), with its output appended to (or replacing) log_path."""
+    with open(log_path, mode) as out:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_joiner(_cgroup_procs_files(cgroup)),
+        )
 
 
 def _joiner(procs_files: list[str]) -> Any:
@@ -1028,15 +1043,7 @@ def ensure_proxy(state: dict[str, Any]) -> None:
     if sources.upstream_proxy:
         argv += ["--upstream", sources.upstream_proxy]
     cgroup = f"{state['cgroup']}/proxy"
-    with open(log_path, "a") as out:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_joiner(_cgroup_procs_files(cgroup)),
-        )
+    proc = _spawn_in_cgroup(argv, log_path, "a", cgroup)
     state["proxy"] = {"pid": proc.pid, "start": _proc_start(proc.pid), "cgroup": cgroup}
     save_state(state)
     try:
@@ -1312,15 +1319,7 @@ def start_host(state: dict[str, Any], host: str) -> None:
         # firewall cannot be loaded. It only acts on the host's own namespace.
         "--capability=CAP_NET_ADMIN",
     ]
-    with open(paths["console"], "w") as out:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_joiner(_cgroup_procs_files(cgroup)),
-        )
+    proc = _spawn_in_cgroup(argv, paths["console"], "w", cgroup)
     record["nspawn"] = {"pid": proc.pid, "start": _proc_start(proc.pid), "cgroup": cgroup}
     record["started_at"] = time.time()
     save_state(state)
