@@ -107,6 +107,15 @@ def readiness_backup(deployment: Deployment) -> dict[str, Any]:
     return checks["backup"]
 
 
+def run_drill(deployment: Deployment) -> tuple[int, str]:
+    """Start a restore drill as the timer does; its exit status and the drill's journal."""
+    ran = deployment.on_app("systemctl start digitalme-backup-drill.service", check=False,
+                            timeout=1200)
+    journal = deployment.on_app(
+        "journalctl -u digitalme-backup-drill -o cat --no-pager -n 30").stdout
+    return ran.returncode, journal
+
+
 def deploy(deployment: Deployment, name: str) -> float:
     started = time.monotonic()
     result = deployment.sandbox.ansible_playbook("playbooks/site.yml", "--limit", "app,replica")
@@ -299,10 +308,8 @@ def test_drill_on_a_healthy_host_succeeds_and_reports(deployment: Deployment) ->
                            *auth, "--json", json.dumps({"text": "Before the drill"}))
     assert said.returncode == 0, said.stderr
     inode = deployment.on_app(f"stat -c %i {DB}").stdout
-    ran = deployment.on_app("systemctl start digitalme-backup-drill.service", check=False,
-                            timeout=1200)
-    journal = deployment.on_app("journalctl -u digitalme-backup-drill -o cat --no-pager").stdout
-    assert ran.returncode == 0, journal[-3000:]
+    returncode, journal = run_drill(deployment)
+    assert returncode == 0, journal
     metrics = deployment.on_app(f"curl -fsS {NODE_EXPORTER}").stdout
     assert metric(metrics, "digitalme_backup_drill_success") == 1, metrics[-2000:]
     duration = metric(metrics, "digitalme_backup_drill_duration_seconds")
@@ -361,13 +368,10 @@ def _corrupt_replica(replica: SandboxHost) -> int:
 def test_a_drill_against_a_corrupted_replica_fails_loudly(deployment: Deployment) -> None:
     deployment.on_app("systemctl stop litestream")  # it would write fresh files meanwhile
     assert _corrupt_replica(deployment.sandbox.hosts["replica"]) > 0
-    ran = deployment.on_app("systemctl start digitalme-backup-drill.service", check=False,
-                            timeout=1200)
-    assert ran.returncode != 0
+    returncode, journal = run_drill(deployment)
+    assert returncode != 0
     assert deployment.on_app("systemctl is-failed digitalme-backup-drill", check=False
                              ).stdout.strip() == "failed"
-    journal = deployment.on_app(
-        "journalctl -u digitalme-backup-drill -o cat --no-pager -n 20").stdout
     assert "restore drill FAILED" in journal, journal
     metrics = deployment.on_app(f"curl -fsS {NODE_EXPORTER}").stdout
     assert metric(metrics, "digitalme_backup_drill_success") == 0, metrics[-2000:]
@@ -405,11 +409,8 @@ def test_a_corrupted_replica_is_replaced_by_a_new_one(deployment: Deployment) ->
             "journalctl -u litestream -o cat --no-pager -n 40").stdout)
         time.sleep(1)
     deployment.record("new_replica_synced_seconds", time.monotonic() - started)
-    ran = deployment.on_app("systemctl start digitalme-backup-drill.service", check=False,
-                            timeout=1200)
-    journal = deployment.on_app(
-        "journalctl -u digitalme-backup-drill -u litestream -o cat --no-pager -n 30").stdout
-    assert ran.returncode == 0, journal
+    returncode, journal = run_drill(deployment)
+    assert returncode == 0, journal
     metrics = deployment.on_app(f"curl -fsS {NODE_EXPORTER}").stdout
     assert metric(metrics, "digitalme_backup_drill_success") == 1
     backup = readiness_backup(deployment)

@@ -185,17 +185,22 @@ class Host:
                       "max_behind_seconds": 60}}))
         return path
 
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, str(SCRIPT), "--settings", str(self.settings()), *args]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of the tool: the stand-ins' settings, then `extra`."""
+        return {**os.environ, "FAKE_REPLICA_STATE": str(self.replica_state),
+                "FAKE_REPLICA_TIME": "2026-11-26T04:10:51Z",
+                "FAKE_CALLS": str(self.root / "calls"),
+                "FAKE_SFTP_ROOT": str(self.sftp_root),
+                "FAKE_KNOWN_HOST": f"[10.213.7.12]:2222 {HOST_KEY}\n",
+                "FAKE_DESTINATION": "litestream@10.213.7.12",
+                "CREDENTIALS_DIRECTORY": str(self.root / "credentials"), **extra}
+
     def tool(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, str(SCRIPT), "--settings", str(self.settings()), *args],
-            capture_output=True, text=True, timeout=60,
-            env={**os.environ, "FAKE_REPLICA_STATE": str(self.replica_state),
-                 "FAKE_REPLICA_TIME": "2026-11-26T04:10:51Z",
-                 "FAKE_CALLS": str(self.root / "calls"),
-                 "FAKE_SFTP_ROOT": str(self.sftp_root),
-                 "FAKE_KNOWN_HOST": f"[10.213.7.12]:2222 {HOST_KEY}\n",
-                 "FAKE_DESTINATION": "litestream@10.213.7.12",
-                 "CREDENTIALS_DIRECTORY": str(self.root / "credentials"), **env})
+        return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=60,
+                              env=self.env(**env))
 
     def drill(self, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
         return self.tool("drill", *extra, **env)
@@ -314,11 +319,8 @@ def test_a_corrupted_replica_fails_loudly_and_keeps_the_last_success(host: Host)
 def test_a_drill_stopped_by_systemd_reports_a_failure(host: Host) -> None:
     host.write(5, datetime.now(UTC))
     host.replicate()
-    drill = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--settings", str(host.settings()), "drill"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "FAKE_REPLICA_STATE": str(host.replica_state),
-             "FAKE_CALLS": str(host.root / "calls"), "FAKE_SLEEP": "30"})
+    drill = subprocess.Popen(host.argv("drill"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=host.env(FAKE_SLEEP="30"))
     deadline = time.monotonic() + 20
     while not host.calls:  # litestream (the stand-in) is running
         assert time.monotonic() < deadline and drill.poll() is None
