@@ -12,7 +12,8 @@ a second host (`backup_targets`), so that losing the app host loses no replica. 
    tail) and RTO (from the start of site.yml on the new host to ready) are measured, with
    the raw SFTP copy of the same file between the same hosts as the floor.
 3. On the recovered host: a restore drill succeeds and its metrics reach node-exporter;
-   a stalled Litestream shows in readiness and in the app's metrics.
+   a stalled Litestream shows in readiness and in the app's metrics, and a drill then
+   finds the replica stale.
 4. A drill against a corrupted replica fails loudly, and the metric and readiness say so;
    then the documented repair (the replica moved aside, backup.yml, Litestream restarted)
    gives a new replica that passes the drill.
@@ -298,15 +299,22 @@ def test_disaster_a_fresh_host_comes_back_with_every_acknowledged_write(
           f"(restore {restore_seconds:.1f}s) against a raw copy of {copy:.1f}s")
 
 
-def test_drill_on_a_healthy_host_succeeds_and_reports(deployment: Deployment) -> None:
-    # A fresh chat turn, so that the drill's newest-row comparison has something to compare.
+def chat_turn(deployment: Deployment, text: str) -> None:
+    """One chat turn through Caddy: two new messages rows in the live database."""
     token = deployment.chat_token("e2e-drill")
     auth = ("--fail", "--header", f"Authorization: Bearer {token}")
     conversation = json.loads(deployment.curl(
         f"https://{DOMAIN}/api/v1/conversations", *auth, "--request", "POST").stdout)["id"]
     said = deployment.curl(f"https://{DOMAIN}/api/v1/conversations/{conversation}/messages",
-                           *auth, "--json", json.dumps({"text": "Before the drill"}))
+                           *auth, "--json", json.dumps({"text": text}))
     assert said.returncode == 0, said.stderr
+
+
+def test_drill_on_a_healthy_host_succeeds_and_reports(deployment: Deployment) -> None:
+    # A chat turn a moment before the drill, which Litestream may not have synced yet when
+    # the drill restores: lag within the allowance, not a stale replica (a CI run once
+    # failed here when the drill compared newest rows instead).
+    chat_turn(deployment, "Before the drill")
     inode = deployment.on_app(f"stat -c %i {DB}").stdout
     returncode, journal = run_drill(deployment)
     assert returncode == 0, journal
@@ -340,6 +348,21 @@ def test_a_stalled_litestream_shows_in_readiness_and_metrics(deployment: Deploym
         assert metric(metrics, "digitalme_backup_litestream_up") == 0
         # Reported, not required: the service stays in rotation.
         assert deployment.curl(f"https://{DOMAIN}/health/ready", "--fail").returncode == 0
+        # A drill now finds the replica stale: a turn written while Litestream is stopped is
+        # missing from the copy. Allowance 2 s (instead of 60) to keep the test short; its
+        # own workdir and no metrics, so the timer's last result stays as it was.
+        chat_turn(deployment, "While Litestream is stopped")
+        time.sleep(3)
+        stale = deployment.on_app(
+            f"{BACKUP} drill --workdir /var/tmp/e2e-stale-drill --textfile-dir '' "
+            "--max-behind-seconds 2", check=False)
+        assert stale.returncode == 1, stale.stdout + stale.stderr
+        assert "the replica is stale: the restored copy lacks messages rows written" \
+            in stale.stderr, stale.stderr
+        result = json.loads(deployment.on_app(
+            "cat /var/tmp/e2e-stale-drill/result.json").stdout)
+        assert result["ok"] is False and result["behind_seconds"] >= 3, result
+        deployment.on_app("rm -rf /var/tmp/e2e-stale-drill")
     finally:
         deployment.on_app("systemctl start litestream")
     deadline = time.monotonic() + 30
