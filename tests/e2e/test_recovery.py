@@ -328,7 +328,9 @@ def test_drill_on_a_healthy_host_succeeds_and_reports(deployment: Deployment) ->
     assert behind is not None and behind < 60
     result = json.loads(deployment.on_app(
         "cat /var/lib/digitalme/backup-drill/result.json").stdout)
-    assert result["ok"] is True and result["rows"]["messages"] >= BALLAST_MB * 1024 // 4 + 2
+    # The ballast is there; the new turn's two rows only if Litestream synced them in time.
+    assert result["ok"] is True and result["rows"]["messages"] >= BALLAST_MB * 1024 // 4
+    assert result["behind_seconds"] < 60, result
     backup = readiness_backup(deployment)
     assert backup["ok"] is True, backup
     assert backup["drill"]["ok"] is True, backup
