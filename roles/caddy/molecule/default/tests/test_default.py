@@ -383,3 +383,52 @@ def test_access_log_goes_to_the_journal_without_credentials(host, https):
     assert f"secret-{probe}" not in log
     assert f"cookie-{probe}" not in log
     assert f"webhook-{probe}" not in log
+
+
+# --- The unit's hardening drop-in (last: the toggle test restarts Caddy) ------------------
+
+
+def unit_process_status(host, unit):
+    """/proc/<main PID>/status of a running unit, as a dict."""
+    pid = host.check_output(f"systemctl show -p MainPID --value {unit}")
+    assert pid not in ("", "0"), f"{unit} has no main process"
+    lines = host.check_output(f"cat /proc/{pid}/status").splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def exposure(host, unit):
+    report = host.check_output(f"systemd-analyze security {unit}.service --no-pager")
+    return float(re.search(r"exposure level for \S+: ([\d.]+)", report)[1]), report
+
+
+def test_caddy_runs_hardened(host, https):
+    dropin = host.file("/etc/systemd/system/caddy.service.d/hardening.conf")
+    assert dropin.exists and dropin.user == "root" and dropin.mode == 0o644
+    # What the kernel enforces on the running process, not only what the unit says.
+    status = unit_process_status(host, UNIT)
+    assert status["NoNewPrivs"].strip() == "1"
+    assert status["Seccomp"].strip() == "2"  # a system-call filter is on
+    assert int(status["CapBnd"], 16) == 1 << 10  # CAP_NET_BIND_SERVICE only
+    pid = host.check_output(f"systemctl show -p MainPID --value {UNIT}")
+    mounts = host.check_output(f"cat /proc/{pid}/mountinfo").splitlines()
+    root = next(line.split() for line in mounts if line.split()[4] == "/")
+    assert "ro" in root[5].split(","), root  # ProtectSystem=strict: / is read-only
+    score, report = exposure(host, UNIT)
+    print(f"systemd-analyze security caddy.service: {score}")
+    assert score <= 2.0, report
+    # And it still does its job: HTTPS through the proxy, certificates in its storage.
+    assert https("GET", "/health")[0] == 200
+
+
+def test_the_hardening_can_be_switched_off_and_on_again(host, https, journal):
+    returncode, output = ansible_playbook("converge.yml", "-e", "caddy_unit_hardening=false")
+    assert returncode == 0, output[-3000:]
+    assert not host.file("/etc/systemd/system/caddy.service.d/hardening.conf").exists
+    assert int(unit_process_status(host, UNIT)["CapBnd"], 16) != 1 << 10, journal()
+    assert https("GET", "/health")[0] == 200
+    returncode, output = ansible_playbook("converge.yml")
+    assert returncode == 0, output[-3000:]
+    changed = changed_tasks(output)
+    assert any(task.endswith("Harden the caddy unit (drop-in)") for task in changed), changed
+    assert int(unit_process_status(host, UNIT)["CapBnd"], 16) == 1 << 10, journal()
+    assert https("GET", "/health")[0] == 200
