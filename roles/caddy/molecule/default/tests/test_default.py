@@ -388,11 +388,15 @@ def test_access_log_goes_to_the_journal_without_credentials(host, https):
 # --- The unit's hardening drop-in (last: the toggle test restarts Caddy) ------------------
 
 
-def unit_process_status(host, unit):
-    """/proc/<main PID>/status of a running unit, as a dict."""
+def main_pid(host, unit):
     pid = host.check_output(f"systemctl show -p MainPID --value {unit}")
     assert pid not in ("", "0"), f"{unit} has no main process"
-    lines = host.check_output(f"cat /proc/{pid}/status").splitlines()
+    return pid
+
+
+def unit_process_status(host, unit):
+    """/proc/<main PID>/status of a running unit, as a dict."""
+    lines = host.check_output(f"cat /proc/{main_pid(host, unit)}/status").splitlines()
     return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
 
 
@@ -409,8 +413,7 @@ def test_caddy_runs_hardened(host, https):
     assert status["NoNewPrivs"].strip() == "1"
     assert status["Seccomp"].strip() == "2"  # a system-call filter is on
     assert int(status["CapBnd"], 16) == 1 << 10  # CAP_NET_BIND_SERVICE only
-    pid = host.check_output(f"systemctl show -p MainPID --value {UNIT}")
-    mounts = host.check_output(f"cat /proc/{pid}/mountinfo").splitlines()
+    mounts = host.check_output(f"cat /proc/{main_pid(host, UNIT)}/mountinfo").splitlines()
     root = next(line.split() for line in mounts if line.split()[4] == "/")
     assert "ro" in root[5].split(","), root  # ProtectSystem=strict: / is read-only
     score, report = exposure(host, UNIT)
