@@ -229,7 +229,7 @@ def digitalme(workdir: Path, log_level: str) -> Iterator[tuple[ServiceProcess, s
         stack.callback(standin.stop)
         env = service_env(workdir, anthropic_base_url=standin.base_url,
                           DIGITALME_LOG_LEVEL=log_level, DIGITALME_ENV="bench")
-        for args in (["persona", "import", str(SAMPLE_PERSONA)],
+        for args in (["migrate"], ["persona", "import", str(SAMPLE_PERSONA)],
                      ["token", "create", "--name", "bench", "--scope", "chat", "--quiet"]):
             result = run_cli(args, env)
             if result.returncode != 0:

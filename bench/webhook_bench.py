@@ -163,9 +163,10 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
                 DIGITALME_TELEGRAM_SECRET_TOKEN=TELEGRAM_SECRET,
                 DIGITALME_TELEGRAM_API_BASE=telegram.base_url,
                 DIGITALME_GITHUB_WEBHOOK_SECRET=GITHUB_SECRET)
-            imported = run_cli(["persona", "import", str(SAMPLE_PERSONA)], env)
-            if imported.returncode != 0:
-                raise SystemExit(f"persona import failed: {imported.stderr}")
+            for args in (["migrate"], ["persona", "import", str(SAMPLE_PERSONA)]):
+                prepared = run_cli(args, env)
+                if prepared.returncode != 0:
+                    raise SystemExit(f"digitalme {' '.join(args)} failed: {prepared.stderr}")
             service = ServiceProcess(env, workdir)
             await service.start_async()
             try:

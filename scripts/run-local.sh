@@ -24,6 +24,7 @@ if [[ -z ${ANTHROPIC_API_KEY:-} ]]; then
     export ANTHROPIC_API_KEY=local-standin-key ANTHROPIC_BASE_URL=http://127.0.0.1:$port
     echo "run-local: no ANTHROPIC_API_KEY: replies come from a local stand-in of Claude"
 fi
+.venv/bin/digitalme migrate
 .venv/bin/digitalme persona import docs/examples/persona.yaml
 token=$(.venv/bin/digitalme token create --name "local-$(date +%s)" --scope admin --quiet)
 .venv/bin/digitalme serve &

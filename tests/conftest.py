@@ -17,6 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from digitalme.config import Settings, load_settings
+from digitalme.db import Database
 from digitalme.keys import PERSONAS, TOKENS
 from digitalme.persona import load_persona_file
 from digitalme.web import create_app
@@ -110,11 +111,22 @@ class Service:
 ServiceFactory = Callable[..., Awaitable[Service]]
 
 
+async def migrate(path: Path) -> None:
+    """What `digitalme migrate` does; the service refuses an unmigrated database."""
+    db = Database(path)
+    await db.open()
+    try:
+        await db.migrate()
+    finally:
+        await db.close()
+
+
 @pytest.fixture
 async def make_service(aiohttp_client: Any, make_settings: Callable[..., Settings],
                        standin: AnthropicStandin) -> ServiceFactory:
     async def make(*, persona: bool = True, **overrides: Any) -> Service:
         settings = make_settings(**overrides)
+        await migrate(settings.db_path)
         app = create_app(settings)
         client = await aiohttp_client(app)
         if persona:

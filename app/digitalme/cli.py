@@ -48,11 +48,11 @@ def _setup_logging(level: str) -> None:
 
 async def _with_database(settings: Settings,
                          work: Callable[[Database], Awaitable[T]]) -> T:
-    """Open (and migrate) the database, run ``work``, close it."""
+    """Open the database (refusing one that lacks a migration), run ``work``, close it."""
     db = Database(settings.db_path)
     await db.open()
     try:
-        await db.migrate()
+        await db.require_migrated()
         return await work(db)
     finally:
         await db.close()
@@ -66,18 +66,17 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from aiohttp import web
-
+    from .serve import SocketError, serve
     from .web import SHUTDOWN_GRACE_SECONDS, create_app
 
     for name in unknown_variables():
         log.warning("ignoring unknown setting %s (typo?)", name)
-    host, port = settings.listen
-    web.run_app(
-        create_app(settings), host=host, port=port, print=None,
-        access_log_format='%a "%r" %s %b %Tfs',
-        shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
-    )
+    try:
+        _run(serve(create_app(settings), settings.listen,
+                   shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
+                   access_log_format='%a "%r" %s %b %Tfs'))
+    except SocketError as exc:
+        raise CommandError(str(exc)) from None
     return EXIT_OK
 
 
@@ -295,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="digitalme",
         description="DigitalMe: a persona-driven Claude agent. Settings come from DIGITALME_* "
                     "environment variables (see `digitalme check-config` and docs/"
-                    "configuration.md); commands that use the database migrate it first.")
+                    "configuration.md). Only `digitalme migrate` changes the database's "
+                    "schema; the other commands refuse a database that lacks a migration.")
     parser.add_argument("--version", action="version", version=f"digitalme {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -171,13 +171,25 @@ class Settings:
         "Address the HTTP server binds, HOST:PORT. Keep it on loopback behind Caddy.")
     db_path: Path = setting(
         "DIGITALME_DB_PATH", "digitalme.db", _path,
-        "SQLite database file. Created and migrated on start.")
+        "SQLite database file. `digitalme migrate` creates and migrates it; the service "
+        "refuses to start on a database that lacks a migration.")
     log_level: str = setting(
         "DIGITALME_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"),
         "Log verbosity: debug, info, warning or error.")
     commit: str | None = setting(
         "DIGITALME_COMMIT", "", _optional_str,
-        "Source commit of this build, shown in /info (the deployment sets it).")
+        "Source commit of this build, shown in /info and digitalme_build_info (a container "
+        "build sets it; the roles' releases carry it in DIGITALME_RELEASE_INFO instead).")
+    release_info: Path | None = setting(
+        "DIGITALME_RELEASE_INFO", "", _optional_path,
+        "JSON file describing the installed release (release id, version, commit, build "
+        "time), read once at start and shown in /info. The digitalme role points it at "
+        "/opt/digitalme/current/release.json. Empty: not shown.")
+    deploy_record: Path | None = setting(
+        "DIGITALME_DEPLOY_RECORD", "", _optional_path,
+        "JSON record of the last deploy or rollback (who, when, from and to which release, "
+        "durations, result), written by digitalme-deploy and shown in /info. Empty: not "
+        "shown.")
     # --- HTTP hardening ------------------------------------------------------------------
     rate_limit_per_minute: int = setting(
         "DIGITALME_RATE_LIMIT_PER_MINUTE", "100", _int_range(0, 1_000_000),

@@ -63,6 +63,15 @@ async def _pragma(conn: aiosqlite.Connection, pragma: str) -> None:
         await cursor.fetchall()
 
 
+@dataclass(frozen=True)
+class MigrationState:
+    pending: list[Migration]
+    newer: list[int]  # applied versions this release does not know (a newer release's)
+
+    def describe_pending(self) -> str:
+        return ", ".join(f"{m.version:04d}_{m.name}" for m in self.pending)
+
+
 class Database:
     """The app's SQLite database. Open with :meth:`open`, close with :meth:`close`."""
 
@@ -166,45 +175,72 @@ class Database:
         rows = await self.fetchall("SELECT version, checksum FROM schema_migrations")
         return {row["version"]: row["checksum"] for row in rows}
 
-    async def pending_migrations(self) -> list[Migration]:
+    async def migration_state(self) -> MigrationState:
+        """Which of this release's migrations the database has, which it lacks, and which
+        it has from a newer release. Raises when an applied migration's file changed."""
         applied = await self.applied_migrations()
         known = {m.version: m for m in self.migrations}
-        unknown = sorted(set(applied) - set(known))
-        if unknown:
-            raise DatabaseError(
-                f"database has migrations {unknown} that this version does not know: "
-                "it was written by a newer DigitalMe; upgrade instead of downgrading")
         for version, checksum in applied.items():
-            if known[version].checksum != checksum:
+            if version in known and known[version].checksum != checksum:
                 raise DatabaseError(
                     f"migration {version:04d}_{known[version].name} changed after it was "
                     "applied to this database; restore the original file")
-        return [m for m in self.migrations if m.version not in applied]
+        return MigrationState(
+            pending=[m for m in self.migrations if m.version not in applied],
+            newer=sorted(set(applied) - set(known)))
+
+    async def pending_migrations(self) -> list[Migration]:
+        return (await self.migration_state()).pending
+
+    async def require_migrated(self) -> MigrationState:
+        """Refuse a database this release's migrations have not all been applied to.
+
+        Only ``digitalme migrate`` changes the schema (a deployment runs it as its own step,
+        after a snapshot); serving or administering an unmigrated database would fail later
+        in stranger ways. A database ahead of this release (migrations of a newer one) is
+        accepted: migrations only add (docs/maintenance.md), so an older release still runs
+        on it, which is what a rollback of the code alone needs.
+        """
+        state = await self.migration_state()
+        if state.pending:
+            raise DatabaseError(
+                f"{self.path} lacks migrations {state.describe_pending()}: run "
+                "`digitalme migrate` first (deployments run it as their own step)")
+        if state.newer:
+            log.warning("database %s has migrations %s from a newer release; running on it "
+                        "(migrations only add)", self.path, state.newer)
+        return state
 
     async def migrate(self) -> list[Migration]:
-        """Apply pending migrations, each in its own transaction. Returns those applied."""
+        """Apply this release's pending migrations in one transaction: all or none.
+        Returns those applied."""
         await self.writer.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             " version INTEGER PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL,"
             " applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))")
-        applied = []
-        for migration in await self.pending_migrations():
-            async with self._write_lock:
-                try:
-                    await self.writer.executescript(
-                        "BEGIN IMMEDIATE;\n" + migration.sql + "\n;"
-                        "INSERT INTO schema_migrations (version, name, checksum) VALUES ("
-                        f"{migration.version}, '{migration.name}', '{migration.checksum}');\n"
-                        "COMMIT;")
-                except sqlite3.Error as exc:
-                    if self.writer.in_transaction:
-                        await self.writer.execute("ROLLBACK")
-                    raise DatabaseError(
-                        f"migration {migration.version:04d}_{migration.name} failed: {exc}; "
-                        "the database was left at the previous version") from exc
+        pending = await self.pending_migrations()
+        if not pending:
+            return []
+        script = ["BEGIN IMMEDIATE;"]
+        for migration in pending:
+            script += [
+                migration.sql, ";",
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES ("
+                f"{migration.version}, '{migration.name}', '{migration.checksum}');"]
+        script.append("COMMIT;")
+        async with self._write_lock:
+            try:
+                await self.writer.executescript("\n".join(script))
+            except sqlite3.Error as exc:
+                if self.writer.in_transaction:
+                    await self.writer.execute("ROLLBACK")
+                names = ", ".join(f"{m.version:04d}_{m.name}" for m in pending)
+                raise DatabaseError(
+                    f"migrating to {names} failed: {exc}; nothing was applied, the database "
+                    "is as it was") from exc
+        for migration in pending:
             log.info("applied migration %04d_%s", migration.version, migration.name)
-            applied.append(migration)
-        return applied
+        return pending
 
     def size_bytes(self) -> int:
         """Bytes on disk of the database and its WAL (two stat calls; cheap enough to run

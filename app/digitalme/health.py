@@ -84,13 +84,19 @@ def database_check(db: Database) -> Check:
 def migrations_check(db: Database) -> Check:
     async def check() -> CheckResult:
         try:
-            pending = await db.pending_migrations()
+            state = await db.migration_state()
         except DatabaseError as exc:
             return CheckResult(False, str(exc))
-        if pending:
-            names = ", ".join(f"{m.version:04d}_{m.name}" for m in pending)
-            return CheckResult(False, f"pending migrations: {names}; run `digitalme migrate`")
-        return CheckResult(True, "up to date", {"version": len(db.migrations)})
+        if state.pending:
+            return CheckResult(False, f"pending migrations: {state.describe_pending()}; run "
+                                      "`digitalme migrate`")
+        data: dict[str, Any] = {"version": len(db.migrations)}
+        if state.newer:
+            # A rollback of the code alone: the schema is a newer release's, which only adds.
+            data["newer"] = state.newer
+            return CheckResult(True, f"up to date; the database also has migrations "
+                                     f"{state.newer} of a newer release", data)
+        return CheckResult(True, "up to date", data)
     return check
 
 

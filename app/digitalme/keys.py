@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from .activity import ActivityStore
@@ -32,6 +34,8 @@ TOKENS = web.AppKey("tokens", TokenStore)
 READINESS = web.AppKey("readiness", Readiness)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 STARTED_AT = web.AppKey("started_at", str)
+# The installed release's description (release.py), read at start; None when not set.
+RELEASE: web.AppKey[dict[str, Any] | None] = web.AppKey("release")
 INBOX = web.AppKey("inbox", InboxStore)
 WORKER = web.AppKey("worker", Worker)
 OUTBOUND = web.AppKey("outbound", Outbound)

@@ -46,6 +46,7 @@ from .keys import (
     PERSONAS,
     RATE_LIMITER,
     READINESS,
+    RELEASE,
     SETTINGS,
     STARTED_AT,
     TOKENS,
@@ -62,6 +63,7 @@ from .middlewares import (
 from .outbound import Outbound
 from .persona import PersonaStore
 from .ratelimit import RateLimiter
+from .release import RELEASE_FIELDS, read_json_object
 from .routes import setup_routes
 from .tokens import TokenStore
 from .tool_actions import ToolActionLog
@@ -74,14 +76,18 @@ SHUTDOWN_GRACE_SECONDS = 20.0
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     db, claude = app[DATABASE], app[CLAUDE]
+    settings = app[SETTINGS]
     await db.open()
     try:
-        applied = await db.migrate()
-        if applied:
-            log.info("database %s migrated to version %d", db.path, applied[-1].version)
+        # Migrations are their own step (`digitalme migrate`), never a side effect of start.
+        await db.require_migrated()
         await claude.start()
         app[STARTED_AT] = datetime.now(UTC).isoformat(timespec="seconds")
-        log.info("DigitalMe %s (%s) ready to listen", __version__, app[SETTINGS].environment)
+        app[RELEASE] = read_json_object(settings.release_info, RELEASE_FIELDS)
+        commit = settings.commit or (app[RELEASE] or {}).get("commit") or "unknown"
+        app[METRICS].build_info.labels(__version__, str(commit), settings.environment).set(1)
+        log.info("DigitalMe %s (%s, release %s) ready to listen", __version__,
+                 settings.environment, (app[RELEASE] or {}).get("release", "unknown"))
         yield
         await app[CHAT].drain(SHUTDOWN_GRACE_SECONDS)
     finally:
@@ -163,8 +169,6 @@ def create_app(settings: Settings) -> web.Application:
         client_max_size=settings.max_body_bytes,
     )
     metrics = Metrics()
-    metrics.build_info.labels(__version__, settings.commit or "unknown",
-                              settings.environment).set(1)
     db = Database(settings.db_path)
     claude = Claude(settings, metrics)
     conversations = ConversationStore(db)
@@ -199,6 +203,7 @@ def create_app(settings: Settings) -> web.Application:
     app[READINESS] = readiness
     app[RATE_LIMITER] = RateLimiter(settings.rate_limit_per_minute)
     app[STARTED_AT] = ""
+    app[RELEASE] = None
     app.cleanup_ctx.append(_resources)
     _wire_channels(app, settings, metrics, db, chat, conversations, readiness)
     app.on_response_prepare.append(add_security_headers)

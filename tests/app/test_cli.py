@@ -231,6 +231,7 @@ async def test_the_service_calls_claude_with_the_key_from_the_credentials_direct
     env["CREDENTIALS_DIRECTORY"] = str(credentials)
     async with run_anthropic_standin("127.0.0.1", 0, api_keys=[SECRET_KEY]) as standin:
         env["ANTHROPIC_BASE_URL"] = standin.base_url
+        migrated(env)
         assert_ok(cli(env, "persona", "import", str(SAMPLE_PERSONA)))
         token = cli(env, "token", "create", "--name", "cred", "--scope", "chat", "--quiet")
         auth = {"Authorization": f"Bearer {token.stdout.strip()}"}
@@ -256,6 +257,7 @@ def expected_sample() -> dict[str, object]:
 
 
 def test_persona_import_then_show_round_trips(env: dict[str, str], tmp_path: Path) -> None:
+    migrated(env)
     result = cli(env, "persona", "import", str(SAMPLE_PERSONA))
     assert_ok(result)
     assert result.stdout.startswith(
@@ -288,6 +290,7 @@ def test_persona_import_then_show_round_trips(env: dict[str, str], tmp_path: Pat
 
 def test_persona_prompt_is_byte_identical_across_runs(env: dict[str, str],
                                                       tmp_path: Path) -> None:
+    migrated(env)
     assert_ok(cli(env, "persona", "import", str(SAMPLE_PERSONA)))
 
     def prompt() -> bytes:
@@ -308,6 +311,7 @@ def test_persona_prompt_is_byte_identical_across_runs(env: dict[str, str],
 
 
 def test_persona_show_before_import_says_what_to_do(env: dict[str, str]) -> None:
+    migrated(env)
     for action in ("show", "prompt"):
         result = cli(env, "persona", action)
         assert_refused(result, 1, "no persona imported yet",
@@ -352,6 +356,7 @@ def test_invalid_persona_is_refused_naming_the_field(env: dict[str, str], tmp_pa
 
 def test_a_refused_import_keeps_the_current_persona(env: dict[str, str],
                                                     tmp_path: Path) -> None:
+    migrated(env)
     assert_ok(cli(env, "persona", "import", str(SAMPLE_PERSONA)))
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_PERSONAS["weight-11"][0])
@@ -361,6 +366,7 @@ def test_a_refused_import_keeps_the_current_persona(env: dict[str, str],
 
 
 def test_markdown_persona_with_front_matter_imports(env: dict[str, str], tmp_path: Path) -> None:
+    migrated(env)
     path = tmp_path / "persona.md"
     path.write_text(
         "---\n"
@@ -490,13 +496,25 @@ def test_serve_refuses_a_database_whose_migration_checksum_changed(env: dict[str
                              "it was applied to this database")
 
 
-def test_serve_refuses_a_database_from_a_newer_version(env: dict[str, str]) -> None:
+def test_serve_and_admin_commands_refuse_an_unmigrated_database(env: dict[str, str]) -> None:
+    # Only `digitalme migrate` changes the schema; the deployment runs it as its own step.
+    for command in (("serve",), ("token", "list")):
+        result = cli(env, *command)
+        one_line_refusal(result, "lacks migrations 0001_initial, 0002_channels: run "
+                                 "`digitalme migrate` first")
+
+
+def test_a_database_from_a_newer_release_is_used_and_reported(env: dict[str, str]) -> None:
+    # What a rollback of the code alone does: the previous release runs on the schema the
+    # newer one left (migrations only add), and says so.
     db_path = migrated(env)
     with sqlite3.connect(db_path) as conn:
         conn.execute("INSERT INTO schema_migrations (version, name, checksum)"
                      " VALUES (999, 'future', 'x')")
-    result = cli(env, "serve")
-    one_line_refusal(result, "database has migrations [999] that this version does not know")
+    result = cli(env, "token", "list")
+    assert_ok(result)
+    assert "migrations [999] from a newer release" in result.stderr
+    assert "is up to date" in cli(env, "migrate").stdout
 
 
 def test_serve_refuses_a_missing_database_directory(env: dict[str, str], tmp_path: Path) -> None:

@@ -25,8 +25,8 @@ from digitalme.db import Database
 from tests.conftest import ServiceFactory
 from tests.standins.anthropic_api import AnthropicStandin, Reply
 from tests.support.process import (
-    SAMPLE_PERSONA,
     ServiceProcess,
+    prepare_database,
     run_cli,
     running_service_async,
     service_env,
@@ -42,8 +42,7 @@ CHUNK_DELAY = 0.25  # the whole reply takes ~3 s to stream
 def prepare(tmp_path: Path, standin: AnthropicStandin) -> tuple[dict[str, str], str]:
     """Environment, persona imported and a chat token created, all through the CLI."""
     env = service_env(tmp_path, anthropic_base_url=standin.base_url)
-    imported = run_cli(["persona", "import", str(SAMPLE_PERSONA)], env)
-    assert imported.returncode == 0, imported.stderr
+    prepare_database(env)
     created = run_cli(["token", "create", "--name", "durability", "--scope", "chat", "--quiet"],
                       env)
     assert created.returncode == 0, created.stderr

@@ -27,8 +27,8 @@ from aiohttp import web
 from tests.standins.anthropic_api import AnthropicStandin
 from tests.support.process import (
     REPO,
-    SAMPLE_PERSONA,
     base_env,
+    prepare_database,
     run_cli,
     running_service_async,
     service_env,
@@ -103,7 +103,7 @@ class AdminService:
 async def admin_service(tmp_path: Path, standin: AnthropicStandin,
                         ) -> AsyncIterator[AdminService]:
     env = service_env(tmp_path, anthropic_base_url=standin.base_url)
-    assert run_cli(["persona", "import", str(SAMPLE_PERSONA)], env).returncode == 0
+    prepare_database(env)
     for name in ("spare-1", "spare-2"):  # tokens the fuzzer may revoke
         assert run_cli(["token", "create", "--name", name, "--scope", "chat"], env) \
             .returncode == 0

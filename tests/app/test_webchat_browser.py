@@ -21,8 +21,8 @@ from playwright.async_api import BrowserContext, ConsoleMessage, Page, Route, as
 
 from tests.standins.anthropic_api import AnthropicStandin, Reply
 from tests.support.process import (
-    SAMPLE_PERSONA,
     ServiceProcess,
+    prepare_database,
     run_cli,
     running_service_async,
     service_env,
@@ -79,8 +79,8 @@ class Browser:
 @pytest.fixture
 async def browser(tmp_path: Path, standin: AnthropicStandin) -> AsyncIterator[Browser]:
     env = service_env(tmp_path, anthropic_base_url=standin.base_url)
-    for args in (["persona", "import", str(SAMPLE_PERSONA)],
-                 ["token", "create", "--name", "web tester", "--scope", "chat", "--quiet"]):
+    prepare_database(env)
+    for args in (["token", "create", "--name", "web tester", "--scope", "chat", "--quiet"],):
         result = run_cli(args, env)
         assert result.returncode == 0, result.stderr
     chat_token = result.stdout.strip()

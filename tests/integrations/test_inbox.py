@@ -30,7 +30,7 @@ from tests.integrations.conftest import (
 from tests.standins import signing
 from tests.standins.anthropic_api import AnthropicStandin, Error
 from tests.standins.platform import Fail
-from tests.support.process import SAMPLE_PERSONA, ServiceProcess, run_cli, service_env
+from tests.support.process import ServiceProcess, prepare_database, run_cli, service_env
 
 TELEGRAM = "/webhooks/telegram"
 
@@ -82,8 +82,7 @@ def _channel_env(tmp_path: Path, standin: AnthropicStandin, platforms: Platforms
         DIGITALME_WORKER_POLL_SECONDS="0.2", DIGITALME_INBOX_RETRY_BASE_SECONDS="0.1",
         DIGITALME_INBOX_RETRY_MAX_SECONDS="0.5", DIGITALME_OUTBOUND_RETRIES="0",
         DIGITALME_CLAUDE_TIMEOUT_SECONDS="60", DIGITALME_CLAUDE_DEADLINE_SECONDS="120")
-    imported = run_cli(["persona", "import", str(SAMPLE_PERSONA)], env)
-    assert imported.returncode == 0, imported.stderr
+    prepare_database(env)
     return env
 
 

@@ -11,7 +11,7 @@ Use the async variants from async tests that run the in-process stand-in: the se
 calls it while the test waits, so waiting must not block the event loop.
 
     env = service_env(tmp_path, anthropic_base_url=standin.base_url)
-    run_cli(["persona", "import", str(SAMPLE_PERSONA)], env)
+    prepare_database(env)
     async with running_service_async(env, tmp_path) as service:
         ...  # service.base_url, service.kill(), await service.restart_async()
 """
@@ -116,6 +116,16 @@ def run_cli(args: Sequence[str], env: Mapping[str, str], *, timeout: float = 120
         [*digitalme_command(), *args], env=dict(env), capture_output=True, text=True,
         timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL,
         cwd=env.get("HOME"), check=False)
+
+
+def prepare_database(env: Mapping[str, str], *, persona: Path | None = SAMPLE_PERSONA) -> None:
+    """What a deployment does before the first start: `digitalme migrate` (its own step;
+    the service refuses an unmigrated database), then the persona imported."""
+    commands = [["migrate"]] + ([["persona", "import", str(persona)]] if persona else [])
+    for args in commands:
+        result = run_cli(args, env)
+        if result.returncode != 0:
+            raise ProcessFailed(f"digitalme {' '.join(args)} failed: {result.stderr}")
 
 
 class ProcessFailed(RuntimeError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -30,16 +31,18 @@ async def test_failed_migration_rolls_back_and_says_which(tmp_path: Path) -> Non
     db = Database(tmp_path / "x.db", migrations)
     await db.open()
     try:
-        with pytest.raises(DatabaseError, match="migration 0002_bad failed"):
+        with pytest.raises(DatabaseError, match=r"0001_good, 0002_bad failed.*nothing was applied"):
             await db.migrate()
-        assert set(await db.applied_migrations()) == {1}
+        # A release's migrations apply together or not at all: the failure left nothing.
+        assert await db.applied_migrations() == {}
         tables = {r[0] for r in await db.fetchall("SELECT name FROM sqlite_master")}
-        assert "a" in tables and "b" not in tables  # the failed one left nothing behind
+        assert "a" not in tables and "b" not in tables
+        assert [m.version for m in await db.pending_migrations()] == [1, 2]
     finally:
         await db.close()
 
 
-async def test_changed_or_unknown_migrations_are_refused(tmp_path: Path) -> None:
+async def test_changed_migrations_are_refused_newer_ones_tolerated(tmp_path: Path) -> None:
     path = tmp_path / "x.db"
     db = Database(path, [Migration(1, "one", "CREATE TABLE a (x INTEGER);")])
     await db.open()
@@ -52,11 +55,29 @@ async def test_changed_or_unknown_migrations_are_refused(tmp_path: Path) -> None
         await changed.migrate()
     await changed.close()
 
+    # An older release on a newer release's database (a rollback of the code alone): its
+    # own migrations are all there, the newer one is reported, nothing is refused.
     older = Database(path, [])
     await older.open()
-    with pytest.raises(DatabaseError, match="newer DigitalMe"):
-        await older.migrate()
-    await older.close()
+    try:
+        assert await older.migrate() == []
+        state = await older.require_migrated()
+        assert state.pending == [] and state.newer == [1]
+    finally:
+        await older.close()
+
+
+async def test_an_unmigrated_database_is_refused_naming_the_command(tmp_path: Path) -> None:
+    db = Database(tmp_path / "x.db", [Migration(1, "one", "CREATE TABLE a (x INTEGER);")])
+    await db.open()
+    try:
+        with pytest.raises(DatabaseError,
+                           match=r"lacks migrations 0001_one: run `digitalme migrate`"):
+            await db.require_migrated()
+        await db.migrate()
+        assert (await db.require_migrated()).pending == []
+    finally:
+        await db.close()
 
 
 async def test_not_a_database(tmp_path: Path) -> None:
@@ -73,3 +94,31 @@ async def test_missing_directory_is_named(tmp_path: Path) -> None:
     db = Database(tmp_path / "nowhere" / "x.db")
     with pytest.raises(DatabaseError, match="does not exist"):
         await db.open()
+
+
+# Statements an older release cannot run beside: its code would miss a table or a column.
+_DESTRUCTIVE = re.compile(r"\b(DROP\s+(TABLE|COLUMN|INDEX|VIEW|TRIGGER)|RENAME\s+(TO|COLUMN))\b",
+                          re.IGNORECASE)
+
+
+def destructive_statements(sql: str) -> list[str]:
+    code = re.sub(r"--[^\n]*", "", sql)
+    return [m[0] for m in _DESTRUCTIVE.finditer(code)]
+
+
+def test_the_guard_catches_destructive_changes() -> None:
+    assert destructive_statements("ALTER TABLE a DROP COLUMN b;") == ["DROP COLUMN"]
+    assert destructive_statements("drop table a") == ["drop table"]
+    assert destructive_statements("ALTER TABLE a RENAME TO b") == ["RENAME TO"]
+    assert destructive_statements("ALTER TABLE a ADD COLUMN b TEXT; -- drop table later") == []
+
+
+def test_migrations_only_add() -> None:
+    """A rollback of the code alone runs the previous release on the newer schema, and
+    upgrades migrate while the previous release still serves (docs/maintenance.md): a
+    migration may add tables, columns and indexes, never drop or rename them. A change
+    that must remove something ships its removal a release after the code stopped using it.
+    """
+    for migration in bundled_migrations():
+        assert destructive_statements(migration.sql) == [], \
+            f"{migration.version:04d}_{migration.name} drops or renames"

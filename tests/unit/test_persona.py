@@ -86,6 +86,8 @@ def test_import_if_changed_skips_the_same_file(tmp_path: Path,
     from digitalme.cli import main
 
     monkeypatch.setenv("DIGITALME_DB_PATH", str(tmp_path / "p.db"))
+    assert main(["migrate"]) == 0
+    capsys.readouterr()
     assert main(["persona", "import", "--if-changed", str(SAMPLE)]) == 0
     assert capsys.readouterr().out.startswith("imported persona 'Mara Lindqvist'")
     assert main(["persona", "import", "--if-changed", str(SAMPLE)]) == 0

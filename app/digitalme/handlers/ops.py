@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from .. import __version__
-from ..keys import METRICS, READINESS, SETTINGS, STARTED_AT, VIA_PROXY
+from ..keys import METRICS, READINESS, RELEASE, SETTINGS, STARTED_AT, VIA_PROXY
 from ..metrics import CONTENT_TYPE
+from ..release import DEPLOY_FIELDS, read_json_object
 
 
 async def health(request: web.Request) -> web.Response:
@@ -24,13 +25,16 @@ async def ready(request: web.Request) -> web.Response:
 
 async def info(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
+    release = request.app[RELEASE]
     return web.json_response({
         "name": "digitalme",
         "version": __version__,
-        "commit": settings.commit,
+        "commit": settings.commit or (release or {}).get("commit"),
         "environment": settings.environment,
         "started_at": request.app[STARTED_AT],
         "now": datetime.now(UTC).isoformat(timespec="seconds"),
+        "release": release,
+        "last_deploy": read_json_object(settings.deploy_record, DEPLOY_FIELDS),
     })
 
 
