@@ -41,6 +41,28 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# promtool and amtool for the alert rule tests (tests/monitoring), and Prometheus itself for
+# the dashboard screenshot: Debian's own packages, unpacked into .cache/prometheus-tools
+# rather than installed, so that no Prometheus or Alertmanager daemon starts on this
+# machine (their packages start one at once).
+if [[ $mode != --app ]]; then
+    tools=.cache/prometheus-tools
+    tool_packages=(prometheus prometheus-alertmanager)
+    wanted=$(apt-cache policy "${tool_packages[@]}" | awk '/Candidate:/ {print $2}' | paste -sd' ')
+    if [[ ! -x $tools/usr/bin/promtool || ! -x $tools/usr/bin/amtool \
+          || $(cat "$tools/versions" 2>/dev/null) != "$wanted" ]]; then
+        echo "bootstrap: unpacking ${tool_packages[*]} ($wanted) into $tools"
+        download=$(mktemp -d)
+        # apt-get download fetches as the _apt user when it can write there.
+        if id -u _apt >/dev/null 2>&1; then chown _apt "$download"; fi
+        (cd "$download" && apt-get download -qq "${tool_packages[@]}")
+        rm -rf "$tools" && mkdir -p "$tools"
+        for deb in "$download"/*.deb; do dpkg-deb -x "$deb" "$tools"; done
+        rm -rf "$download"
+        echo "$wanted" > "$tools/versions"
+    fi
+fi
+
 python=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
     echo "bootstrap: creating .venv with $($python --version)"
