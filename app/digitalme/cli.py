@@ -97,6 +97,23 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_smoke_test(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from .smoke import SmokeTestFailed, smoke_test
+
+    async def work(db: Database) -> Any:
+        return await smoke_test(db, args.url, args.timeout)
+
+    try:
+        result = _run(_with_database(settings, work))
+    except SmokeTestFailed as exc:
+        raise CommandError(f"smoke test failed: {exc}") from None
+    print(json.dumps({"ok": True, "seconds": result.seconds,
+                      "reply_chars": result.reply_chars, "model": result.model}))
+    return EXIT_OK
+
+
 def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
     if args.reference:
         print(settings_reference_markdown(), end="")
@@ -303,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("migrate", help="apply pending database migrations and exit")
     p.set_defaults(func=cmd_migrate)
+    p = sub.add_parser("smoke-test",
+                       help="one chat turn through the running service, as a throw-away "
+                            "token that is deleted afterwards (the deploy's health gate)")
+    p.add_argument("--url", default="http://127.0.0.1:8080",
+                   help="the service's base URL (default http://127.0.0.1:8080)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds the whole turn may take (default 60)")
+    p.set_defaults(func=cmd_smoke_test)
     p = sub.add_parser("check-config",
                        help="validate the settings and print them, secrets masked")
     p.add_argument("--reference", action="store_true",

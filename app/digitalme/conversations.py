@@ -102,6 +102,10 @@ class ConversationStore:
                 " WHERE channel = ? AND external_id = ?", (channel, external_id))
         return Conversation(**dict(next(iter(rows))))
 
+    async def delete(self, conversation_id: str) -> None:
+        """Remove a conversation and its messages (the smoke test's own, afterwards)."""
+        await self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
     async def get(self, conversation_id: str) -> Conversation | None:
         row = await self.db.fetchone(
             f"SELECT {_CONV_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,))

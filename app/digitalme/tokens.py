@@ -89,6 +89,11 @@ class TokenStore:
             (_now(), token_id))
         return await self.get(token_id)
 
+    async def delete(self, token_id: int) -> None:
+        """Remove a token for good (a throw-away one; people's tokens are revoked, so that
+        what they did stays attributed)."""
+        await self.db.execute("DELETE FROM api_tokens WHERE id = ?", (token_id,))
+
     async def authenticate(self, secret: str) -> TokenInfo | None:
         """The live token with this secret, or None."""
         if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:

@@ -7,6 +7,7 @@ or an unusable database, each failure a short message with no traceback.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -467,6 +468,33 @@ async def test_cli_tokens_work_against_the_running_service(env: dict[str, str],
         assert await status(admin_token, "/api/v1/me") == 200
     last_used = cli(env, "token", "list").stdout.splitlines()[2]
     assert re.match(r"\s+2\s+ops\s+admin\s+\S+\s+\S+\s+20\d\d-", last_used), last_used
+
+
+async def test_smoke_test_talks_through_the_service_and_leaves_nothing_behind(
+        env: dict[str, str], tmp_path: Path) -> None:
+    db_path = migrated(env)
+    async with run_anthropic_standin("127.0.0.1", 0) as standin:
+        env["ANTHROPIC_BASE_URL"] = standin.base_url
+        assert_ok(cli(env, "persona", "import", str(SAMPLE_PERSONA)))
+        async with running_service_async(env, tmp_path) as service:
+            result = await asyncio.to_thread(cli, env, "smoke-test", "--url", service.base_url)
+        assert_ok(result)
+        answer = json.loads(result.stdout)
+        assert answer["ok"] is True and answer["reply_chars"] > 0
+        assert answer["model"] == "claude-test"
+        assert len(standin.requests) == 1  # one real turn reached Claude
+    with sqlite3.connect(db_path) as conn:
+        left = [conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                for t in ("conversations", "messages", "api_tokens")]
+    assert left == [0, 0, 0]
+
+
+def test_smoke_test_says_why_it_failed_and_leaves_no_token(env: dict[str, str]) -> None:
+    migrated(env)
+    url = f"http://127.0.0.1:{free_port()}"
+    result = cli(env, "smoke-test", "--url", url, "--timeout", "5")
+    assert_refused(result, 1, "smoke test failed", url, "ClientConnectorError")
+    assert "no tokens" in cli(env, "token", "list").stdout
 
 
 # --- serve refusing to start ----------------------------------------------------------------
