@@ -27,7 +27,7 @@ from .config import Settings
 from .conversations import Conversation, ConversationStore, Message
 from .llm import Claude, Reply, TextDelta
 from .metrics import Metrics
-from .persona import PersonaStore, build_prompt
+from .persona import PersonaStore
 from .usage import Usage
 
 log = logging.getLogger(__name__)
@@ -132,13 +132,12 @@ class ChatService:
     # --- request assembly ----------------------------------------------------------------
 
     async def system_blocks(self) -> list[dict[str, Any]]:
-        stored = await self.personas.load()
-        if stored is None:
+        prompt = await self.personas.prompt()
+        if prompt is None:
             raise PersonaMissing(
                 "no persona has been imported: run `digitalme persona import FILE`")
         blocks: list[dict[str, Any]] = [{
-            "type": "text", "text": build_prompt(stored.persona),
-            "cache_control": {"type": "ephemeral"}}]
+            "type": "text", "text": prompt, "cache_control": {"type": "ephemeral"}}]
         for provider in self.context_providers:
             try:
                 text = await provider()
@@ -152,9 +151,8 @@ class ChatService:
     async def _history(self, conversation: Conversation) -> list[dict[str, Any]]:
         # Enough recent messages to fill any budget: each costs at least 5 estimated tokens.
         limit = self.settings.context_token_budget // 5 + 1
-        stored = await self.conversations.messages(conversation.id, limit=limit)
-        return fit_history([(m.role, m.text) for m in stored],
-                           self.settings.context_token_budget)
+        turns = await self.conversations.turns(conversation.id, limit=limit)
+        return fit_history(turns, self.settings.context_token_budget)
 
     async def _check_budget(self) -> None:
         budget = self.settings.daily_token_budget
@@ -177,7 +175,7 @@ class ChatService:
         final: Turn | None = None
         async for item in self.stream_reply(conversation, text,
                                             channel_message_id=channel_message_id,
-                                            user_message=user_message):
+                                            user_message=user_message, deltas=False):
             if isinstance(item, Turn):
                 final = item
         assert final is not None
@@ -185,9 +183,13 @@ class ChatService:
 
     async def stream_reply(self, conversation: Conversation, text: str, *,
                            channel_message_id: str | None = None,
-                           user_message: Message | None = None,
+                           user_message: Message | None = None, deltas: bool = True,
                            ) -> AsyncIterator[TextDelta | Message | Turn]:
         """Yield the stored user :class:`Message`, text deltas, then the :class:`Turn`.
+
+        ``deltas=False`` is for callers that only want the turn (the JSON API, channels):
+        no text deltas are yielded, and Claude is asked for its whole answer at once when
+        the settings allow it (:attr:`Claude.answers_whole`), which costs less than a stream.
 
         The user message is stored (durably) before Claude is asked, so a failed call
         loses nothing. A retry passes that stored ``user_message`` back instead of storing
@@ -208,13 +210,18 @@ class ChatService:
             texts: list[str] = []
             usage = Usage()
             reply: Reply | None = None
+            whole = not deltas and self.claude.answers_whole
             for _round in range(MAX_TOOL_ROUNDS + 1):
                 reply = None
-                async for item in self.claude.stream(system, messages, tools):
-                    if isinstance(item, TextDelta):
-                        yield item
-                    else:
-                        reply = item
+                if whole:
+                    reply = await self.claude.create(system, messages, tools)
+                else:
+                    async for item in self.claude.stream(system, messages, tools):
+                        if isinstance(item, TextDelta):
+                            if deltas:
+                                yield item
+                        else:
+                            reply = item
                 assert reply is not None
                 usage += reply.usage
                 if reply.text:

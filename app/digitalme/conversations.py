@@ -7,6 +7,7 @@ time, the platform's message id and, for replies, the tokens and estimated cost.
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -91,23 +92,30 @@ class ConversationStore:
     async def get_or_create(self, channel: str, external_id: str,
                             title: str | None = None) -> Conversation:
         """The conversation of a channel's chat or thread, made on first contact."""
+        found = await self.db.lookup_one(
+            f"SELECT {_CONV_COLUMNS} FROM conversations WHERE channel = ? AND external_id = ?",
+            (channel, external_id))
+        if found is not None:
+            return Conversation(**dict(found))
         now = now_iso()
-        async with self.db.transaction() as conn:
-            await conn.execute(
+
+        def create(conn: sqlite3.Connection) -> sqlite3.Row:
+            conn.execute(
                 f"INSERT INTO conversations ({_CONV_COLUMNS}) VALUES (?, ?, ?, ?, NULL, ?, ?)"
                 " ON CONFLICT (channel, external_id) DO NOTHING",
                 (uuid.uuid4().hex, channel, external_id, title, now, now))
-            rows = await conn.execute_fetchall(
+            rows: list[sqlite3.Row] = conn.execute(
                 f"SELECT {_CONV_COLUMNS} FROM conversations"
-                " WHERE channel = ? AND external_id = ?", (channel, external_id))
-        return Conversation(**dict(next(iter(rows))))
+                " WHERE channel = ? AND external_id = ?", (channel, external_id)).fetchall()
+            return rows[0]
+        return Conversation(**dict(await self.db.write(create)))
 
     async def delete(self, conversation_id: str) -> None:
         """Remove a conversation and its messages (the smoke test's own, afterwards)."""
         await self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
     async def get(self, conversation_id: str) -> Conversation | None:
-        row = await self.db.fetchone(
+        row = await self.db.lookup_one(
             f"SELECT {_CONV_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,))
         return Conversation(**dict(row)) if row else None
 
@@ -129,28 +137,38 @@ class ConversationStore:
                           stop_reason: str | None = None) -> Message:
         now = now_iso()
         u = usage or Usage()
-        async with self.db.transaction() as conn:
-            rows = await conn.execute_fetchall(
+        values = (conversation_id, role, text, now, channel_message_id, model,
+                  u.input_tokens if usage else None, u.output_tokens if usage else None,
+                  u.cache_read_tokens if usage else None,
+                  u.cache_write_tokens if usage else None, cost_usd, stop_reason)
+
+        def insert(conn: sqlite3.Connection) -> sqlite3.Row:
+            rows: list[sqlite3.Row] = conn.execute(
                 "INSERT INTO messages (conversation_id, role, text, created_at,"
                 " channel_message_id, model, input_tokens, output_tokens, cache_read_tokens,"
                 " cache_write_tokens, cost_usd, stop_reason)"
                 f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_MSG_COLUMNS}",
-                (conversation_id, role, text, now, channel_message_id, model,
-                 u.input_tokens if usage else None, u.output_tokens if usage else None,
-                 u.cache_read_tokens if usage else None,
-                 u.cache_write_tokens if usage else None, cost_usd, stop_reason))
-            await conn.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
-                               (now, conversation_id))
-        return Message(**dict(next(iter(rows))))
+                values).fetchall()
+            conn.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
+                         (now, conversation_id))
+            return rows[0]
+        return Message(**dict(await self.db.write(insert)))
 
     async def messages(self, conversation_id: str, *, limit: int = 200,
                        before_id: int | None = None) -> list[Message]:
         """Oldest first: the last ``limit`` messages (before ``before_id`` if given)."""
-        rows = await self.db.fetchall(
+        rows = await self.db.lookup(  # bounded by its LIMIT, through messages_by_conversation
             f"SELECT {_MSG_COLUMNS} FROM messages WHERE conversation_id = ? AND id < ?"
             " ORDER BY id DESC LIMIT ?",
             (conversation_id, before_id if before_id is not None else 2**62, limit))
         return [Message(**dict(row)) for row in reversed(rows)]
+
+    async def turns(self, conversation_id: str, *, limit: int) -> list[tuple[str, str]]:
+        """Oldest first: (role, text) of the last ``limit`` messages, what Claude is sent."""
+        rows = await self.db.lookup(
+            "SELECT role, text FROM messages WHERE conversation_id = ?"
+            " ORDER BY id DESC LIMIT ?", (conversation_id, limit))
+        return [(row[0], row[1]) for row in reversed(rows)]
 
     async def tokens_used_since(self, since_iso: str) -> int:
         row = await self.db.fetchone(

@@ -21,6 +21,7 @@ Items a crash left ``processing`` are made due again by :meth:`InboxStore.recove
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -82,21 +83,20 @@ class InboxStore:
                      ignored: bool = False) -> Ingested:
         """Store a delivery (durably) unless one with the same id is already there."""
         now = now_iso()
-        async with self.db.transaction() as conn:
-            cursor = await conn.execute(
+        values = (channel, delivery_id, kind, json.dumps(payload, ensure_ascii=False),
+                  "ignored" if ignored else "pending", time.time(), now, now)
+
+        def insert(conn: sqlite3.Connection) -> Ingested:
+            cursor = conn.execute(
                 "INSERT INTO inbox (channel, delivery_id, kind, payload, status,"
                 " next_attempt_at, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (channel, delivery_id) DO NOTHING",
-                (channel, delivery_id, kind, json.dumps(payload, ensure_ascii=False),
-                 "ignored" if ignored else "pending", time.time(), now, now))
+                " ON CONFLICT (channel, delivery_id) DO NOTHING", values)
             if cursor.rowcount:
                 return Ingested(cursor.lastrowid or 0, duplicate=False)
-            async with conn.execute(
-                    "SELECT id FROM inbox WHERE channel = ? AND delivery_id = ?",
-                    (channel, delivery_id)) as found:
-                row = await found.fetchone()
-        assert row is not None
-        return Ingested(int(row[0]), duplicate=True)
+            [row] = conn.execute("SELECT id FROM inbox WHERE channel = ? AND delivery_id = ?",
+                                 (channel, delivery_id)).fetchall()
+            return Ingested(int(row[0]), duplicate=True)
+        return await self.db.write(insert)
 
     async def get(self, item_id: int) -> InboxItem | None:
         row = await self.db.fetchone(f"SELECT {_COLUMNS} FROM inbox WHERE id = ?", (item_id,))
@@ -120,7 +120,7 @@ class InboxStore:
 
     async def oldest_due_age(self) -> float | None:
         """Seconds the longest-waiting pending item has been due, or None."""
-        row = await self.db.fetchone(
+        row = await self.db.lookup_one(  # the first entry of inbox_due
             "SELECT MIN(next_attempt_at) AS due FROM inbox WHERE status = 'pending'")
         if row is None or row["due"] is None:
             return None
@@ -128,7 +128,7 @@ class InboxStore:
 
     async def next_due_in(self) -> float | None:
         """Seconds until the next pending item is due (0 if one is due now), or None."""
-        row = await self.db.fetchone(
+        row = await self.db.lookup_one(  # the first entry of inbox_due
             "SELECT MIN(next_attempt_at) AS due FROM inbox WHERE status = 'pending'")
         if row is None or row["due"] is None:
             return None
@@ -138,27 +138,42 @@ class InboxStore:
 
     async def recover(self) -> int:
         """Make items a crash left ``processing`` due again; returns how many."""
-        async with self.db.transaction() as conn:
-            cursor = await conn.execute(
-                "UPDATE inbox SET status = 'pending', next_attempt_at = ?, updated_at = ?,"
-                " last_error = COALESCE(last_error, 'interrupted (service stopped)')"
-                " WHERE status = 'processing'", (time.time(), now_iso()))
-            return cursor.rowcount
+        values = (time.time(), now_iso())
+        return await self.db.write(lambda conn: conn.execute(
+            "UPDATE inbox SET status = 'pending', next_attempt_at = ?, updated_at = ?,"
+            " last_error = COALESCE(last_error, 'interrupted (service stopped)')"
+            " WHERE status = 'processing'", values).rowcount)
 
     async def claim(self, limit: int, *, exclude: frozenset[int] = frozenset(),
                     ) -> list[InboxItem]:
-        """Take up to ``limit`` due items, oldest first, and mark them processing (each
-        claim counts as an attempt)."""
+        """Take up to ``limit`` due items, longest due first (deliveries in the order they
+        came), and mark them processing (each claim counts as an attempt).
+
+        Ordered by (next_attempt_at, id), which the ``inbox_due`` index (status,
+        next_attempt_at, and the rowid every index ends with) yields as it is: a claim reads
+        only the rows it takes, however long the queue (ordering by id alone made SQLite
+        sort every due row, each claim, so a backlog slowed its own draining)."""
         if limit <= 0:
             return []
         skip = ",".join(str(int(i)) for i in exclude) or "0"
-        async with self.db.transaction() as conn, conn.execute(
-                "UPDATE inbox SET status = 'processing', attempts = attempts + 1,"
-                " updated_at = ? WHERE id IN (SELECT id FROM inbox WHERE status = 'pending'"
-                f" AND next_attempt_at <= ? AND id NOT IN ({skip}) ORDER BY id LIMIT ?)"
-                f" RETURNING {_COLUMNS}", (now_iso(), time.time(), limit)) as cursor:
-            rows = await cursor.fetchall()
+        values = (now_iso(), time.time(), limit)
+        rows = await self.db.write(lambda conn: conn.execute(
+            "UPDATE inbox SET status = 'processing', attempts = attempts + 1,"
+            " updated_at = ? WHERE id IN (SELECT id FROM inbox WHERE status = 'pending'"
+            f" AND next_attempt_at <= ? AND id NOT IN ({skip})"
+            " ORDER BY next_attempt_at, id LIMIT ?)"
+            f" RETURNING {_COLUMNS}", values).fetchall())
         return sorted((InboxItem(**dict(row)) for row in rows), key=lambda i: i.id)
+
+    async def release(self, item_ids: list[int]) -> None:
+        """Give claimed items that were never started back: pending, due now, the claim's
+        attempt returned (the worker stopped before their turn came)."""
+        marks = ",".join("?" * len(item_ids))
+        values = (time.time(), now_iso(), *item_ids)
+        await self.db.write(lambda conn: conn.execute(
+            "UPDATE inbox SET status = 'pending', next_attempt_at = ?, updated_at = ?,"
+            f" attempts = attempts - 1 WHERE status = 'processing' AND id IN ({marks})",
+            values))
 
     async def _finish(self, item_id: int, status: str, *, result: str | None = None,
                       error: str | None = None) -> None:
@@ -189,11 +204,10 @@ class InboxStore:
     async def retry(self, item_id: int) -> InboxItem | None:
         """Set a failed (or ignored) item back to pending, due now, with fresh attempts;
         the running service's worker picks it up. Returns the item, or None if unknown."""
-        async with self.db.transaction() as conn:
-            await conn.execute(
-                "UPDATE inbox SET status = 'pending', attempts = 0, next_attempt_at = ?,"
-                " updated_at = ? WHERE id = ? AND status IN ('failed', 'ignored')",
-                (time.time(), now_iso(), item_id))
+        await self.db.execute(
+            "UPDATE inbox SET status = 'pending', attempts = 0, next_attempt_at = ?,"
+            " updated_at = ? WHERE id = ? AND status IN ('failed', 'ignored')",
+            (time.time(), now_iso(), item_id))
         return await self.get(item_id)
 
     # --- progress within an item ---------------------------------------------------------

@@ -211,6 +211,37 @@ class Claude:
             self.metrics.claude_tokens.labels(kind).inc(value)
         self.metrics.claude_cost.inc(u.cost_usd(self.settings))
 
+    @property
+    def answers_whole(self) -> bool:
+        """Whether a caller that does not read text as it comes may ask for the whole answer
+        in one response (``messages.create``: less work than parsing a stream, here and for
+        Claude). Only when the longest answer fits the read timeout with room to spare:
+        the SDK reckons an hour per 128k output tokens, so the default 1024 tokens (29 s)
+        fit the default 60 s; larger ``DIGITALME_MAX_TOKENS`` keep streaming, whose chunks
+        and pings reset the read timeout."""
+        s = self.settings
+        return 3600 * s.max_tokens / 128_000 <= s.claude_timeout_seconds / 2
+
+    async def create(self, system: Sequence[dict[str, Any]],
+                     messages: Sequence[dict[str, Any]],
+                     tools: Sequence[dict[str, Any]] | None = None) -> Reply:
+        """The whole answer in one response (see :attr:`answers_whole`); the deadline covers
+        it all, SDK retries included."""
+        client = self._admit()
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.settings.claude_deadline_seconds):
+                message = await client.messages.create(
+                    **self._request(system, messages, tools))
+        except _CALL_FAILURES as exc:
+            raise self._failed(exc) from exc
+        except BaseException:
+            self.breaker.record_neutral()
+            raise
+        reply = _reply_from_message(message)
+        self._succeeded(reply, started)
+        return reply
+
     async def stream(self, system: Sequence[dict[str, Any]],
                      messages: Sequence[dict[str, Any]],
                      tools: Sequence[dict[str, Any]] | None = None,

@@ -6,27 +6,87 @@ process. Names carry the ``digitalme_`` prefix, units, and ``_total`` on counter
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+class HttpStats(Collector):
+    """``digitalme_http_requests_total`` and ``digitalme_http_request_duration_seconds``:
+    the two metrics every request updates, kept as plain numbers and turned into
+    Prometheus samples only when scraped.
+
+    The client library's ``labels(...).inc()`` and ``.observe()`` take a lock and check
+    their labels on every call, several microseconds a request; here a request costs a dict
+    lookup, a bisect and three additions. Only the event loop's thread records or collects
+    (``/metrics`` renders on the loop), so nothing needs a lock. The samples are those the
+    library would export: counters with ``_created``, cumulative buckets, ``_count``, ``_sum``.
+    """
+
+    def __init__(self, buckets: tuple[float, ...] = _LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        # (method, route, status) -> [count, created]
+        self._requests: dict[tuple[str, str, int], list[float]] = {}
+        # (method, route) -> [per-bucket counts..., +Inf count, sum, created]
+        self._latency: dict[tuple[str, str], list[float]] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        counted = self._requests.get((method, route, status))
+        if counted is None:
+            counted = self._requests[(method, route, status)] = [0, time.time()]
+        counted[0] += 1
+        timed = self._latency.get((method, route))
+        if timed is None:
+            timed = self._latency[(method, route)] = [0.0] * (len(self.buckets) + 2) \
+                + [time.time()]
+        timed[bisect.bisect_left(self.buckets, seconds)] += 1
+        timed[-2] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "digitalme_http_requests_total", "HTTP requests answered.",
+            labels=["method", "route", "status"])
+        for (method, route, status), (count, created) in self._requests.items():
+            requests.add_metric([method, route, str(status)], count, created=created)
+        yield requests
+        latency = HistogramMetricFamily(
+            "digitalme_http_request_duration_seconds", "Time to answer an HTTP request.",
+            labels=["method", "route"])
+        bounds = [*(_bound(b) for b in self.buckets), "+Inf"]
+        for (method, route), timed in self._latency.items():
+            cumulative, total = [], 0.0
+            for bound, count in zip(bounds, timed[:len(bounds)], strict=True):
+                total += count
+                cumulative.append((bound, total))
+            latency.add_metric([method, route], cumulative, sum_value=timed[-2])
+            # The library's histograms carry _created like its counters.
+            latency.samples.append(Sample(
+                "digitalme_http_request_duration_seconds_created",
+                {"method": method, "route": route}, timed[-1], None, None))
+        yield latency
+
+
+def _bound(value: float) -> str:
+    return repr(float(value)) if value != int(value) else f"{float(value)}"
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         # HTTP
-        self.http_requests = Counter(
-            "digitalme_http_requests_total", "HTTP requests answered.",
-            ["method", "route", "status"], registry=registry)
-        self.http_latency = Histogram(
-            "digitalme_http_request_duration_seconds", "Time to answer an HTTP request.",
-            ["method", "route"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.http = HttpStats()
+        registry.register(self.http)
         self.rate_limited = Counter(
             "digitalme_http_rate_limited_total", "Requests refused by the rate limit.",
             registry=registry)

@@ -38,7 +38,7 @@ _WEBHOOK_STATUS_OUTCOMES = {400: "malformed", 401: "bad_signature", 404: "not_co
                             405: "wrong_method", 413: "too_large", 429: "rate_limited",
                             500: "error"}
 
-SECURITY_HEADERS = {
+SECURITY_HEADERS: dict[str, str] = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
         "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; "
@@ -78,7 +78,6 @@ def client_address(peer: str, forwarded_for: str | None,
 
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    metrics = request.app[METRICS]
     started = time.monotonic()
     status = 500
     try:
@@ -86,10 +85,10 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = response.status
         return response
     finally:
+        metrics = request.app[METRICS]
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        metrics.http_requests.labels(request.method, route, str(status)).inc()
-        metrics.http_latency.labels(request.method, route).observe(time.monotonic() - started)
+        metrics.http.observe(request.method, route, status, time.monotonic() - started)
         if request.path.startswith(WEBHOOK_PREFIX):
             channel = request.path.split("/")[2]
             outcome = request.get(WEBHOOK_OUTCOME) or _WEBHOOK_STATUS_OUTCOMES.get(
@@ -165,7 +164,7 @@ async def client_middleware(request: web.Request, handler: Handler) -> web.Strea
                            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
         request[REQUEST_TOKEN] = token
         key = f"token:{token.id}"
-        await request.app[TOKENS].touch(token.id)
+        await request.app[TOKENS].touch(token)
     _limit(request, key)
     return await handler(request)
 
@@ -180,8 +179,13 @@ def _limit(request: web.Request, key: str) -> None:
                        "Retry-After delay", headers=retry_after_header(wait))
 
 
+_SECURITY_ITEMS = tuple(SECURITY_HEADERS.items())
+_NO_STORE_PREFIXES = ("/api/", "/health", "/info", "/metrics")
+
+
 async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
-    for name, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(name, value)
-    if request.path.startswith(("/api/", "/health", "/info", "/metrics")):
-        response.headers.setdefault("Cache-Control", "no-store")
+    headers = response.headers
+    # A handler's own value wins (setdefault); one extend() adds the rest at once.
+    headers.extend([item for item in _SECURITY_ITEMS if item[0] not in headers])
+    if "Cache-Control" not in headers and request.path.startswith(_NO_STORE_PREFIXES):
+        headers["Cache-Control"] = "no-store"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -246,26 +247,46 @@ class StoredPersona:
 class PersonaStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # The last prompt built, by (source_sha256, imported_at) of the persona it is of.
+        self._prompt: tuple[tuple[str, str], str] | None = None
+
+    async def prompt(self) -> str | None:
+        """The system prompt of the stored persona (None when there is none). Every chat
+        turn needs it: it is built again only when the stored persona changed (an import
+        from this process, another one or the API), which one indexed read tells."""
+        row = await self.db.lookup_one(
+            "SELECT source_sha256, imported_at FROM persona_profile WHERE id = 1")
+        if row is None:
+            return None
+        if self._prompt is None or self._prompt[0] != (row[0], row[1]):
+            stored = await self.load()
+            if stored is None:
+                return None
+            self._prompt = ((stored.source_sha256, stored.imported_at),
+                            build_prompt(stored.persona))
+        return self._prompt[1]
 
     async def save(self, persona: Persona, source_sha256: str) -> StoredPersona:
         doc = persona.to_document()
         del doc["traits"]  # they live in persona_traits
         imported_at = datetime.now(UTC).isoformat(timespec="seconds")
-        async with self.db.transaction() as conn:
-            await conn.execute("DELETE FROM persona_traits")
-            await conn.execute(
+        document = json.dumps(doc, ensure_ascii=False, sort_keys=True)
+        traits = [(i, t.category, t.name, t.description, t.weight,
+                   json.dumps(list(t.examples), ensure_ascii=False))
+                  for i, t in enumerate(persona.traits)]
+
+        def replace(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM persona_traits")
+            conn.execute(
                 "INSERT INTO persona_profile (id, name, document, source_sha256, imported_at)"
                 " VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET name=excluded.name,"
                 " document=excluded.document, source_sha256=excluded.source_sha256,"
                 " imported_at=excluded.imported_at",
-                (persona.name, json.dumps(doc, ensure_ascii=False, sort_keys=True),
-                 source_sha256, imported_at))
-            await conn.executemany(
+                (persona.name, document, source_sha256, imported_at))
+            conn.executemany(
                 "INSERT INTO persona_traits (position, category, name, description, weight,"
-                " examples) VALUES (?, ?, ?, ?, ?, ?)",
-                [(i, t.category, t.name, t.description, t.weight,
-                  json.dumps(list(t.examples), ensure_ascii=False))
-                 for i, t in enumerate(persona.traits)])
+                " examples) VALUES (?, ?, ?, ?, ?, ?)", traits)
+        await self.db.write(replace)
         return StoredPersona(persona, source_sha256, imported_at)
 
     async def load(self) -> StoredPersona | None:

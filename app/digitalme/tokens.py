@@ -98,15 +98,19 @@ class TokenStore:
         """The live token with this secret, or None."""
         if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
             return None
-        row = await self.db.fetchone(
+        row = await self.db.lookup_one(  # the UNIQUE index on token_sha256
             f"SELECT {_COLUMNS} FROM api_tokens WHERE token_sha256 = ? AND revoked_at IS NULL",
             (_digest(secret),))
         return TokenInfo(**dict(row)) if row else None
 
-    async def touch(self, token_id: int) -> None:
-        """Record use, at most once a minute per token to spare the disk."""
+    async def touch(self, token: TokenInfo) -> None:
+        """Record use, at most once a minute per token to spare the disk: a token looked up
+        with this minute's ``last_used_at`` costs no write at all."""
         now = _now()
+        minute = now[:16]
+        if token.last_used_at is not None and token.last_used_at >= minute:
+            return
         await self.db.execute(
             "UPDATE api_tokens SET last_used_at = ? WHERE id = ? AND"
             " (last_used_at IS NULL OR last_used_at < ?)",
-            (now, token_id, now[:16]))
+            (now, token.id, minute))

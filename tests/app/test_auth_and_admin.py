@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import yaml
 
+from digitalme.keys import DATABASE, TOKENS
 from digitalme.openapi import openapi_document
 from tests.conftest import SAMPLE_PERSONA, Service, ServiceFactory
 
@@ -145,3 +148,32 @@ async def test_openapi_describes_exactly_the_routes(service: Service) -> None:
         if path and path.startswith("/api/") and route.method != "HEAD":
             routed.add((route.method, path))
     assert documented == routed
+
+
+async def test_a_changed_persona_reaches_the_next_turn(service: Service) -> None:
+    conversation = await service.new_conversation()
+    await service.say(conversation, "who are you?")
+    document = yaml.safe_load(SAMPLE_PERSONA.read_text())
+    document["name"] = "Mara L."
+    response = await service.client.put("/api/v1/persona", json=document, headers=service.admin)
+    assert response.status == 200
+    await service.say(conversation, "and now?")
+    first, second = (r.body["system"][0]["text"] for r in service.standin.message_requests)
+    assert first.startswith("You are the digital clone of") and "Mara L." not in first
+    assert second.startswith("You are the digital clone of Mara L.")
+
+
+async def test_token_use_is_recorded_at_most_once_a_minute(service: Service) -> None:
+    db = service.app[DATABASE]
+    await service.client.get("/api/v1/conversations", headers=service.auth())
+    [token] = [t for t in await service.app[TOKENS].all() if t.name == "test-chat"]
+    assert token.last_used_at is not None
+    writes = db._committer.jobs if db._committer else -1
+    minute = datetime.now(UTC).isoformat()[:16]
+    for _ in range(5):
+        response = await service.client.get("/api/v1/conversations", headers=service.auth())
+        assert response.status == 200
+    # Used again within the minute: nothing more to record, not even an empty write (one,
+    # if the minute turned meanwhile).
+    turned = datetime.now(UTC).isoformat()[:16] != minute
+    assert db._committer is not None and db._committer.jobs - writes == int(turned)

@@ -137,3 +137,53 @@ async def test_sdk_gets_the_key_and_base_url_from_settings(service: Service) -> 
     [request] = service.standin.message_requests
     assert request.api_key_present
     assert request.headers.get("anthropic-version")
+
+
+# --- whole answers: a caller that reads no deltas asks for the answer in one response -------
+
+# max_tokens small enough that the whole answer fits the (short) test read timeout.
+WHOLE = {"max_tokens": 64, "claude_timeout_seconds": 5.0}
+
+
+async def test_json_turns_ask_for_the_whole_answer_and_streams_stream(
+        make_service: ServiceFactory) -> None:
+    service = await make_service(**WHOLE)
+    conversation = await service.new_conversation()
+    body = await service.say(conversation, "one")
+    assert body["reply"]["text"] == "Stand-in reply to: one"
+    assert body["reply"]["usage"]["output_tokens"] > 0 and body["reply"]["cost_usd"] > 0
+    status, _, _ = await _post(service, conversation, "two", stream=True)
+    assert status == 200
+    assert [r.body.get("stream", False) for r in service.standin.message_requests] == \
+        [False, True]
+    metrics = await (await service.client.get("/metrics")).text()
+    assert 'digitalme_claude_calls_total{outcome="ok"} 2.0' in metrics
+
+
+async def test_large_max_tokens_keep_streaming_whole_answers(
+        make_service: ServiceFactory) -> None:
+    # 4096 tokens may take longer than half of a 60 s read timeout: stream, whose chunks
+    # keep the connection alive, even for a caller that only wants the whole answer.
+    service = await make_service(max_tokens=4096, claude_timeout_seconds=60.0)
+    conversation = await service.new_conversation()
+    await service.say(conversation, "long one")
+    [request] = service.standin.message_requests
+    assert request.body.get("stream") is True
+
+
+async def test_whole_answers_fail_like_streamed_ones(make_service: ServiceFactory) -> None:
+    service = await make_service(**WHOLE, breaker_failure_threshold=2, claude_max_retries=0)
+    conversation = await service.new_conversation()
+    service.standin.script(Error(status=400, message="prompt is too long"))
+    status, _, body = await _post(service, conversation)
+    assert (status, body["error"]) == (502, "claude_rejected")
+    service.standin.script(Slow(delay=10))
+    started = time.monotonic()
+    status, _, body = await _post(service, conversation)
+    assert (status, body["error"]) == (503, "claude_unavailable")
+    assert time.monotonic() - started < 9
+    service.standin.script(Error(status=529))
+    status, headers, _ = await _post(service, conversation)
+    assert status == 503 and int(headers["Retry-After"]) >= 1
+    assert service.app[CLAUDE].breaker.state.name == "OPEN"  # the timeout and the 529
+    assert not any(r.body.get("stream") for r in service.standin.message_requests)

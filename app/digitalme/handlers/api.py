@@ -129,8 +129,8 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     text = text_field(body, "text", max_length=request.app[SETTINGS].max_message_chars)
     assert text is not None
     chat = request.app[CHAT]
-    turn = chat.detached(chat.stream_reply(conversation, text))
     wants_stream = "text/event-stream" in request.headers.get("Accept", "")
+    turn = chat.detached(chat.stream_reply(conversation, text, deltas=wants_stream))
     if not wants_stream:
         final: Turn | None = None
         try:

@@ -80,6 +80,11 @@ class Channel(ABC):
     @abstractmethod
     async def process(self, item: InboxItem) -> Outcome: ...
 
+    def lane(self, item: InboxItem) -> str | None:
+        """The conversation ``item`` belongs to: the worker processes one conversation's
+        items one at a time, in order. None: no order needed (the default)."""
+        return None
+
     def status(self) -> CheckResult:
         """Readiness detail; override to check outbound tokens."""
         if not self.enabled:
@@ -176,7 +181,7 @@ async def stored_reply(ctx: ChannelContext, item: InboxItem, conversation: Conve
     final = None
     async for piece in ctx.chat.stream_reply(conversation, text,
                                              channel_message_id=channel_message_id,
-                                             user_message=user):
+                                             user_message=user, deltas=False):
         if isinstance(piece, Message):
             if user is None:
                 await ctx.inbox.set_user_message(item.id, piece.id)

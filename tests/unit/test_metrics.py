@@ -1,0 +1,37 @@
+"""HttpStats exports exactly what prometheus_client's Counter and Histogram would for the
+same requests (the alert rules and dashboards read these samples)."""
+
+from __future__ import annotations
+
+import re
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from digitalme.metrics import _LATENCY_BUCKETS, HttpStats
+
+REQUESTS = [("GET", "/health", 200, 0.0003), ("GET", "/health", 200, 0.005),
+            ("GET", "/health", 503, 0.2), ("POST", "/api/v1/conversations", 201, 0.011),
+            ("POST", "/api/v1/conversations", 500, 61.0), ("GET", "unmatched", 404, 0.001)]
+
+
+def without_created_values(text: str) -> str:
+    return re.sub(r"^(\S+_created\{.*\}) \S+$", r"\1 T", text, flags=re.M)
+
+
+def test_samples_match_the_client_librarys() -> None:
+    ours = CollectorRegistry()
+    stats = HttpStats()
+    ours.register(stats)
+    theirs = CollectorRegistry()
+    counter = Counter("digitalme_http_requests_total", "HTTP requests answered.",
+                      ["method", "route", "status"], registry=theirs)
+    histogram = Histogram("digitalme_http_request_duration_seconds",
+                          "Time to answer an HTTP request.", ["method", "route"],
+                          buckets=_LATENCY_BUCKETS, registry=theirs)
+    for method, route, status, seconds in REQUESTS:
+        stats.observe(method, route, status, seconds)
+        counter.labels(method, route, str(status)).inc()
+        histogram.labels(method, route).observe(seconds)
+    expected = without_created_values(generate_latest(theirs).decode())
+    assert without_created_values(generate_latest(ours).decode()) == expected
+    assert 'le="0.005",method="GET",route="/health"} 2.0' in expected  # a bound is inclusive
