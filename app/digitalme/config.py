@@ -262,9 +262,10 @@ class Settings:
 
     # --- channels: the durable inbox and its worker -----------------------------------------
     worker_concurrency: int = setting(
-        "DIGITALME_WORKER_CONCURRENCY", "4", _int_range(1, 64),
+        "DIGITALME_WORKER_CONCURRENCY", "16", _int_range(1, 64),
         "Webhook deliveries the background worker processes at once (Claude calls and "
-        "outbound replies).")
+        "outbound replies); one conversation's deliveries are always answered one at a "
+        "time, in order.")
     worker_poll_seconds: float = setting(
         "DIGITALME_WORKER_POLL_SECONDS", "5", _float_range(0.05, 300),
         "How often the worker looks for due deliveries when nothing woke it (retries, and "

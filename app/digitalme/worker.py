@@ -2,10 +2,17 @@
 
 Owned by the app's cleanup context. At start it makes items that a crash left
 ``processing`` due again; then it claims due items (oldest first, at most
-``DIGITALME_WORKER_CONCURRENCY`` at a time), hands each to its channel's processor, and
-records the outcome. A new delivery wakes it at once; otherwise it sleeps until the next
-item is due, or ``DIGITALME_WORKER_POLL_SECONDS`` at most, so an item set back to pending
-by ``digitalme inbox retry`` in another process is seen too.
+``DIGITALME_WORKER_CONCURRENCY`` claimed and unfinished at a time), hands each to its
+channel's processor, and records the outcome. A new delivery wakes it at once; otherwise it
+sleeps until the next item is due, or ``DIGITALME_WORKER_POLL_SECONDS`` at most, so an item
+set back to pending by ``digitalme inbox retry`` in another process is seen too.
+
+Items of one conversation (a Telegram chat, a Slack thread, a GitHub issue: the channel's
+:data:`Lane`) are processed one at a time, in the order they were received, so a
+conversation's replies come in the order of its messages and its turns never race; items
+of different conversations run side by side. An item that fails and is retried later
+does not hold its conversation up: the next ones go on, and the retried message reaches
+Claude after them (the chat service asks it last).
 
 How an attempt ends (the processor's return value or exception):
 
@@ -24,8 +31,8 @@ An item that uses up ``DIGITALME_INBOX_MAX_ATTEMPTS`` fails with its last error.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -62,6 +69,9 @@ class Outcome:
 
 
 Processor = Callable[[InboxItem], Awaitable[Outcome]]
+# The conversation an item belongs to, for ordering (None: it needs no order, e.g. an
+# event that is only recorded).
+Lane = Callable[[InboxItem], str | None]
 
 
 def retry_delay(settings: Settings, attempts: int) -> float:
@@ -80,14 +90,20 @@ def _age_seconds(received_at: str) -> float:
 
 class Worker:
     def __init__(self, settings: Settings, inbox: InboxStore, metrics: Metrics,
-                 processors: Mapping[str, Processor]) -> None:
+                 processors: Mapping[str, Processor],
+                 lanes: Mapping[str, Lane] | None = None) -> None:
         self.settings = settings
         self.inbox = inbox
         self.metrics = metrics
         self.processors = dict(processors)
+        self.lanes = dict(lanes or {})
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
-        self._running: dict[int, asyncio.Task[None]] = {}
+        # Claimed and not finished: item id -> its lane; each lane's task works through
+        # its queue in order.
+        self._claimed: dict[int, str] = {}
+        self._queues: dict[str, collections.deque[InboxItem]] = {}
+        self._lane_tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
 
     @property
@@ -96,7 +112,8 @@ class Worker:
 
     @property
     def busy(self) -> int:
-        return len(self._running)
+        """Items claimed and not finished (processing, or waiting for their lane)."""
+        return len(self._claimed)
 
     def wake(self) -> None:
         """A new delivery is in: look at once."""
@@ -111,8 +128,9 @@ class Worker:
         self._loop_task = asyncio.create_task(self._loop(), name="inbox-worker")
 
     async def stop(self, grace_seconds: float = STOP_GRACE_SECONDS) -> None:
-        """Stop claiming; let running items finish within the grace, then cancel them
-        (they stay ``processing`` and are recovered at the next start)."""
+        """Stop claiming; give back claimed items that have not started; let running items
+        finish within the grace, then cancel them (they stay ``processing`` and are
+        recovered at the next start)."""
         self._stopping = True
         self._wake.set()
         if self._loop_task is not None:
@@ -120,8 +138,15 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
             self._loop_task = None
-        if self._running:
-            _done, pending = await asyncio.wait(set(self._running.values()),
+        waiting = [item.id for queue in self._queues.values() for item in queue]
+        for queue in self._queues.values():
+            queue.clear()
+        if waiting:
+            await self.inbox.release(waiting)
+            for item_id in waiting:
+                self._claimed.pop(item_id, None)
+        if self._lane_tasks:
+            _done, pending = await asyncio.wait(set(self._lane_tasks.values()),
                                                 timeout=grace_seconds)
             for task in pending:
                 task.cancel()
@@ -143,27 +168,60 @@ class Worker:
                 log.exception("inbox worker loop failed; trying again shortly")
                 await asyncio.sleep(min(5.0, self.settings.worker_poll_seconds))
 
-    async def _claim_and_dispatch(self) -> None:
-        free = self.settings.worker_concurrency - len(self._running)
-        if free <= 0:
-            return
-        items = await self.inbox.claim(free, exclude=frozenset(self._running))
-        for item in items:
-            task = asyncio.create_task(self._process(item), name=f"inbox-{item.id}")
-            self._running[item.id] = task
-            task.add_done_callback(functools.partial(self._finished, item.id))
+    def _room(self) -> int:
+        """How many items to claim now: none while busy, else every free slot. Busy means
+        fewer than a quarter of the slots free, so a worker at full tilt claims in batches
+        (one write for several items) rather than one item per finished one."""
+        concurrency = self.settings.worker_concurrency
+        free = concurrency - len(self._claimed)
+        return free if free > 0 and (not self._claimed or free >= concurrency // 4) else 0
 
-    def _finished(self, item_id: int, _task: asyncio.Task[None]) -> None:
-        self._running.pop(item_id, None)
-        self._wake.set()  # a slot is free
+    async def _claim_and_dispatch(self) -> None:
+        free = self._room()
+        if not free:
+            return
+        items = await self.inbox.claim(free, exclude=frozenset(self._claimed))
+        for item in items:
+            self._dispatch(item)
+
+    def _lane(self, item: InboxItem) -> str:
+        lane = self.lanes.get(item.channel)
+        key = lane(item) if lane is not None else None
+        return f"{item.channel}:{key}" if key is not None else f"item:{item.id}"
+
+    def _dispatch(self, item: InboxItem) -> None:
+        lane = self._lane(item)
+        self._claimed[item.id] = lane
+        queue = self._queues.get(lane)
+        if queue is not None:
+            queue.append(item)  # its lane is busy with an earlier item of the conversation
+            return
+        self._queues[lane] = collections.deque([item])
+        task = asyncio.create_task(self._work_lane(lane), name=f"inbox-lane-{lane}")
+        self._lane_tasks[lane] = task
+
+    async def _work_lane(self, lane: str) -> None:
+        queue = self._queues[lane]
+        try:
+            while queue:
+                item = queue.popleft()
+                try:
+                    await self._process(item)
+                finally:
+                    self._claimed.pop(item.id, None)
+                    self._wake.set()  # a slot is free
+        finally:
+            del self._queues[lane]
+            del self._lane_tasks[lane]
 
     async def _sleep(self) -> None:
         timeout = self.settings.worker_poll_seconds
-        if len(self._running) < self.settings.worker_concurrency:
+        room = self._room() > 0
+        if room:
             due_in = await self.inbox.next_due_in()
             if due_in is not None:
                 timeout = min(timeout, due_in)
-        if timeout <= 0 and len(self._running) < self.settings.worker_concurrency:
+        if timeout <= 0 and room:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.01))

@@ -6,6 +6,7 @@ secret are off; oversized, unsigned and abusive requests are refused and counted
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import sqlite3
@@ -14,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from digitalme.keys import INBOX
+from digitalme.keys import INBOX, WORKER
 from tests.conftest import Service
 from tests.integrations import payloads
 from tests.integrations.conftest import (
@@ -284,3 +285,55 @@ async def test_an_unknown_channel_item_waits_and_items_are_claimed_once(
     assert (first.duplicate, again.duplicate, again.item_id) == (False, True, first.item_id)
     item = await wait_status(channel_service, first.item_id, "ignored")
     assert item.attempts == 0
+
+
+# --- order within a conversation, concurrency across them ------------------------------------
+
+
+async def test_a_conversation_is_answered_in_order_while_others_go_on(
+        make_channel_service: ChannelServiceFactory, platforms: Platforms) -> None:
+    service = await make_channel_service(worker_concurrency=8)
+    service.standin.set_delay(0.3)
+    for n, (chat, text) in enumerate([(1, "a1"), (1, "a2"), (1, "a3"), (2, "b1")]):
+        assert await telegram(service, payloads.telegram_message(
+            500 + n, text, chat_id=chat)) == 200
+    await platforms.telegram.wait_for(lambda: len(platforms.telegram.sent) == 4, timeout=15)
+    sent = [(m["chat_id"], m["text"].removeprefix("Stand-in reply to: "))
+            for m in platforms.telegram.sent]
+    assert [text for chat, text in sent if chat == 1] == ["a1", "a2", "a3"]
+    # Chat 2 did not wait for chat 1's queue: answered before chat 1's second reply.
+    assert sent.index((2, "b1")) < sent.index((1, "a2"))
+    # One Claude call at a time for chat 1, each seeing the turns before it.
+    calls = [r for r in service.standin.message_requests
+             if r.body["messages"][-1]["content"].startswith("a")]
+    assert [len(r.body["messages"]) for r in calls] == [1, 3, 5]
+    assert all(b.time - a.time >= 0.25 for a, b in itertools.pairwise(calls))
+    items = await wait_settled(service)
+    assert [(i.status, i.attempts) for i in items] == [("done", 1)] * 4
+
+
+async def test_a_stop_gives_back_items_that_did_not_start(
+        make_channel_service: ChannelServiceFactory, platforms: Platforms) -> None:
+    service = await make_channel_service(worker_concurrency=8)
+    worker = service.app[WORKER]
+    service.standin.set_delay(60)
+    for n in range(3):
+        assert await telegram(service, payloads.telegram_message(
+            700 + n, f"q{n}", chat_id=9)) == 200
+    await service.standin.wait_for_requests(1, timeout=10)
+    await asyncio.sleep(0.2)
+    assert worker.busy == 3  # one asking Claude, two waiting for their turn in chat 9
+    await worker.stop(grace_seconds=0.1)
+    items = await service.app[INBOX].recent(limit=10)
+    by_text = {i.data["message"]["text"]: (i.status, i.attempts) for i in items}
+    # The one cut off mid-call stays processing (recovered at the next start); the two
+    # that never started are pending again with their attempt given back.
+    assert by_text == {"q0": ("processing", 1), "q1": ("pending", 0), "q2": ("pending", 0)}
+    service.standin.set_delay(0)
+    await worker.start()
+    await platforms.telegram.wait_for(lambda: len(platforms.telegram.sent) == 3, timeout=15)
+    await asyncio.sleep(0.3)
+    assert [m["text"] for m in platforms.telegram.sent] == \
+        [f"Stand-in reply to: q{n}" for n in range(3)]
+    assert [(i.status, i.attempts) for i in await wait_settled(service)] == \
+        [("done", 2), ("done", 1), ("done", 1)]

@@ -48,3 +48,6 @@ class GitHubChannel(Channel):
 
     async def process(self, item: InboxItem) -> Outcome:
         return await act.process(self.ctx, self.rest, item)
+
+    def lane(self, item: InboxItem) -> str | None:
+        return act.lane(item)

@@ -132,6 +132,17 @@ def summarise(event: str, data: dict[str, Any]) -> tuple[str, str | None, str | 
     return f"{event} {action} in {repo}".strip(), None, None
 
 
+def lane(item: InboxItem) -> str | None:
+    """The issue or pull request an event is about (its conversation, when a mention is
+    answered there), else the repository."""
+    data = item.data.get("payload") or {}
+    repository = (data.get("repository") or {}).get("full_name")
+    thing = data.get("issue") or data.get("pull_request") or {}
+    if repository is None:
+        return None
+    return f"{repository}#{thing['number']}" if "number" in thing else str(repository)
+
+
 async def process(ctx: ChannelContext, rest: GitHubRest | None, item: InboxItem) -> Outcome:
     stored = item.data
     event, data = stored["event"], stored["payload"]

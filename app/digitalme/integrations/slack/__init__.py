@@ -54,3 +54,6 @@ class SlackChannel(Channel):
 
     async def process(self, item: InboxItem) -> Outcome:
         return await act.process(self.ctx, self.api, item)
+
+    def lane(self, item: InboxItem) -> str | None:
+        return act.lane(item)

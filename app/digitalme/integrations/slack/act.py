@@ -77,6 +77,18 @@ async def respond(outbound: Outbound, response_url: str, text: str) -> None:
         json_body={"response_type": "ephemeral", "replace_original": False, "text": text})
 
 
+def lane(item: InboxItem) -> str | None:
+    """The conversation the item is answered in: a thread, or a user's slash commands in
+    a channel (the same keys as the conversations they are stored in)."""
+    data = item.data
+    if item.kind == "command":
+        return f"command:{data.get('channel_id')}:{data.get('user_id')}"
+    event = data.get("event") or {}
+    if "channel" not in event:
+        return None
+    return f"{event['channel']}:{event.get('thread_ts') or event.get('ts')}"
+
+
 async def process(ctx: ChannelContext, api: SlackApi | None, item: InboxItem) -> Outcome:
     if item.kind == "command":
         return await _command(ctx, item)

@@ -43,3 +43,6 @@ class TelegramChannel(Channel):
 
     async def process(self, item: InboxItem) -> Outcome:
         return await act.process(self.ctx, self.api, item)
+
+    def lane(self, item: InboxItem) -> str | None:
+        return act.lane(item)

@@ -66,6 +66,12 @@ async def introduction(ctx: ChannelContext) -> str:
             f"check with {name} directly.")
 
 
+def lane(item: InboxItem) -> str | None:
+    """The chat: its messages are answered one at a time, in order."""
+    chat = (item.data.get("message") or {}).get("chat") or {}
+    return str(chat["id"]) if "id" in chat else None
+
+
 async def process(ctx: ChannelContext, api: TelegramApi | None, item: InboxItem) -> Outcome:
     if api is None:
         raise PermanentError(SERVICE, "DIGITALME_TELEGRAM_BOT_TOKEN is not set; set it, "
