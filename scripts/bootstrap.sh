@@ -41,13 +41,14 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# promtool and amtool for the alert rule tests (tests/monitoring), and Prometheus itself for
-# the dashboard screenshot: Debian's own packages, unpacked into .cache/prometheus-tools
-# rather than installed, so that no Prometheus or Alertmanager daemon starts on this
-# machine (their packages start one at once).
+# promtool and amtool for the alert rule tests (tests/monitoring); Prometheus itself, the
+# JavaScript its console pages load, and node-exporter for the dashboard screenshot:
+# Debian's own packages, unpacked into .cache/prometheus-tools rather than installed, so
+# that no daemon starts on this machine (these packages start theirs at once).
 if [[ $mode != --app ]]; then
     tools=.cache/prometheus-tools
-    tool_packages=(prometheus prometheus-alertmanager)
+    tool_packages=(prometheus prometheus-alertmanager prometheus-node-exporter
+                   libjs-rickshaw libjs-d3 libjs-bootstrap4)
     wanted=$(apt-cache policy "${tool_packages[@]}" | awk '/Candidate:/ {print $2}' | paste -sd' ')
     if [[ ! -x $tools/usr/bin/promtool || ! -x $tools/usr/bin/amtool \
           || $(cat "$tools/versions" 2>/dev/null) != "$wanted" ]]; then

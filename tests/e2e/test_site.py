@@ -1,6 +1,6 @@
 """`ansible-playbook playbooks/site.yml` end to end on fresh sandbox hosts.
 
-One module-scoped deployment (an app host in `digitalme`, a replica host in
+One module-scoped deployment (an app host in `digitalme` and `monitoring`, a replica host in
 `backup_targets`, and a bare host for the package-install floor); a Claude stand-in runs on
 the controller, where the app reaches it. The tests after the first look at what the
 deployment left, the way an owner would: over HTTPS through Caddy, from outside the host,
@@ -29,13 +29,16 @@ pytestmark = pytest.mark.e2e
 
 # What the roles install, for the floor measurement: the same packages, straight from apt.
 ROLE_PACKAGES = ("caddy prometheus-node-exporter nftables unattended-upgrades "
-                 "systemd-timesyncd python3-venv sqlite3 curl jq acl sudo openssh-server")
+                 "systemd-timesyncd python3-venv sqlite3 curl jq acl sudo openssh-server "
+                 "prometheus prometheus-alertmanager prometheus-blackbox-exporter")
 TIMINGS = REPO / "artifacts" / "site-timings.json"
 
 
 @pytest.fixture(scope="module")
 def deployment(sandbox_hosts, tmp_path_factory) -> Iterator[Deployment]:
-    sandbox = sandbox_hosts("app:digitalme", "replica:backup_targets", "floor:floor")
+    # The app host also monitors (as in the example inventory): the second run and the check
+    # mode below cover the monitoring play too (its alerts: test_monitoring.py).
+    sandbox = sandbox_hosts("app:digitalme,monitoring", "replica:backup_targets", "floor:floor")
     workdir = tmp_path_factory.mktemp("site")
     standin = StandinProcess(workdir, host=sandbox.controller_address, port=STANDIN_PORT)
     standin.start()

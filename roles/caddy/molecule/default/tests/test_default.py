@@ -293,6 +293,15 @@ def test_metrics_are_not_proxied(host, https):
     assert on_host(host, "http://127.0.0.1:8080/metrics")[0] == 200
 
 
+def test_caddys_own_metrics_are_on_the_admin_endpoint(host, https):
+    """servers { metrics }: request metrics on localhost:2019/metrics (loopback), as the
+    monitoring role scrapes them; the requests above are counted."""
+    status, body = on_host(host, "http://localhost:2019/metrics")
+    assert status == 200
+    assert re.search(r'^caddy_http_request_duration_seconds_count\{[^}]*code="404"', body, re.M), \
+        body[:3000]
+
+
 def test_request_body_limit(https):
     status, _, body, _ = https("POST", "/echo", body=b"a" * MAX_BODY)
     assert (status, body) == (200, f"received {MAX_BODY} bytes\n".encode())

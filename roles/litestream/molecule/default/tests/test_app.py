@@ -191,10 +191,19 @@ def test_units_are_enabled_ordered_and_running_hardened(host, journal):
     assert fields["NoNewPrivs"] == "1" and fields["Seccomp"] == "2"
 
 
-def test_listens_on_no_network_port_only_on_its_control_socket(host, name):
+def test_listens_on_its_control_socket_and_its_metrics_on_loopback_only(host, name):
+    """app-file has litestream_metrics_address "" (molecule.yml): no network port at all;
+    app-sftp the default, 127.0.0.1:9098, for the monitoring role's scrape."""
     pid = show(host, "litestream", "MainPID")["MainPID"]
     sockets = host.check_output("ss -H -tulpn")
-    assert f"pid={pid}," not in sockets, sockets
+    ours = [line.split()[4] for line in sockets.splitlines() if f"pid={pid}," in line]
+    assert ours == ([] if name == "app-file" else ["127.0.0.1:9098"]), sockets
+    if name == "app-sftp":
+        metrics = host.check_output(
+            "python3 -c 'import urllib.request; print(urllib.request.urlopen("
+            "\"http://127.0.0.1:9098/metrics\", timeout=10).read().decode())'")
+        assert f'litestream_sync_count{{db="{DB}"}}' in metrics
+        assert "addr: \"127.0.0.1:9098\"" in host.file("/etc/litestream.yml").content_string
     sock = host.file(SOCKET)
     assert sock.is_socket and (sock.user, sock.mode) == ("digitalme", 0o600)
     info = host.check_output(f"litestream info -socket {SOCKET}")
