@@ -220,3 +220,22 @@ async def test_unknown_conversation_is_404(service: Service) -> None:
                                          json={"text": "hi"}, headers=service.auth())
     assert response.status == 404
     assert (await response.json())["error"] == "conversation_not_found"
+
+
+async def test_listed_messages_are_exactly_their_json(service: Service) -> None:
+    """GET .../messages is built by SQLite; it must say what Message.to_json() says, for
+    both roles, any text, missing usage, and pages (limit, before)."""
+    conversation = await service.new_conversation()
+    for text in ('plain', 'quotes " and \\\\ backslash', "line\nbreak\ttab",
+                 "unicode: héllo ✓ 日本", "control \u0001 char"):
+        await service.say(conversation, text)
+    store = service.app[CONVERSATIONS]
+    await store.add_message(conversation, "assistant", "no usage recorded")  # NULL fields
+    stored = await store.messages(conversation, limit=1000)
+    for query, expected in (("", stored), ("?limit=3", stored[-3:]),
+                            (f"?before={stored[4].id}&limit=2", stored[2:4])):
+        response = await service.client.get(
+            f"/api/v1/conversations/{conversation}/messages{query}", headers=service.auth())
+        assert response.status == 200
+        assert response.content_type == "application/json"
+        assert (await response.json())["messages"] == [m.to_json() for m in expected], query

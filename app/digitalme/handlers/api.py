@@ -95,9 +95,9 @@ async def list_messages(request: web.Request) -> web.Response:
     conversation = await _conversation(request)
     limit = int_param(request, "limit", 100, 1, 1000)
     before = int_param(request, "before", 2**62, 1, 2**62)
-    messages = await request.app[CONVERSATIONS].messages(
+    messages = await request.app[CONVERSATIONS].messages_json(
         conversation.id, limit=limit, before_id=before)
-    return web.json_response({"messages": [m.to_json() for m in messages]})
+    return web.Response(text=f'{{"messages": {messages}}}', content_type="application/json")
 
 
 def _chat_error(exc: Exception) -> ApiError:
