@@ -40,8 +40,10 @@ class HttpStats(Collector):
         self._requests: dict[tuple[str, str, int], list[float]] = {}
         # (method, route) -> [per-bucket counts..., +Inf count, sum, created]
         self._latency: dict[tuple[str, str], list[float]] = {}
+        self.answered = 0  # all requests, for the inbox worker's back-off
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.answered += 1
         counted = self._requests.get((method, route, status))
         if counted is None:
             counted = self._requests[(method, route, status)] = [0, time.time()]
@@ -131,6 +133,10 @@ class Metrics:
             "digitalme_inbox_processed_total",
             "Attempts at inbox items by channel and result (done, ignored, retry, "
             "deferred, failed).", ["channel", "result"], registry=registry)
+        self.inbox_worker_slots = Gauge(
+            "digitalme_inbox_worker_slots",
+            "Inbox items the worker lets run at once now: DIGITALME_WORKER_CONCURRENCY, "
+            "fewer while requests keep the event loop busy.", registry=registry)
         self.inbox_attempt_latency = Histogram(
             "digitalme_inbox_attempt_duration_seconds",
             "Time of one attempt at an inbox item (Claude and outbound calls included).",

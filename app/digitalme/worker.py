@@ -7,6 +7,14 @@ channel's processor, and records the outcome. A new delivery wakes it at once; o
 sleeps until the next item is due, or ``DIGITALME_WORKER_POLL_SECONDS`` at most, so an item
 set back to pending by ``digitalme inbox retry`` in another process is seen too.
 
+Requests come first: webhook acknowledgements (and the API) share the event loop with
+the worker, and a platform waits for its acknowledgement (Slack for 3 s) while a reply may
+come later. A probe measures how late the loop runs a timer; while it lags and requests
+keep coming (they queue behind the worker's work), the worker halves how many items it
+lets run at once, down to one, and adds one back each time the loop is prompt again or no
+request came. A burst is acknowledged first and answered at full speed right after.
+``digitalme_inbox_worker_slots`` shows the current number.
+
 Items of one conversation (a Telegram chat, a Slack thread, a GitHub issue: the channel's
 :data:`Lane`) are processed one at a time, in the order they were received, so a
 conversation's replies come in the order of its messages and its turns never race; items
@@ -50,6 +58,11 @@ log = logging.getLogger(__name__)
 
 PERSONA_MISSING_RETRY_SECONDS = 60.0
 STOP_GRACE_SECONDS = 10.0
+# The lag probe: how often it looks, and the lateness (seconds) above which the worker
+# backs off and below which it speeds up again.
+LAG_PROBE_SECONDS = 0.05
+LAG_BACK_OFF_SECONDS = 0.02
+LAG_PROMPT_SECONDS = 0.005
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,13 @@ class Worker:
         self._queues: dict[str, collections.deque[InboxItem]] = {}
         self._lane_tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
+        # How many items may be processed at once now (see the module's docstring), how
+        # many are, and a signal that one more may start.
+        self.slots = settings.worker_concurrency
+        self._active = 0
+        self._slot_freed = asyncio.Event()
+        self._probe_task: asyncio.Task[None] | None = None
+        metrics.inbox_worker_slots.set(self.slots)
 
     @property
     def running(self) -> bool:
@@ -126,21 +146,25 @@ class Worker:
                         recovered)
         self._stopping = False
         self._loop_task = asyncio.create_task(self._loop(), name="inbox-worker")
+        self._probe_task = asyncio.create_task(self._probe(), name="inbox-worker-probe")
 
     async def stop(self, grace_seconds: float = STOP_GRACE_SECONDS) -> None:
         """Stop claiming; give back claimed items that have not started; let running items
         finish within the grace, then cancel them (they stay ``processing`` and are
         recovered at the next start)."""
         self._stopping = True
-        self._wake.set()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
+        # Before any await, so that no lane takes another item meanwhile.
         waiting = [item.id for queue in self._queues.values() for item in queue]
         for queue in self._queues.values():
             queue.clear()
+        self._wake.set()
+        self._slot_freed.set()  # lanes waiting for a slot see the stop
+        for task in (self._loop_task, self._probe_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._loop_task = self._probe_task = None
         if waiting:
             await self.inbox.release(waiting)
             for item_id in waiting:
@@ -204,15 +228,45 @@ class Worker:
         queue = self._queues[lane]
         try:
             while queue:
+                while self._active >= self.slots and not self._stopping:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+                if not queue:
+                    return  # stop() gave its items back
                 item = queue.popleft()
+                self._active += 1
                 try:
                     await self._process(item)
                 finally:
+                    self._active -= 1
                     self._claimed.pop(item.id, None)
+                    self._slot_freed.set()
                     self._wake.set()  # a slot is free
         finally:
             del self._queues[lane]
             del self._lane_tasks[lane]
+
+    async def _probe(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started, answered = loop.time(), self.metrics.http.answered
+            await asyncio.sleep(LAG_PROBE_SECONDS)
+            self.adjust(loop.time() - started - LAG_PROBE_SECONDS,
+                        requests=self.metrics.http.answered - answered)
+
+    def adjust(self, lag: float, *, requests: int) -> None:
+        """Fewer items at once while the loop runs ``lag`` seconds late with ``requests``
+        coming in; more when it is prompt or nobody is waiting (a loop slowed by the
+        machine, or by the worker alone, is no reason to answer deliveries later)."""
+        if lag > LAG_BACK_OFF_SECONDS and requests:
+            self.slots = max(1, self.slots // 2)
+        elif (lag < LAG_PROMPT_SECONDS or not requests) \
+                and self.slots < self.settings.worker_concurrency:
+            self.slots += 1
+            self._slot_freed.set()
+        else:
+            return
+        self.metrics.inbox_worker_slots.set(self.slots)
 
     async def _sleep(self) -> None:
         timeout = self.settings.worker_poll_seconds

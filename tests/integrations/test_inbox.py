@@ -10,6 +10,7 @@ import itertools
 import json
 import signal
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -337,3 +338,31 @@ async def test_a_stop_gives_back_items_that_did_not_start(
         [f"Stand-in reply to: q{n}" for n in range(3)]
     assert [(i.status, i.attempts) for i in await wait_settled(service)] == \
         [("done", 2), ("done", 1), ("done", 1)]
+
+
+async def test_the_worker_backs_off_while_requests_keep_the_loop_busy(
+        channel_service: Service) -> None:
+    worker = channel_service.app[WORKER]
+    assert worker.slots == channel_service.settings.worker_concurrency == 16
+    # The policy: halve while the loop is late and requests come, down to one; one back
+    # when it is prompt, or when nobody waits (a busy machine, or the worker itself).
+    for _ in range(5):
+        worker.adjust(0.03, requests=12)
+    assert worker.slots == 1
+    worker.adjust(0.03, requests=0)
+    worker.adjust(0.001, requests=40)
+    worker.adjust(0.01, requests=40)  # neither late nor prompt: unchanged
+    assert worker.slots == 3
+    # The gauge says so (or one more, if the probe found the loop prompt meanwhile).
+    assert await metric_value(channel_service, "digitalme_inbox_worker_slots") in (3, 4)
+    await asyncio.sleep(1.2)  # the probe, on a prompt loop: back to all of them
+    assert worker.slots == 16
+
+    # The probe itself: the loop held 100 ms at a time while requests keep coming.
+    seen = []
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        await channel_service.client.get("/health")
+        seen.append(worker.slots)
+    assert min(seen) < 16, seen
