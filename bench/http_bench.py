@@ -3,9 +3,13 @@
 1. ``GET /health`` requests per second on the real DigitalMe service (``digitalme serve``,
    a subprocess) and on a bare aiohttp hello-world server (bench/hello_server.py), and
    their ratio: what DigitalMe's middleware, headers and logging cost per request;
-2. chat turns per second: ``POST /api/v1/conversations/{id}/messages`` (JSON, not
+2. an authenticated ``GET /api/v1/conversations/{id}/messages`` (a conversation of
+   ``--history`` turns) on the service, as a ratio to the bare server's ``/health``;
+3. chat turns per second: ``POST /api/v1/conversations/{id}/messages`` (JSON, not
    streamed) with an instant Claude stand-in (tests/standins/anthropic_api.py, a
-   subprocess), each turn stored in SQLite twice (message and reply) and checked.
+   subprocess), each turn stored in SQLite twice (message and reply) and checked, on the
+   service and on a minimal reference doing the same work with the same libraries
+   (bench/chat_reference.py), and their ratio.
 
 Every run is bounded in count and time. Run from the repository root:
 
@@ -41,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `tests.support` importable
     sys.path.insert(0, str(REPO))
 
+from digitalme.persona import build_prompt, load_persona_file  # noqa: E402
 from tests.support.process import (  # noqa: E402
     SAMPLE_PERSONA,
     ProcessFailed,
@@ -53,6 +58,10 @@ from tests.support.process import (  # noqa: E402
 )
 
 WARMUP_REQUESTS = 200
+# Production's values where the tests' service_env() picks quick failures, and the rate
+# limit on (as in production) with a limit the load never reaches, so its check is paid.
+PRODUCTION = {"DIGITALME_CLAUDE_TIMEOUT_SECONDS": "60", "DIGITALME_CLAUDE_MAX_RETRIES": "2",
+              "DIGITALME_RATE_LIMIT_PER_MINUTE": "1000000"}
 
 
 @dataclass
@@ -116,9 +125,10 @@ async def closed_loop(name: str, *, total: int, duration: float, concurrency: in
 
 
 async def get_load(session: aiohttp.ClientSession, name: str, url: str, *, total: int,
-                   duration: float, concurrency: int) -> Result:
+                   duration: float, concurrency: int,
+                   headers: dict[str, str] | None = None) -> Result:
     async def one(_worker: int, _n: int) -> str | None:
-        async with session.get(url) as response:
+        async with session.get(url, headers=headers) as response:
             await response.read()
             return None if response.status == 200 else f"HTTP {response.status}"
 
@@ -136,10 +146,14 @@ def _wrk_ms(text: str) -> float:
     return float(match[1]) * _WRK_UNITS[match[2]]
 
 
-def wrk_load(name: str, url: str, *, duration: float, concurrency: int) -> Result:
+def wrk_load(name: str, url: str, *, duration: float, concurrency: int,
+             headers: dict[str, str] | None = None) -> Result:
     """``wrk`` (one thread, so one core stays for the server), bounded by time."""
+    header_args = [arg for key, value in (headers or {}).items()
+                   for arg in ("-H", f"{key}: {value}")]
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency", url],
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency",
+         *header_args, url],
         capture_output=True, text=True, timeout=duration + 30, check=True,
         preexec_fn=die_with_parent).stdout
     total = re.search(r"(\d+) requests in ([\d.]+)(ms|s)", out)
@@ -158,7 +172,7 @@ def wrk_load(name: str, url: str, *, duration: float, concurrency: int) -> Resul
                   p99_ms=_wrk_ms(p99[1]) if p99 else None)
 
 
-async def chat_load(session: aiohttp.ClientSession, base_url: str, token: str, *,
+async def chat_load(session: aiohttp.ClientSession, name: str, base_url: str, token: str, *,
                     total: int, duration: float, concurrency: int) -> Result:
     """Non-streamed chat turns, one conversation per worker, every reply checked."""
     auth = {"Authorization": f"Bearer {token}"}
@@ -183,33 +197,51 @@ async def chat_load(session: aiohttp.ClientSession, base_url: str, token: str, *
             ok = reply.startswith("Stand-in reply to: ") and reply.endswith(text)
             return None if ok else "wrong reply"
 
-    return await closed_loop("chat turns (POST, JSON)", total=total, duration=duration,
-                             concurrency=concurrency, one=one)
+    return await closed_loop(name, total=total, duration=duration, concurrency=concurrency,
+                             one=one)
+
+
+async def conversation_with_history(session: aiohttp.ClientSession, base_url: str,
+                                    token: str, turns: int) -> str:
+    """A conversation of ``turns`` turns (2 x turns messages), made through the API."""
+    auth = {"Authorization": f"Bearer {token}"}
+    async with session.post(f"{base_url}/api/v1/conversations", headers=auth) as response:
+        conversation: str = (await response.json())["id"]
+    for n in range(turns):
+        async with session.post(f"{base_url}/api/v1/conversations/{conversation}/messages",
+                                json={"text": f"history turn {n}: what do you think?"},
+                                headers=auth) as response:
+            if response.status != 201:
+                raise RuntimeError(f"cannot make the history: {await response.text()}")
+    return conversation
 
 
 # --- processes -------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def hello_server(workdir: Path) -> Iterator[str]:
+def server(workdir: Path, name: str, module: str, *args: str,
+           env: dict[str, str] | None = None) -> Iterator[str]:
+    """``python -m module --port PORT args...`` (an aiohttp server of the bench's own)."""
     port = free_port()
-    log = (workdir / "hello.log").open("wb")
+    log_path = workdir / f"{name}.log"
+    log = log_path.open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.hello_server", "--port", str(port)], cwd=REPO,
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", module, "--port", str(port), *args], cwd=REPO,
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
         preexec_fn=die_with_parent)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 20
         while True:
             if process.poll() is not None:
-                raise ProcessFailed(f"hello server exited: {(workdir / 'hello.log').read_text()}")
+                raise ProcessFailed(f"{name} exited: {log_path.read_text()}")
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise ProcessFailed("hello server did not start") from None
+                    raise ProcessFailed(f"{name} did not start") from None
                 time.sleep(0.05)
         yield url
     finally:
@@ -222,13 +254,39 @@ def hello_server(workdir: Path) -> Iterator[str]:
         log.close()
 
 
+def hello_server(workdir: Path) -> contextlib.AbstractContextManager[str]:
+    return server(workdir, "hello", "bench.hello_server")
+
+
 @contextlib.contextmanager
-def digitalme(workdir: Path, log_level: str) -> Iterator[tuple[ServiceProcess, str]]:
+def chat_reference(workdir: Path, standin: StandinProcess) -> Iterator[tuple[str, str]]:
+    """The reference chat server on a database of its own (migrated, with a token and the
+    persona's system prompt built once), Claude at the same stand-in."""
+    home = workdir / "reference"
+    home.mkdir()
+    env = service_env(home, anthropic_base_url=standin.base_url)
+    for args in (["migrate"], ["token", "create", "--name", "bench", "--scope", "chat",
+                               "--quiet"]):
+        result = run_cli(args, env)
+        if result.returncode != 0:
+            raise ProcessFailed(f"digitalme {' '.join(args)} failed: {result.stderr}")
+    prompt = home / "prompt.txt"
+    persona, _ = load_persona_file(SAMPLE_PERSONA)
+    prompt.write_text(build_prompt(persona))
+    with server(workdir, "chat-reference", "bench.chat_reference", "--db",
+                env["DIGITALME_DB_PATH"], "--persona-prompt", str(prompt),
+                env={**env, "PYTHONPATH": str(REPO)}) as url:
+        yield url, result.stdout.strip()
+
+
+@contextlib.contextmanager
+def digitalme(workdir: Path, log_level: str,
+              ) -> Iterator[tuple[ServiceProcess, str, StandinProcess]]:
     with contextlib.ExitStack() as stack:
         standin = StandinProcess(workdir / "standin").start()
         stack.callback(standin.stop)
         env = service_env(workdir, anthropic_base_url=standin.base_url,
-                          DIGITALME_LOG_LEVEL=log_level, DIGITALME_ENV="bench")
+                          DIGITALME_LOG_LEVEL=log_level, DIGITALME_ENV="bench", **PRODUCTION)
         for args in (["migrate"], ["persona", "import", str(SAMPLE_PERSONA)],
                      ["token", "create", "--name", "bench", "--scope", "chat", "--quiet"]):
             result = run_cli(args, env)
@@ -237,7 +295,7 @@ def digitalme(workdir: Path, log_level: str) -> Iterator[tuple[ServiceProcess, s
         token = result.stdout.strip()
         service = ServiceProcess(env, workdir)
         stack.callback(service.stop)
-        yield service.start(), token
+        yield service.start(), token, standin
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -252,27 +310,46 @@ def pick_client(choice: str) -> str:
 
 
 async def measure(args: argparse.Namespace, client: str, hello_url: str, service_url: str,
-                  token: str) -> dict[str, Result]:
+                  token: str, reference_url: str, reference_token: str,
+                  ) -> dict[str, Result]:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
-        for url in (hello_url, service_url):  # warm up both (connections, code paths)
-            await get_load(session, "warmup", f"{url}/health", total=WARMUP_REQUESTS,
-                           duration=5, concurrency=args.concurrency)
+        conversation = await conversation_with_history(session, service_url, token,
+                                                       args.history)
+        messages_url = f"{service_url}/api/v1/conversations/{conversation}/messages"
+        auth = {"Authorization": f"Bearer {token}"}
+        for url, headers in ((f"{hello_url}/health", None), (f"{service_url}/health", None),
+                             (messages_url, auth)):  # warm up (connections, code paths)
+            await get_load(session, "warmup", url, total=WARMUP_REQUESTS, duration=5,
+                           concurrency=args.concurrency, headers=headers)
         results: dict[str, Result] = {}
-        for key, label, url in (("hello", "GET /health  bare aiohttp", hello_url),
-                                ("digitalme", "GET /health  DigitalMe", service_url)):
+        for key, label, url, headers in (
+                ("hello", "GET /health  bare aiohttp", f"{hello_url}/health", None),
+                ("digitalme", "GET /health  DigitalMe", f"{service_url}/health", None),
+                ("messages", "GET messages DigitalMe", messages_url, auth)):
             if client == "wrk":
                 results[key] = await asyncio.to_thread(
-                    wrk_load, label, f"{url}/health", duration=args.duration,
-                    concurrency=args.concurrency)
+                    wrk_load, label, url, duration=args.duration,
+                    concurrency=args.concurrency, headers=headers)
             else:
                 results[key] = await get_load(
-                    session, label, f"{url}/health", total=args.requests,
-                    duration=args.duration, concurrency=args.concurrency)
-        results["chat"] = await chat_load(
-            session, service_url, token, total=args.turns, duration=args.turn_duration,
-            concurrency=args.turn_concurrency)
+                    session, label, url, total=args.requests, duration=args.duration,
+                    concurrency=args.concurrency, headers=headers)
+        for key, label, url, secret in (
+                ("chat_reference", "chat turns  reference", reference_url, reference_token),
+                ("chat", "chat turns  DigitalMe", service_url, token)):
+            results[key] = await chat_load(
+                session, label, url, secret, total=args.turns, duration=args.turn_duration,
+                concurrency=args.turn_concurrency)
     return results
+
+
+def ratios(results: dict[str, Result]) -> dict[str, float]:
+    def ratio(ours: str, reference: str) -> float:
+        base = results[reference].per_second
+        return round(results[ours].per_second / base, 3) if base else 0.0
+    return {"health": ratio("digitalme", "hello"), "messages": ratio("messages", "hello"),
+            "chat": ratio("chat", "chat_reference")}
 
 
 def ms(value: float | None) -> str:
@@ -286,9 +363,12 @@ def print_table(results: dict[str, Result], header: str) -> None:
     for result in results.values():
         print(f"{result.name:<34}{result.requests:>8}{result.errors:>8}{result.seconds:>9.2f}"
               f"{result.per_second:>10.1f}{ms(result.p50_ms):>9}{ms(result.p99_ms):>9}")
-    ratio = results["digitalme"].per_second / results["hello"].per_second
-    print(f"GET /health: DigitalMe serves {ratio:.2f}x the bare server's rate "
-          f"({1 / ratio:.1f}x slower)" if ratio else "GET /health: no requests answered")
+    figures = ratios(results)
+    print(f"GET /health: DigitalMe serves {figures['health']:.2f}x the bare server's rate")
+    print(f"GET messages (authenticated): DigitalMe serves {figures['messages']:.2f}x the "
+          "bare server's /health rate")
+    print(f"chat turns: DigitalMe {results['chat'].per_second:.1f}/s, reference "
+          f"{results['chat_reference'].per_second:.1f}/s: {figures['chat']:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="most GET /health requests per run, aiohttp client only")
     parser.add_argument("--concurrency", type=int, default=32,
                         help="connections for GET /health (default 32)")
-    parser.add_argument("--turns", type=int, default=300, help="most chat turns (default 300)")
+    parser.add_argument("--history", type=int, default=10,
+                        help="turns of the conversation whose messages are read (default 10)")
+    parser.add_argument("--turns", type=int, default=300,
+                        help="most chat turns per server (default 300)")
     parser.add_argument("--turn-duration", type=float, default=20.0,
                         help="most seconds for the chat turns (default 20)")
     parser.add_argument("--turn-concurrency", type=int, default=8,
@@ -320,8 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="digitalme-bench-") as tmp:
         workdir = Path(tmp)
         with hello_server(workdir) as hello_url, \
-                digitalme(workdir, args.log_level) as (service, token):
-            results = asyncio.run(measure(args, client, hello_url, service.base_url, token))
+                digitalme(workdir, args.log_level) as (service, token, standin), \
+                chat_reference(workdir, standin) as (reference_url, reference_token):
+            results = asyncio.run(measure(args, client, hello_url, service.base_url, token,
+                                          reference_url, reference_token))
             service_log = service.log_text()
             service_log_errors = service_log.count(" ERROR ")
             if service_log_errors and args.keep_log:
@@ -335,8 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.turn_concurrency} conversation(s), instant Claude stand-in"))
     if args.json:
         print(json.dumps({"client": client, **{k: r.to_json() for k, r in results.items()},
-                          "ratio": results["digitalme"].per_second
-                          / (results["hello"].per_second or 1),
+                          "ratios": ratios(results), "history_turns": args.history,
                           "service_log_errors": service_log_errors}))
     failed = sum(r.errors for r in results.values())
     for result in results.values():
