@@ -72,6 +72,7 @@ class PlatformStandin:
         self._script: deque[Behaviour] = deque()
         self._sticky: Behaviour | None = None
         self._runner: web.AppRunner | None = None
+        self.host = "127.0.0.1"
         self.port = 0
 
     # --- scripting -----------------------------------------------------------------------
@@ -99,17 +100,20 @@ class PlatformStandin:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         return app
 
-    async def start(self) -> str:
+    async def start(self, host: str = "127.0.0.1") -> str:
+        """Serve on a free port of ``host`` (loopback, or the sandbox's controller address
+        for the end-to-end tests)."""
+        self.host = host
         self._runner = web.AppRunner(self.make_app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, host, 0)
         await site.start()
         server = site._server
         assert server is not None

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 # manylinux tags pip should accept for a glibc x86_64/aarch64 host; pip does not expand
@@ -50,6 +51,26 @@ def project_version(source: Path) -> str:
     if not match:
         raise SystemExit("wheelhouse: no version in pyproject.toml")
     return match[1]
+
+
+def release_description(source: Path, release: str, version: str) -> dict[str, object]:
+    """release.json: what the service shows in /info (DIGITALME_RELEASE_INFO) and the
+    deploy record names. The commit is the sources' when they are a git checkout; dirty
+    when what goes into the release differs from it."""
+    def git(*args: str) -> str | None:
+        try:
+            found = subprocess.run(["git", "-C", str(source), *args],  # noqa: S603, S607
+                                   capture_output=True, text=True, check=False, timeout=30)
+        except OSError:
+            return None
+        return found.stdout.strip() if found.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    changes = git("status", "--porcelain", "--", "app", "docs", "pyproject.toml",
+                  "requirements")
+    return {"release": release, "version": version, "commit": commit,
+            "dirty": bool(changes) if commit else None,
+            "built_at": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def run(*args: str) -> None:
@@ -85,10 +106,14 @@ def main() -> None:
                 for name in ("pyproject.toml", "README.md"):
                     shutil.copy2(source / name, Path(build) / name)
                 run(*pip, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), build)
+            description = work / "release.json"
+            description.write_text(json.dumps(release_description(source, release, version),
+                                              indent=2) + "\n")
             partial = work / "package.tar"
             with tarfile.open(partial, "w") as tar:
                 tar.add(wheels, arcname="wheels")
                 tar.add(source / "docs", arcname="docs")
+                tar.add(description, arcname="release.json")
             os.rename(partial, target)
             built = True
         finally:

@@ -47,7 +47,8 @@ def test_release_is_a_versioned_virtualenv(host):
     assert current.linked_to.startswith("/opt/digitalme/releases/0.")
     info = json.loads(host.check_output("curl -fsS http://127.0.0.1:8080/info"))
     assert info["environment"] == "molecule"
-    assert current.linked_to.endswith(info["commit"])
+    assert current.linked_to.endswith("/" + info["release"]["release"])
+    assert info["commit"] and info["commit"] == info["release"]["commit"]
     assert host.file(f"{current.linked_to}/.complete").exists
     # The docs travel with the release and are where the unit's Documentation= points.
     assert host.file("/usr/share/doc/digitalme/operations.md").exists or \
@@ -94,3 +95,43 @@ def test_exposure_score(host):
     score = float(line.split("exposure level for digitalme.service:")[1].split()[0])
     print(f"systemd-analyze security digitalme.service: {score}")
     assert score <= 2.0, host.check_output("systemd-analyze security digitalme.service --no-pager")
+
+
+def test_the_socket_is_systemds_and_outlives_a_restart(host):
+    socket_unit = host.service("digitalme.socket")
+    assert socket_unit.is_enabled and socket_unit.is_running
+    listening = "ss -Hltne 'sport = :8080' | grep -o 'ino:[0-9]*'"
+    before = host.check_output(listening)
+    pid = main_pid(host)
+    assert host.run("systemctl restart digitalme").rc == 0
+    assert main_pid(host) != pid
+    # The same listening socket (inode) before and after: it was never closed.
+    assert host.check_output(listening) == before
+    assert host.run("curl -fsS http://127.0.0.1:8080/health/ready").rc == 0
+
+
+def test_the_deploy_is_recorded_and_shown_in_info(host):
+    info = json.loads(host.check_output("curl -fsS http://127.0.0.1:8080/info"))
+    deploy = info["last_deploy"]
+    assert deploy["kind"] == "install" and deploy["result"] == "success"
+    assert deploy["to_release"] == info["release"]["release"]
+    assert deploy["migrations"] == ["0001_initial", "0002_channels"]
+    assert deploy["gate_seconds"] > 0
+    status = host.check_output("digitalme-deploy status")
+    assert f"current release: {deploy['to_release']} (service active, socket active)" in status
+    record = host.file("/var/lib/digitalme-deploy/last.json")
+    assert record.user == "root" and record.group == "digitalme" and record.mode == 0o640
+
+
+def test_migrations_unit_is_hardened_and_has_no_network(host):
+    release = host.file("/opt/digitalme/current").linked_to.rsplit("/", 1)[1]
+    unit = f"digitalme-migrate@{release}.service"
+    shown = host.check_output(f"systemctl show -p PrivateNetwork -p User {unit}")
+    assert "PrivateNetwork=yes" in shown and "User=digitalme" in shown
+    line = host.check_output(f"systemd-analyze security {unit} --no-pager | tail -1")
+    score = float(line.split(f"exposure level for {unit}:")[1].split()[0])
+    print(f"systemd-analyze security {unit}: {score}")
+    assert score <= 1.5
+    # Run again, it finds nothing to do.
+    assert host.run(f"systemctl start {unit}").rc == 0
+    assert "is up to date" in host.check_output(f"journalctl -u {unit} -n 1 -o cat --no-pager")
