@@ -759,6 +759,8 @@ def switch(settings: Settings, release: str, by: str, commit: str | None, *,
     restarted = time.time()
     try:
         before = restart_service(settings)
+        record["restart"] = {"at": round(restarted, 3),
+                             "seconds": round(time.time() - restarted, 3)}
         record["gate_seconds"] = gate(settings, release, before, smoke=smoke)
     except Failure as failed:
         record.update(result="failed", stage="gate", reason=str(failed))

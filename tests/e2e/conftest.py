@@ -36,12 +36,34 @@ without it, since CI runs them as root.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.sandboxes import Sandbox, boot_sandbox, module_sandbox_name, require_root, run_tool
+from tests.e2e.deployments import (
+    MONITORING_TEST_SETTINGS,
+    SHARED_SANDBOX_HOSTS,
+    SITE_TIMINGS,
+    STANDIN_PORT,
+    TELEGRAM_TOKEN,
+    Deployment,
+    SharedSite,
+    app_test_settings,
+    recap,
+)
+from tests.e2e.load import BackgroundLoop, start_telegram
+from tests.e2e.sandboxes import (
+    REPO,
+    Sandbox,
+    add_group_vars,
+    boot_sandbox,
+    module_sandbox_name,
+    require_root,
+    run_tool,
+)
+from tests.standins.anthropic_api import AnthropicStandin
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +88,35 @@ def sandbox_hosts(
     yield factory
     for sandbox_name in booted:
         run_tool("down", "--name", sandbox_name, timeout=300, check=False)
+
+
+@pytest.fixture(scope="session")
+def shared_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedSite]:
+    """site.yml on fresh hosts (tests/e2e/deployments.py, SharedSite), made once for the
+    modules that can share it; its first run is timed as the fresh site.yml."""
+    require_root()
+    name = module_sandbox_name("shared-site")
+    workdir = tmp_path_factory.mktemp("shared-site")
+    inventory = workdir / "inventory"
+    with BackgroundLoop() as loop:
+        anthropic, telegram = AnthropicStandin(), None
+        try:
+            sandbox = boot_sandbox(name, SHARED_SANDBOX_HOSTS, inventory)
+            loop.run(anthropic.start(host=sandbox.controller_address, port=STANDIN_PORT))
+            telegram = loop.run(start_telegram(sandbox.controller_address, TELEGRAM_TOKEN))
+            add_group_vars(inventory, {"digitalme": app_test_settings(telegram.base_url),
+                                       "monitoring": MONITORING_TEST_SETTINGS})
+            deployment = Deployment(sandbox, workdir, SITE_TIMINGS)
+            started = time.monotonic()
+            result = sandbox.ansible_playbook("playbooks/site.yml", "--limit", "app,replica")
+            deployment.record("site_fresh_seconds", time.monotonic() - started)
+            (REPO / "artifacts" / "site-first-run.log").write_text(result.stdout)
+            counts = recap(result.stdout)
+            assert counts["app"]["failed"] == 0 and counts["app"]["changed"] > 0, \
+                result.stdout[-3000:]
+            yield SharedSite(deployment, loop, anthropic, telegram)
+        finally:
+            run_tool("down", "--name", name, timeout=300, check=False)
+            if telegram is not None:
+                loop.run(telegram.close())
+            loop.run(anthropic.close())

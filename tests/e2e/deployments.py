@@ -13,8 +13,9 @@ import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from tests.e2e.sandboxes import Sandbox, SandboxHost
+from tests.e2e.sandboxes import REPO, Sandbox, SandboxHost
 
 DOMAIN = "digitalme.sandbox.test"
 ADMIN = "admin"  # base_admin_user in inventory/sandbox/group_vars/all/main.yml
@@ -22,6 +23,7 @@ CADDY_ROOT = "/var/lib/caddy/.local/share/caddy/pki/authorities/local/root.crt"
 STANDIN_PORT = 8765  # digitalme_anthropic_base_url in the sandbox group_vars
 UNITS = ("digitalme", "caddy", "litestream", "prometheus-node-exporter")
 DB = "/var/lib/digitalme/digitalme.db"  # digitalme_db_path's default
+SITE_TIMINGS = REPO / "artifacts" / "site-timings.json"
 
 
 @dataclass
@@ -80,3 +82,55 @@ def recap(output: str) -> dict[str, dict[str, int]]:
     for host, counters in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", output, re.MULTILINE):
         found[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", counters)}
     return found
+
+
+# --- the shared deployment --------------------------------------------------------------------
+# One site.yml deployment for the end-to-end modules that can share it (test_site,
+# test_upgrade, test_monitoring): booting and converging fresh hosts is the costliest step
+# of the suite, and these modules leave the deployment as they found it. It is made the
+# first time a module asks for it and removed at the end of the session. test_recovery
+# keeps its own (it destroys its app host).
+
+SHARED_SANDBOX_HOSTS = ("app:digitalme,monitoring", "replica:backup_targets", "floor:floor")
+TELEGRAM_TOKEN = "123456:sandbox-telegram-bot-token"  # the stand-in's
+TELEGRAM_SECRET = "sandbox-telegram-webhook-secret"
+CLAUDE_KEY = "sandbox-standin-key-not-a-secret"  # the sandbox group_vars' ANTHROPIC_API_KEY
+# Shortened for the tests (docs/operations/monitoring.md says what production uses).
+MONITORING_TEST_SETTINGS = {
+    "monitoring_scrape_interval": "5s",
+    "monitoring_scrape_timeout": "4s",
+    "monitoring_evaluation_interval": "5s",
+    "monitoring_rules_for_override": "10s",
+    "monitoring_group_wait": "5s",
+    "monitoring_group_interval": "10s",
+    "monitoring_repeat_interval": "1h",
+}
+
+
+def app_test_settings(telegram_api_base: str) -> dict[str, object]:
+    """The test environment's app settings: Telegram on (its stand-in on the controller),
+    no per-client rate limit (the load of test_upgrade comes from one address)."""
+    return {
+        "digitalme_settings": {"DIGITALME_RATE_LIMIT_PER_MINUTE": 0,
+                               "DIGITALME_TELEGRAM_API_BASE": telegram_api_base},
+        "digitalme_secrets": {"ANTHROPIC_API_KEY": CLAUDE_KEY,
+                              "DIGITALME_TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN,
+                              "DIGITALME_TELEGRAM_SECRET_TOKEN": TELEGRAM_SECRET},
+    }
+
+
+@dataclass
+class SharedSite:
+    """The shared deployment and the stand-ins it talks to, on the controller: Claude
+    (``anthropic``, scriptable to fail) and Telegram, both on ``loop``."""
+
+    deployment: Deployment
+    loop: Any  # tests.e2e.load.BackgroundLoop
+    anthropic: Any  # tests.standins.anthropic_api.AnthropicStandin
+    telegram: Any  # tests.standins.telegram_api.TelegramStandin
+    site_log: str = ""
+
+    def playbook(self, name: str, *args: str, check: bool = True,
+                 ) -> subprocess.CompletedProcess[str]:
+        return self.deployment.sandbox.ansible_playbook(f"playbooks/{name}", *args,
+                                                        check=check)

@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -216,6 +217,23 @@ class Sandbox:
             if fields[9] in inodes and remote in addresses:
                 return True
         return False
+
+
+def add_group_vars(inventory_dir: Path, group_vars: dict[str, dict[str, Any]]) -> None:
+    """Variables for groups other than ``all`` (``{"digitalme": {...}}``), beside the
+    sandbox environment's own group_vars in the inventory, so that every playbook run
+    against this sandbox gets them: a test environment's settings."""
+    folder = inventory_dir / "group_vars"
+    own = REPO / "inventory" / "sandbox" / "group_vars"
+    if folder.is_symlink():
+        folder.unlink()
+        folder.mkdir()
+        for entry in own.iterdir():
+            (folder / entry.name).symlink_to(entry)
+    for group, variables in group_vars.items():
+        if group == "all" or (own / group).exists() or (own / f"{group}.yml").exists():
+            raise ValueError(f"group_vars for {group} would clash with the sandbox's own")
+        (folder / f"{group}.json").write_text(json.dumps(variables, indent=2) + "\n")
 
 
 def module_sandbox_name(module_name: str) -> str:

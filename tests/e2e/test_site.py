@@ -1,8 +1,9 @@
 """`ansible-playbook playbooks/site.yml` end to end on fresh sandbox hosts.
 
-One module-scoped deployment (an app host in `digitalme` and `monitoring`, a replica host in
-`backup_targets`, and a bare host for the package-install floor); a Claude stand-in runs on
-the controller, where the app reaches it. The tests after the first look at what the
+The session's shared deployment (tests/e2e/deployments.py: an app host in `digitalme` and
+`monitoring`, a replica host in `backup_targets`, and a bare host for the package-install
+floor); stand-ins of Claude and Telegram run on the controller, where the app reaches
+them. The fixture's first run of site.yml is the fresh one; the tests look at what the
 deployment left, the way an owner would: over HTTPS through Caddy, from outside the host,
 and on it.
 """
@@ -16,14 +17,11 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.e2e.deployments import ADMIN, DOMAIN, STANDIN_PORT, UNITS, Deployment, recap
-from tests.e2e.sandboxes import REPO
-from tests.support.process import StandinProcess
+from tests.e2e.deployments import ADMIN, DOMAIN, UNITS, Deployment, SharedSite, recap
 
 pytestmark = pytest.mark.e2e
 
@@ -31,28 +29,14 @@ pytestmark = pytest.mark.e2e
 ROLE_PACKAGES = ("caddy prometheus-node-exporter nftables unattended-upgrades "
                  "systemd-timesyncd python3-venv sqlite3 curl jq acl sudo openssh-server "
                  "prometheus prometheus-alertmanager prometheus-blackbox-exporter")
-TIMINGS = REPO / "artifacts" / "site-timings.json"
 
 
 @pytest.fixture(scope="module")
-def deployment(sandbox_hosts, tmp_path_factory) -> Iterator[Deployment]:
-    # The app host also monitors (as in the example inventory): the second run and the check
-    # mode below cover the monitoring play too (its alerts: test_monitoring.py).
-    sandbox = sandbox_hosts("app:digitalme,monitoring", "replica:backup_targets", "floor:floor")
-    workdir = tmp_path_factory.mktemp("site")
-    standin = StandinProcess(workdir, host=sandbox.controller_address, port=STANDIN_PORT)
-    standin.start()
-    try:
-        deployment = Deployment(sandbox, workdir, TIMINGS)
-        started = time.monotonic()
-        result = sandbox.ansible_playbook("playbooks/site.yml", "--limit", "app,replica")
-        deployment.record("site_fresh_seconds", time.monotonic() - started)
-        (REPO / "artifacts" / "site-first-run.log").write_text(result.stdout)
-        counts = recap(result.stdout)
-        assert counts["app"]["failed"] == 0 and counts["app"]["changed"] > 0, result.stdout[-3000:]
-        yield deployment
-    finally:
-        standin.stop()
+def deployment(shared_site: SharedSite) -> Deployment:
+    # The shared deployment (tests/e2e/deployments.py): its app host also monitors, as in
+    # the example inventory, so the second run and the check mode cover the monitoring play
+    # too (its alerts: test_monitoring.py).
+    return shared_site.deployment
 
 
 def test_second_run_changes_nothing(deployment: Deployment) -> None:

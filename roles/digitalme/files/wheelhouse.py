@@ -7,9 +7,10 @@ SOURCE_DIR is the repository (pyproject.toml, app/, requirements/app.lock, docs/
 release id is a hash of everything that goes into the install: the app's sources,
 pyproject.toml, the lock file, the docs and the target (Python version, machine). The
 package is CACHE_DIR/<release>.tar: `wheels/` (the app and every pinned dependency, built
-for the target) and `docs/`. One file, so it crosses to the host in one transfer. It is
-built aside and renamed into place, and reused while the release id is unchanged. Prints
-one JSON line: {"release", "version", "path", "built"}.
+for the target), `docs/` and `release.json` (what /info shows). One file, so it crosses to
+the host in one transfer. It is built aside and renamed into place, and reused while the
+release id is unchanged; the dependencies' wheels are downloaded once per lock file and
+target. Prints one JSON line: {"release", "version", "path", "built"}.
 """
 
 from __future__ import annotations
@@ -53,6 +54,29 @@ def project_version(source: Path) -> str:
     return match[1]
 
 
+def dependency_wheels(source: Path, cache: Path, python_version: str, machine: str) -> Path:
+    """The pinned dependencies' wheels for the target, downloaded once per lock file: every
+    release built from the same lock reuses them (a release then costs the app's own
+    wheel). CACHE_DIR/deps-<hash of the lock and the target>/, made aside and renamed."""
+    lock = source / "requirements" / "app.lock"
+    key = hashlib.sha256(f"{python_version}\0{machine}\0".encode() + lock.read_bytes())
+    folder = cache / f"deps-{key.hexdigest()[:12]}"
+    if folder.is_dir():
+        return folder
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache))
+    try:
+        major_minor = ".".join(python_version.split(".")[:2])
+        platforms = [f"--platform=manylinux_{tag}_{machine}" for tag in GLIBC_TAGS]
+        run(sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "--quiet",
+            "--dest", str(partial), "--only-binary=:all:", f"--python-version={major_minor}",
+            "--implementation=cp", *platforms, "-r", str(lock))
+        os.rename(partial, folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return folder
+
+
 def release_description(source: Path, release: str, version: str) -> dict[str, object]:
     """release.json: what the service shows in /info (DIGITALME_RELEASE_INFO) and the
     deploy record names. The commit is the sources' when they are a git checkout; dirty
@@ -92,12 +116,8 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix=f".{release}.", dir=cache))
         try:
             wheels = work / "wheels"
-            major_minor = ".".join(python_version.split(".")[:2])
-            platforms = [f"--platform=manylinux_{tag}_{machine}" for tag in GLIBC_TAGS]
             pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-            run(*pip, "download", "--quiet", "--dest", str(wheels), "--only-binary=:all:",
-                f"--python-version={major_minor}", "--implementation=cp", *platforms,
-                "-r", str(source / "requirements" / "app.lock"))
+            shutil.copytree(dependency_wheels(source, cache, python_version, machine), wheels)
             # The app itself: a pure-Python wheel built from a copy of the sources (a build
             # in place would leave build/ and egg-info behind in the repository).
             with tempfile.TemporaryDirectory() as build:
@@ -118,10 +138,13 @@ def main() -> None:
             built = True
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    # The controller keeps the few newest packages, for rollbacks and other hosts.
+    # The controller keeps the few newest packages, for rollbacks and other hosts, and the
+    # dependency wheels of the newest lock files.
     for old in sorted(cache.glob("*.tar"), key=lambda p: p.stat().st_mtime)[:-KEEP_PACKAGES]:
         if old != target:
             old.unlink()
+    for old in sorted(cache.glob("deps-*"), key=lambda p: p.stat().st_mtime)[:-KEEP_PACKAGES]:
+        shutil.rmtree(old, ignore_errors=True)
     print(json.dumps({"release": release, "version": version, "path": str(target),
                       "built": built}))
 
