@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from . import __version__
+from .accesslog import AccessLogger
 from .activity import ActivityStore
 from .backup import backup_check, replication_metrics_refresher
 from .chat import ChatService
@@ -168,6 +169,8 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware, client_middleware],
         client_max_size=settings.max_body_bytes,
+        # The runner keeps its logger and format; the line is written by ours (accesslog.py).
+        handler_args={"access_log_class": AccessLogger},
     )
     metrics = Metrics()
     db = Database(settings.db_path)

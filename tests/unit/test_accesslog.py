@@ -1,0 +1,87 @@
+"""The access log line: exactly what aiohttp's own logger writes (message and extra
+fields), through the service's app; other formats are aiohttp's."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+
+import aiohttp
+import pytest
+from aiohttp import HttpVersion10, web
+from aiohttp.test_utils import make_mocked_request
+from aiohttp.web_log import AccessLogger as AiohttpAccessLogger
+
+from digitalme.accesslog import SERVICE_FORMAT, AccessLogger
+from digitalme.config import Settings
+from digitalme.web import create_app
+from tests.conftest import migrate
+
+EXTRA = ("remote_address", "first_request_line", "response_status", "response_size",
+         "request_time_frac")
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def captured() -> tuple[logging.Logger, Records]:
+    logger = logging.getLogger("test.access")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    records = Records()
+    logger.handlers = [records]
+    return logger, records
+
+
+@pytest.mark.parametrize("log_format", [SERVICE_FORMAT, '%s %b "%{User-Agent}i"'])
+def test_the_line_is_aiohttps(captured: tuple[logging.Logger, Records],
+                              log_format: str) -> None:
+    logger, records = captured
+    cases = [
+        (make_mocked_request("GET", "/health", headers={"User-Agent": "probe"}),
+         web.json_response({"status": "ok"}), 0.000123),
+        (make_mocked_request("POST", "/api/v1/x?limit=3&before=9", version=HttpVersion10),
+         web.Response(status=404, text="no such thing"), 12.5),
+    ]
+    for request, response, seconds in cases:
+        AiohttpAccessLogger(logger, log_format).log(request, response, seconds)
+        AccessLogger(logger, log_format).log(request, response, seconds)
+    for theirs, ours in zip(records.records[::2], records.records[1::2], strict=True):
+        assert ours.getMessage() == theirs.getMessage()
+        assert ours.levelno == theirs.levelno == logging.INFO
+        for field in EXTRA:
+            assert getattr(ours, field, None) == getattr(theirs, field, None), field
+
+
+async def test_the_service_logs_each_request(make_settings: Callable[..., Settings],
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings()
+    await migrate(settings.db_path)
+    # As `digitalme serve` runs it: the runner names the format, the app its logger class.
+    runner = web.AppRunner(create_app(settings), access_log_format=SERVICE_FORMAT)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        with caplog.at_level(logging.INFO, logger="aiohttp.access"):
+            async with aiohttp.ClientSession() as http, \
+                    http.get(f"http://127.0.0.1:{port}/health?probe=1") as response:
+                assert response.status == 200
+                body = await response.read()
+    finally:
+        await runner.cleanup()
+    [record] = [r for r in caplog.records if r.name == "aiohttp.access"]
+    assert record.pathname.endswith("digitalme/accesslog.py")  # ours, not aiohttp's
+    # %b is what aiohttp counts: the bytes sent, headers included.
+    assert re.fullmatch(r'127\.0\.0\.1 "GET /health\?probe=1 HTTP/1\.1" 200 (\d+) \d\.\d{6}s',
+                        record.getMessage()), record.getMessage()
+    assert record.response_size > len(body)
