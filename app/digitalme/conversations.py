@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -86,9 +87,16 @@ _MSG_JSON = (
     " 'text', text, 'created_at', created_at) END")
 
 
+# Pages of messages kept rendered (messages_json): how many, and how large one may be.
+PAGE_CACHE_ENTRIES = 256
+PAGE_CACHE_MAX_CHARS = 64 * 1024
+
+
 class ConversationStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # (conversation, its newest message id, limit, before) -> the page as JSON
+        self._pages: OrderedDict[tuple[str, int, int, int], str] = OrderedDict()
 
     async def create(self, channel: str, *, external_id: str | None = None,
                      title: str | None = None, token_id: int | None = None) -> Conversation:
@@ -179,12 +187,29 @@ class ConversationStore:
     async def messages_json(self, conversation_id: str, *, limit: int = 200,
                             before_id: int | None = None) -> str:
         """:meth:`messages` as the API shows them: a JSON array of ``Message.to_json()``
-        objects, oldest first."""
+        objects, oldest first.
+
+        Messages are only ever added (with a larger id), never changed; so a page is known
+        by its conversation's newest message id, and a client that reads an unchanged
+        conversation again (the web chat does, often) is answered from the last rendering
+        after one indexed lookup of that id."""
+        before = before_id if before_id is not None else 2**62
+        newest = await self.db.lookup_one(
+            "SELECT MAX(id) FROM messages WHERE conversation_id = ?", (conversation_id,))
+        key = (conversation_id, (newest[0] if newest else None) or 0, limit, before)
+        page = self._pages.get(key)
+        if page is not None:
+            self._pages.move_to_end(key)
+            return page
         rows = await self.db.lookup(
             f"SELECT {_MSG_JSON} FROM messages WHERE conversation_id = ? AND id < ?"
-            " ORDER BY id DESC LIMIT ?",
-            (conversation_id, before_id if before_id is not None else 2**62, limit))
-        return "[" + ",".join(row[0] for row in reversed(rows)) + "]"
+            " ORDER BY id DESC LIMIT ?", (conversation_id, before, limit))
+        page = "[" + ",".join(row[0] for row in reversed(rows)) + "]"
+        if len(page) <= PAGE_CACHE_MAX_CHARS:
+            self._pages[key] = page
+            if len(self._pages) > PAGE_CACHE_ENTRIES:
+                self._pages.popitem(last=False)
+        return page
 
     async def turns(self, conversation_id: str, *, limit: int) -> list[tuple[str, str]]:
         """Oldest first: (role, text) of the last ``limit`` messages, what Claude is sent."""

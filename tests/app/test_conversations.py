@@ -239,3 +239,11 @@ async def test_listed_messages_are_exactly_their_json(service: Service) -> None:
         assert response.status == 200
         assert response.content_type == "application/json"
         assert (await response.json())["messages"] == [m.to_json() for m in expected], query
+    # Pages are kept rendered by their newest message: a new message shows at once.
+    for _ in range(2):
+        await store.add_message(conversation, "user", "one more")
+        response = await service.client.get(
+            f"/api/v1/conversations/{conversation}/messages", headers=service.auth())
+        listed = (await response.json())["messages"]
+        assert listed == [m.to_json() for m in await store.messages(conversation)]
+        assert listed[-1]["text"] == "one more"
