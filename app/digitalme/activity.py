@@ -79,7 +79,7 @@ class ActivityStore:
     async def recent(self, *, days: int, limit: int) -> list[ActivityEvent]:
         since = (datetime.now(UTC) - timedelta(days=days)).isoformat(
             timespec="milliseconds").replace("+00:00", "Z")
-        rows = await self.db.fetchall(
+        rows = await self.db.lookup(  # activity_by_time, newest first, bounded by LIMIT
             "SELECT id, source, kind, actor, summary, url, occurred_at FROM activity"
             " WHERE occurred_at >= ? ORDER BY occurred_at DESC, id DESC LIMIT ?",
             (since, limit))
