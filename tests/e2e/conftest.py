@@ -104,8 +104,12 @@ def shared_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedSite
             sandbox = boot_sandbox(name, SHARED_SANDBOX_HOSTS, inventory)
             loop.run(anthropic.start(host=sandbox.controller_address, port=STANDIN_PORT))
             telegram = loop.run(start_telegram(sandbox.controller_address, TELEGRAM_TOKEN))
-            add_group_vars(inventory, {"digitalme": app_test_settings(telegram.base_url),
-                                       "monitoring": MONITORING_TEST_SETTINGS})
+            # The floor host is a bare host for a measurement (test_site), not part of the
+            # deployment: nothing scrapes it.
+            add_group_vars(inventory, {
+                "digitalme": app_test_settings(telegram.base_url),
+                "monitoring": {**MONITORING_TEST_SETTINGS,
+                               "monitoring_node_hosts": ["app", "replica"]}})
             deployment = Deployment(sandbox, workdir, SITE_TIMINGS)
             started = time.monotonic()
             result = sandbox.ansible_playbook("playbooks/site.yml", "--limit", "app,replica")
