@@ -2,7 +2,7 @@
 small and stop growing once warm.
 
 ``digitalme serve`` runs as in bench/webhook_bench.py (Telegram channel on, instant Claude
-stand-in, Telegram's Bot API a stand-in in this process, production settings). Each round
+stand-in, Telegram's Bot API stand-in in a process of its own, production settings). Each round
 sends, one after the other:
 
 1. ``--requests`` HTTP requests, half ``GET /health`` and half an authenticated
@@ -40,13 +40,11 @@ from bench.http_bench import PRODUCTION, chat_load, closed_loop  # noqa: E402
 from bench.webhook_bench import (  # noqa: E402
     TELEGRAM_SECRET,
     TELEGRAM_TOKEN,
-    replies_by_message,
+    TelegramProcess,
     send,
     telegram_update,
     wait_answered,
 )
-from tests.standins.platform import running  # noqa: E402
-from tests.standins.telegram_api import TelegramStandin  # noqa: E402
 from tests.support.process import (  # noqa: E402
     SAMPLE_PERSONA,
     ServiceProcess,
@@ -101,43 +99,43 @@ async def one_round(args: argparse.Namespace, http: aiohttp.ClientSession,
 
 async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     claude = StandinProcess(workdir / "claude").start()
+    telegram = await asyncio.to_thread(TelegramProcess(workdir).start)
     try:
-        async with running(TelegramStandin(TELEGRAM_TOKEN)) as telegram:
-            env = service_env(
-                workdir, anthropic_base_url=claude.base_url, DIGITALME_ENV="bench",
-                DIGITALME_LOG_LEVEL="info", **PRODUCTION,
-                DIGITALME_TELEGRAM_BOT_TOKEN=TELEGRAM_TOKEN,
-                DIGITALME_TELEGRAM_SECRET_TOKEN=TELEGRAM_SECRET,
-                DIGITALME_TELEGRAM_API_BASE=telegram.base_url)
-            for command in (["migrate"], ["persona", "import", str(SAMPLE_PERSONA)],
-                            ["token", "create", "--name", "bench", "--scope", "chat",
-                             "--quiet"]):
-                prepared = run_cli(command, env)
-                if prepared.returncode != 0:
-                    raise SystemExit(f"digitalme {' '.join(command)} failed: {prepared.stderr}")
-            token = prepared.stdout.strip()
-            service = ServiceProcess(env, workdir)
-            await service.start_async()
-            rounds = []
-            sent: list[int] = []
-            updates = itertools.count(20_000_000)
-            try:
-                started_mb = round(rss_mb(service.pid), 1)
-                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                                 trust_env=False) as http:
-                    async with http.post(f"{service.base_url}/api/v1/conversations",
-                                         headers={"Authorization": f"Bearer {token}"}) as r:
-                        conversation = (await r.json())["id"]
-                    for number in range(args.rounds):
-                        result = await one_round(args, http, service, token, conversation,
-                                                 updates, sent)
-                        rounds.append({"round": number + 1, **result})
-                await asyncio.sleep(0.5)
-                replies = replies_by_message(telegram)
-            finally:
-                await service.stop_async()
-            errors_logged = service.log_text().count(" ERROR ")
+        env = service_env(
+            workdir, anthropic_base_url=claude.base_url, DIGITALME_ENV="bench",
+            DIGITALME_LOG_LEVEL="info", **PRODUCTION,
+            DIGITALME_TELEGRAM_BOT_TOKEN=TELEGRAM_TOKEN,
+            DIGITALME_TELEGRAM_SECRET_TOKEN=TELEGRAM_SECRET,
+            DIGITALME_TELEGRAM_API_BASE=telegram.base_url)
+        for command in (["migrate"], ["persona", "import", str(SAMPLE_PERSONA)],
+                        ["token", "create", "--name", "bench", "--scope", "chat",
+                         "--quiet"]):
+            prepared = run_cli(command, env)
+            if prepared.returncode != 0:
+                raise SystemExit(f"digitalme {' '.join(command)} failed: {prepared.stderr}")
+        token = prepared.stdout.strip()
+        service = ServiceProcess(env, workdir)
+        await service.start_async()
+        rounds = []
+        sent: list[int] = []
+        updates = itertools.count(20_000_000)
+        try:
+            started_mb = round(rss_mb(service.pid), 1)
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             trust_env=False) as http:
+                async with http.post(f"{service.base_url}/api/v1/conversations",
+                                     headers={"Authorization": f"Bearer {token}"}) as r:
+                    conversation = (await r.json())["id"]
+                for number in range(args.rounds):
+                    result = await one_round(args, http, service, token, conversation,
+                                             updates, sent)
+                    rounds.append({"round": number + 1, **result})
+            await asyncio.sleep(0.5)  # a reply sent twice would show now
+        finally:
+            await service.stop_async()
+        errors_logged = service.log_text().count(" ERROR ")
     finally:
+        replies = await asyncio.to_thread(telegram.stop)
         claude.stop()
     warm = [r["rss_mb"] for r in rounds[1:]] or [rounds[-1]["rss_mb"]]
     return {"rss_mb_at_start": started_mb, "rounds": rounds,

@@ -5,8 +5,9 @@ The real service runs as ``digitalme serve`` (a subprocess) with the Telegram an
 channels on, production settings otherwise (access log at info, the rate limit on with a
 limit the load never reaches). Claude is the Anthropic stand-in (a subprocess, answering
 after ``--claude-delay`` seconds, instant by default) and Telegram's Bot API a stand-in in
-this process, so the worker really answers every delivery (Claude, SQLite, sendMessage)
-while acknowledgements are measured: acks must not wait for it.
+a process of its own (bench/telegram_process.py), so the worker really answers every
+delivery (Claude, SQLite, sendMessage) while acknowledgements are measured: acks must not
+wait for it.
 
 Phases:
 
@@ -59,8 +60,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `tests` importable
     sys.path.insert(0, str(REPO))
 
-from tests.standins.platform import running  # noqa: E402
-from tests.standins.telegram_api import TelegramStandin  # noqa: E402
 from tests.support.process import (  # noqa: E402
     SAMPLE_PERSONA,
     ProcessFailed,
@@ -241,6 +240,42 @@ def reference_server(workdir: Path) -> Iterator[str]:
             process.wait()
 
 
+class TelegramProcess:
+    """bench/telegram_process.py: the Bot API stand-in in a process of its own."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.report = workdir / "telegram-replies.json"
+        self.log = workdir / "telegram.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.base_url = ""
+
+    def start(self) -> TelegramProcess:
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bench.telegram_process", "--token", TELEGRAM_TOKEN,
+                 "--report", str(self.report)], cwd=REPO, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=log, preexec_fn=die_with_parent)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().decode()
+        prefix = "telegram-standin listening on "
+        if not line.startswith(prefix):
+            raise ProcessFailed(f"the Telegram stand-in did not start: {self.log.read_text()}")
+        self.base_url = line[len(prefix):].strip()
+        return self
+
+    def stop(self) -> collections.Counter[int]:
+        """Stop it; how many replies each Telegram message got (the bench's update_id is
+        its message id)."""
+        if self.process is None:
+            return collections.Counter()
+        self.process.terminate()
+        self.process.wait(30)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self.process = None
+        return collections.Counter(int(n) for n in json.loads(self.report.read_text()))
+
+
 def inbox_counts(db: Path) -> dict[str, int]:
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         return dict(conn.execute("SELECT status, COUNT(*) FROM inbox GROUP BY status"))
@@ -258,12 +293,6 @@ async def wait_answered(db: Path, within: float) -> tuple[float, dict[str, int]]
         await asyncio.sleep(0.1)
 
 
-def replies_by_message(telegram: TelegramStandin) -> collections.Counter[int]:
-    """How many replies each Telegram message got (the bench's update_id is its id)."""
-    return collections.Counter(int(body["reply_parameters"]["message_id"])
-                               for body in telegram.sent)
-
-
 # --- the run ---------------------------------------------------------------------------------
 
 
@@ -272,33 +301,38 @@ async def bench(args: argparse.Namespace, workdir: Path, reference_url: str,
     claude = StandinProcess(workdir / "claude", delay=args.claude_delay).start()
     numbers = itertools.count(10_000_000)  # update ids, never reused in a run
     telegram_sent: list[int] = []  # update ids the service acknowledged
+    telegram = await asyncio.to_thread(TelegramProcess(workdir).start)
     try:
-        async with running(TelegramStandin(TELEGRAM_TOKEN)) as telegram:
-            env = service_env(
-                workdir, anthropic_base_url=claude.base_url,
-                DIGITALME_ENV="bench", DIGITALME_LOG_LEVEL=args.log_level,
-                # Production's values, not the tests' quick-failure ones.
-                DIGITALME_CLAUDE_TIMEOUT_SECONDS="60", DIGITALME_CLAUDE_MAX_RETRIES="2",
-                # On, as in production, with a limit this load never reaches.
-                DIGITALME_RATE_LIMIT_PER_MINUTE="1000000",
-                DIGITALME_TELEGRAM_BOT_TOKEN=TELEGRAM_TOKEN,
-                DIGITALME_TELEGRAM_SECRET_TOKEN=TELEGRAM_SECRET,
-                DIGITALME_TELEGRAM_API_BASE=telegram.base_url,
-                DIGITALME_GITHUB_WEBHOOK_SECRET=GITHUB_SECRET)
-            for command in (["migrate"], ["persona", "import", str(SAMPLE_PERSONA)]):
-                prepared = run_cli(command, env)
-                if prepared.returncode != 0:
-                    raise SystemExit(f"digitalme {' '.join(command)} failed: {prepared.stderr}")
-            service = ServiceProcess(env, workdir)
-            await service.start_async()
-            try:
-                result = await measure(args, service, reference_url, telegram, numbers,
-                                       telegram_sent)
-            finally:
-                await service.stop_async()
-            result["service_log_errors"] = service.log_text().count(" ERROR ")
+        env = service_env(
+            workdir, anthropic_base_url=claude.base_url,
+            DIGITALME_ENV="bench", DIGITALME_LOG_LEVEL=args.log_level,
+            # Production's values, not the tests' quick-failure ones.
+            DIGITALME_CLAUDE_TIMEOUT_SECONDS="60", DIGITALME_CLAUDE_MAX_RETRIES="2",
+            # On, as in production, with a limit this load never reaches.
+            DIGITALME_RATE_LIMIT_PER_MINUTE="1000000",
+            DIGITALME_TELEGRAM_BOT_TOKEN=TELEGRAM_TOKEN,
+            DIGITALME_TELEGRAM_SECRET_TOKEN=TELEGRAM_SECRET,
+            DIGITALME_TELEGRAM_API_BASE=telegram.base_url,
+            DIGITALME_GITHUB_WEBHOOK_SECRET=GITHUB_SECRET)
+        for command in (["migrate"], ["persona", "import", str(SAMPLE_PERSONA)]):
+            prepared = run_cli(command, env)
+            if prepared.returncode != 0:
+                raise SystemExit(f"digitalme {' '.join(command)} failed: {prepared.stderr}")
+        service = ServiceProcess(env, workdir)
+        await service.start_async()
+        try:
+            result = await measure(args, service, reference_url, numbers, telegram_sent)
+        finally:
+            await service.stop_async()
+        result["service_log_errors"] = service.log_text().count(" ERROR ")
     finally:
+        replies = await asyncio.to_thread(telegram.stop)
         claude.stop()
+    missing = [n for n in telegram_sent if replies[n] == 0]
+    doubled = [n for n, count in replies.items() if count > 1]
+    result["replies"] = {"deliveries": len(telegram_sent),
+                         "answered": len(telegram_sent) - len(missing),
+                         "missing": len(missing), "answered_twice": len(doubled)}
     result["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(),
                          "platform": platform.platform()}
     result["settings"] = vars(args)
@@ -306,8 +340,8 @@ async def bench(args: argparse.Namespace, workdir: Path, reference_url: str,
 
 
 async def measure(args: argparse.Namespace, service: ServiceProcess, reference_url: str,
-                  telegram: TelegramStandin, numbers: collections.abc.Iterator[int],
-                  telegram_sent: list[int]) -> dict[str, Any]:
+                  numbers: collections.abc.Iterator[int], telegram_sent: list[int],
+                  ) -> dict[str, Any]:
     def tracked(n: int) -> Request:
         telegram_sent.append(n)
         return telegram_update(n)
@@ -344,9 +378,6 @@ async def measure(args: argparse.Namespace, service: ServiceProcess, reference_u
             max_requests=args.burst, expect=200)
         finished, after = await wait_answered(service.db_path, args.drain_timeout)
     await asyncio.sleep(0.5)  # a reply sent twice would show now
-    replies = replies_by_message(telegram)
-    missing = [n for n in telegram_sent if replies[n] == 0]
-    doubled = [n for n, count in replies.items() if count > 1]
     drained = len(phases["burst"].latencies_ms)
     drain_seconds = finished - burst_started
     ratio = {channel: round(phases[channel].per_second
@@ -359,8 +390,6 @@ async def measure(args: argparse.Namespace, service: ServiceProcess, reference_u
         "drain": {"deliveries": drained, "seconds": round(drain_seconds, 2),
                   "per_second": round(drained / drain_seconds, 1) if drain_seconds else 0,
                   "inbox_before_burst": before, "inbox_after": after},
-        "replies": {"deliveries": len(telegram_sent), "answered": len(telegram_sent)
-                    - len(missing), "missing": len(missing), "answered_twice": len(doubled)},
     }
 
 
