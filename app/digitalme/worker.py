@@ -11,8 +11,10 @@ Requests come first: webhook acknowledgements (and the API) share the event loop
 the worker, and a platform waits for its acknowledgement (Slack for 3 s) while a reply may
 come later. A probe measures how late the loop runs a timer; while it lags and requests
 keep coming (they queue behind the worker's work), the worker halves how many items it
-lets run at once, down to one, and adds one back each time the loop is prompt again or no
-request came. A burst is acknowledged first and answered at full speed right after.
+lets run at once, down to none (items already started finish), and adds one back each
+time the loop is prompt again or no request came. Paused, it leaves the loop to the
+requests, which then find it prompt, so it goes on a little at a time even under a steady
+flood; a burst is acknowledged first and answered at full speed right after.
 ``digitalme_inbox_worker_slots`` shows the current number.
 
 Items of one conversation (a Telegram chat, a Slack thread, a GitHub issue: the channel's
@@ -255,11 +257,11 @@ class Worker:
                         requests=self.metrics.http.answered - answered)
 
     def adjust(self, lag: float, *, requests: int) -> None:
-        """Fewer items at once while the loop runs ``lag`` seconds late with ``requests``
-        coming in; more when it is prompt or nobody is waiting (a loop slowed by the
+        """Fewer items at once (down to none) while the loop runs ``lag`` seconds late with
+        ``requests`` coming in; more when it is prompt or nobody is waiting (a loop slowed by the
         machine, or by the worker alone, is no reason to answer deliveries later)."""
         if lag > LAG_BACK_OFF_SECONDS and requests:
-            self.slots = max(1, self.slots // 2)
+            self.slots //= 2
         elif (lag < LAG_PROMPT_SECONDS or not requests) \
                 and self.slots < self.settings.worker_concurrency:
             self.slots += 1

@@ -344,11 +344,15 @@ async def test_the_worker_backs_off_while_requests_keep_the_loop_busy(
         channel_service: Service) -> None:
     worker = channel_service.app[WORKER]
     assert worker.slots == channel_service.settings.worker_concurrency == 16
-    # The policy: halve while the loop is late and requests come, down to one; one back
+    # The policy: halve while the loop is late and requests come, down to none; one back
     # when it is prompt, or when nobody waits (a busy machine, or the worker itself).
-    for _ in range(5):
+    for _ in range(4):
         worker.adjust(0.03, requests=12)
     assert worker.slots == 1
+    worker.adjust(0.03, requests=12)
+    worker.adjust(0.03, requests=12)
+    assert worker.slots == 0
+    worker.adjust(0.03, requests=0)
     worker.adjust(0.03, requests=0)
     worker.adjust(0.001, requests=40)
     worker.adjust(0.01, requests=40)  # neither late nor prompt: unchanged
