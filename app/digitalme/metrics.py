@@ -10,6 +10,7 @@ import bisect
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -173,6 +174,16 @@ class Metrics:
             "digitalme_build_info", "Version and commit of the running service.",
             ["version", "commit", "environment"], registry=registry)
         self._refreshers: list[Callable[[], Awaitable[None]]] = []
+        self._webhook_children: dict[tuple[str, str], Any] = {}
+
+    def webhook_delivery(self, channel: str, outcome: str) -> None:
+        """Count a delivery: the labelled child is looked up once per (channel, outcome)
+        (``labels()`` takes a lock and checks its arguments on every call)."""
+        child = self._webhook_children.get((channel, outcome))
+        if child is None:
+            child = self._webhook_children[(channel, outcome)] = \
+                self.webhook_deliveries.labels(channel, outcome)
+        child.inc()
 
     def on_scrape(self, refresh: Callable[[], Awaitable[None]]) -> None:
         """Register a coroutine that updates gauges just before each scrape."""

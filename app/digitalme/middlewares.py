@@ -93,8 +93,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
             channel = request.path.split("/")[2]
             outcome = request.get(WEBHOOK_OUTCOME) or _WEBHOOK_STATUS_OUTCOMES.get(
                 status, f"http_{status}")
-            metrics.webhook_deliveries.labels(
-                channel if channel in WEBHOOK_CHANNELS else "unknown", outcome).inc()
+            metrics.webhook_delivery(channel if channel in WEBHOOK_CHANNELS else "unknown",
+                                     outcome)
 
 
 @web.middleware
