@@ -38,7 +38,7 @@ from tests.integrations.payloads import telegram_message
 from tests.standins.telegram_api import TelegramStandin
 
 T = TypeVar("T")
-KINDS = ("health", "chat", "webhook")
+KINDS = ("health", "chat", "stream", "webhook")
 
 
 class BackgroundLoop:
@@ -98,7 +98,7 @@ class SteadyLoad:
     chat_token: str
     telegram_secret: str
     workers: dict[str, int] = field(default_factory=lambda: {"health": 6, "chat": 3,
-                                                             "webhook": 1})
+                                                             "stream": 1, "webhook": 1})
     # Seconds a worker of that kind waits between its requests (others go flat out): the
     # app's worker must answer every delivery afterwards, within the test's patience.
     pauses: dict[str, float] = field(default_factory=lambda: {"webhook": 0.1})
@@ -151,7 +151,7 @@ class SteadyLoad:
             try:
                 if kind == "health":
                     status, detail = await self._request(http, "GET", "/health")
-                elif kind == "chat":
+                elif kind in ("chat", "stream"):
                     if conversation is None:
                         status, detail = await self._request(
                             http, "POST", "/api/v1/conversations", token=True)
@@ -159,10 +159,14 @@ class SteadyLoad:
                             raise _Failed(status, detail)
                         conversation = json.loads(detail)["id"]
                         started = time.time()
-                    key = f"{self.label} chat {index}-{turn}"
+                    key = f"{self.label} {kind} {index}-{turn}"
                     status, detail = await self._request(
                         http, "POST", f"/api/v1/conversations/{conversation}/messages",
-                        token=True, body={"text": key})
+                        token=True, body={"text": key},
+                        headers={"Accept": "text/event-stream"} if kind == "stream" else None)
+                    if kind == "stream" and status == 200 and "event: done" not in detail:
+                        # A stream cut short (its process stopped under it) is a failure.
+                        status, detail = 0, f"stream ended without its done event: {detail}"
                 else:
                     update = next(self._updates)
                     key = str(update)

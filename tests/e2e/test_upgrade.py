@@ -4,10 +4,10 @@ In order, each test starting from where the previous one left the deployment:
 
 1. An older commit of this repository (UPGRADE_FROM, built from a git worktree) is
    deployed, then upgraded to the checkout with `playbooks/upgrade.yml` under a steady load
-   through Caddy (health checks, chat turns, Telegram deliveries): no request may fail,
-   every acknowledged chat turn must be stored and every acknowledged delivery answered
-   exactly once. Timings and the latency the restart added go to
-   artifacts/upgrade-timings.json.
+   through Caddy (health checks, chat turns, streamed chat turns, Telegram deliveries): no
+   request may fail or stream end early, every acknowledged chat turn must be stored and
+   every acknowledged delivery answered exactly once. Timings and the latency the restart
+   added go to artifacts/upgrade-timings.json.
 2. A second run changes nothing.
 3. A release that never becomes ready is rolled back automatically, under load: the play
    fails with the reason and the release's journal, no request fails.
@@ -241,9 +241,10 @@ def test_upgrade_from_the_previous_release_fails_no_request(
         timings.record(name, value)
 
     # Every acknowledged write is there: each chat turn stored, each delivery answered once.
-    chats = set(load.acknowledged("chat"))
+    chats = set(load.acknowledged("chat")) | set(load.acknowledged("stream"))
     stored = set(sql(site, "SELECT text FROM messages WHERE role = 'user' AND text LIKE "
-                           f"'{load.label} chat %'"))
+                           f"'{load.label} %'"))
+    assert load.acknowledged("stream"), "no streamed turn finished"
     assert chats and chats <= stored, f"{len(chats - stored)} acknowledged turns missing"
     wait_until_answered(site, load)
 
