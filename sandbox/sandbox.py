@@ -8,7 +8,7 @@ and the controller (this machine, at the bridge address), and nothing outside th
 the Debian package mirror, through a small caching HTTP proxy that this tool runs on the
 bridge address and that forwards only to the mirror of the machine's own apt sources.
 
-    sandbox.py up [--name NAME] [--inventory PATH] [--json] HOST[:GROUP[,GROUP...]]...
+    sandbox.py up [--name NAME] [--inventory PATH] [--json] HOST[@containers][:GROUP[,GROUP...]]...
     sandbox.py down [--name NAME | --all]
     sandbox.py status [--name NAME] [--json]
     sandbox.py ssh [--name NAME] HOST [COMMAND...]
@@ -21,6 +21,12 @@ twice changes nothing; a host that died, or that `kill` cut off like a power fai
 booted fresh under its name and address. `down` removes every host, network namespace,
 mount, cgroup, firewall table and process the sandbox created, and nothing else. See
 docs/sandbox.md.
+
+A host named `HOST@containers` is of the opt-in kind that can run container engines
+(Docker Engine, rootful Podman) with their memory and PID limits enforced: its nspawn gets
+`/proc/sys/net` writable, real-disk folders bound at /var/lib/docker and
+/var/lib/containers, the keyring system calls, and a cgroup of its own in every cgroup v1
+controller, which a unit inside remounts read-write (docs/sandbox.md says what that costs).
 
 Stdlib only (runs with the system python3 before any virtualenv exists); must run as root.
 """
@@ -64,6 +70,7 @@ RUN_ROOT = Path(os.environ.get("SANDBOX_RUN_DIR", "/run/digitalme-sandbox"))
 # hosts' overlay upper layers (these need a real disk, not /run).
 CACHE = Path(os.environ.get("SANDBOX_CACHE_DIR", str(REPO / ".cache" / "sandbox"))).resolve()
 LOCK_FILE = Path("/run/lock/digitalme-sandbox.lock")
+CONTAINER_BASE_LOCK = Path("/run/lock/digitalme-container-base.lock")
 
 PREFIX = "dmsb"  # DigitalMe SandBox: names of bridges, veths, netns, nft tables, cgroups
 SUBNET_BASE = "10.213"  # sandbox N gets 10.213.N.0/24, the controller is .1, hosts .11 up
@@ -98,6 +105,13 @@ DISABLED_TIMERS = (
     "fstrim.timer",
 )
 IMAGE_MAX_AGE_DAYS = float(os.environ.get("SANDBOX_IMAGE_MAX_AGE_DAYS", "14"))
+
+# Host kinds: "plain" (every host), "containers" (opt-in, HOST@containers: can run Docker
+# Engine and rootful Podman inside; see start_host and docs/sandbox.md).
+HOST_KINDS = ("plain", "containers")
+# The container engines' storage, on the controller's real disk (overlay on overlay fails).
+CONTAINER_STORAGE = {"docker": "/var/lib/docker", "containers": "/var/lib/containers"}
+CGROUP_RW_UNIT = "sandbox-cgroup-rw.service"
 
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
 HOST_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
@@ -164,14 +178,14 @@ def wait_for(step: str, timeout: float, probe: Any, interval: float = 0.1) -> An
 
 
 @contextlib.contextmanager
-def machine_lock() -> Iterator[None]:
+def machine_lock(lock_file: Path = LOCK_FILE) -> Iterator[None]:
     """One sandbox operation at a time on this machine (allocation, boot, teardown)."""
-    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-    with open(LOCK_FILE, "a") as handle:
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log(f"waiting for another sandbox operation to finish ({LOCK_FILE})")
+            log(f"waiting for another sandbox operation to finish ({lock_file})")
             fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
@@ -490,6 +504,161 @@ def _gc_images(keep: Path) -> None:
         shutil.rmtree(candidate, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- container base
+
+# The base of DigitalMe's container image when no registry can be reached (the sandbox
+# hosts reach none): Debian 12 with Python, made here with debootstrap, as a root file
+# system archive that a container engine imports (`podman import`, `docker import`). Like
+# python:3.11-slim it has python3 and its venv/ensurepip; the Dockerfile keeps pip out of
+# the final image. Cached in .cache/sandbox/container-base/<recipe hash>.<date>/rootfs.tar.
+CONTAINER_BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
+CONTAINER_BASE_MARKERS = ("usr/bin/python3", "usr/lib/python3.11/ensurepip", "etc/os-release")
+
+
+def _container_base_recipe_script() -> str:
+    """Runs inside the debootstrapped tree (chroot): updates, then what an image needs not."""
+    return """set -eu
+export DEBIAN_FRONTEND=noninteractive LC_ALL=C
+printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+rm -f /etc/apt/sources.list
+apt-get -q update
+apt-get -q -y -o Dpkg::Options::=--force-confold dist-upgrade
+apt-get clean
+rm -f /usr/sbin/policy-rc.d
+# Slim, as Debian's own -slim images: no docs (but the licences), manuals or translations.
+cat > /etc/dpkg/dpkg.cfg.d/slim <<'EOF'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-exclude /usr/share/lintian/*
+EOF
+find /usr/share/doc -mindepth 1 -not -name copyright -not -type d -delete
+find /usr/share/doc -mindepth 1 -type d -empty -delete
+rm -rf /usr/share/man/* /usr/share/info/* /usr/share/locale/* /usr/share/lintian/*
+rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/debconf/*-old \\
+    /var/cache/ldconfig/aux-cache /var/log/apt /var/log/*.log /etc/machine-id /etc/hostname \\
+    /etc/resolv.conf
+: > /etc/machine-id
+"""
+
+
+def container_base_key(sources: AptSources) -> str:
+    digest = hashlib.sha256()
+    for part in (
+        SUITE,
+        sources.mirror,
+        json.dumps(sorted(sources.files.items())),
+        " ".join(CONTAINER_BASE_PACKAGES),
+        _container_base_recipe_script(),
+        inspect.getsource(build_container_base),
+    ):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _container_base_problem(folder: Path, key: str) -> str | None:
+    """Why a cached container base cannot be used, or None if it can."""
+    try:
+        meta = json.loads((folder / "image.json").read_text())
+    except (OSError, ValueError):
+        return "incomplete (no valid image.json)"
+    if meta.get("key") != key:
+        return "built from another recipe"
+    if not (folder / "rootfs.tar").is_file():
+        return "broken (no rootfs.tar)"
+    if sorted(meta.get("markers", [])) != sorted(CONTAINER_BASE_MARKERS):
+        return "broken (its archive lacks a key file)"
+    age_days = (time.time() - float(meta.get("built_at", 0))) / 86400
+    if age_days > IMAGE_MAX_AGE_DAYS:
+        return f"stale ({age_days:.0f} days old, limit {IMAGE_MAX_AGE_DAYS:g})"
+    return None
+
+
+def ensure_container_base(rebuild: bool = False) -> Path:
+    """The container base's rootfs.tar, built when missing, stale or broken."""
+    sources = AptSources.from_machine()
+    key = container_base_key(sources)
+    bases = CACHE / "container-base"
+    bases.mkdir(parents=True, exist_ok=True)
+    if not rebuild:
+        for candidate in sorted(bases.glob(f"{key}.*"), reverse=True):
+            problem = _container_base_problem(candidate, key)
+            if problem is None:
+                return candidate / "rootfs.tar"
+            log(f"cached container base {candidate.name} is {problem}: not using it")
+    folder = build_container_base(sources, key)
+    for old in bases.iterdir():
+        if old != folder and old.is_dir() and not (
+            old.name.startswith(".build-") and _pid_alive(int(old.name.rsplit("-", 1)[1]))
+        ):
+            shutil.rmtree(old, ignore_errors=True)
+    return folder / "rootfs.tar"
+
+
+def build_container_base(sources: AptSources, key: str) -> Path:
+    started = time.monotonic()
+    bases = CACHE / "container-base"
+    build_dir = bases / f".build-{key}-{os.getpid()}"
+    shutil.rmtree(build_dir, ignore_errors=True)
+    root = build_dir / "rootfs"
+    root.mkdir(parents=True)
+    debs = CACHE / "debootstrap-debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    build_log = bases / "build.log"
+    log(f"building the container base with debootstrap ({SUITE}); log: {build_log}")
+    env = dict(os.environ, LC_ALL="C")
+    if sources.upstream_proxy:
+        env["http_proxy"] = sources.upstream_proxy
+    with open(build_log, "w") as out:
+        _logged_step(
+            "debootstrap",
+            ["debootstrap", "--variant=minbase", f"--include={','.join(CONTAINER_BASE_PACKAGES)}",
+             f"--cache-dir={debs}", SUITE, str(root), sources.mirror],
+            900, out, env,
+        )
+        (root / "etc/apt/sources.list.d").mkdir(parents=True, exist_ok=True)
+        for name, text in sources.files.items():
+            (root / "etc/apt/sources.list.d" / name).write_text(text)
+        resolv = root / "etc/resolv.conf"
+        resolv.unlink(missing_ok=True)
+        shutil.copyfile("/etc/resolv.conf", resolv)
+        chroot = (
+            f"mount -t proc proc {root}/proc && mount -t sysfs sysfs {root}/sys && "
+            f'mount --rbind /dev {root}/dev && exec chroot {root} /bin/sh -c "$0"'
+        )
+        _logged_step(
+            "finish the container base (apt update, upgrade, clean)",
+            ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
+             "/bin/sh", "-c", chroot, _container_base_recipe_script()],
+            900, out, env,
+        )
+        missing = [m for m in CONTAINER_BASE_MARKERS if not (root / m).exists()]
+        if missing:
+            raise SandboxError(f"the container base lacks {', '.join(missing)}; see {build_log}")
+        # One archive, sorted and with numeric owners: the same tree gives the same bytes.
+        _logged_step(
+            "archive the root file system",
+            ["tar", "--sort=name", "--numeric-owner", "--xattrs", "-C", str(root),
+             "--exclude=./dev/*", "--exclude=./proc/*", "--exclude=./sys/*",
+             "-cf", str(build_dir / "rootfs.tar"), "."],
+            300, out, env,
+        )
+    shutil.rmtree(root)
+    seconds = time.monotonic() - started
+    meta = {"key": key, "built_at": time.time(), "build_seconds": round(seconds, 1),
+            "suite": SUITE, "packages": list(CONTAINER_BASE_PACKAGES),
+            "markers": list(CONTAINER_BASE_MARKERS),
+            "bytes": (build_dir / "rootfs.tar").stat().st_size}
+    (build_dir / "image.json").write_text(json.dumps(meta, indent=2) + "\n")
+    final = bases / f"{key}.{time.strftime('%Y%m%d%H%M%S')}"
+    os.replace(build_dir, final)
+    log(f"container base built in {seconds:.0f}s: {final / 'rootfs.tar'}")
+    return final
+
+
 # --------------------------------------------------------------------------- state
 
 
@@ -624,20 +793,45 @@ def _cgroup_roots() -> list[Path]:
     return roots
 
 
-def _cgroup_procs_files(relative: str) -> list[str]:
-    """Create our cgroup in every hierarchy; the cgroup.procs files to join it."""
-    files = []
-    for root in _cgroup_roots():
-        path = root / relative
-        path.mkdir(parents=True, exist_ok=True)
-        files.append(str(path / "cgroup.procs"))
-    return files
+def _controller_roots() -> list[Path]:
+    """The cgroup v1 resource controllers' hierarchies (memory, pids, cpu...), if any."""
+    roots = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, target, fstype, options = line.split()[:4]
+        if fstype == "cgroup" and not any(o.startswith("name=") for o in options.split(",")):
+            roots.append(Path(target))
+    return roots
+
+
+def _make_cgroup(root: Path, relative: str) -> Path:
+    """mkdir -p of a cgroup; a new cpuset cgroup gets its parent's CPUs and memory nodes
+    (cgroup v1 starts it empty, and a process cannot join an empty cpuset)."""
+    path = root / relative
+    missing = [path, *path.parents]
+    missing = [p for p in missing if root in p.parents and not p.is_dir()]
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            own = directory / name
+            if own.exists() and not own.read_text().strip():
+                own.write_text((directory.parent / name).read_text())
+    return path
+
+
+def _cgroup_procs_files(relative: str, controllers: bool = False) -> list[str]:
+    """Create our cgroup in every hierarchy that tracks processes (and, with controllers,
+    in every cgroup v1 resource controller too); the cgroup.procs files to join it."""
+    roots = _cgroup_roots() + (_controller_roots() if controllers else [])
+    return [str(_make_cgroup(root, relative) / "cgroup.procs") for root in roots]
 
 
 def _spawn_in_cgroup(argv: list[str], log_path: Path | str, mode: str,
-                     cgroup: str) -> subprocess.Popen[bytes]:
+                     cgroup: str, *, env: dict[str, str] | None = None,
+                     controllers: bool = False) -> subprocess.Popen[bytes]:
     """Start a long-lived child in its own session, inside the sandbox's cgroup (so that
-    `down` finds and kills it), with its output appended to (or replacing) log_path."""
+    `down` finds and kills it), with its output appended to (or replacing) log_path.
+    controllers: in its own cgroup of every cgroup v1 resource controller too (a
+    container-kind host: what its engines create lands under it, not at the top)."""
     with open(log_path, mode) as out:
         return subprocess.Popen(
             argv,
@@ -645,7 +839,8 @@ def _spawn_in_cgroup(argv: list[str], log_path: Path | str, mode: str,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_joiner(_cgroup_procs_files(cgroup)),
+            env=env,
+            preexec_fn=_joiner(_cgroup_procs_files(cgroup, controllers)),
         )
 
 
@@ -687,7 +882,9 @@ def _kill_cgroup(relative: str, step: str, timeout: float = 10) -> None:
         return not pids
 
     wait_for(step, timeout, empty, 0.1)
-    for root in _cgroup_roots():
+    # The resource controllers too: a container-kind host has a cgroup in each, and its
+    # engines' cgroups below it.
+    for root in _cgroup_roots() + _controller_roots():
         base = root / relative
         if not base.is_dir():
             continue
@@ -1099,11 +1296,28 @@ def _tail(path: Path, lines: int) -> str:
 # --------------------------------------------------------------------------- hosts
 
 
+def _split_spec(spec: str) -> tuple[str, str, str]:
+    """"app@containers:digitalme,monitoring" -> ("app", "containers", "digitalme,monitoring")."""
+    host, _, group_text = spec.partition(":")
+    name, _, kind = host.partition("@")
+    if "@" in host and kind not in HOST_KINDS:
+        raise SandboxError(
+            f"bad host kind {kind!r} in {spec!r}: use HOST or HOST@containers "
+            "(a host that can run container engines)"
+        )
+    return name, kind or "plain", group_text
+
+
+def parse_host_kinds(specs: list[str]) -> dict[str, str]:
+    """["app@containers", "replica"] -> {"app": "containers", "replica": "plain"}."""
+    return {name: kind for name, kind, _ in map(_split_spec, specs or ["app"])}
+
+
 def parse_host_specs(specs: list[str]) -> dict[str, list[str]]:
     """["app", "replica:backup_targets,monitoring"] -> {host: [groups]} (order kept)."""
     hosts: dict[str, list[str]] = {}
     for index, spec in enumerate(specs or ["app"]):
-        name, _, group_text = spec.partition(":")
+        name, _, group_text = _split_spec(spec)
         if not HOST_RE.match(name):
             raise SandboxError(
                 f"bad host name {name!r}: use a-z, 0-9 and '-' (a valid hostname, "
@@ -1259,6 +1473,8 @@ def prepare_host(state: dict[str, Any], host: str, image: Path) -> None:
         f'Acquire::http::Proxy "http://{state["gateway"]}:{PROXY_PORT}/";\n'
     )
     _write_etc_hosts(state, root)
+    if record.get("kind") == "containers":
+        _prepare_container_kind(paths, root)
     # Network: a namespace with one veth to the sandbox bridge.
     netns, veth = record["netns"], record["veth"]
     if not Path(f"/run/netns/{netns}").exists():
@@ -1283,6 +1499,39 @@ def prepare_host(state: dict[str, Any], host: str, image: Path) -> None:
             ["ip", "-n", netns, "route", "add", "default", "via", state["gateway"]],
             f"{host}: default route",
         )
+
+
+def _prepare_container_kind(paths: dict[str, Path], root: Path) -> None:
+    """A container-kind host: its engines' storage folders on the controller's disk (bound
+    by start_host), and a unit that makes the cgroup v1 controllers writable at boot."""
+    for name in CONTAINER_STORAGE:
+        (paths["cache"] / "storage" / name).mkdir(parents=True, exist_ok=True)
+    units = root / "etc/systemd/system"
+    (units / CGROUP_RW_UNIT).write_text(
+        "# Sandbox host of the containers kind (sandbox/sandbox.py, docs/sandbox.md).\n"
+        "# systemd-nspawn mounts the cgroup v1 controllers read-only; container engines\n"
+        "# must create cgroups in them to enforce memory and PID limits. A plain\n"
+        "# remount,rw fails (busy): the bind remount works. Runs before anything else.\n"
+        "[Unit]\n"
+        "Description=Make the cgroup v1 controllers writable (sandbox containers kind)\n"
+        "DefaultDependencies=no\n"
+        "Before=sysinit.target\n"
+        "ConditionPathIsDirectory=/sys/fs/cgroup/memory\n"
+        "\n"
+        "[Service]\n"
+        "Type=oneshot\n"
+        "RemainAfterExit=yes\n"
+        "ExecStart=/bin/sh -ec 'for d in /sys/fs/cgroup/*/; do "
+        "mount -o remount,bind,rw \"$$d\"; done'\n"
+        "\n"
+        "[Install]\n"
+        "WantedBy=sysinit.target\n"
+    )
+    wants = units / "sysinit.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / CGROUP_RW_UNIT
+    if not link.is_symlink():
+        link.symlink_to(f"/etc/systemd/system/{CGROUP_RW_UNIT}")
 
 
 def _write_etc_hosts(state: dict[str, Any], root: Path) -> None:
@@ -1319,7 +1568,22 @@ def start_host(state: dict[str, Any], host: str) -> None:
         # firewall cannot be loaded. It only acts on the host's own namespace.
         "--capability=CAP_NET_ADMIN",
     ]
-    proc = _spawn_in_cgroup(argv, paths["console"], "w", cgroup)
+    env = None
+    containers = record.get("kind") == "containers"
+    if containers:
+        # What Docker Engine and rootful Podman need (docs/sandbox.md, "Container hosts"):
+        # /proc/sys/net writable (IP forwarding, route_localnet; not the other sysctls),
+        # the keyring calls (runc joins a session keyring), their storage on a real disk
+        # (overlay2 on the host's overlay root fails).
+        env = dict(os.environ, SYSTEMD_NSPAWN_API_VFS_WRITABLE="network")
+        argv.append("--system-call-filter=@keyring")
+        for name, target in CONTAINER_STORAGE.items():
+            argv.append(f"--bind={paths['cache'] / 'storage' / name}:{target}")
+    # A container-kind host gets its own cgroup in every v1 controller too: the cgroup
+    # namespace nspawn gives the guest is rooted there, so what its engines create (and
+    # what the guest may write once it remounts them) stays below it.
+    proc = _spawn_in_cgroup(argv, paths["console"], "w", cgroup, env=env,
+                            controllers=containers)
     record["nspawn"] = {"pid": proc.pid, "start": _proc_start(proc.pid), "cgroup": cgroup}
     record["started_at"] = time.time()
     save_state(state)
@@ -1528,6 +1792,7 @@ def describe(state: dict[str, Any]) -> dict[str, Any]:
                 "name": name,
                 "address": record["address"],
                 "groups": record["groups"],
+                "kind": record.get("kind", "plain"),
                 "netns": record["netns"],
                 "ssh": [*ssh_base(state), record["address"]],
                 "system_state": record.get("system_state", ""),
@@ -1577,6 +1842,8 @@ def render_inventory(state: dict[str, Any]) -> str:
                 h["name"]: {
                     "ansible_host": h["address"],
                     "sandbox_host_key": " ".join(state["hosts"][h["name"]].get("host_key", [])),
+                    # Only on hosts of the containers kind (they can run container engines).
+                    **({"sandbox_host_kind": h["kind"]} if h["kind"] != "plain" else {}),
                 }
                 for h in info["hosts"]
             },
@@ -1609,6 +1876,7 @@ def sandbox_up(
 ) -> dict[str, Any]:
     require_root()
     wanted = parse_host_specs(specs)
+    kinds = parse_host_kinds(specs)
     with machine_lock():
         state = load_state(name)
         if state is not None and state["owner"] != str(REPO):
@@ -1632,11 +1900,16 @@ def sandbox_up(
             log(f"{name}: removing hosts no longer asked for: {', '.join(gone)}")
             stop_hosts(state, gone)
         stale = [h for h in state["hosts"] if not host_is_healthy(state, h)]
+        # A host asked for as another kind is booted fresh as that kind.
+        rekinded = [h for h in state["hosts"]
+                    if h not in stale and state["hosts"][h].get("kind", "plain") != kinds[h]]
         # A host that died (or was killed) comes back fresh under its name and address.
-        reused = {h: state["hosts"][h]["index"] for h in stale}
+        reused = {h: state["hosts"][h]["index"] for h in stale + rekinded}
         if stale:
             log(f"{name}: rebooting hosts that are not healthy: {', '.join(stale)}")
-            stop_hosts(state, stale)
+        if rekinded:
+            log(f"{name}: rebooting hosts asked for as another kind: {', '.join(rekinded)}")
+        stop_hosts(state, stale + rekinded)
         new = [h for h in wanted if h not in state["hosts"]]
         used = {r["index"] for r in state["hosts"].values()} | {
             i for h, i in reused.items() if h in new
@@ -1650,6 +1923,7 @@ def sandbox_up(
                 "netns": f"{PREFIX}{state['slot']}-{host}",
                 "veth": f"{PREFIX}{state['slot']}h{index}",
                 "groups": wanted[host],
+                "kind": kinds[host],
             }
         for host, groups in wanted.items():
             state["hosts"][host]["groups"] = groups
@@ -1806,7 +2080,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for name, record in sorted(state["hosts"].items(), key=lambda item: item[1]["index"]):
             alive = "running" if host_is_healthy(state, name) else "NOT HEALTHY"
-            print(f"  {name:<16} {record['address']:<15} {','.join(record['groups']):<24} {alive}")
+            kind = "" if record.get("kind", "plain") == "plain" else f" ({record['kind']} kind)"
+            print(f"  {name:<16} {record['address']:<15} {','.join(record['groups']):<24} "
+                  f"{alive}{kind}")
     return 0
 
 
@@ -1843,6 +2119,17 @@ def cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_container_base(args: argparse.Namespace) -> int:
+    require_root()
+    # Its own lock: a build takes a minute or two, and must not hold up sandboxes.
+    with machine_lock(CONTAINER_BASE_LOCK):
+        started = time.monotonic()
+        path = ensure_container_base(rebuild=args.rebuild)
+    log(f"container base ready in {time.monotonic() - started:.1f}s")
+    print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sandbox.py",
@@ -1861,9 +2148,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument(
         "hosts",
         nargs="*",
-        metavar="HOST[:GROUP[,GROUP]]",
+        metavar="HOST[@containers][:GROUP[,GROUP]]",
         help="host names (default: app); the first defaults to group digitalme, "
-        "the others to backup_targets",
+        "the others to backup_targets; HOST@containers: a host that can run container "
+        "engines (docs/sandbox.md)",
     )
     up.set_defaults(func=cmd_up)
 
@@ -1896,6 +2184,14 @@ def main(argv: list[str] | None = None) -> int:
     image = sub.add_parser("image", help="build the base image if missing, stale or broken")
     image.add_argument("--rebuild", action="store_true", help="build it even if the cache is good")
     image.set_defaults(func=cmd_image)
+
+    base = sub.add_parser(
+        "container-base",
+        help="build the container image base (Debian 12 + Python) if missing, stale or "
+        "broken; prints its rootfs.tar",
+    )
+    base.add_argument("--rebuild", action="store_true", help="build it even if the cache is good")
+    base.set_defaults(func=cmd_container_base)
 
     proxy = sub.add_parser("proxy", help=argparse.SUPPRESS)  # internal: run by `up`
     proxy.add_argument("--listen", required=True)

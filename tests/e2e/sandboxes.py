@@ -189,13 +189,17 @@ class Sandbox:
                 or (cmdline.startswith("ssh: ") and "[mux]" in cmdline and self._mux_is_ours(proc))
             ):
                 found.append(f"process {proc.name}: {cmdline.strip()}")
-        for root in (
-            Path("/sys/fs/cgroup/systemd"),
-            Path("/sys/fs/cgroup/unified"),
-            Path("/sys/fs/cgroup"),
-        ):
+        # Every hierarchy: hosts of the containers kind have a cgroup in each controller.
+        roots = [Path("/sys/fs/cgroup")] + [
+            p for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir() and not p.is_symlink()]
+        for root in roots:
             if (root / "dmsb" / self.name).exists():
                 found.append(f"cgroup {root / 'dmsb' / self.name}")
+        # The folders bound into container-kind hosts (their engines' storage) and the
+        # hosts' upper layers, on the controller's disk.
+        cache = Path(os.environ.get("SANDBOX_CACHE_DIR", str(REPO / ".cache" / "sandbox")))
+        if (cache / "hosts" / self.name).exists():
+            found.append(f"host folders {cache / 'hosts' / self.name}")
         if Path(run_dir).exists():
             found.append(f"state {run_dir}")
         return found

@@ -297,3 +297,44 @@ def test_a_stale_or_broken_image_cache_is_detected(tmp_path, monkeypatch):
     assert tool._image_problem(image, "abc").startswith("stale")
     (image / "image.json").write_text("{not json")
     assert tool._image_problem(image, "abc") == "broken image.json"
+
+
+def _load_tool(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sandbox_tool", REPO / "sandbox" / "sandbox.py")
+    tool = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, tool)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_host_specs_name_the_containers_kind(monkeypatch):
+    """HOST@containers asks for a host that can run container engines (checked without
+    booting one: tests/e2e/test_container_runtime.py boots them)."""
+    tool = _load_tool(monkeypatch)
+    specs = ["app@containers:digitalme,monitoring", "replica", "spare@containers"]
+    assert tool.parse_host_specs(specs) == {
+        "app": ["digitalme", "monitoring"], "replica": ["backup_targets"],
+        "spare": ["backup_targets"]}
+    assert tool.parse_host_kinds(specs) == {
+        "app": "containers", "replica": "plain", "spare": "containers"}
+    with pytest.raises(tool.SandboxError, match="bad host kind 'vm'"):
+        tool.parse_host_specs(["app@vm"])
+
+
+def test_a_stale_or_broken_container_base_is_detected(tmp_path, monkeypatch):
+    """What makes `container-base` rebuild the container image base by itself."""
+    tool = _load_tool(monkeypatch)
+    base = tmp_path / "abc.20260101000000"
+    base.mkdir()
+    assert "incomplete" in tool._container_base_problem(base, "abc")
+    meta = {"key": "abc", "built_at": time.time(), "markers": list(tool.CONTAINER_BASE_MARKERS)}
+    (base / "image.json").write_text(json.dumps(meta))
+    assert tool._container_base_problem(base, "abc") == "broken (no rootfs.tar)"
+    (base / "rootfs.tar").touch()
+    assert tool._container_base_problem(base, "abc") is None
+    assert "another recipe" in tool._container_base_problem(base, "def")
+    old = time.time() - 86400 * (tool.IMAGE_MAX_AGE_DAYS + 1)
+    (base / "image.json").write_text(json.dumps({**meta, "built_at": old}))
+    assert tool._container_base_problem(base, "abc").startswith("stale")
