@@ -33,13 +33,14 @@ WORKERS = 64
 @contextlib.asynccontextmanager
 async def served_on(listener: socket.socket, env: dict[str, str], log: Path,
                     ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``digitalme serve`` on the inherited socket, as systemd starts it (fd 3)."""
+    """``digitalme serve`` on the inherited socket, as systemd starts it (fd 3). bash, not
+    sh: dash's redirections take one-digit descriptors only, and a test run has many."""
     fd = listener.fileno()
     script = (f'export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=digitalme.socket; '
               f'exec "$@" 3<&{fd}')
     with log.open("ab") as output:
         process = await asyncio.create_subprocess_exec(
-            "sh", "-c", script, "sh", *digitalme_command(), "serve", env=env, pass_fds=(fd,),
+            "bash", "-c", script, "bash", *digitalme_command(), "serve", env=env, pass_fds=(fd,),
             stdout=output, stderr=output, stdin=asyncio.subprocess.DEVNULL)
     try:
         yield process
@@ -143,7 +144,7 @@ def test_serve_refuses_sockets_it_cannot_use(tmp_path: Path, fds: str, message: 
     try:
         script = (f'export LISTEN_PID=$$ LISTEN_FDS={fds}; '
                   f'exec "$@" 3<&{first.fileno()} 4<&{second.fileno()}')
-        result = subprocess.run(["sh", "-c", script, "sh", *digitalme_command(), "serve"],
+        result = subprocess.run(["bash", "-c", script, "bash", *digitalme_command(), "serve"],
                                 env=env, pass_fds=(first.fileno(), second.fileno()),
                                 capture_output=True, text=True, timeout=60, check=False)
     finally:
