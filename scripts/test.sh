@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 mkdir -p artifacts
 set +e
-.venv/bin/python -m pytest "$@"
+# Two workers by default (PYTEST_WORKERS=0 runs in this process); modules that share a
+# sandbox stay on one worker (tests/conftest.py).
+.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadgroup "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then

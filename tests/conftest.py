@@ -147,3 +147,23 @@ async def service(make_service: ServiceFactory) -> Service:
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+# --- workers (pytest-xdist, `scripts/test.sh` runs two) ---------------------------------------
+# An end-to-end module's tests share its sandbox and run in order, so a module goes to one
+# worker whole; the modules on the shared site.yml deployment (tests/e2e/deployments.py) go
+# to one worker together, which makes that deployment once. Each role's Molecule scenario
+# is on its own. Tests without the e2e mark are spread one by one.
+SHARED_SITE_MODULES = ("test_site", "test_monitoring", "test_upgrade")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("e2e") is None:
+            continue
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.name
+        group = "shared-site" if module in SHARED_SITE_MODULES else module
+        callspec = getattr(item, "callspec", None)
+        if module == "test_roles" and callspec is not None:
+            group = f"{module}-{callspec.id}"
+        item.add_marker(pytest.mark.xdist_group(group))
