@@ -22,6 +22,7 @@ testinfra_hosts = ["app-file", "app-sftp"]
 
 REPLICA = {"app-file": "file", "app-sftp": "sftp"}
 SOCKET = "/run/litestream/litestream.sock"
+BINARY = "/usr/local/libexec/litestream"
 
 # Runs on the host as root: restores the replica into a scratch file until it holds at
 # least `want` rows (or the deadline passes); prints what it found. Calls the binary
@@ -35,7 +36,7 @@ while True:
     for path in (out, out + "-wal", out + "-shm"):
         if os.path.exists(path):
             os.remove(path)
-    proc = subprocess.run(["litestream", "restore", "-o", out, db], capture_output=True, text=True,
+    proc = subprocess.run(["/usr/local/libexec/litestream", "restore", "-o", out, db], capture_output=True, text=True,
                           env=dict(os.environ, CREDENTIALS_DIRECTORY="/etc/litestream"))
     result = {"rc": proc.returncode, "stderr": proc.stderr[-2000:], "seconds": time.monotonic() - start}
     if proc.returncode == 0 and os.path.exists(out):
@@ -67,7 +68,7 @@ for trial in range(trials):
         for path in (out, out + "-wal", out + "-shm"):
             if os.path.exists(path):
                 os.remove(path)
-        proc = subprocess.run(["litestream", "restore", "-o", out, db], capture_output=True,
+        proc = subprocess.run(["/usr/local/libexec/litestream", "restore", "-o", out, db], capture_output=True,
                               env=dict(os.environ, CREDENTIALS_DIRECTORY="/etc/litestream"))
         if proc.returncode == 0 and sqlite3.connect(out).execute("SELECT count(*) FROM rows").fetchone()[0] >= want:
             break
@@ -133,11 +134,17 @@ def show(host, unit: str, *properties: str) -> dict:
 # --- installation -----------------------------------------------------------
 
 
-def test_binary_is_the_pinned_static_build(host):
-    binary = host.file("/usr/local/bin/litestream")
+def test_binary_is_the_pinned_static_build_out_of_users_path(host):
+    binary = host.file(BINARY)
     assert (binary.user, binary.group, binary.mode) == ("root", "root", 0o755)
-    assert host.check_output("/usr/local/bin/litestream version") == "0.5.17"
+    assert host.check_output(f"{BINARY} version") == "0.5.17"
     assert binary.sha256sum == "200e4248a4cc83da2ca52babe66774f1a71afa993d31373adb0ce0fe12154647"
+    assert f"path={BINARY} ;" in show(host, "litestream", "ExecStart")["ExecStart"]
+    # What users find in their PATH is the command that runs it the way the units do.
+    command = host.file("/usr/local/bin/litestream")
+    assert (command.user, command.group, command.mode) == ("root", "root", 0o755)
+    assert command.content_string.startswith("#!/bin/sh")
+    assert host.check_output("runuser -u nobody -- /usr/local/bin/litestream version") == "0.5.17"
 
 
 def test_service_user_is_the_app_user(host):
@@ -285,6 +292,52 @@ def test_admin_command_runs_litestream_as_the_app_user_with_the_secrets(host, na
     failed = host.run("litestream-admin restore -o /tmp/nowhere.db /no/such.db")
     assert failed.rc == 1 and "database not found in config" in failed.stderr
     host.check_output(f"rm -f {out}")
+
+
+def test_litestream_works_as_an_operator_types_it(host, name):
+    """What an operator reaches for first, typed as is: sudo's PATH finds the command,
+    which runs the commands that need the replica through litestream-admin (as the app's
+    user, with the units' secrets) and points the control socket commands at ours."""
+    for path in ("/tmp/typed.db", "/var/lib/digitalme/typed-relative.db"):
+        host.check_output(f"rm -f {path} {path}-wal {path}-shm")
+    synced = host.run(f"sudo litestream sync -wait {DB}")  # the control socket
+    assert synced.rc == 0, synced.stderr
+    restored = host.run(f"sudo litestream restore -o /tmp/typed.db {DB}")
+    assert restored.rc == 0, restored.stderr
+    copy = host.file("/tmp/typed.db")
+    assert (copy.user, copy.group, copy.mode) == ("digitalme", "digitalme", 0o640)
+    check = json.loads(host.check_output(
+        "python3 -c 'import json, sqlite3; c = sqlite3.connect(\"/tmp/typed.db\");"
+        " print(json.dumps([c.execute(\"PRAGMA integrity_check\").fetchone()[0],"
+        " c.execute(\"SELECT count(*) FROM rows\").fetchone()[0]]))'"))
+    assert check == ["ok", count_on_host(host)["rows"]], check
+    # A relative output path is the caller's folder when the app's user may enter it...
+    relative = host.run(f"cd /var/lib/digitalme && sudo litestream restore -o typed-relative.db {DB}")
+    assert relative.rc == 0, relative.stderr
+    assert host.file("/var/lib/digitalme/typed-relative.db").user == "digitalme"
+    # ...else the command says what to do instead of failing obscurely.
+    hidden = host.run(f"cd /root && sudo litestream restore -o typed-relative.db {DB}")
+    assert hidden.rc != 0 and "give absolute paths" in hidden.stderr, hidden.stderr
+    ltx = host.run(f"sudo litestream ltx -level all {DB}")
+    assert ltx.rc == 0, ltx.stderr
+    assert ltx.stdout.splitlines()[0].split()[:3] == ["level", "min_txid", "max_txid"], ltx.stdout
+    assert re.search(r"^9\s+[0-9a-f]{16}\s", ltx.stdout, re.M), ltx.stdout  # a snapshot
+    databases = host.run("sudo litestream databases")
+    assert databases.rc == 0 and re.search(rf"^{re.escape(DB)}\s+{REPLICA[name]}$", databases.stdout, re.M)
+    status = host.run("sudo litestream status")
+    assert status.rc == 0 and re.search(rf"^{re.escape(DB)}\s+ok\s", status.stdout, re.M), status.stdout
+    assert "Litestream 0.5.17" in host.check_output("sudo litestream info")
+    assert f"{DB} [replicating]" in host.check_output("sudo litestream list")
+    for typed in (f"restore -o /tmp/x.db {DB}", f"ltx {DB}", "databases", "info"):
+        refused = host.run(f"runuser -u nobody -- /usr/local/bin/litestream {typed}")
+        assert refused.rc == 1 and f"sudo litestream {typed}" in refused.stderr, refused.stderr
+    second = host.run("sudo litestream replicate")
+    assert second.rc == 2 and "litestream.service" in second.stderr, second.stderr
+    # The binary itself, as typed before, without the secrets: what the command avoids.
+    if name == "app-sftp":
+        bare = host.run(f"{BINARY} restore -o /tmp/bare.db {DB}")
+        assert bare.rc != 0 and "sftp key" in bare.stderr, bare.stderr
+    host.check_output("rm -f /tmp/typed.db* /var/lib/digitalme/typed-relative.db*")
 
 
 def test_a_removed_database_comes_back_before_the_app_starts(host, name, journal):
