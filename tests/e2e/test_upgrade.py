@@ -26,6 +26,7 @@ role like any release (digitalme_source_dir).
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -372,8 +373,9 @@ def test_rollback_after_a_migrating_upgrade(site: SharedSite, sources: Sources,
         on_app(site, "rm -f /var/lib/digitalme/e2e-upgrade.db*")
         restored = site.deployment.on_app(
             "litestream-admin restore -o /var/lib/digitalme/e2e-upgrade.db " + DB, check=False)
+        # The turn's two messages: the question and the stand-in's reply quoting it.
         found = on_app(site, "sqlite3 -readonly /var/lib/digitalme/e2e-upgrade.db "
-                             f"\"SELECT count(*) FROM messages WHERE text LIKE '{later}%'\"",
+                             f"\"SELECT count(*) FROM messages WHERE text LIKE '%{later}%'\"",
                        check=False).strip() if restored.returncode == 0 else ""
         if drill.returncode == 0 and found == "2":
             break
@@ -419,4 +421,6 @@ def test_a_second_deploy_fails_on_the_lock_or_waits_for_it(site: SharedSite) -> 
 def task_status(output: str, task: str) -> str:
     """ok, changed, skipping... of the first task whose name starts with ``task``."""
     after = output.split(f"TASK [digitalme : {task}", 1)[1]
-    return after.split("\n\n", 1)[1].split(":", 1)[0].strip()
+    found = re.search(r"^(ok|changed|skipping|fatal|failed):", after, re.MULTILINE)
+    assert found, after[:500]
+    return found[1]
