@@ -45,6 +45,11 @@ operator calls it to look, to roll back, or to break a stale lock. Its settings 
 ``status``
     The releases on the host, which one runs, the last deploys, the lock.
 
+The container runtime (``digitalme_runtime: docker``, docs/docker.md) goes through the
+same commands: a release is also an image tagged with its name, ``current`` names it (its
+``image.env``), and the units of the same names run it in a container behind the same
+socket; pruning a release removes its image.
+
 Every switch and rollback is appended to ``deploys.jsonl`` in the state folder; the last
 one is also ``last.json`` (shown in the service's ``/info``) and ``digitalme_deploy.prom``
 in node-exporter's textfile folder (``digitalme_deploy_*``).
@@ -69,6 +74,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -116,6 +122,10 @@ class Settings:
     smoke_chat: bool = True
     require_replication: bool = True
     sync_timeout_seconds: float = 60.0
+    # The container runtime (docs/docker.md): each release is also an image, tagged with
+    # the release's name; pruning a release removes its image with this engine.
+    container_engine: str = ""
+    container_image: str = ""
 
     @classmethod
     def load(cls, path: str) -> Settings:
@@ -247,14 +257,23 @@ def release_dir(settings: Settings, release: str) -> Path:
 
 
 def release_migrations(settings: Settings, release: str) -> dict[int, str]:
-    """The migrations a release ships: version -> name (from its installed package)."""
+    """The migrations a release ships: version -> name (from its installed package, or, for
+    a release of the container runtime, which has no virtualenv, from the app's wheel the
+    image was built from)."""
     found: dict[int, str] = {}
-    base = release_dir(settings, release) / "venv" / "lib"
-    for folder in base.glob("python3*/site-packages/digitalme/migrations"):
-        for entry in folder.iterdir():
-            match = MIGRATION_FILE.match(entry.name)
-            if match:
-                found[int(match[1])] = f"{match[1]}_{match[2]}"
+    folder = release_dir(settings, release)
+    names: list[str] = []
+    for migrations in (folder / "venv" / "lib").glob("python3*/site-packages/digitalme/migrations"):
+        names += [entry.name for entry in migrations.iterdir()]
+    if not (folder / "venv").is_dir():
+        for wheel in (folder / "wheels").glob("digitalme-*.whl"):
+            with zipfile.ZipFile(wheel) as archive:
+                names += [Path(name).name for name in archive.namelist()
+                          if name.startswith("digitalme/migrations/")]
+    for name in names:
+        match = MIGRATION_FILE.match(name)
+        if match:
+            found[int(match[1])] = f"{match[1]}_{match[2]}"
     return found
 
 
@@ -943,6 +962,10 @@ def prune(settings: Settings) -> list[str]:
     removed = []
     for release in installed_releases(settings):
         if release not in keep:
+            if settings.container_engine and settings.container_image:
+                # Its image too (nothing runs it: the current release is kept).
+                run([settings.container_engine, "image", "rm", "--ignore",
+                     f"{settings.container_image}:{release}"], timeout=120, check=True)
             shutil.rmtree(settings.releases_dir / release)
             (settings.root / "packages" / f"{release}.tar").unlink(missing_ok=True)
             removed.append(release)

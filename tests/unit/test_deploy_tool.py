@@ -243,3 +243,46 @@ def test_the_command_line_says_why_it_refused(settings: deploy.Settings, tmp_pat
     assert deploy.main(["--settings", str(path), "lock", "release", "--token", token]) == 0
     assert deploy.main(["--settings", str(path), "lock", "show"]) == 0
     assert capsys.readouterr().out.strip() == "not held"
+
+
+# --- the container runtime --------------------------------------------------------------------
+
+
+def install_container_release(settings: deploy.Settings, name: str,
+                              migrations: list[str]) -> None:
+    """A release of the container runtime: no virtualenv, the wheels its image came from."""
+    import zipfile
+
+    release = settings.releases_dir / name
+    (release / "wheels").mkdir(parents=True)
+    with zipfile.ZipFile(release / "wheels" / "digitalme-0.1.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("digitalme/__init__.py", "")
+        for migration in migrations:
+            wheel.writestr(f"digitalme/migrations/{migration}.sql", "-- test\n")
+        wheel.writestr("digitalme-0.1.0.dist-info/RECORD", "")
+    (release / "wheels" / "aiohttp-3.14.5-cp311-cp311-manylinux_2_17_x86_64.whl").touch()
+    (release / "image.env").write_text(f"RELEASE_IMAGE=localhost/digitalme:{name}\n")
+    (release / ".complete").touch()
+
+
+def test_a_container_release_knows_its_migrations_from_its_wheel(
+        settings: deploy.Settings) -> None:
+    install_container_release(settings, "0.1.0-ccc", ["0001_initial", "0002_channels"])
+    assert deploy.release_migrations(settings, "0.1.0-ccc") == {
+        1: "0001_initial", 2: "0002_channels"}
+
+
+def test_prune_removes_the_images_of_container_releases(settings: deploy.Settings,
+                                                        tmp_path: Path) -> None:
+    calls = tmp_path / "engine-calls"
+    engine = tmp_path / "podman"
+    engine.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\n")
+    engine.chmod(0o755)
+    settings.container_engine, settings.container_image = str(engine), "localhost/digitalme"
+    for name in ("r1", "r2", "r3", "r4"):
+        install_container_release(settings, name, ["0001_initial"])
+        deploy.point_current_at(settings, name)
+        record(settings, "upgrade", name)
+    assert deploy.prune(settings) == ["r1"]
+    assert calls.read_text() == "image rm --ignore localhost/digitalme:r1\n"
+    assert deploy.installed_releases(settings) == ["r2", "r3", "r4"]
