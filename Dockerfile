@@ -25,20 +25,26 @@ FROM ${BASE_IMAGE} AS tools
 # pip in a virtualenv of its own: it builds and installs, and stays in this stage.
 RUN python3 -m venv /opt/tools
 
-FROM tools AS wheels-lock
-WORKDIR /src
-COPY requirements/app.lock requirements/app.lock
-RUN /opt/tools/bin/pip --disable-pip-version-check wheel --no-cache-dir --only-binary=:all: \
-        --wheel-dir /wheels --requirement requirements/app.lock
-COPY pyproject.toml README.md ./
-COPY app app
-RUN /opt/tools/bin/pip --disable-pip-version-check wheel --no-cache-dir --no-deps \
-        --wheel-dir /wheels .
-
-FROM tools AS wheels-package
-COPY wheels /wheels
-
-FROM wheels-${WHEELS} AS wheels
+FROM tools AS wheels
+ARG WHEELS
+# pip's own settings, for a mirror or a local index (pip's defaults otherwise).
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_FIND_LINKS=
+ARG PIP_NO_INDEX=0
+ARG PIP_TRUSTED_HOST=
+# The context (filtered by .dockerignore): the sources and the lock, or a release package.
+COPY . /src
+RUN set -eu; \
+    case "$WHEELS" in \
+    lock) \
+        /opt/tools/bin/pip --disable-pip-version-check wheel --no-cache-dir \
+            --only-binary=:all: --wheel-dir /wheels --requirement /src/requirements/app.lock; \
+        /opt/tools/bin/pip --disable-pip-version-check wheel --no-cache-dir --no-deps \
+            --wheel-dir /wheels /src ;; \
+    package) \
+        cp -r /src/wheels /wheels ;; \
+    *) echo "WHEELS must be lock or package, not '$WHEELS'" >&2; exit 2 ;; \
+    esac
 
 FROM tools AS install
 COPY --from=wheels /wheels /wheels

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_PERSONA = REPO / "docs" / "examples" / "persona.yaml"
 ARTIFACTS = REPO / "artifacts"
 TEST_API_KEY = "sk-ant-test-" + "k" * 24
+TEST_METRICS_TOKEN = "test-metrics-token-" + "m" * 24
 
 # Variables the SDK (or httpx2) reads even when given explicit settings, and our own:
 # a developer's shell must not leak into tests.
@@ -66,6 +67,7 @@ def make_settings(tmp_path: Path, standin: AnthropicStandin) -> Callable[..., Se
             "DIGITALME_MODEL": "claude-test",
             "DIGITALME_CLAUDE_MAX_RETRIES": "0",
             "DIGITALME_CLAUDE_TIMEOUT_SECONDS": "5",
+            "DIGITALME_METRICS_TOKEN": TEST_METRICS_TOKEN,
         })
         return replace(base, **overrides)
     return make
@@ -91,6 +93,13 @@ class Service:
     @property
     def admin(self) -> dict[str, str]:
         return self.auth(self.admin_token)
+
+    async def metrics_text(self) -> str:
+        """GET /metrics as the scraper does (with DIGITALME_METRICS_TOKEN)."""
+        response = await self.client.get("/metrics", headers={
+            "Authorization": f"Bearer {self.settings.metrics_token}"})
+        assert response.status == 200, await response.text()
+        return await response.text()
 
     async def new_conversation(self, token: str | None = None) -> str:
         response = await self.client.post("/api/v1/conversations", headers=self.auth(token))

@@ -134,6 +134,16 @@ def _telegram_secret(raw: str) -> str | None:
     return raw
 
 
+def _bearer_token(raw: str) -> str | None:
+    if not raw:
+        return None
+    # RFC 6750's b64token characters: it travels in an Authorization header as it is.
+    if not re.fullmatch(r"[A-Za-z0-9._~+/=-]{32,512}", raw):
+        raise ValueError("must be 32-512 characters of A-Z, a-z, 0-9 and ._~+/=- (make one "
+                         "with `openssl rand -hex 32`)")
+    return raw
+
+
 def _github_handle(raw: str) -> str | None:
     handle = raw.removeprefix("@")
     if not handle:
@@ -206,6 +216,11 @@ class Settings:
         "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
         "is believed (for rate limiting and logs). Requests arriving through a proxy are "
         "never served /metrics.")
+    metrics_token: str | None = setting(
+        "DIGITALME_METRICS_TOKEN", "", _bearer_token,
+        "Bearer token that GET /metrics requires (Authorization: Bearer ...), so that only "
+        "the scraper that holds it reads the metrics, not any local user. Unset: /metrics "
+        "is off (404), like a channel without its secret.", secret=True)
     # --- Claude --------------------------------------------------------------------------
     anthropic_api_key: str | None = setting(
         "ANTHROPIC_API_KEY", "", _optional_str,

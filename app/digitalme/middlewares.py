@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# Operational endpoints: never rate-limited or authenticated (monitoring must always work).
+# Operational endpoints: never rate-limited (monitoring must always work); /metrics checks
+# its own bearer token (handlers/ops.py), the others need none.
 OPS_PATHS = frozenset({"/health", "/health/ready", "/info", "/metrics"})
 
 # Platform webhooks: signed, cheap to verify, sent from a few addresses in bursts, so valid

@@ -12,7 +12,8 @@ from .keys import CHANNELS
 def setup_routes(app: web.Application) -> None:
     chat, admin = requires("chat"), requires("admin")
     app.add_routes([
-        # operations (no auth; /metrics is refused through the proxy)
+        # operations (no auth, but /metrics wants DIGITALME_METRICS_TOKEN and is refused
+        # through the proxy)
         web.get("/health", ops.health),
         web.get("/health/ready", ops.ready),
         web.get("/info", ops.info),

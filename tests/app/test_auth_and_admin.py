@@ -85,7 +85,7 @@ async def test_rate_limit_per_token_with_retry_after(make_service: ServiceFactor
                                      headers=service.admin)).status == 200
     for _ in range(10):
         assert (await service.client.get("/health")).status == 200
-    metrics = await (await service.client.get("/metrics")).text()
+    metrics = await service.metrics_text()
     assert "digitalme_http_rate_limited_total 2.0" in metrics
 
 

@@ -45,7 +45,7 @@ async def _ready(service: Service) -> tuple[int, dict[str, Any]]:
 
 
 async def _metric(service: Service, name: str) -> float:
-    text = await (await service.client.get("/metrics")).text()
+    text = await service.metrics_text()
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     assert match, f"{name} not in /metrics"
     return float(match[1])

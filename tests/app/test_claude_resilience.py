@@ -57,7 +57,7 @@ async def test_breaker_opens_fails_fast_and_recovers(make_service: ServiceFactor
     assert len(service.standin.message_requests) == calls_before
     assert body["error"] == "claude_unavailable"
     assert 1 <= int(headers["Retry-After"]) <= 2
-    metrics = await (await service.client.get("/metrics")).text()
+    metrics = await service.metrics_text()
     assert "digitalme_claude_breaker_state 2.0" in metrics
     assert "digitalme_claude_breaker_opened_total 1.0" in metrics
     ready = await (await service.client.get("/health/ready")).json()
@@ -68,7 +68,7 @@ async def test_breaker_opens_fails_fast_and_recovers(make_service: ServiceFactor
     await asyncio.sleep(0.7)
     body_ok = await service.say(conversation, "are you back?")
     assert body_ok["reply"]["text"].startswith("Stand-in reply to:")
-    metrics = await (await service.client.get("/metrics")).text()
+    metrics = await service.metrics_text()
     assert "digitalme_claude_breaker_state 0.0" in metrics
 
 
@@ -156,7 +156,7 @@ async def test_json_turns_ask_for_the_whole_answer_and_streams_stream(
     assert status == 200
     assert [r.body.get("stream", False) for r in service.standin.message_requests] == \
         [False, True]
-    metrics = await (await service.client.get("/metrics")).text()
+    metrics = await service.metrics_text()
     assert 'digitalme_claude_calls_total{outcome="ok"} 2.0' in metrics
 
 

@@ -71,7 +71,8 @@ async def test_info(service: Service) -> None:
 async def test_metrics_exports_prometheus_text(service: Service) -> None:
     conversation = await service.new_conversation()
     await service.say(conversation, "Hello there")
-    response = await service.client.get("/metrics")
+    response = await service.client.get("/metrics", headers={
+        "Authorization": f"Bearer {service.settings.metrics_token}"})
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     text = await response.text()
@@ -89,9 +90,43 @@ async def test_metrics_exports_prometheus_text(service: Service) -> None:
 
 
 async def test_metrics_refused_through_the_proxy(service: Service) -> None:
-    # Caddy (a trusted proxy on loopback) always adds X-Forwarded-For.
-    response = await service.client.get("/metrics", headers={"X-Forwarded-For": "203.0.113.9"})
+    # Caddy (a trusted proxy on loopback) always adds X-Forwarded-For: refused even with
+    # the token.
+    response = await service.client.get("/metrics", headers={
+        "X-Forwarded-For": "203.0.113.9",
+        "Authorization": f"Bearer {service.settings.metrics_token}"})
     assert response.status == 404
+
+
+async def test_metrics_need_the_metrics_token(service: Service) -> None:
+    token = service.settings.metrics_token
+    assert token is not None
+    for headers in ({}, {"Authorization": f"Bearer {token[:-1]}"},
+                    {"Authorization": f"Bearer {token}x"}, {"Authorization": f"Basic {token}"},
+                    {"Authorization": token}, {"Authorization": "Bearer é"},
+                    # An API token, even an admin's, is not the metrics token.
+                    service.admin):
+        response = await service.client.get("/metrics", headers=headers)
+        assert response.status == 401, headers
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="metrics"'
+        body = await response.json()
+        assert body["error"] == "invalid_token" and "DIGITALME_METRICS_TOKEN" in body["message"]
+        assert "digitalme_" not in await response.text()
+    # Many wrong guesses do not lock the scraper out (/metrics is never rate-limited).
+    assert "digitalme_http_requests_total" in await service.metrics_text()
+    response = await service.client.get("/metrics", headers={
+        "Authorization": f"bearer  {token} "})
+    assert response.status == 200  # the scheme is case-insensitive (RFC 7235)
+
+
+async def test_metrics_are_off_without_a_metrics_token(make_service: ServiceFactory) -> None:
+    service = await make_service(metrics_token=None)
+    response = await service.client.get("/metrics", headers=service.admin)
+    assert response.status == 404
+    body = await response.json()
+    assert body == {"error": "metrics_not_configured",
+                    "message": "/metrics is off: DIGITALME_METRICS_TOKEN is not set"}
+    assert (await service.client.get("/health")).status == 200
 
 
 async def test_security_headers_on_every_kind_of_response(service: Service) -> None:

@@ -95,6 +95,9 @@ SHARED_SANDBOX_HOSTS = ("app:digitalme,monitoring", "replica:backup_targets", "f
 TELEGRAM_TOKEN = "123456:sandbox-telegram-bot-token"  # the stand-in's
 TELEGRAM_SECRET = "sandbox-telegram-webhook-secret"
 CLAUDE_KEY = "sandbox-standin-key-not-a-secret"  # the sandbox group_vars' ANTHROPIC_API_KEY
+# The sandbox group_vars' DIGITALME_METRICS_TOKEN: /metrics answers only it.
+METRICS_TOKEN = "sandbox-metrics-token-not-a-secret-0123456789"
+METRICS_CURL = f"curl -fsS -H 'Authorization: Bearer {METRICS_TOKEN}' http://127.0.0.1:8080/metrics"
 # Shortened for the tests (docs/operations/monitoring.md says what production uses).
 MONITORING_TEST_SETTINGS = {
     "monitoring_scrape_interval": "5s",
@@ -114,6 +117,7 @@ def app_test_settings(telegram_api_base: str) -> dict[str, object]:
         "digitalme_settings": {"DIGITALME_RATE_LIMIT_PER_MINUTE": 0,
                                "DIGITALME_TELEGRAM_API_BASE": telegram_api_base},
         "digitalme_secrets": {"ANTHROPIC_API_KEY": CLAUDE_KEY,
+                              "DIGITALME_METRICS_TOKEN": METRICS_TOKEN,
                               "DIGITALME_TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN,
                               "DIGITALME_TELEGRAM_SECRET_TOKEN": TELEGRAM_SECRET},
     }

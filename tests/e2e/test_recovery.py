@@ -34,7 +34,15 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.deployments import ADMIN, DB, DOMAIN, STANDIN_PORT, Deployment, recap
+from tests.e2e.deployments import (
+    ADMIN,
+    DB,
+    DOMAIN,
+    METRICS_CURL,
+    STANDIN_PORT,
+    Deployment,
+    recap,
+)
 from tests.e2e.sandboxes import REPO, SandboxHost, run_tool
 from tests.support.process import StandinProcess
 
@@ -346,7 +354,7 @@ def test_a_stalled_litestream_shows_in_readiness_and_metrics(deployment: Deploym
     try:
         backup = readiness_backup(deployment)
         assert backup["ok"] is False and backup["litestream"] == "not answering", backup
-        metrics = deployment.on_app("curl -fsS http://127.0.0.1:8080/metrics").stdout
+        metrics = deployment.on_app(METRICS_CURL).stdout
         assert metric(metrics, "digitalme_backup_litestream_up") == 0
         # Reported, not required: the service stays in rotation.
         assert deployment.curl(f"https://{DOMAIN}/health/ready", "--fail").returncode == 0
@@ -371,7 +379,7 @@ def test_a_stalled_litestream_shows_in_readiness_and_metrics(deployment: Deploym
     while not readiness_backup(deployment)["ok"]:
         assert time.monotonic() < deadline, readiness_backup(deployment)
         time.sleep(1)
-    metrics = deployment.on_app("curl -fsS http://127.0.0.1:8080/metrics").stdout
+    metrics = deployment.on_app(METRICS_CURL).stdout
     assert metric(metrics, "digitalme_backup_litestream_up") == 1
 
 

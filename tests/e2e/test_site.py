@@ -21,7 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.e2e.deployments import ADMIN, DOMAIN, UNITS, Deployment, SharedSite, recap
+from tests.e2e.deployments import (
+    ADMIN,
+    DOMAIN,
+    METRICS_CURL,
+    UNITS,
+    Deployment,
+    SharedSite,
+    recap,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -103,8 +111,12 @@ def test_plain_http_redirects_to_https(deployment: Deployment) -> None:
 def test_metrics_are_not_public(deployment: Deployment) -> None:
     result = deployment.curl(f"https://{DOMAIN}/metrics", "--include")
     assert " 404" in result.stdout.splitlines()[0]
-    assert "digitalme_http_requests_total" in deployment.on_app(
-        "curl -fsS http://127.0.0.1:8080/metrics").stdout
+    assert "digitalme_http_requests_total" in deployment.on_app(METRICS_CURL).stdout
+    # On the host, only the holder of the metrics token: not any local user.
+    anyone = deployment.on_app(
+        "runuser -u nobody -- curl -sS -o /dev/null -w '%{http_code}' "
+        "http://127.0.0.1:8080/metrics", check=False)
+    assert anyone.stdout == "401", anyone.stdout + anyone.stderr
 
 
 def test_chat_turn_through_caddy_reaches_the_claude_standin(deployment: Deployment) -> None:

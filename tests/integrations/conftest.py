@@ -128,7 +128,7 @@ async def wait_status(service: Service, item_id: int, *statuses: str,
 
 
 async def metric_value(service: Service, line_prefix: str) -> float:
-    text = await (await service.client.get("/metrics")).text()
+    text = await service.metrics_text()
     for line in text.splitlines():
         if line.startswith(line_prefix):
             return float(line.rsplit(" ", 1)[1])

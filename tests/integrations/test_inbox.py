@@ -269,7 +269,7 @@ async def test_valid_deliveries_are_not_rate_limited_but_forgeries_are(
 async def test_metrics_show_the_queue_and_latencies(channel_service: Service) -> None:
     await telegram(channel_service, payloads.telegram_message(1, "hello"))
     await wait_settled(channel_service)
-    text = await (await channel_service.client.get("/metrics")).text()
+    text = await channel_service.metrics_text()
     assert 'digitalme_inbox_items{channel="telegram",status="done"} 1.0' in text
     assert 'digitalme_webhook_deliveries_total{channel="telegram",outcome="accepted"} 1.0' \
         in text

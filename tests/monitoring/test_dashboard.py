@@ -50,6 +50,9 @@ REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / ".cache/prometheus-tools"
 ROLE_FILES = REPO / "roles/monitoring/files/etc/prometheus"
 BACKUP_TOOL = REPO / "roles/litestream/files/usr/local/libexec/digitalme-backup"
+# The app's DIGITALME_METRICS_TOKEN: Prometheus sends it from a file, as the role's
+# scrape of the app does (authorization.credentials_file).
+METRICS_TOKEN = "dashboard-metrics-token-" + "0" * 24
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -124,7 +127,8 @@ async def app(tmp_path: Path, standin: AnthropicStandin) -> AsyncIterator[tuple[
     """The real app, with a chat token; Litestream's control socket at its stand-in."""
     socket_path = tmp_path / "litestream.sock"
     env = service_env(tmp_path, anthropic_base_url=standin.base_url,
-                      DIGITALME_LITESTREAM_SOCKET=str(socket_path))
+                      DIGITALME_LITESTREAM_SOCKET=str(socket_path),
+                      DIGITALME_METRICS_TOKEN=METRICS_TOKEN)
     prepare_database(env)
     token = run_cli(["token", "create", "--name", "dashboard", "--scope", "chat", "--quiet"], env)
     assert token.returncode == 0, token.stderr
@@ -138,11 +142,14 @@ def prometheus_config(tmp_path: Path, app_address: str, node_address: str) -> Pa
     rules = tmp_path / "settings.rules.yml"
     rules.write_text(yaml.safe_dump({"groups": [{"name": "digitalme-settings", "rules": [
         {"record": "digitalme:claude_daily_token_budget", "expr": "vector(1000000)"}]}]}))
+    token_file = tmp_path / "digitalme-metrics-token"
+    token_file.write_text(METRICS_TOKEN)
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ROLE_FILES / "rules/digitalme.rules.yml"), str(rules)],
         "scrape_configs": [
             {"job_name": "digitalme",
+             "authorization": {"credentials_file": str(token_file)},
              "static_configs": [{"targets": [app_address], "labels": {"host": "app"}}]},
             {"job_name": "node",
              "static_configs": [{"targets": [node_address], "labels": {"host": "app"}}]},

@@ -83,3 +83,15 @@ def test_every_setting_has_help_and_the_docs_carry_the_current_reference() -> No
     documented = set(re.findall(r"`(DIGITALME_[A-Z0-9_]+)`", docs))
     assert documented <= {info.env for info in declared_settings()}, \
         "docs/configuration.md names settings that do not exist"
+
+
+def test_the_metrics_token_is_a_long_header_safe_secret(tmp_path: Path) -> None:
+    assert load_settings({}).metrics_token is None
+    token = "0123456789abcdef" * 4
+    (tmp_path / "DIGITALME_METRICS_TOKEN").write_text(token + "\n")
+    assert load_settings({"CREDENTIALS_DIRECTORY": str(tmp_path)}).metrics_token == token
+    for bad in ("short-token", "x" * 31, "has a space " + "x" * 30, "x" * 40 + "\u00e9"):
+        with pytest.raises(ConfigError) as caught:
+            load_settings({"DIGITALME_METRICS_TOKEN": bad})
+        assert "openssl rand -hex 32" in caught.value.problems["DIGITALME_METRICS_TOKEN"]
+        assert bad not in str(caught.value)  # a secret is never echoed

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hmac
 from datetime import UTC, datetime
 
 from aiohttp import web
 
 from .. import __version__
+from ..errors import ApiError
 from ..keys import METRICS, READINESS, RELEASE, SETTINGS, STARTED_AT, VIA_PROXY
 from ..metrics import CONTENT_TYPE
 from ..release import DEPLOY_FIELDS, read_json_object
@@ -39,8 +41,20 @@ async def info(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text, for the holder of DIGITALME_METRICS_TOKEN only: the app listens on
+    loopback, where every local user could otherwise read it (docs/security.md)."""
     if request[VIA_PROXY]:
         # Scrapers talk to the app directly on loopback; the public proxy never serves this.
         raise web.HTTPNotFound()
+    expected = request.app[SETTINGS].metrics_token
+    if expected is None:
+        raise ApiError(404, "metrics_not_configured",
+                       "/metrics is off: DIGITALME_METRICS_TOKEN is not set")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+            expected.encode(), given.strip().encode(errors="surrogateescape")):
+        raise ApiError(401, "invalid_token",
+                       "/metrics needs Authorization: Bearer <DIGITALME_METRICS_TOKEN>",
+                       headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
     body = await request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

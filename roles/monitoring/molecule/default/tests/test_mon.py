@@ -64,7 +64,8 @@ def test_flags_configuration_files_and_secrets(host):
     host.check_output("amtool check-config /etc/prometheus/alertmanager.yml")
     host.check_output("prometheus-blackbox-exporter --config.check --config.file=/etc/prometheus/blackbox.yml")
     for path in ("/etc/prometheus/alertmanager.yml", "/etc/prometheus/prometheus.yml",
-                 "/etc/prometheus/secrets/node-exporter-password"):
+                 "/etc/prometheus/secrets/node-exporter-password",
+                 "/etc/prometheus/secrets/digitalme-metrics-token"):
         f = host.file(path)
         assert (f.user, f.group, f.mode) == ("root", "prometheus", 0o640), path
     secrets = host.file("/etc/prometheus/secrets")
@@ -72,6 +73,13 @@ def test_flags_configuration_files_and_secrets(host):
     assert host.file("/etc/prometheus/secrets/node-exporter-password").content_string == PASSWORD
     # The password is not in Prometheus' configuration, only its file's name.
     assert PASSWORD not in host.file("/etc/prometheus/prometheus.yml").content_string
+    # Nor the app's metrics token (molecule.yml), which the app's scrape sends from its file.
+    token = host.file("/etc/prometheus/secrets/digitalme-metrics-token").content_string
+    assert token == "molecule-metrics-token-not-a-secret-0123456789"
+    config = host.file("/etc/prometheus/prometheus.yml").content_string
+    assert token not in config
+    assert re.search(r"job_name: digitalme\n\s+authorization:\n\s+credentials_file: "
+                     r"/etc/prometheus/secrets/digitalme-metrics-token\n", config), config
 
 
 def test_every_rule_is_loaded_with_the_overrides(host):
@@ -158,6 +166,8 @@ def test_preflight_refuses_a_public_listener_and_no_receiver():
     rc, output = ansible_playbook(*PREFLIGHT_ON_MON,
                                   "-e", json.dumps({"monitoring_webhook_urls": []}))
     assert rc != 0 and "Configure at least one receiver" in output, output[-3000:]
+    rc, output = ansible_playbook(*PREFLIGHT_ON_MON, "-e", "monitoring_app_metrics_token=")
+    assert rc != 0 and "set DIGITALME_METRICS_TOKEN in digitalme_secrets" in output, output[-3000:]
 
 
 def test_units_run_hardened(host):
