@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Builds (once) the package a host installs DigitalMe from, on the controller.
 
-    wheelhouse.py SOURCE_DIR CACHE_DIR PYTHON_VERSION MACHINE
+    wheelhouse.py SOURCE_DIR CACHE_DIR PYTHON_VERSION MACHINE [TARGET]
 
 SOURCE_DIR is the repository (pyproject.toml, app/, requirements/app.lock, docs/). The
 release id is a hash of everything that goes into the install: the app's sources,
-pyproject.toml, the lock file, the docs and the target (Python version, machine). The
+pyproject.toml, the lock file, the docs and the target (Python version, machine, and TARGET
+when given: the container runtime names its image recipe and base there, so that a release,
+which is also an image tag, changes with them). The
 package is CACHE_DIR/<release>.tar: `wheels/` (the app and every pinned dependency, built
 for the target), `docs/` and `release.json` (what /info shows). One file, so it crosses to
 the host in one transfer. It is built aside and renamed into place, and reused while the
@@ -33,8 +35,10 @@ KEEP_PACKAGES = 5
 GLIBC_TAGS = ["2_17", "2_24", "2_26", "2_27", "2_28", "2_31", "2_34", "2_35", "2_36", "2_39"]
 
 
-def release_id(source: Path, python_version: str, machine: str) -> str:
+def release_id(source: Path, python_version: str, machine: str, target: str = "") -> str:
     digest = hashlib.sha256(f"{python_version}\0{machine}\0".encode())
+    if target:
+        digest.update(f"{target}\0".encode())
     files = [source / "pyproject.toml", source / "requirements" / "app.lock"]
     for folder in ("app", "docs"):
         files += sorted(p for p in (source / folder).rglob("*")
@@ -107,8 +111,9 @@ def run(*args: str) -> None:
 def main() -> None:
     source, cache, python_version, machine = (Path(sys.argv[1]), Path(sys.argv[2]),
                                               sys.argv[3], sys.argv[4])
+    target = sys.argv[5] if len(sys.argv) > 5 else ""
     version = project_version(source)
-    release = f"{version}-{release_id(source, python_version, machine)}"
+    release = f"{version}-{release_id(source, python_version, machine, target)}"
     target = cache / f"{release}.tar"
     built = False
     if not target.exists():
