@@ -7,8 +7,8 @@ scripts/bootstrap.sh
 mkdir -p artifacts
 set +e
 # Two workers by default (PYTEST_WORKERS=0 runs in this process); modules that share a
-# sandbox stay on one worker (tests/conftest.py).
-.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadgroup "$@"
+# sandbox stay on one worker (tests/conftest.py: pytest_xdist_make_scheduler).
+.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadscope "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then

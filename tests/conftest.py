@@ -162,17 +162,34 @@ def artifacts() -> Path:
 # An end-to-end module's tests share its sandbox and run in order, so a module goes to one
 # worker whole; the modules on the shared site.yml deployment (tests/e2e/deployments.py) go
 # to one worker together, which makes that deployment once. Each role's Molecule scenario
-# is on its own. Tests without the e2e mark are spread one by one.
+# is on its own. Other tests are spread one by one.
+#
+# This is a scheduler of our own (xdist's load-by-scope, with our scopes) rather than
+# xdist_group marks: pytest-xdist 3.8's loadgroup renames items through `_nodeid`, which
+# pytest 9.2 no longer reads, so the marks grouped nothing and two workers deployed the
+# same shared sandbox at once.
+E2E_DIR = "tests/e2e/"
 SHARED_SITE_MODULES = ("test_site", "test_monitoring", "test_upgrade")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker("e2e") is None:
-            continue
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.name
-        group = "shared-site" if module in SHARED_SITE_MODULES else module
-        callspec = getattr(item, "callspec", None)
-        if module == "test_roles" and callspec is not None:
-            group = f"{module}-{callspec.id}"
-        item.add_marker(pytest.mark.xdist_group(group))
+def worker_scope(nodeid: str) -> str:
+    """The unit of work one worker runs whole, for a test's node id."""
+    path, _, rest = nodeid.partition("::")
+    if not path.startswith(E2E_DIR):
+        return nodeid
+    module = Path(path).stem
+    if module in SHARED_SITE_MODULES:
+        return "e2e:shared-site"
+    if module == "test_roles" and "[" in rest:
+        return f"e2e:{module}[{rest.split('[', 1)[1]}"
+    return f"e2e:{module}"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SandboxSharingScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_scope(nodeid)
+
+    return SandboxSharingScheduling(config, log)

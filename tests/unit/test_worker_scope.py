@@ -1,0 +1,34 @@
+"""Which tests one pytest-xdist worker runs together (tests/conftest.py)."""
+
+from __future__ import annotations
+
+from tests.conftest import worker_scope
+
+
+def test_the_shared_site_modules_are_one_unit() -> None:
+    scopes = {
+        worker_scope(f"tests/e2e/{module}.py::test_x")
+        for module in ("test_site", "test_monitoring", "test_upgrade")
+    }
+    assert scopes == {"e2e:shared-site"}
+
+
+def test_an_end_to_end_module_is_one_unit_and_modules_differ() -> None:
+    a = worker_scope("tests/e2e/test_recovery.py::test_restore")
+    b = worker_scope("tests/e2e/test_recovery.py::test_drill[sftp]")
+    c = worker_scope("tests/e2e/test_container_runtime.py::test_restore")
+    assert a == b == "e2e:test_recovery"
+    assert c != a
+
+
+def test_each_role_scenario_is_its_own_unit() -> None:
+    caddy = worker_scope("tests/e2e/test_roles.py::test_role_converges[caddy]")
+    base = worker_scope("tests/e2e/test_roles.py::test_role_converges[base]")
+    assert caddy != base
+    assert caddy.startswith("e2e:test_roles")
+
+
+def test_fast_tests_are_spread_one_by_one() -> None:
+    first = "tests/unit/test_config.py::test_a"
+    assert worker_scope(first) == first
+    assert worker_scope("tests/unit/test_config.py::test_b") != worker_scope(first)
