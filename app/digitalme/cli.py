@@ -271,6 +271,25 @@ def cmd_inbox_retry(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_inbox_prune(settings: Settings, args: argparse.Namespace) -> int:
+    from .metrics import Metrics
+    from .retention import Retention
+
+    async def work(db: Database) -> Any:
+        return await Retention(db, settings, Metrics()).prune()
+
+    pruned = _run(_with_database(settings, work))
+
+    def kept(days: float) -> str:
+        return f"{days:g} days" if days else "forever"
+    print(f"pruned {pruned.inbox} deliveries and {pruned.activity} activity events "
+          f"({pruned.seconds:.2f}s); kept: done and ignored deliveries "
+          f"{kept(settings.inbox_retention_days)}, failed ones "
+          f"{kept(settings.inbox_failed_retention_days)}, activity "
+          f"{kept(settings.activity_retention_days)}")
+    return EXIT_OK
+
+
 def cmd_telegram_set_webhook(settings: Settings, args: argparse.Namespace) -> int:
     from .integrations.telegram import ALLOWED_UPDATES, TelegramApi
     from .metrics import Metrics
@@ -363,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int)
     p.set_defaults(func=cmd_token_revoke)
 
-    inbox = sub.add_parser("inbox", help="show and retry webhook deliveries")
+    inbox = sub.add_parser("inbox", help="show, retry and prune webhook deliveries")
     isub = inbox.add_subparsers(dest="inbox_command", required=True, metavar="ACTION")
     p = isub.add_parser("list", help="list deliveries, newest first, with their last error")
     p.add_argument("--status", choices=STATUSES, help="only deliveries with this status")
@@ -373,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the running service processes it again")
     p.add_argument("id", type=int)
     p.set_defaults(func=cmd_inbox_retry)
+    p = isub.add_parser("prune", help="delete finished deliveries and activity past their "
+                                      "retention now (the service does it every "
+                                      "DIGITALME_PRUNE_INTERVAL_MINUTES)")
+    p.set_defaults(func=cmd_inbox_prune)
 
     telegram = sub.add_parser("telegram", help="set up the Telegram bot")
     tgsub = telegram.add_subparsers(dest="telegram_command", required=True, metavar="ACTION")

@@ -78,6 +78,18 @@ def _float_range(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
+def _days_or_zero(minimum: float, maximum: float = 3650) -> Callable[[str], float]:
+    """Days to keep something: 0 (forever) or at least ``minimum``."""
+    def parse(raw: str) -> float:
+        value = _float_range(0, maximum)(raw)
+        if 0 < value < minimum:
+            raise ValueError(f"must be 0 (keep forever) or at least {minimum:g} days, "
+                             f"got {value:g}")
+        return value
+
+    return parse
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
@@ -295,6 +307,21 @@ class Settings:
     inbox_retry_max_seconds: float = setting(
         "DIGITALME_INBOX_RETRY_MAX_SECONDS", "900", _float_range(0.01, 86400),
         "Longest delay between two attempts at a delivery.")
+    inbox_retention_days: float = setting(
+        "DIGITALME_INBOX_RETENTION_DAYS", "14", _days_or_zero(8),
+        "Days a delivery that is done or ignored is kept after it finished; then the prune "
+        "deletes it (in batches). Its id is what makes a platform's redelivery a no-op, so "
+        "it must outlast every redelivery window (Telegram 24 h, Slack's retries minutes, "
+        "GitHub's manual redelivery 3 days, 7 on Enterprise Server): at least 8. A delivery "
+        "whose event is in the activity log stays as long as that event. 0 keeps them all.")
+    inbox_failed_retention_days: float = setting(
+        "DIGITALME_INBOX_FAILED_RETENTION_DAYS", "30", _days_or_zero(8),
+        "Days a failed delivery is kept (for `digitalme inbox retry`) after it failed; "
+        "then the prune deletes it. At least 8, or 0 to keep them all.")
+    prune_interval_minutes: float = setting(
+        "DIGITALME_PRUNE_INTERVAL_MINUTES", "60", _float_range(1, 1440),
+        "How often the service prunes old deliveries and activity (the first run comes a "
+        "minute after start). Deletes go in small batches between other writes.")
     outbound_timeout_seconds: float = setting(
         "DIGITALME_OUTBOUND_TIMEOUT_SECONDS", "10", _float_range(0.1, 120),
         "Total timeout of one outbound call to Telegram, Slack, GitHub or ClickUp.")
@@ -368,6 +395,11 @@ class Settings:
     activity_digest_max_events: int = setting(
         "DIGITALME_ACTIVITY_DIGEST_MAX_EVENTS", "20", _int_range(1, 500),
         "Most activity events (newest first) in the digest.")
+    activity_retention_days: float = setting(
+        "DIGITALME_ACTIVITY_RETENTION_DAYS", "30", _days_or_zero(1),
+        "Days of GitHub and ClickUp activity kept (by when the event happened); older "
+        "events are pruned with their deliveries. At least DIGITALME_ACTIVITY_DIGEST_DAYS, "
+        "or 0 to keep them all.")
     activity_digest_max_tokens: int = setting(
         "DIGITALME_ACTIVITY_DIGEST_MAX_TOKENS", "600", _int_range(50, 100_000),
         "Estimated tokens the activity digest may take, on top of the history budget.")
@@ -446,9 +478,21 @@ def load_settings(
             values[info.field] = info.parse(raw.strip())
         except ValueError as exc:
             problems[info.env] = str(exc)
+    if not problems:
+        problems.update(_combination_problems(Settings(**values)))
     if problems:
         raise ConfigError(problems)
     return Settings(**values)
+
+
+def _combination_problems(settings: Settings) -> dict[str, str]:
+    """Settings that are valid alone but not together."""
+    problems = {}
+    if 0 < settings.activity_retention_days < settings.activity_digest_days:
+        problems["DIGITALME_ACTIVITY_RETENTION_DAYS"] = (
+            f"must be at least DIGITALME_ACTIVITY_DIGEST_DAYS ({settings.activity_digest_days})"
+            f" or 0: the digest reads that far back, got {settings.activity_retention_days:g}")
+    return problems
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:

@@ -13,8 +13,10 @@ Deliveries that need no work at all (a bot's own message, an unknown update type
 stored as ``ignored`` straight away, so their redeliveries are deduplicated too.
 
 Progress within an item is persisted as it happens (the stored user message, Claude's
-stored reply, how many reply parts the platform accepted), so a retry after a crash or an
-outage resumes where the last attempt stopped instead of asking Claude or sending again.
+stored reply, how many reply parts the platform accepted, and when the send of the next
+part began), so a retry after a crash or an outage resumes where the last attempt stopped
+instead of asking Claude or sending again; a part whose send a crash interrupted is
+checked with the platform where it allows (:func:`digitalme.integrations.send_parts`).
 Items a crash left ``processing`` are made due again by :meth:`InboxStore.recover`.
 """
 
@@ -33,7 +35,7 @@ STATUSES = ("pending", "processing", "done", "failed", "ignored")
 
 _COLUMNS = ("id, channel, delivery_id, kind, payload, status, attempts, next_attempt_at,"
             " received_at, updated_at, last_error, user_message_id, reply_message_id,"
-            " parts_sent, result")
+            " parts_sent, result, sending_since")
 _ERROR_LIMIT = 2000
 
 
@@ -54,6 +56,7 @@ class InboxItem:
     reply_message_id: int | None
     parts_sent: int
     result: str | None
+    sending_since: float | None = None  # the next part's send began then (unix time)
 
     @property
     def data(self) -> Any:
@@ -220,8 +223,22 @@ class InboxStore:
         await self.db.execute("UPDATE inbox SET reply_message_id = ? WHERE id = ?",
                               (message_id, item_id))
 
+    async def begin_send(self, item_id: int) -> float:
+        """Note, durably, that the send of the next reply part begins now; returns the
+        time noted."""
+        now = time.time()
+        await self.db.execute("UPDATE inbox SET sending_since = ? WHERE id = ?",
+                              (now, item_id))
+        return now
+
+    async def end_send(self, item_id: int) -> None:
+        """The send failed with a definite answer: the part was not sent."""
+        await self.db.execute("UPDATE inbox SET sending_since = NULL WHERE id = ?",
+                              (item_id,))
+
     async def set_parts_sent(self, item_id: int, parts: int, result: str | None = None,
                              ) -> None:
+        """The platform accepted part ``parts`` (1-based): nothing is in flight."""
         await self.db.execute(
-            "UPDATE inbox SET parts_sent = ?, result = COALESCE(?, result) WHERE id = ?",
-            (parts, result, item_id))
+            "UPDATE inbox SET parts_sent = ?, result = COALESCE(?, result),"
+            " sending_since = NULL WHERE id = ?", (parts, result, item_id))

@@ -20,6 +20,7 @@ from .metrics import Metrics
 from .outbound import Outbound
 from .persona import PersonaStore
 from .ratelimit import RateLimiter
+from .retention import Retention
 from .tokens import TokenInfo, TokenStore
 from .worker import Worker
 
@@ -40,6 +41,7 @@ INBOX = web.AppKey("inbox", InboxStore)
 WORKER = web.AppKey("worker", Worker)
 OUTBOUND = web.AppKey("outbound", Outbound)
 ACTIVITY = web.AppKey("activity", ActivityStore)
+RETENTION = web.AppKey("retention", Retention)
 CHANNELS: web.AppKey[tuple[Channel, ...]] = web.AppKey("channels")
 
 # Per request, set by the client middleware: the bearer token (None when absent), the

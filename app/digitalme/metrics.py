@@ -150,6 +150,12 @@ class Metrics:
         self.outbound_requests = Counter(
             "digitalme_outbound_requests_total",
             "Outbound calls (retries included) to a platform.", ["service"], registry=registry)
+        self.outbound_reconciled = Counter(
+            "digitalme_outbound_reconciled_total",
+            "Sends that may have arrived already (a crash or a timeout before the answer), "
+            "by platform and what asking it found: found (not sent again), not_found (sent), "
+            "unknowable (sent again: the platform gives no way to know; it may show twice).",
+            ["service", "result"], registry=registry)
         self.outbound_errors = Counter(
             "digitalme_outbound_errors_total",
             "Failed outbound calls by platform and kind (rate_limited, server_error, "
@@ -157,6 +163,14 @@ class Metrics:
         # Database
         self.db_size = Gauge(
             "digitalme_database_size_bytes", "Size of the SQLite database and its WAL.",
+            registry=registry)
+        self.retention_deleted = Counter(
+            "digitalme_retention_deleted_rows_total",
+            "Rows the retention prune deleted, by table (inbox, activity).", ["table"],
+            registry=registry)
+        self.retention_last_run = Gauge(
+            "digitalme_retention_last_run_timestamp_seconds",
+            "When the retention prune last completed a run (unix time; 0: not yet).",
             registry=registry)
         # Backups (Litestream's control socket; the restore drill publishes its own
         # digitalme_backup_drill_* metrics through node-exporter's textfile collector)

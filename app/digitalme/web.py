@@ -48,6 +48,7 @@ from .keys import (
     RATE_LIMITER,
     READINESS,
     RELEASE,
+    RETENTION,
     SETTINGS,
     STARTED_AT,
     TOKENS,
@@ -65,6 +66,7 @@ from .outbound import Outbound
 from .persona import PersonaStore
 from .ratelimit import RateLimiter
 from .release import RELEASE_FIELDS, read_json_object
+from .retention import Retention
 from .routes import setup_routes
 from .tokens import TokenStore
 from .tool_actions import ToolActionLog
@@ -97,17 +99,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _channels(app: web.Application) -> AsyncIterator[None]:
-    """The outbound HTTP session and the inbox worker; they stop before the database
-    closes (cleanup contexts unwind in reverse)."""
-    outbound, worker = app[OUTBOUND], app[WORKER]
+    """The outbound HTTP session, the inbox worker and the retention prune; they stop
+    before the database closes (cleanup contexts unwind in reverse)."""
+    outbound, worker, retention = app[OUTBOUND], app[WORKER], app[RETENTION]
     await outbound.start()
     try:
         await worker.start()
+        await retention.start()
         for channel in app[CHANNELS]:
             status = channel.status()
             log.log(logging.INFO if status.ok else logging.WARNING, "channel %s: %s",
                     channel.name, status.detail)
         yield
+        await retention.stop()
         await worker.stop()
     finally:
         await outbound.close()
@@ -159,6 +163,7 @@ def _wire_channels(app: web.Application, settings: Settings, metrics: Metrics, d
 
     app[INBOX] = inbox
     app[ACTIVITY] = activity
+    app[RETENTION] = Retention(db, settings, metrics)
     app[OUTBOUND] = outbound
     app[WORKER] = worker
     app[CHANNELS] = channels

@@ -71,3 +71,22 @@ def test_memory_bench_runs_with_tiny_counts(tmp_path: Path) -> None:
         assert r["rss_mb"] > 10
     assert figures["missing_replies"] == figures["double_replies"] == 0
     assert figures["service_log_errors"] == 0
+
+
+def test_retention_bench_runs_with_tiny_counts(tmp_path: Path) -> None:
+    _, figures = run_bench(
+        tmp_path, "bench.retention_bench", "--duration", "6", "--rate", "20", "--retention",
+        "2", "--interval", "1", "--backlog", "2000", "--backlog-interval", "1", "--json")
+    off, on = figures["steady"]
+    assert (off["phase"], on["phase"]) == ("retention off", "retention on")
+    for phase in (off, on):
+        assert phase["errors"] == 0 and phase["deliveries"] == phase["acks"]["count"] == 120
+    # Without retention every delivery stays; with it, the old ones went, messages stayed.
+    assert off["rows_pruned"] == 0 and off["final"]["inbox_rows"] == 120
+    assert on["rows_pruned"] > 0 and on["final"]["inbox_rows"] < 120
+    assert on["final"]["messages_rows"] == off["final"]["messages_rows"] > 0
+    backlog = figures["backlog"]
+    assert backlog["prune"]["deliveries"] == 2000 and backlog["prune"]["batches"] >= 10
+    assert backlog["errors"] == 0
+    assert figures["telegram"]["acknowledged"] == figures["telegram"]["answered"] > 0
+    assert figures["telegram"]["answered_twice"] == 0

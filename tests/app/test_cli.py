@@ -13,6 +13,8 @@ import json
 import re
 import sqlite3
 import subprocess
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -80,6 +82,7 @@ SUBCOMMANDS = [
     (("token",), ("create", "list", "revoke")),
     (("token", "create"), ("--name", "--scope", "--quiet")), (("token", "list"), ()),
     (("token", "revoke"), ("id",)),
+    (("inbox",), ("list", "retry", "prune")), (("inbox", "prune"), ()),
 ]
 
 
@@ -497,6 +500,35 @@ def test_smoke_test_says_why_it_failed_and_leaves_no_token(env: dict[str, str]) 
     assert "no tokens" in cli(env, "token", "list").stdout
 
 
+def test_inbox_prune_deletes_what_is_past_its_retention(env: dict[str, str]) -> None:
+    db_path = migrated(env)
+    now = time.time()
+
+    def ago(days: float) -> str:
+        return datetime.fromtimestamp(now - days * 86400, UTC).isoformat(
+            timespec="milliseconds").replace("+00:00", "Z")
+    with sqlite3.connect(db_path) as conn:
+        for delivery, status, days in (("a", "done", 20), ("b", "done", 2),
+                                       ("c", "failed", 20), ("d", "pending", 400)):
+            conn.execute("INSERT INTO inbox (channel, delivery_id, kind, payload, status,"
+                         " next_attempt_at, received_at, updated_at) VALUES ('telegram', ?,"
+                         " 'message', '{}', ?, 0, ?, ?)", (delivery, status, ago(days),
+                                                          ago(days)))
+    result = cli(env, "inbox", "prune")
+    assert_ok(result)
+    assert re.fullmatch(r"pruned 1 deliveries and 0 activity events \([0-9.]+s\); kept: done "
+                        r"and ignored deliveries 14 days, failed ones 30 days, activity 30 "
+                        r"days\n", result.stdout), result.stdout
+    with sqlite3.connect(db_path) as conn:
+        assert [r[0] for r in conn.execute("SELECT delivery_id FROM inbox ORDER BY id")] == \
+            ["b", "c", "d"]
+    env["DIGITALME_INBOX_FAILED_RETENTION_DAYS"] = "10"
+    assert cli(env, "inbox", "prune").stdout.startswith("pruned 1 deliveries")
+    env["DIGITALME_INBOX_RETENTION_DAYS"] = "3"
+    assert_refused(cli(env, "inbox", "prune"), 2, "DIGITALME_INBOX_RETENTION_DAYS: must be 0 "
+                   "(keep forever) or at least 8 days, got 3")
+
+
 # --- serve refusing to start ----------------------------------------------------------------
 
 
@@ -528,8 +560,8 @@ def test_serve_and_admin_commands_refuse_an_unmigrated_database(env: dict[str, s
     # Only `digitalme migrate` changes the schema; the deployment runs it as its own step.
     for command in (("serve",), ("token", "list")):
         result = cli(env, *command)
-        one_line_refusal(result, "lacks migrations 0001_initial, 0002_channels: run "
-                                 "`digitalme migrate` first")
+        every = ", ".join(f"{m.version:04d}_{m.name}" for m in bundled_migrations())
+        one_line_refusal(result, f"lacks migrations {every}: run `digitalme migrate` first")
 
 
 def test_a_database_from_a_newer_release_is_used_and_reported(env: dict[str, str]) -> None:

@@ -63,9 +63,12 @@ UPGRADE_FROM = "f8a3b6f2921be7149628889cb21b45ce1e4395d6"
 TIMINGS = REPO / "artifacts" / "upgrade-timings.json"
 DEPLOY = "/usr/local/sbin/digitalme-deploy"
 MIN_REQUESTS_DURING_UPGRADE = 5000
+# The test releases' migration comes after the checkout's own.
+PROBE_VERSION = len(list((REPO / "app" / "digitalme" / "migrations").glob("0*.sql"))) + 1
+PROBE = f"{PROBE_VERSION:04d}_upgrade_probe"
 PROBE_MIGRATION = """-- A test release's migration (tests/e2e/test_upgrade.py): a new table.
 CREATE TABLE upgrade_probe (id INTEGER PRIMARY KEY, note TEXT NOT NULL);
-INSERT INTO upgrade_probe (note) VALUES ('added by 0003');
+INSERT INTO upgrade_probe (note) VALUES ('added by the probe');
 """
 BROKEN_MIGRATION = PROBE_MIGRATION + "INSERT INTO no_such_table VALUES (1);\n"
 
@@ -74,8 +77,8 @@ BROKEN_MIGRATION = PROBE_MIGRATION + "INSERT INTO no_such_table VALUES (1);\n"
 class Sources:
     previous: Path  # UPGRADE_FROM, a git worktree
     never_ready: Path  # /health/ready always 503
-    broken_migration: Path  # 0003 fails after its first statements
-    migrating: Path  # 0003 adds a table
+    broken_migration: Path  # PROBE fails after its first statements
+    migrating: Path  # PROBE adds a table
 
 
 def copy_of_checkout(into: Path) -> Path:
@@ -107,10 +110,8 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sources]:
     ops.write_text(text.replace("status=200 if is_ready else 503)", "status=503)"))
     broken = copy_of_checkout(base / "broken-migration")
     migrating = copy_of_checkout(base / "migrating")
-    version = len(list((REPO / "app" / "digitalme" / "migrations").glob("0*.sql"))) + 1
     for source, sql in ((broken, BROKEN_MIGRATION), (migrating, PROBE_MIGRATION)):
-        (source / "app" / "digitalme" / "migrations" / f"{version:04d}_upgrade_probe.sql"
-         ).write_text(sql)
+        (source / "app" / "digitalme" / "migrations" / f"{PROBE}.sql").write_text(sql)
     try:
         yield Sources(previous, never_ready, broken, migrating)
     finally:
@@ -291,7 +292,7 @@ def test_a_migration_that_fails_half_way_changes_nothing(
     before = (sql(site, tables), sql(site, counts), schema(site))
     result, _ = play(site, "upgrade.yml", source=sources.broken_migration, check=False)
     assert result.returncode != 0
-    assert "(0003_upgrade_probe) failed; the database is as it was" in result.stdout
+    assert f"({PROBE}) failed; the database is as it was" in result.stdout
     assert "no such table: no_such_table" in result.stdout
     assert sql(site, "PRAGMA integrity_check") == ["ok"]
     assert (sql(site, tables), sql(site, counts), schema(site)) == before
@@ -317,11 +318,11 @@ def test_rollback_after_a_migrating_upgrade(site: SharedSite, sources: Sources,
     previous = info(site)["release"]["release"]
     play(site, "upgrade.yml", source=sources.migrating)
     upgrade = last_record(site)
-    assert upgrade["migrations"] == ["0003_upgrade_probe"] and schema(site)[-1] == 3
+    assert upgrade["migrations"] == [PROBE] and schema(site)[-1] == PROBE_VERSION
     assert upgrade["litestream"]["txid"] == upgrade["litestream"]["replica_txid"] > 0
     snapshot = upgrade["snapshot"]["path"]
     assert on_app(site, f"stat -c '%U %a' {snapshot}").split() == ["digitalme", "600"]
-    assert info(site)["last_deploy"]["migrations"] == ["0003_upgrade_probe"]
+    assert info(site)["last_deploy"]["migrations"] == [PROBE]
 
     label = f"after-upgrade-{uuid.uuid4().hex[:6]}"
     chat_turns(site, label, 3)  # what a data rollback loses: at least these 6 messages
@@ -332,18 +333,19 @@ def test_rollback_after_a_migrating_upgrade(site: SharedSite, sources: Sources,
 
     refused, _ = play(site, "rollback.yml", check=False)
     assert refused.returncode != 0
-    assert "applied migrations (0003_upgrade_probe) that release" in refused.stdout
+    assert f"applied migrations ({PROBE}) that release" in refused.stdout
     assert "rollback_data=false: keep it" in refused.stdout
     assert (f"this LOSES what was written since: {written['messages']} messages, "
             f"{written['conversations']} conversations and {written['inbox']} webhook "
             "deliveries") in refused.stdout, refused.stdout[-3000:]
-    assert schema(site)[-1] == 3 and info(site)["release"]["release"] == upgrade["to_release"]
+    assert schema(site)[-1] == PROBE_VERSION
+    assert info(site)["release"]["release"] == upgrade["to_release"]
 
     _, seconds = play(site, "rollback.yml", "-e", "rollback_data=false")
     assert info(site)["release"]["release"] == previous
-    assert schema(site)[-1] == 3  # the data stayed: the older release runs on it
+    assert schema(site)[-1] == PROBE_VERSION  # the data stayed: the older release runs on it
     ready = json.loads(on_app(site, "curl -fsS http://127.0.0.1:8080/health/ready"))
-    assert ready["checks"]["migrations"]["newer"] == [3]
+    assert ready["checks"]["migrations"]["newer"] == [PROBE_VERSION]
     timings.record("rollback_code_play_seconds", seconds)
     timings.record("rollback_code_seconds", last_record(site)["duration_seconds"])
 
@@ -355,7 +357,7 @@ def test_rollback_after_a_migrating_upgrade(site: SharedSite, sources: Sources,
     assert rollback["kind"] == "rollback" and rollback["data"] == "restore"
     assert rollback["lost_rows"]["messages"] >= written["messages"]
     assert info(site)["release"]["release"] == previous
-    assert schema(site)[-1] == 2
+    assert schema(site)[-1] == PROBE_VERSION - 1
     assert sql(site, f"SELECT count(*) FROM messages WHERE text LIKE '{label}%'") == ["0"]
     assert "upgrade_probe" not in sql(site, "SELECT name FROM sqlite_master")
     aside = rollback["replaced_database"]

@@ -9,6 +9,10 @@ calls DigitalMe makes, records every request, and can be scripted to fail:
     every request fails until recovered;
 ``Hold(event)``
     wait for an ``asyncio.Event`` before answering normally (to keep a call in flight);
+``Lose(event, accept=True)``
+    carry the request out at once (``accept=False``: refuse it), then hold the answer back
+    until the event is set: the caller never hears, as when it crashes or its connection
+    drops after the request went out (the outbound idempotency tests);
 ``standin.requests``
     every ``Recorded`` request (method, path, query, headers, parsed body, status);
 ``await standin.wait_for(lambda: ..., timeout)``
@@ -50,7 +54,16 @@ class Hold:
     release: asyncio.Event
 
 
-Behaviour = Fail | Hold
+@dataclass(frozen=True)
+class Lose:
+    """Take the request in: carry it out as usual when ``accept`` (else refuse it), but
+    hold the answer until ``release`` is set."""
+
+    release: asyncio.Event
+    accept: bool = True
+
+
+Behaviour = Fail | Hold | Lose
 
 
 @dataclass
@@ -134,6 +147,12 @@ class PlatformStandin:
         if isinstance(behaviour, Hold):
             await behaviour.release.wait()
             behaviour = None
+        if isinstance(behaviour, Lose):
+            lost = await self.answer(request, rec) if behaviour.accept \
+                else self.failure(Fail(503))
+            rec.status = lost.status
+            await behaviour.release.wait()
+            return lost
         if isinstance(behaviour, Fail):
             response = self.failure(behaviour)
         else:

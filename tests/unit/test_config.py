@@ -95,3 +95,23 @@ def test_the_metrics_token_is_a_long_header_safe_secret(tmp_path: Path) -> None:
             load_settings({"DIGITALME_METRICS_TOKEN": bad})
         assert "openssl rand -hex 32" in caught.value.problems["DIGITALME_METRICS_TOKEN"]
         assert bad not in str(caught.value)  # a secret is never echoed
+
+
+def test_retention_keeps_deliveries_past_every_redelivery_window() -> None:
+    settings = load_settings({})
+    assert (settings.inbox_retention_days, settings.inbox_failed_retention_days,
+            settings.activity_retention_days, settings.prune_interval_minutes) == \
+        (14, 30, 30, 60)
+    assert load_settings({"DIGITALME_INBOX_RETENTION_DAYS": "0"}).inbox_retention_days == 0
+    for name, value, why in (
+            ("DIGITALME_INBOX_RETENTION_DAYS", "7", "at least 8 days"),
+            ("DIGITALME_INBOX_FAILED_RETENTION_DAYS", "-1", "between 0 and 3650"),
+            ("DIGITALME_PRUNE_INTERVAL_MINUTES", "0", "between 1 and 1440"),
+            ("DIGITALME_ACTIVITY_RETENTION_DAYS", "5",
+             "at least DIGITALME_ACTIVITY_DIGEST_DAYS (7) or 0")):
+        with pytest.raises(ConfigError) as caught:
+            load_settings({name: value})
+        assert why in caught.value.problems[name], caught.value.problems
+    # The digest and the activity it reads agree.
+    assert load_settings({"DIGITALME_ACTIVITY_RETENTION_DAYS": "5",
+                          "DIGITALME_ACTIVITY_DIGEST_DAYS": "5"}).activity_retention_days == 5

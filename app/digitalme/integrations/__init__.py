@@ -12,8 +12,9 @@ and never imports another package:
   readiness reads, which routes it serves and how it processes an inbox item.
 
 What they share lives here: :class:`ChannelContext` (the app's stores and clients),
-request helpers that turn every refusal into a JSON error and a metric, and
-:func:`stored_reply`, which asks Claude at most once per delivery.
+request helpers that turn every refusal into a JSON error and a metric,
+:func:`stored_reply`, which asks Claude at most once per delivery, and :func:`send_parts`,
+which sends each part of a reply at most once where the platform allows.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import hmac
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ from ..errors import ApiError
 from ..health import CheckResult
 from ..inbox import InboxItem, InboxStore, Ingested
 from ..metrics import Metrics
-from ..outbound import Outbound
+from ..outbound import Outbound, OutboundError
 from ..worker import Outcome
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,36 @@ async def stored_reply(ctx: ChannelContext, item: InboxItem, conversation: Conve
     assert final is not None
     await ctx.inbox.set_reply_message(item.id, final.reply.id)
     return final.reply
+
+
+# send(index, text, uncertain, since) -> the note kept in the inbox (e.g. the message's id).
+# ``uncertain``: the part's send began at ``since`` and may have arrived (a crash or a
+# timeout in between): ask the platform first, where it can say.
+SendPart = Callable[[int, str, bool, float], Awaitable[str | None]]
+
+
+async def send_parts(ctx: ChannelContext, item: InboxItem, parts: list[str],
+                     send: SendPart) -> None:
+    """Send the parts of a reply the platform does not have yet, in order.
+
+    Before each part's request the inbox notes, durably, that its send began
+    (``sending_since``); the outcome clears it: the platform accepted the part
+    (``parts_sent`` advances) or refused it with a definite answer. A delivery that still
+    has it set (a crash with the part in flight, or an attempt that ended in a timeout)
+    makes the next attempt call ``send`` with ``uncertain``: the channel asks the platform
+    whether the part arrived before sending it (again)."""
+    for index in range(item.parts_sent, len(parts)):
+        began = item.sending_since if index == item.parts_sent else None
+        uncertain = began is not None
+        if began is None:
+            began = await ctx.inbox.begin_send(item.id)
+        try:
+            note = await send(index, parts[index], uncertain, began)
+        except OutboundError as exc:
+            if not exc.maybe_delivered:
+                await ctx.inbox.end_send(item.id)
+            raise
+        await ctx.inbox.set_parts_sent(item.id, index + 1, result=note)
 
 
 def split_text(text: str, limit: int) -> list[str]:

@@ -3,6 +3,12 @@
 ``/start`` and ``/help`` get a fixed introduction (no Claude call); any other text goes to
 Claude in the chat's conversation. Replies longer than Telegram's 4096 characters go out
 in parts; each part accepted is noted, so a retry sends only what is missing.
+
+The Bot API has no idempotency key and no way for a bot to read a chat's messages: a part
+whose send may have arrived (a crash or a timeout before Telegram's answer) cannot be
+checked, and is sent again (``digitalme_outbound_reconciled_total{result="unknowable"}``):
+that part may show twice. Only that part: the send's start is recorded before the request,
+so every other part is known sent or not (docs/channels.md).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Any
 from ...inbox import InboxItem
 from ...outbound import Outbound, PermanentError
 from ...worker import Outcome
-from .. import ChannelContext, split_text, stored_reply
+from .. import ChannelContext, send_parts, split_text, stored_reply
 
 MESSAGE_LIMIT = 4096
 SERVICE = "telegram"
@@ -27,21 +33,24 @@ class TelegramApi:
         self.base_url = base_url.rstrip("/")
         self.token = token
 
-    async def call(self, method: str, payload: dict[str, Any]) -> Any:
+    async def call(self, method: str, payload: dict[str, Any], *,
+                   uncertain: bool = False) -> Any:
         answer = await self.outbound.request_json(
             SERVICE, "POST", f"{self.base_url}/bot{self.token}/{method}", json_body=payload,
-            redact=self.token)
+            redact=self.token, uncertain=uncertain)
         if not isinstance(answer, dict) or not answer.get("ok"):
             raise PermanentError(SERVICE, f"{method} did not answer ok: {str(answer)[:200]}")
         return answer.get("result")
 
-    async def send_message(self, chat_id: int, text: str, *,
-                           reply_to: int | None = None) -> int | None:
+    async def send_message(self, chat_id: int, text: str, *, reply_to: int | None = None,
+                           uncertain: bool = False) -> int | None:
+        """``uncertain``: an earlier send of this message may have arrived; there is no way
+        to ask, so it is sent again (and counted)."""
         payload: dict[str, Any] = {"chat_id": chat_id, "text": text}
         if reply_to is not None:
             payload["reply_parameters"] = {"message_id": reply_to,
                                            "allow_sending_without_reply": True}
-        result = await self.call("sendMessage", payload)
+        result = await self.call("sendMessage", payload, uncertain=uncertain)
         return result.get("message_id") if isinstance(result, dict) else None
 
     async def set_webhook(self, url: str, secret_token: str,
@@ -90,8 +99,10 @@ async def process(ctx: ChannelContext, api: TelegramApi | None, item: InboxItem)
                                    channel_message_id=str(message["message_id"]))
         answer = reply.text
     parts = split_text(answer, MESSAGE_LIMIT)
-    for index in range(item.parts_sent, len(parts)):
-        sent = await api.send_message(chat_id, parts[index],
+
+    async def send(index: int, text: str, uncertain: bool, _began: float) -> str:
+        sent = await api.send_message(chat_id, text, uncertain=uncertain,
                                       reply_to=message["message_id"] if index == 0 else None)
-        await ctx.inbox.set_parts_sent(item.id, index + 1, result=f"message_id {sent}")
+        return f"message_id {sent}"
+    await send_parts(ctx, item, parts, send)
     return Outcome.done(f"answered chat {chat_id} in {len(parts)} message(s)")
