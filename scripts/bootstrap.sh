@@ -78,3 +78,17 @@ if [[ ! -e $stamp ]]; then
     .venv/bin/pip install -q --no-deps -e .
     touch "$stamp"
 fi
+
+# The S3 server of the S3 replica test (tests/e2e/test_s3_replica.py): moto, as Litestream's
+# own CI tests its S3 client, in a virtualenv of its own so its pins never meet the app's.
+if [[ $mode != --app ]]; then
+    moto=.cache/moto
+    moto_stamp=$moto/.bootstrap-$(sha256sum requirements/moto.txt | cut -c1-16)
+    if [[ ! -e $moto_stamp ]]; then
+        echo "bootstrap: installing moto's S3 server into $moto"
+        rm -rf "$moto"
+        "$python" -m venv "$moto"
+        "$moto/bin/pip" install -q -r requirements/moto.txt
+        touch "$moto_stamp"
+    fi
+fi
