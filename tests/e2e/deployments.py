@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +76,39 @@ class Deployment:
         self.timings[name] = round(value, 2)
         self.timings_file.parent.mkdir(exist_ok=True)
         self.timings_file.write_text(json.dumps(self.timings, indent=2) + "\n")
+
+
+def chat_turn(deployment: Deployment, text: str, token_name: str = "e2e-chat") -> None:
+    """One chat turn through Caddy: its question and the stand-in's reply are stored (two new
+    messages rows in the live database)."""
+    token = deployment.chat_token(token_name)
+    auth = ("--fail", "--header", f"Authorization: Bearer {token}")
+    conversation = json.loads(deployment.curl(
+        f"https://{DOMAIN}/api/v1/conversations", *auth, "--request", "POST").stdout)["id"]
+    said = deployment.curl(f"https://{DOMAIN}/api/v1/conversations/{conversation}/messages",
+                           *auth, "--json", json.dumps({"text": text}))
+    assert said.returncode == 0, said.stderr
+
+
+def port_open(address: str, port: int) -> bool:
+    """Whether a TCP connection from the controller to ``address:port`` is accepted."""
+    try:
+        with socket.create_connection((address, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def copy_of_checkout(into: Path) -> Path:
+    """What the digitalme role builds a release from, copied from the checkout (to make a
+    changed release of it)."""
+    into.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, into / name)
+    for name in ("app", "docs", "requirements"):
+        shutil.copytree(REPO / name, into / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return into
 
 
 def recap(output: str) -> dict[str, dict[str, int]]:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -38,7 +36,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.deployments import CLAUDE_KEY, DB, DOMAIN, STANDIN_PORT, Deployment, recap
+from tests.e2e.deployments import (
+    CLAUDE_KEY,
+    DB,
+    DOMAIN,
+    STANDIN_PORT,
+    Deployment,
+    copy_of_checkout,
+    port_open,
+    recap,
+)
 from tests.e2e.load import BackgroundLoop, SteadyLoad, Target
 from tests.e2e.sandboxes import (
     REPO,
@@ -59,17 +66,6 @@ PODMAN = "/usr/bin/podman"
 DEPLOY = "/usr/local/sbin/digitalme-deploy"
 IMAGE = "localhost/digitalme"
 MIN_REQUESTS_DURING_UPGRADE = 1000
-
-
-def copy_of_checkout(into: Path) -> Path:
-    """What the role builds a release from, copied from the checkout."""
-    into.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, into / name)
-    for name in ("app", "docs", "requirements"):
-        shutil.copytree(REPO / name, into / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    return into
 
 
 @dataclass
@@ -245,21 +241,13 @@ def test_the_image_has_no_pip_and_its_layers_are_reproducible(site: Site) -> Non
     site.podman("image prune --force")
 
 
-def _open(address: str, port: int) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
 def test_only_ssh_http_and_https_are_reachable_and_the_engine_adds_no_rule(site: Site) -> None:
     deployment = site.deployment
     listening = deployment.on_app("ss -Hltn | awk '{print $4}'").stdout.split()
     ports = {int(a.rsplit(":", 1)[1]) for a in listening} | set(range(1, 1025)) \
         | {2019, 3000, 5000, 8000, 8080, 8443, 9090, 9100}
     with ThreadPoolExecutor(max_workers=64) as pool:
-        results = dict(zip(ports, pool.map(lambda p: _open(deployment.app.address, p), ports),
+        results = dict(zip(ports, pool.map(lambda p: port_open(deployment.app.address, p), ports),
                            strict=True))
     assert {port for port, is_open in results.items() if is_open} == {22, 80, 443}, listening
     assert 8080 in {int(a.rsplit(":", 1)[1]) for a in listening}  # the socket, on loopback

@@ -41,6 +41,7 @@ from tests.e2e.deployments import (
     METRICS_CURL,
     STANDIN_PORT,
     Deployment,
+    chat_turn,
     recap,
 )
 from tests.e2e.sandboxes import REPO, SandboxHost, run_tool
@@ -307,22 +308,11 @@ def test_disaster_a_fresh_host_comes_back_with_every_acknowledged_write(
           f"(restore {restore_seconds:.1f}s) against a raw copy of {copy:.1f}s")
 
 
-def chat_turn(deployment: Deployment, text: str) -> None:
-    """One chat turn through Caddy: two new messages rows in the live database."""
-    token = deployment.chat_token("e2e-drill")
-    auth = ("--fail", "--header", f"Authorization: Bearer {token}")
-    conversation = json.loads(deployment.curl(
-        f"https://{DOMAIN}/api/v1/conversations", *auth, "--request", "POST").stdout)["id"]
-    said = deployment.curl(f"https://{DOMAIN}/api/v1/conversations/{conversation}/messages",
-                           *auth, "--json", json.dumps({"text": text}))
-    assert said.returncode == 0, said.stderr
-
-
 def test_drill_on_a_healthy_host_succeeds_and_reports(deployment: Deployment) -> None:
     # A chat turn a moment before the drill, which Litestream may not have synced yet when
     # the drill restores: lag within the allowance, not a stale replica (a CI run once
     # failed here when the drill compared newest rows instead).
-    chat_turn(deployment, "Before the drill")
+    chat_turn(deployment, token_name="e2e-drill", text="Before the drill")
     inode = deployment.on_app(f"stat -c %i {DB}").stdout
     returncode, journal = run_drill(deployment)
     assert returncode == 0, journal
@@ -361,7 +351,7 @@ def test_a_stalled_litestream_shows_in_readiness_and_metrics(deployment: Deploym
         # A drill now finds the replica stale: a turn written while Litestream is stopped is
         # missing from the copy. Allowance 2 s (instead of 60) to keep the test short; its
         # own workdir and no metrics, so the timer's last result stays as it was.
-        chat_turn(deployment, "While Litestream is stopped")
+        chat_turn(deployment, token_name="e2e-drill", text="While Litestream is stopped")
         time.sleep(3)
         stale = deployment.on_app(
             f"{BACKUP} drill --workdir /var/tmp/e2e-stale-drill --textfile-dir '' "

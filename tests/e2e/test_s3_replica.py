@@ -25,7 +25,6 @@ In order:
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import shlex
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.deployments import DB, DOMAIN, STANDIN_PORT, Deployment, recap
+from tests.e2e.deployments import DB, DOMAIN, STANDIN_PORT, Deployment, chat_turn, recap
 from tests.e2e.sandboxes import REPO, add_group_vars, run_tool
 from tests.support.process import StandinProcess
 
@@ -174,17 +173,6 @@ def site(sandbox_hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3
         s3.process.wait(timeout=30)
 
 
-def chat_turn(deployment: Deployment, text: str) -> None:
-    """One chat turn through Caddy: its question and the stand-in's reply are stored."""
-    token = deployment.chat_token("e2e-s3")
-    auth = ("--fail", "--header", f"Authorization: Bearer {token}")
-    conversation = json.loads(deployment.curl(
-        f"https://{DOMAIN}/api/v1/conversations", *auth, "--request", "POST").stdout)["id"]
-    said = deployment.curl(f"https://{DOMAIN}/api/v1/conversations/{conversation}/messages",
-                           *auth, "--json", json.dumps({"text": text}))
-    assert said.returncode == 0, said.stderr
-
-
 def count(deployment: Deployment, path: str, text: str) -> int:
     found = deployment.on_app(
         f"sqlite3 -readonly {shlex.quote(path)} "
@@ -212,7 +200,7 @@ def test_writes_reach_the_bucket_and_the_key_stays_secret(site: S3Site) -> None:
     config = deployment.on_app("cat /etc/litestream.yml").stdout
     assert "type: s3" in config and f'"{site.s3.endpoint}"' in config
     assert "force-path-style: true" in config
-    chat_turn(deployment, "first words to the bucket")
+    chat_turn(deployment, token_name="e2e-s3", text="first words to the bucket")
     wait_replicated(deployment, "first words to the bucket")
     keys = site.s3.keys(PREFIX + "/")
     assert keys and all(k.startswith(PREFIX + "/") for k in keys), keys
@@ -238,7 +226,7 @@ def test_writes_reach_the_bucket_and_the_key_stays_secret(site: S3Site) -> None:
 
 def test_the_drill_restores_from_the_bucket(site: S3Site) -> None:
     deployment = site.deployment
-    chat_turn(deployment, "before the s3 drill")
+    chat_turn(deployment, token_name="e2e-s3", text="before the s3 drill")
     ran = deployment.on_app("systemctl start digitalme-backup-drill.service", check=False,
                             timeout=1200)
     journal = deployment.on_app("journalctl -u digitalme-backup-drill -o cat --no-pager -n 30")
@@ -250,12 +238,12 @@ def test_the_drill_restores_from_the_bucket(site: S3Site) -> None:
 
 def test_a_point_in_time_restore_from_the_bucket(site: S3Site) -> None:
     deployment = site.deployment
-    chat_turn(deployment, "said before the point")
+    chat_turn(deployment, token_name="e2e-s3", text="said before the point")
     wait_replicated(deployment, "said before the point")
     time.sleep(3)
     point = deployment.on_app("date -u +%Y-%m-%dT%H:%M:%SZ").stdout.strip()
     time.sleep(3)
-    chat_turn(deployment, "said after the point")
+    chat_turn(deployment, token_name="e2e-s3", text="said after the point")
     wait_replicated(deployment, "said after the point")
 
     result = restore_playbook(deployment, "restore_point_in_time", "-e", "restore_force=true",
@@ -271,7 +259,7 @@ def test_a_point_in_time_restore_from_the_bucket(site: S3Site) -> None:
 
     # The replica's history goes on from the restored state: a new turn reaches the bucket,
     # and the latest state is the restored one with that turn (not the abandoned one).
-    chat_turn(deployment, "said after the restore")
+    chat_turn(deployment, token_name="e2e-s3", text="said after the restore")
     wait_replicated(deployment, "said after the restore")
     restore_playbook(deployment, "restore_latest", "-e", "restore_force=true")
     assert count(deployment, DB, "said before the point") == 2
@@ -281,7 +269,7 @@ def test_a_point_in_time_restore_from_the_bucket(site: S3Site) -> None:
 
 def test_a_fresh_host_comes_back_from_the_bucket(site: S3Site, sandbox_hosts) -> None:
     deployment = site.deployment
-    chat_turn(deployment, "before the loss")
+    chat_turn(deployment, token_name="e2e-s3", text="before the loss")
     wait_replicated(deployment, "before the loss")
     run_tool("kill", "--name", deployment.sandbox.name, "app", timeout=120)
     deployment.rebooted(sandbox_hosts(*HOSTS))

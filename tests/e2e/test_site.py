@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import socket
 import subprocess
 import time
 import uuid
@@ -28,6 +27,7 @@ from tests.e2e.deployments import (
     UNITS,
     Deployment,
     SharedSite,
+    port_open,
     recap,
 )
 
@@ -139,20 +139,12 @@ def test_chat_turn_through_caddy_reaches_the_claude_standin(deployment: Deployme
     assert "event: delta" in streamed.stdout and "event: done" in streamed.stdout
 
 
-def _open(address: str, port: int) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
 def test_only_ssh_http_and_https_are_reachable_from_outside(deployment: Deployment) -> None:
     listening = deployment.on_app("ss -Hltn | awk '{print $4}'").stdout.split()
     ports = {int(a.rsplit(":", 1)[1]) for a in listening} | set(range(1, 1025)) \
         | {2019, 3000, 8080, 8443, 9090, 9100}
     with ThreadPoolExecutor(max_workers=64) as pool:
-        results = dict(zip(ports, pool.map(lambda p: _open(deployment.app.address, p), ports),
+        results = dict(zip(ports, pool.map(lambda p: port_open(deployment.app.address, p), ports),
                            strict=True))
     assert {port for port, is_open in results.items() if is_open} == {22, 80, 443}, listening
     # Things listen on those other ports, on loopback only.
@@ -162,7 +154,7 @@ def test_only_ssh_http_and_https_are_reachable_from_outside(deployment: Deployme
 def test_node_exporter_answers_on_the_host_only(deployment: Deployment) -> None:
     metrics = deployment.on_app("curl -fsS http://127.0.0.1:9100/metrics").stdout
     assert 'node_systemd_unit_state{name="digitalme.service",state="active"' in metrics
-    assert not _open(deployment.app.address, 9100)
+    assert not port_open(deployment.app.address, 9100)
 
 
 def test_units_are_active_and_hardened(deployment: Deployment) -> None:

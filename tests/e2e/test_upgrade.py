@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 import subprocess
 import threading
 import time
@@ -47,6 +46,7 @@ from tests.e2e.deployments import (
     TELEGRAM_SECRET,
     Deployment,
     SharedSite,
+    copy_of_checkout,
     recap,
 )
 from tests.e2e.load import SteadyLoad, Target, percentile
@@ -79,17 +79,6 @@ class Sources:
     never_ready: Path  # /health/ready always 503
     broken_migration: Path  # PROBE fails after its first statements
     migrating: Path  # PROBE adds a table
-
-
-def copy_of_checkout(into: Path) -> Path:
-    """What the role builds a release from, copied from the checkout."""
-    into.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, into / name)
-    for name in ("app", "docs", "requirements"):
-        shutil.copytree(REPO / name, into / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    return into
 
 
 @pytest.fixture(scope="module")
