@@ -44,7 +44,7 @@ from tests.e2e.deployments import (
     chat_turn,
     recap,
 )
-from tests.e2e.sandboxes import REPO, SandboxHost, run_tool
+from tests.e2e.sandboxes import REPO, SandboxHost, add_group_vars, run_tool
 from tests.support.process import StandinProcess
 
 pytestmark = pytest.mark.e2e
@@ -139,6 +139,10 @@ def deploy(deployment: Deployment, name: str) -> float:
 @pytest.fixture(scope="module")
 def deployment(sandbox_hosts, tmp_path_factory) -> Iterator[Deployment]:
     sandbox = sandbox_hosts(*HOSTS)
+    # The steady writer sends ten writes a second from one address: more than the default
+    # per-client limit (100 a minute) once it runs longer than a few seconds.
+    add_group_vars(sandbox.inventory, {"digitalme": {
+        "digitalme_settings": {"DIGITALME_RATE_LIMIT_PER_MINUTE": 0}}})
     workdir = tmp_path_factory.mktemp("recovery")
     standin = StandinProcess(workdir, host=sandbox.controller_address, port=STANDIN_PORT)
     standin.start()
