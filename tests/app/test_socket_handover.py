@@ -50,6 +50,15 @@ async def served_on(listener: socket.socket, env: dict[str, str], log: Path,
             await process.wait()
 
 
+def listening_socket(backlog: int) -> tuple[socket.socket, int]:
+    """What digitalme.socket does: bind a port on loopback and listen; (socket, port)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(backlog)
+    return listener, listener.getsockname()[1]
+
+
 async def wait_until_serving(port: int, log: Path) -> None:
     # A connection would be accepted into the backlog at once: wait for the log line.
     for _ in range(300):
@@ -65,11 +74,7 @@ async def test_requests_wait_in_the_kept_socket_while_the_service_restarts(
     prepare_database(env)
     token = run_cli(["token", "create", "--name", "load", "--scope", "chat", "--quiet"],
                     env).stdout.strip()
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4096)
-    port = listener.getsockname()[1]
+    listener, port = listening_socket(4096)
     log = tmp_path / "serve.log"
     results: list[tuple[str, int, float]] = []  # kind, status (0: failed), seconds
     stop = asyncio.Event()
@@ -142,11 +147,7 @@ async def test_a_connection_accepted_before_the_stop_gets_its_answer_however_lat
     after a fixed pause (which failed 1 request in ~20,000 under load)."""
     env = service_env(tmp_path, anthropic_base_url=standin.base_url)
     prepare_database(env)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    port = listener.getsockname()[1]
+    listener, port = listening_socket(16)
     log = tmp_path / "serve.log"
     try:
         async with served_on(listener, env, log) as process:
