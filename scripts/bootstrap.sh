@@ -23,6 +23,8 @@ if [[ $mode != --app ]]; then
         wrk
         # sandbox hosts: debootstrap images booted with systemd-nspawn
         debootstrap debian-archive-keyring systemd-container iproute2 nftables iptables openssh-client rsync
+        # ACME end to end (tests/e2e/test_acme.py): Let's Encrypt's test server, its DNS
+        pebble openssl
     )
 fi
 

@@ -99,6 +99,14 @@ def port_open(address: str, port: int) -> bool:
         return False
 
 
+def free_port(address: str) -> int:
+    """A TCP port free on ``address`` now (for a server the test starts on the controller)."""
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def copy_of_checkout(into: Path) -> Path:
     """What the digitalme role builds a release from, copied from the checkout (to make a
     changed release of it)."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 import re
 import secrets
 import shlex
-import socket
 import string
 import subprocess
 import time
@@ -41,7 +40,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.deployments import DB, DOMAIN, STANDIN_PORT, Deployment, chat_turn, recap
+from tests.e2e.deployments import (
+    DB,
+    DOMAIN,
+    STANDIN_PORT,
+    Deployment,
+    chat_turn,
+    free_port,
+    recap,
+)
 from tests.e2e.sandboxes import REPO, add_group_vars, run_tool
 from tests.support.process import StandinProcess
 
@@ -78,13 +85,6 @@ class S3Server:
             token = tree.findtext(f"{S3_NS}NextContinuationToken") or ""
             if not token:
                 return found
-
-
-def free_port(address: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((address, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def start_s3(address: str, workdir: Path) -> S3Server:

@@ -152,6 +152,36 @@ def test_preflight_refuses_acme_for_a_reserved_name():
     assert "changed=0" in output, output[-4000:]
 
 
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"caddy_acme_ca": "http://ca.corp.internal/acme/directory"},
+         "caddy_acme_ca must be the https:// URL of an ACME directory"),
+        ({"caddy_acme_ca": "https://ca.corp.internal/acme/directory", "caddy_acme_challenges": []},
+         "caddy_acme_challenges one or both of http-01 and tls-alpn-01 (now none)"),
+        ({"caddy_acme_ca": "https://ca.corp.internal/acme/directory",
+          "caddy_acme_ca_root": "not a certificate"},
+         "caddy_acme_ca_root the PEM text"),
+    ],
+    ids=["plain-http-directory", "no-challenge", "root-not-pem"],
+)
+def test_preflight_refuses_acme_ca_settings_that_cannot_work(settings, says):
+    extra = json.dumps({"caddy_tls_mode": "acme", **settings})
+    rc, output = ansible_playbook("converge.yml", "--check", "-e", extra)
+    assert rc != 0, output[-4000:]
+    assert says in " ".join(output.split()), output[-4000:]
+    assert "changed=0" in output, output[-4000:]
+
+
+def test_an_acme_ca_of_ones_own_may_certify_a_reserved_name():
+    """Let's Encrypt refuses .test names; a private ACME CA (caddy_acme_ca) need not."""
+    extra = json.dumps({"caddy_tls_mode": "acme",
+                        "caddy_acme_ca": "https://ca.corp.internal/acme/directory"})
+    rc, output = ansible_playbook("converge.yml", "--check", "-e", extra)
+    assert rc == 0, output[-4000:]
+    assert "Let's Encrypt does not issue certificates" not in output
+
+
 def test_a_caddyfile_that_caddy_rejects_never_reaches_the_host(host):
     """A value preflight lets through but Caddy refuses: the converge fails, nothing changes."""
     before = host.file("/etc/caddy/Caddyfile").sha256sum
