@@ -18,9 +18,11 @@ import yaml
 from . import __version__
 from .config import (
     ConfigError,
+    EnvFileError,
     Settings,
     effective_settings,
     load_settings,
+    read_env_file,
     settings_reference_markdown,
     unknown_variables,
 )
@@ -123,9 +125,17 @@ def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
     for name, shown, _help in rows:
         print(f"{name:<{width}}  {shown}")
     problems = 0
-    for name in unknown_variables():
-        print(f"warning: {name} is set but is not a DigitalMe setting (typo?)", file=sys.stderr)
-    if not settings.db_path.parent.exists():
+    environ = read_env_file(args.env_file) if args.env_file else None
+    for name in unknown_variables(environ):
+        if args.strict:
+            print(f"error: {name} is set but is not a DigitalMe setting (typo?)", file=sys.stderr)
+            problems += 1
+        else:
+            print(f"warning: {name} is set but is not a DigitalMe setting (typo?)",
+                  file=sys.stderr)
+    # The host's state is judged for the environment the command runs in; a file is judged
+    # by its content alone (the role checks the file before the folders may exist).
+    if environ is None and not settings.db_path.parent.exists():
         print(f"error: DIGITALME_DB_PATH: directory {settings.db_path.parent} does not exist",
               file=sys.stderr)
         problems += 1
@@ -351,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="validate the settings and print them, secrets masked")
     p.add_argument("--reference", action="store_true",
                    help="print the reference table of all settings (Markdown) and exit")
+    p.add_argument("--env-file", metavar="FILE", type=Path,
+                   help="check the settings of FILE (NAME=value lines, as systemd's "
+                        "EnvironmentFile= reads them) instead of this process's environment; "
+                        "only the file's content is judged, not the folders it names")
+    p.add_argument("--strict", action="store_true",
+                   help="a DIGITALME_* variable that is no setting (a typo) is an error "
+                        f"(exit {EXIT_CONFIG}), not a warning")
     p.set_defaults(func=cmd_check_config)
 
     persona = sub.add_parser("persona", help="import and inspect the persona")
@@ -410,10 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    env_file: Path | None = getattr(args, "env_file", None)
     try:
-        settings = load_settings()
-    except ConfigError as exc:
+        # With --env-file, the file's variables alone (secrets are never in it).
+        settings = load_settings(read_env_file(env_file)) if env_file else load_settings()
+    except EnvFileError as exc:
         print(f"digitalme: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ConfigError as exc:
+        print(f"digitalme: {env_file}: {exc}" if env_file else f"digitalme: {exc}",
+              file=sys.stderr)
         return EXIT_CONFIG
     _setup_logging(settings.log_level)
     try:

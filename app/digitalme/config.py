@@ -18,6 +18,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import shlex
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -500,6 +501,36 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     env = os.environ if environ is None else environ
     known = {info.env for info in declared_settings()}
     return sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
+
+
+class EnvFileError(ValueError):
+    """An environment file that systemd would not read as we mean it."""
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables of an environment file as systemd's ``EnvironmentFile=`` reads the ones
+    the role writes: ``NAME=value`` lines, the value shell-quoted or bare, ``#`` and ``;``
+    comment lines, blank lines. Raise EnvFileError naming the line otherwise."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise EnvFileError(f"{path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise EnvFileError(f"{path}: not UTF-8 text") from None
+    variables: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", ";")):
+            continue
+        name, sep, value = stripped.partition("=")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise EnvFileError(f"{path} line {number}: expected NAME=value, got {line!r}")
+        try:
+            variables[name] = " ".join(shlex.split(value, comments=False, posix=True))
+        except ValueError as exc:
+            raise EnvFileError(f"{path} line {number}: {name}: {exc}") from None
+    return variables
 
 
 def settings_reference_markdown() -> str:

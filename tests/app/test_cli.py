@@ -210,6 +210,77 @@ def test_check_config_names_every_invalid_setting_at_once(env: dict[str, str]) -
     assert_refused(result, 2, "DIGITALME_RATE_LIMIT_PER_MINUTE:", "DIGITALME_LISTEN:")
 
 
+# --- check-config --env-file: the role's validate: of digitalme.env --------------------------
+
+# As the digitalme role's template writes it (values through Ansible's `quote`).
+ROLE_ENV_FILE = """# Ansible managed
+# Settings of the digitalme service (docs/configuration.md).
+DIGITALME_ENV='it'"'"'s staging'
+DIGITALME_LISTEN=127.0.0.1:8080
+DIGITALME_DB_PATH=/var/lib/digitalme/digitalme.db
+DIGITALME_MODEL=claude-sonnet-4-5
+ANTHROPIC_BASE_URL=http://10.0.0.1:8765
+DIGITALME_RATE_LIMIT_PER_MINUTE=0
+DIGITALME_LOG_LEVEL="warning"
+"""
+
+
+def env_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "digitalme.env"
+    path.write_text(text)
+    return path
+
+
+def test_check_config_reads_an_env_file_as_systemd_does(env: dict[str, str],
+                                                        tmp_path: Path) -> None:
+    # The process's own DIGITALME_* variables are not looked at: only the file's.
+    env["DIGITALME_MAX_TOKENS"] = "0"  # invalid, but not in the file
+    env["DIGITALME_TYPO_IN_MY_SHELL"] = "1"
+    path = env_file(tmp_path, ROLE_ENV_FILE)
+    result = cli(env, "check-config", "--strict", "--env-file", str(path))
+    assert_ok(result)
+    table = settings_table(result.stdout)
+    assert table["DIGITALME_DB_PATH"] == "/var/lib/digitalme/digitalme.db"  # folder absent here
+    assert table["DIGITALME_LOG_LEVEL"] == "warning"
+    assert table["DIGITALME_ENV"] == "it's staging"
+    assert table["DIGITALME_RATE_LIMIT_PER_MINUTE"] == "0"
+    assert table["DIGITALME_MAX_TOKENS"] != "0"
+    assert "TYPO" not in result.stderr
+    assert result.stderr.strip().endswith("configuration is valid")
+
+
+def test_check_config_strict_refuses_a_misspelt_setting_in_the_file(env: dict[str, str],
+                                                                    tmp_path: Path) -> None:
+    path = env_file(tmp_path, ROLE_ENV_FILE + "DIGITALME_RATE_LIMT_PER_MINUTE=5\n")
+    lenient = cli(env, "check-config", "--env-file", str(path))
+    assert_ok(lenient)
+    assert "warning: DIGITALME_RATE_LIMT_PER_MINUTE is set but is not a DigitalMe setting" \
+        in lenient.stderr
+    strict = cli(env, "check-config", "--strict", "--env-file", str(path))
+    assert strict.returncode == 2, (strict.stdout, strict.stderr)
+    assert "error: DIGITALME_RATE_LIMT_PER_MINUTE is set but is not a DigitalMe setting" \
+        in strict.stderr
+    assert strict.stderr.strip().endswith("configuration has problems")
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("DIGITALME_MAX_TOKENS=0\n", "DIGITALME_MAX_TOKENS: must be between 1 and 64000, got 0"),
+    ("DIGITALME_LISTEN\n", "line 1: expected NAME=value, got 'DIGITALME_LISTEN'"),
+    ("DIGITALME_ENV='unterminated\n", "line 1: DIGITALME_ENV: No closing quotation"),
+], ids=["invalid-value", "no-equals", "bad-quoting"])
+def test_check_config_refuses_a_bad_env_file_naming_the_line_or_setting(
+        env: dict[str, str], tmp_path: Path, text: str, why: str) -> None:
+    path = env_file(tmp_path, text)
+    result = cli(env, "check-config", "--env-file", str(path))
+    assert_refused(result, 2, str(path), why)
+
+
+def test_check_config_names_an_env_file_it_cannot_read(env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    result = cli(env, "check-config", "--env-file", str(tmp_path / "absent.env"))
+    assert_refused(result, 2, f"{tmp_path / 'absent.env'}: No such file or directory")
+
+
 def test_secrets_come_from_the_credentials_directory(env: dict[str, str],
                                                      tmp_path: Path) -> None:
     del env["ANTHROPIC_API_KEY"]

@@ -78,16 +78,21 @@ class Deployment:
         self.timings_file.write_text(json.dumps(self.timings, indent=2) + "\n")
 
 
-def chat_turn(deployment: Deployment, text: str, token_name: str = "e2e-chat") -> None:
-    """One chat turn through Caddy: its question and the stand-in's reply are stored (two new
-    messages rows in the live database)."""
+def chat_turn(deployment: Deployment, text: str, token_name: str = "e2e-chat",
+              ) -> dict[str, Any]:
+    """One chat turn through Caddy, in a new conversation, with a new token: its question and
+    the stand-in's reply are stored (two new messages rows in the live database). The API's
+    answer, with ``conversation`` (its id)."""
     token = deployment.chat_token(token_name)
     auth = ("--fail", "--header", f"Authorization: Bearer {token}")
-    conversation = json.loads(deployment.curl(
-        f"https://{DOMAIN}/api/v1/conversations", *auth, "--request", "POST").stdout)["id"]
+    created = deployment.curl(f"https://{DOMAIN}/api/v1/conversations", *auth,
+                              "--request", "POST")
+    assert created.returncode == 0, created.stderr
+    conversation = json.loads(created.stdout)["id"]
     said = deployment.curl(f"https://{DOMAIN}/api/v1/conversations/{conversation}/messages",
                            *auth, "--json", json.dumps({"text": text}))
     assert said.returncode == 0, said.stderr
+    return {"conversation": conversation, **json.loads(said.stdout)}
 
 
 def port_open(address: str, port: int) -> bool:

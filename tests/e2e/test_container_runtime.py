@@ -42,6 +42,7 @@ from tests.e2e.deployments import (
     DOMAIN,
     STANDIN_PORT,
     Deployment,
+    chat_turn,
     copy_of_checkout,
     port_open,
     recap,
@@ -120,18 +121,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             loop.run(anthropic.close())
 
 
-def chat(deployment: Deployment, token: str, text: str) -> dict[str, object]:
-    auth = ["--header", f"Authorization: Bearer {token}", "--fail"]
-    created = deployment.curl(f"https://{DOMAIN}/api/v1/conversations", *auth,
-                              "--request", "POST")
-    assert created.returncode == 0, created.stderr
-    conversation = json.loads(created.stdout)["id"]
-    said = deployment.curl(f"https://{DOMAIN}/api/v1/conversations/{conversation}/messages",
-                           *auth, "--json", json.dumps({"text": text}))
-    assert said.returncode == 0, said.stderr
-    return {"conversation": conversation, **json.loads(said.stdout)}
-
-
 def app_container(site: Site) -> dict[str, object]:
     inspected = json.loads(site.podman("container inspect digitalme"))
     assert len(inspected) == 1
@@ -145,8 +134,8 @@ def test_chat_through_caddy_reaches_the_claude_standin(site: Site) -> None:
     deployment = site.deployment
     health = deployment.curl(f"https://{DOMAIN}/health", "--fail")
     assert health.returncode == 0 and json.loads(health.stdout) == {"status": "ok"}
-    said = chat(deployment, deployment.chat_token("ctr-e2e"), "Hello from the container")
-    assert said["reply"]["text"] == "Stand-in reply to: Hello from the container"  # type: ignore[index]
+    said = chat_turn(deployment, "Hello from the container", token_name="ctr-e2e")
+    assert said["reply"]["text"] == "Stand-in reply to: Hello from the container"
     info = json.loads(deployment.curl(f"https://{DOMAIN}/info", "--fail").stdout)
     current = deployment.on_app("readlink /opt/digitalme/current").stdout.strip()
     assert info["release"]["release"] == Path(current).name, info
@@ -160,7 +149,7 @@ def test_the_service_is_one_hardened_container_behind_the_kept_socket(site: Site
     names = site.podman("ps --format '{{.Names}}'").split()
     assert names == ["digitalme"], names  # one app container: one writer
     container = app_container(site)
-    config, host = container["Config"], container["HostConfig"]  # type: ignore[index]
+    config, host = container["Config"], container["HostConfig"]
     release = Path(deployment.on_app("readlink /opt/digitalme/current").stdout.strip()).name
     assert config["Image"] == f"{IMAGE}:{release}"
     uid, gid = deployment.on_app("id -u digitalme; id -g digitalme").stdout.split()
@@ -181,8 +170,8 @@ def test_the_service_is_one_hardened_container_behind_the_kept_socket(site: Site
     assert status["NoNewPrivs"].strip() == "1"
     assert status["Seccomp"].strip() == "2"
     cgroups = deployment.on_app(f"cat /proc/{pid}/cgroup").stdout
-    memory = re.search(r"^\d+:memory:(.*)$", cgroups, re.MULTILINE)[1]  # type: ignore[index]
-    pids = re.search(r"^\d+:pids:(.*)$", cgroups, re.MULTILINE)[1]  # type: ignore[index]
+    memory = re.search(r"^\d+:memory:(.*)$", cgroups, re.MULTILINE)[1]
+    pids = re.search(r"^\d+:pids:(.*)$", cgroups, re.MULTILINE)[1]
     assert "digitalme.service" in memory, cgroups  # under the unit (--cgroups split)
     assert deployment.on_app(
         f"cat /sys/fs/cgroup/memory{memory}/memory.limit_in_bytes").stdout.strip() == \
@@ -202,7 +191,7 @@ def test_the_service_is_one_hardened_container_behind_the_kept_socket(site: Site
     deployment.record("exposure_digitalme_unit", float(re.search(
         r"exposure level for \S+: ([\d.]+)",
         deployment.on_app("systemd-analyze security digitalme.service --no-pager | tail -1")
-        .stdout)[1]))  # type: ignore[index]
+        .stdout)[1]))
 
 
 def test_the_image_has_no_pip_and_its_layers_are_reproducible(site: Site) -> None:
@@ -261,7 +250,7 @@ def test_only_ssh_http_and_https_are_reachable_and_the_engine_adds_no_rule(site:
 def test_writes_reach_the_replica_host(site: Site) -> None:
     deployment = site.deployment
     marker = f"container replica {uuid.uuid4()}"
-    said = chat(deployment, deployment.chat_token("ctr-replica"), marker)
+    said = chat_turn(deployment, marker, token_name="ctr-replica")
     acknowledged = time.monotonic()
     query = shlex.quote(f"SELECT count(*) FROM messages WHERE text LIKE '%{marker}%';")
     while True:
@@ -303,7 +292,7 @@ def test_an_upgrade_under_load_fails_no_request_and_rollback_puts_the_image_back
     assert load.failed() == [], load.failed()[:10]
     after = Path(deployment.on_app("readlink /opt/digitalme/current").stdout.strip()).name
     assert after != before
-    assert app_container(site)["Config"]["Image"] == f"{IMAGE}:{after}"  # type: ignore[index]
+    assert app_container(site)["Config"]["Image"] == f"{IMAGE}:{after}"
     last = json.loads(deployment.on_app("cat /var/lib/digitalme-deploy/last.json").stdout)
     assert (last["kind"], last["result"], last["from_release"], last["to_release"]) == \
         ("upgrade", "success", before, after)
@@ -318,7 +307,7 @@ def test_an_upgrade_under_load_fails_no_request_and_rollback_puts_the_image_back
     # Back to the previous release: its image runs again, through the same gate.
     site.playbook("rollback.yml", label="rollback")
     assert Path(deployment.on_app("readlink /opt/digitalme/current").stdout.strip()).name == before
-    assert app_container(site)["Config"]["Image"] == f"{IMAGE}:{before}"  # type: ignore[index]
+    assert app_container(site)["Config"]["Image"] == f"{IMAGE}:{before}"
     assert deployment.curl(f"https://{DOMAIN}/health/ready", "--fail").returncode == 0
     # Both images stay for the next rollback; nothing else of ours is left.
     images = site.podman("image ls --format '{{.Repository}}:{{.Tag}}'").split()
@@ -344,7 +333,7 @@ def test_a_second_run_changes_nothing(site: Site) -> None:
 def test_a_fresh_host_restores_the_data_from_the_replica(site: Site) -> None:
     deployment = site.deployment
     marker = f"before the loss {uuid.uuid4()}"
-    chat(deployment, deployment.chat_token("ctr-loss"), marker)
+    chat_turn(deployment, marker, token_name="ctr-loss")
     deployment.on_app(f"litestream-admin sync -wait {DB} >/dev/null 2>&1 || true", check=False)
     time.sleep(2)
     run_tool("kill", "--name", site.name, "app")
@@ -354,8 +343,8 @@ def test_a_fresh_host_restores_the_data_from_the_replica(site: Site) -> None:
     count = deployment.on_app(
         f"sqlite3 {DB} \"SELECT count(*) FROM messages WHERE text = '{marker}'\"").stdout
     assert count.strip() == "1"
-    said = chat(deployment, deployment.chat_token("ctr-after"), "After the restore")
-    assert said["reply"]["text"] == "Stand-in reply to: After the restore"  # type: ignore[index]
+    said = chat_turn(deployment, "After the restore", token_name="ctr-after")
+    assert said["reply"]["text"] == "Stand-in reply to: After the restore"
 
 
 # --- the sandbox's containers kind ------------------------------------------------------------
