@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Required, TypedDict
 
 from .config import Settings
 from .health import Check, CheckResult
@@ -175,10 +175,28 @@ def read_drill(path: Path) -> Drill:
     return Drill(True, ok, "" if ok else str(result.get("error") or "failed"), finished, result)
 
 
-# The fields of the drill's result worth showing in the readiness detail.
-_DRILL_FIELDS = ("started_at", "finished_at", "duration_seconds", "error", "restored_txid",
-                 "behind_seconds", "replica_age_seconds", "restored_bytes", "rows",
-                 "last_success_at")
+class DrillResult(TypedDict, total=False):
+    """The drill's ``result.json`` as this module reads it: the fields of the backup tool's
+    output (roles/litestream, ``digitalme-backup drill``) that the app relies on. Declared
+    once here; tests/unit/test_backup_drill.py checks the real tool's output against it (a
+    passing and a failing drill) and feeds that output to :func:`read_drill`, and the app's
+    tests build their results through it."""
+
+    ok: Required[bool]
+    started_at: str
+    finished_at: Required[str]
+    duration_seconds: float
+    error: Required[str | None]
+    restored_txid: str | None
+    behind_seconds: float | None
+    replica_age_seconds: float | None
+    restored_bytes: int
+    rows: dict[str, int]
+    last_success_at: str | None
+
+
+# The fields of the drill's result shown in the readiness detail: all but the verdict.
+_DRILL_FIELDS = tuple(name for name in DrillResult.__annotations__ if name != "ok")
 
 
 def backup_check(settings: Settings, *, clock: Clock = _utcnow) -> Check:

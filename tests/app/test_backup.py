@@ -19,8 +19,10 @@ from typing import Any
 
 import pytest
 
+from digitalme.backup import DrillResult
 from tests.conftest import Service, ServiceFactory
 from tests.standins.litestream_socket import LitestreamSocketStandin, run_litestream_socket
+from tests.support.shapes import shape_problems
 
 
 @pytest.fixture
@@ -54,7 +56,9 @@ async def _metric(service: Service, name: str) -> float:
 def _drill_result(path: Path, *, ok: bool, hours_ago: float = 1.0, error: str | None = None,
                   ) -> None:
     finished = datetime.now(UTC) - timedelta(hours=hours_ago)
-    path.write_text(json.dumps({
+    # In the shape the backup tool writes (DrillResult, checked against the real tool's
+    # output in tests/unit/test_backup_drill.py).
+    result: DrillResult = {
         "ok": ok, "error": error,
         "started_at": (finished - timedelta(seconds=12)).isoformat(),
         "finished_at": finished.isoformat(), "duration_seconds": 12.0,
@@ -62,7 +66,9 @@ def _drill_result(path: Path, *, ok: bool, hours_ago: float = 1.0, error: str | 
         "replica_age_seconds": 3.5, "restored_bytes": 4096,
         "rows": {"messages": 10, "conversations": 2},
         "last_success_at": finished.isoformat() if ok else None,
-    }))
+    }
+    assert shape_problems(result, DrillResult) == []
+    path.write_text(json.dumps(result))
 
 
 async def test_no_backup_check_without_backup_settings(service: Service) -> None:

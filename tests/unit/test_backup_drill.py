@@ -30,6 +30,9 @@ from typing import Any
 
 import pytest
 
+from digitalme.backup import DrillResult, read_drill
+from tests.support.shapes import shape_problems
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "roles/litestream/files/usr/local/libexec/digitalme-backup"
 LTX = "0000000000000001-00000000000000a1.ltx"
@@ -328,6 +331,30 @@ def test_a_corrupted_replica_fails_loudly_and_keeps_the_last_success(host: Host)
     assert metrics["digitalme_backup_drill_last_success_timestamp_seconds"] == pytest.approx(
         passed)
     assert not (host.workdir / "scratch").exists()
+
+
+def test_the_apps_reader_reads_what_the_tool_writes(host: Host) -> None:
+    """The one declaration of result.json (digitalme.backup.DrillResult) fits the real
+    tool's output, passing and failing, and the app's reader sees that output as it is."""
+    path = host.workdir / "result.json"
+    host.write(5, datetime.now(UTC))
+    host.replicate()
+    assert host.drill().returncode == 0
+    passed = host.result()
+    assert shape_problems(passed, DrillResult) == []
+    assert set(DrillResult.__annotations__) <= set(passed)  # every field the app shows
+    seen = read_drill(path)
+    assert (seen.found, seen.ok, seen.detail) == (True, True, "")
+    assert seen.finished_at == datetime.fromisoformat(passed["finished_at"])
+    assert seen.data == passed
+
+    assert host.drill(FAKE_RESTORE_ERROR="decode page 59: lz4: invalid source").returncode == 1
+    failed = host.result()
+    assert shape_problems(failed, DrillResult) == []
+    seen = read_drill(path)
+    assert (seen.found, seen.ok) == (True, False)
+    assert seen.detail == failed["error"] and "lz4: invalid source" in seen.detail
+    assert seen.finished_at == datetime.fromisoformat(failed["finished_at"])
 
 
 def test_a_drill_stopped_by_systemd_reports_a_failure(host: Host) -> None:
