@@ -8,7 +8,8 @@ mkdir -p artifacts
 set +e
 # Two workers by default (PYTEST_WORKERS=0 runs in this process); modules that share a
 # sandbox stay on one worker (tests/conftest.py: pytest_xdist_make_scheduler).
-.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadscope "$@"
+# --durations: where the time goes, in every run (the 40-minute budget, issue 12).
+.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadscope --durations=30 "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then
