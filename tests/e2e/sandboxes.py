@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -24,6 +26,20 @@ REPO = Path(__file__).resolve().parents[2]
 SANDBOX_TOOL = REPO / "sandbox" / "sandbox.py"
 RUN_ROOT = Path(os.environ.get("SANDBOX_RUN_DIR", "/run/digitalme-sandbox"))
 VENV_BIN = Path(sys.executable).parent
+
+
+def load_sandbox_tool() -> ModuleType:
+    """sandbox/sandbox.py as a module (standard library only; nothing runs at import)."""
+    spec = importlib.util.spec_from_file_location("sandbox_tool", SANDBOX_TOOL)
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, tool)  # its dataclasses look the module up
+    spec.loader.exec_module(tool)
+    return tool
+
+
+# The Debian releases sandbox hosts can run (`sandbox.py up --suite`), the default first.
+SUITES: tuple[str, ...] = load_sandbox_tool().SUITES
 
 
 def require_root() -> None:
