@@ -119,6 +119,7 @@ class SandboxHost:
 @dataclasses.dataclass(frozen=True)
 class Sandbox:
     name: str
+    suite: str  # the hosts' Debian release (SUITES)
     hosts: dict[str, SandboxHost]
     inventory: Path
     controller_address: str
@@ -262,8 +263,10 @@ def module_sandbox_name(module_name: str) -> str:
     return f"e2e-{stem[:26].strip('-')}-{checkout}"
 
 
-def boot_sandbox(name: str, specs: tuple[str, ...], inventory_dir: Path) -> Sandbox:
-    """Boot (or reconcile) a sandbox and describe it; the building block of the fixture."""
+def boot_sandbox(name: str, specs: tuple[str, ...], inventory_dir: Path,
+                 suite: str = SUITES[0]) -> Sandbox:
+    """Boot (or reconcile) a sandbox of a Debian release (SUITES) and describe it; the
+    building block of the fixture."""
     require_root()
     inventory_dir.mkdir(parents=True, exist_ok=True)
     for shared in ("group_vars", "host_vars"):
@@ -272,7 +275,8 @@ def boot_sandbox(name: str, specs: tuple[str, ...], inventory_dir: Path) -> Sand
             link.symlink_to(source)
     info = json.loads(
         run_tool(
-            "up", "--json", "--name", name, "--inventory", str(inventory_dir / "hosts.yml"), *specs
+            "up", "--json", "--name", name, "--suite", suite,
+            "--inventory", str(inventory_dir / "hosts.yml"), *specs
         ).stdout
     )
     hosts = {
@@ -286,6 +290,7 @@ def boot_sandbox(name: str, specs: tuple[str, ...], inventory_dir: Path) -> Sand
     }
     return Sandbox(
         name=name,
+        suite=info["suite"],
         hosts=hosts,
         inventory=inventory_dir,
         controller_address=info["controller_address"],
