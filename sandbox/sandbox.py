@@ -285,7 +285,7 @@ class AptSources:
 
 
 def _codename(suite: str) -> str:
-    """ "trixie-security" -> "trixie" """
+    """The release a suite belongs to: trixie-security -> trixie."""
     return suite.split("-", 1)[0].split("/", 1)[0]
 
 

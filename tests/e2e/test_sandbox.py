@@ -221,6 +221,28 @@ def test_kill_cuts_a_host_off_and_up_boots_it_fresh(pair):
     again.ansible("app", "-m", "ansible.builtin.ping")
 
 
+def test_up_on_another_release_boots_every_host_fresh_on_it(pair):
+    """All hosts of a sandbox run one Debian release: `up --suite trixie` replaces them with
+    Debian 13 hosts (new host keys, the inventory and known_hosts follow), and back."""
+    keys = {h: r["host_key"] for h, r in
+            json.loads((RUN_ROOT / pair.name / "state.json").read_text())["hosts"].items()}
+    for suite, codename, version in (("trixie", "trixie", "13"), ("bookworm", "bookworm", "12")):
+        again = boot_sandbox(pair.name, ("app", "replica"), pair.inventory, suite)
+        assert again.suite == suite
+        assert f"sandbox {pair.name} ({suite})" in run_tool("status", "--name", pair.name).stdout
+        state = json.loads((RUN_ROOT / pair.name / "state.json").read_text())
+        for name, host in again.hosts.items():
+            release = host.run("cat /etc/os-release").stdout
+            assert f"VERSION_CODENAME={codename}" in release, release
+            assert f'VERSION_ID="{version}"' in release, release
+            assert host.run("systemctl is-system-running --wait").stdout.strip() == "running"
+            assert f"Suites: {codename} {codename}-updates" in host.run(
+                "cat /etc/apt/sources.list.d/debian.sources").stdout
+            assert state["hosts"][name]["host_key"] != keys[name]
+            keys[name] = state["hosts"][name]["host_key"]
+        again.ansible("all", "-m", "ansible.builtin.ping")
+
+
 def test_a_boot_timeout_names_its_step_and_shows_the_console():
     name = "e2e-timeout-check"
     try:
