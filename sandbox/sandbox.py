@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Throw-away Debian 12 hosts for DigitalMe's roles, tests and demo.
+"""Throw-away Debian 12 or 13 hosts for DigitalMe's roles, tests and demo.
 
 Each host is a real systemd system (systemd is PID 1, booted with systemd-nspawn) in its own
 network namespace with its own address, reachable over SSH with a per-sandbox key and a
@@ -8,19 +8,21 @@ and the controller (this machine, at the bridge address), and nothing outside th
 the Debian package mirror, through a small caching HTTP proxy that this tool runs on the
 bridge address and that forwards only to the mirror of the machine's own apt sources.
 
-    sandbox.py up [--name NAME] [--inventory PATH] [--json] HOST[@containers][:GROUP[,GROUP...]]...
+    sandbox.py up [--name NAME] [--suite bookworm|trixie] [--inventory PATH] [--json]
+                  HOST[@containers][:GROUP[,GROUP...]]...
     sandbox.py down [--name NAME | --all]
     sandbox.py status [--name NAME] [--json]
     sandbox.py ssh [--name NAME] HOST [COMMAND...]
     sandbox.py kill [--name NAME] HOST...
-    sandbox.py image [--rebuild]
+    sandbox.py image [--suite bookworm|trixie] [--rebuild]
 
 `up` is declarative: the sandbox ends up with exactly the hosts asked for (hosts already
 running are kept, others are booted, hosts no longer asked for are removed), so running it
 twice changes nothing; a host that died, or that `kill` cut off like a power failure, is
-booted fresh under its name and address. `down` removes every host, network namespace,
-mount, cgroup, firewall table and process the sandbox created, and nothing else. See
-docs/sandbox.md.
+booted fresh under its name and address. All hosts of a sandbox run one Debian release,
+`--suite`: bookworm (Debian 12, the default) or trixie (Debian 13), each from its own
+cached base image. `down` removes every host, network namespace, mount, cgroup, firewall
+table and process the sandbox created, and nothing else. See docs/sandbox.md.
 
 A host named `HOST@containers` is of the opt-in kind that can run container engines
 (Docker Engine, rootful Podman) with their memory and PID limits enforced: its nspawn gets
@@ -81,7 +83,9 @@ PROXY_PORT = 3142
 DEFAULT_NAME = "dev"
 DEFAULT_GROUPS = ("digitalme", "backup_targets")  # first host, then every other host
 
-SUITE = "bookworm"
+# The Debian releases hosts can run (`up --suite`): the ones the roles are tested on.
+SUITES = ("bookworm", "trixie")  # Debian 12, Debian 13
+DEFAULT_SUITE = "bookworm"
 BASE_PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -209,40 +213,103 @@ def require_root() -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class AptSources:
-    """The machine's own Debian sources: what hosts use, and all the proxy lets through."""
+class AptSource:
+    """One suite of one mirror, as an apt sources entry names it."""
 
-    files: dict[str, str]  # file name under /etc/apt/sources.list.d/ -> content
+    uri: str
+    suite: str  # "bookworm", "bookworm-updates", "bookworm-security"...
+    components: tuple[str, ...]
+    signed_by: str  # the keyring the entry names, "" if none
+
+
+@dataclasses.dataclass(frozen=True)
+class AptSources:
+    """The Debian mirror of the machine's own apt sources, for hosts of one Debian release:
+    what they use, and all the proxy lets through."""
+
+    suite: str  # the hosts' release: a SUITES codename
+    entries: tuple[AptSource, ...]  # what the hosts' debian.sources lists
     mirror: str  # for debootstrap
     hosts: frozenset[str]  # the only names the proxy forwards to
     upstream_proxy: str | None  # the machine's own apt HTTP proxy, if it has one
 
     @classmethod
-    def from_machine(cls) -> AptSources:
-        files: dict[str, str] = {}
-        uris: list[tuple[str, str]] = []  # (uri, suite)
+    def from_machine(cls, suite: str) -> AptSources:
+        found: list[AptSource] = []
         candidates = sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))
         candidates += sorted(Path("/etc/apt/sources.list.d").glob("*.list"))
         if Path("/etc/apt/sources.list").is_file():
             candidates.append(Path("/etc/apt/sources.list"))
         for path in candidates:
-            text = path.read_text()
-            found = _parse_sources(text, deb822=path.suffix == ".sources")
-            debian = [(u, s) for u, s in found if _is_debian_mirror(u)]
-            if debian:
-                name = path.name if path.name != "sources.list" else "debian.list"
-                files[name] = text
-                uris.extend(debian)
-        if not uris:
+            entries = _parse_sources(path.read_text(), deb822=path.suffix == ".sources")
+            found += [e for e in entries if _is_debian_mirror(e.uri)]
+        if not found:
             raise SandboxError("no Debian mirror found in the machine's apt sources")
-        mirror = next((u for u, s in uris if s == SUITE), uris[0][0])
-        hosts = frozenset(urllib.parse.urlsplit(u).hostname or "" for u, _ in uris) - {""}
+        entries = _entries_for_suite(found, suite, _machine_codename())
+        mirror = next((e.uri for e in entries if e.suite == suite), None)
+        if mirror is None:
+            listed = sorted({e.suite for e in found})
+            raise SandboxError(
+                f"no Debian mirror for {suite} in the machine's apt sources (they list "
+                f"{', '.join(listed)})"
+            )
+        hosts = frozenset(urllib.parse.urlsplit(e.uri).hostname or "" for e in found) - {""}
         proxy = run(
             ["apt-config", "shell", "P", "Acquire::http::Proxy"], "read apt proxy", check=False
         ).stdout.strip()
         match = re.match(r"^P='(.*)'$", proxy)
         upstream = match.group(1) if match and match.group(1) not in ("", "DIRECT") else None
-        return cls(files=files, mirror=mirror, hosts=hosts, upstream_proxy=upstream)
+        return cls(suite=suite, entries=tuple(entries), mirror=mirror, hosts=hosts,
+                   upstream_proxy=upstream)
+
+    def sources_file(self) -> str:
+        """The hosts' /etc/apt/sources.list.d/debian.sources (deb822): one stanza per mirror,
+        components and keyring, its suites in the machine's order."""
+        stanzas: dict[tuple[str, tuple[str, ...], str], list[str]] = {}
+        for entry in self.entries:
+            suites = stanzas.setdefault((entry.uri, entry.components, entry.signed_by), [])
+            if entry.suite not in suites:
+                suites.append(entry.suite)
+        text = (
+            f"# Sandbox host ({self.suite}): the Debian mirror of the controller's apt sources,\n"
+            "# reached through the controller's proxy (apt.conf.d/00sandbox-proxy).\n"
+        )
+        for (uri, components, signed_by), suites in stanzas.items():
+            text += (
+                f"\nTypes: deb\nURIs: {uri}\nSuites: {' '.join(suites)}\n"
+                f"Components: {' '.join(components)}\n"
+            )
+            if signed_by:
+                text += f"Signed-By: {signed_by}\n"
+        return text
+
+
+def _codename(suite: str) -> str:
+    """The release a suite belongs to: trixie-security -> trixie."""
+    return suite.split("-", 1)[0].split("/", 1)[0]
+
+
+def _machine_codename() -> str:
+    match = re.search(
+        r"^VERSION_CODENAME=\"?([a-z]+)", Path("/etc/os-release").read_text(), re.MULTILINE
+    )
+    return match.group(1) if match else ""
+
+
+def _entries_for_suite(found: list[AptSource], suite: str, own: str) -> list[AptSource]:
+    """The machine's entries for the release `suite` if it lists that release, or else the
+    entries of its own release renamed (bookworm-security -> trixie-security): a Debian
+    mirror serves every release under the same addresses."""
+    listed = [e for e in found if _codename(e.suite) == suite]
+    if listed:
+        return listed
+    if own not in {_codename(e.suite) for e in found}:
+        own = _codename(found[0].suite)
+    return [
+        dataclasses.replace(e, suite=suite + e.suite[len(own):])
+        for e in found
+        if _codename(e.suite) == own
+    ]
 
 
 def _is_debian_mirror(uri: str) -> bool:
@@ -250,8 +317,8 @@ def _is_debian_mirror(uri: str) -> bool:
     return parts.scheme == "http" and "debian" in (parts.hostname or "") + parts.path
 
 
-def _parse_sources(text: str, deb822: bool) -> list[tuple[str, str]]:
-    found: list[tuple[str, str]] = []
+def _parse_sources(text: str, deb822: bool) -> list[AptSource]:
+    found: list[AptSource] = []
     if deb822:
         for stanza in re.split(r"\n\s*\n", text):
             fields: dict[str, str] = {}
@@ -262,14 +329,20 @@ def _parse_sources(text: str, deb822: bool) -> list[tuple[str, str]]:
                 fields[key.strip().lower()] = value.strip()
             if "deb" not in fields.get("types", "").split():
                 continue
+            if fields.get("enabled", "yes").lower() == "no":
+                continue
+            components = tuple(fields.get("components", "main").split())
             for uri in fields.get("uris", "").split():
                 for suite in fields.get("suites", "").split():
-                    found.append((uri, suite))
+                    found.append(AptSource(uri, suite, components, fields.get("signed-by", "")))
     else:
         for line in text.splitlines():
+            options = re.search(r"\[([^]]*)\]", line)
             words = re.sub(r"\[[^]]*\]", "", line).split()
             if len(words) >= 3 and words[0] == "deb":
-                found.append((words[1], words[2]))
+                keyring = re.search(r"signed-by=(\S+)", options.group(1)) if options else None
+                found.append(AptSource(words[1], words[2], tuple(words[3:]) or ("main",),
+                                       keyring.group(1) if keyring else ""))
     return found
 
 
@@ -293,8 +366,7 @@ rm -f /usr/sbin/policy-rc.d
 def _configure_image(root: Path, sources: AptSources) -> None:
     """Files of the base image, written from the controller (before and after the chroot)."""
     (root / "etc/apt/sources.list.d").mkdir(parents=True, exist_ok=True)
-    for name, text in sources.files.items():
-        (root / "etc/apt/sources.list.d" / name).write_text(text)
+    (root / "etc/apt/sources.list.d/debian.sources").write_text(sources.sources_file())
     # The TLS-intercepting proxy's CAs: harmless, and a host that must reach a registry
     # over HTTPS (never relied on) would need them.
     cas = root / "usr/local/share/ca-certificates"
@@ -330,11 +402,12 @@ def _finish_image(root: Path) -> None:
 
 
 def image_key(sources: AptSources) -> str:
+    """The recipe's hash, after the release: "trixie-0123456789abcdef"."""
     digest = hashlib.sha256()
     for part in (
-        SUITE,
+        sources.suite,
         sources.mirror,
-        json.dumps(sorted(sources.files.items())),
+        sources.sources_file(),
         " ".join(BASE_PACKAGES),
         " ".join(DISABLED_TIMERS),
         _image_recipe_script(),
@@ -346,7 +419,7 @@ def image_key(sources: AptSources) -> str:
         digest.update(b"\0")
     for cert in sorted(Path("/usr/local/share/ca-certificates").glob("*.crt")):
         digest.update(cert.read_bytes())
-    return digest.hexdigest()[:16]
+    return f"{sources.suite}-{digest.hexdigest()[:16]}"
 
 
 IMAGE_MARKERS = ("usr/lib/systemd/systemd", "usr/sbin/sshd", "usr/bin/python3", "etc/os-release")
@@ -372,9 +445,10 @@ def _image_problem(image_dir: Path, key: str) -> str | None:
     return None
 
 
-def ensure_image(rebuild: bool = False) -> Path:
-    """The base image's rootfs, built (debootstrap) when missing, stale or broken."""
-    sources = AptSources.from_machine()
+def ensure_image(suite: str = DEFAULT_SUITE, rebuild: bool = False) -> Path:
+    """The base image's rootfs for a Debian release, built (debootstrap) when missing, stale
+    or broken."""
+    sources = AptSources.from_machine(suite)
     key = image_key(sources)
     images = CACHE / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -399,8 +473,11 @@ def build_image(sources: AptSources, key: str) -> Path:
     root.mkdir(parents=True)
     debs = CACHE / "debootstrap-debs"
     debs.mkdir(parents=True, exist_ok=True)
-    build_log = images / "build.log"
-    log(f"building the base image with debootstrap ({SUITE}, {sources.mirror}); log: {build_log}")
+    build_log = images / f"build-{sources.suite}.log"
+    log(
+        f"building the base image with debootstrap ({sources.suite}, {sources.mirror}); "
+        f"log: {build_log}"
+    )
     env = dict(os.environ, LC_ALL="C")
     if sources.upstream_proxy:
         env["http_proxy"] = sources.upstream_proxy
@@ -413,7 +490,7 @@ def build_image(sources: AptSources, key: str) -> Path:
                     "--variant=minbase",
                     f"--include={','.join(BASE_PACKAGES)}",
                     f"--cache-dir={debs}",
-                    SUITE,
+                    sources.suite,
                     str(root),
                     sources.mirror,
                 ],
@@ -456,7 +533,8 @@ def build_image(sources: AptSources, key: str) -> Path:
         "key": key,
         "built_at": time.time(),
         "build_seconds": round(seconds, 1),
-        "suite": SUITE,
+        "suite": sources.suite,
+        "owner": str(REPO),
         "mirror": sources.mirror,
         "packages": list(BASE_PACKAGES),
     }
@@ -492,7 +570,12 @@ def _logged_step(step: str, argv: list[str], timeout: float, out: Any, env: dict
 
 
 def _gc_images(keep: Path) -> None:
-    """Remove other images, unless a registered sandbox still boots from them."""
+    """Remove the images `keep` replaces (this checkout's others of its release), and any
+    image that is stale, broken or left by a dead build; never one a registered sandbox
+    still boots from. Images of the other releases stay, and so do the current images of
+    other checkouts sharing the cache (SANDBOX_CACHE_DIR): each would rebuild its own in
+    turn otherwise."""
+    suite = json.loads((keep / "image.json").read_text())["suite"]
     in_use = {Path(s.get("image", "")).parent for s in all_states()}
     for candidate in (CACHE / "images").iterdir():
         if candidate == keep or candidate in in_use or not candidate.is_dir():
@@ -501,7 +584,14 @@ def _gc_images(keep: Path) -> None:
             int(candidate.name.rsplit("-", 1)[1])
         ):
             continue
-        shutil.rmtree(candidate, ignore_errors=True)
+        try:
+            meta = json.loads((candidate / "image.json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+        age_days = (time.time() - float(meta.get("built_at", 0))) / 86400
+        replaced = meta.get("suite") == suite and meta.get("owner") == str(REPO)
+        if replaced or age_days > IMAGE_MAX_AGE_DAYS:
+            shutil.rmtree(candidate, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- container base
@@ -511,6 +601,7 @@ def _gc_images(keep: Path) -> None:
 # system archive that a container engine imports (`podman import`, `docker import`). Like
 # python:3.11-slim it has python3 and its venv/ensurepip; the Dockerfile keeps pip out of
 # the final image. Cached in .cache/sandbox/container-base/<recipe hash>.<date>/rootfs.tar.
+CONTAINER_BASE_SUITE = "bookworm"  # its Python (3.11) is the Dockerfile's default base's
 CONTAINER_BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 CONTAINER_BASE_MARKERS = ("usr/bin/python3", "usr/lib/python3.11/ensurepip", "etc/os-release")
 
@@ -547,9 +638,9 @@ rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/debconf/*-old \\
 def container_base_key(sources: AptSources) -> str:
     digest = hashlib.sha256()
     for part in (
-        SUITE,
+        sources.suite,
         sources.mirror,
-        json.dumps(sorted(sources.files.items())),
+        sources.sources_file(),
         " ".join(CONTAINER_BASE_PACKAGES),
         _container_base_recipe_script(),
         inspect.getsource(build_container_base),
@@ -579,7 +670,7 @@ def _container_base_problem(folder: Path, key: str) -> str | None:
 
 def ensure_container_base(rebuild: bool = False) -> Path:
     """The container base's rootfs.tar, built when missing, stale or broken."""
-    sources = AptSources.from_machine()
+    sources = AptSources.from_machine(CONTAINER_BASE_SUITE)
     key = container_base_key(sources)
     bases = CACHE / "container-base"
     bases.mkdir(parents=True, exist_ok=True)
@@ -608,7 +699,7 @@ def build_container_base(sources: AptSources, key: str) -> Path:
     debs = CACHE / "debootstrap-debs"
     debs.mkdir(parents=True, exist_ok=True)
     build_log = bases / "build.log"
-    log(f"building the container base with debootstrap ({SUITE}); log: {build_log}")
+    log(f"building the container base with debootstrap ({sources.suite}); log: {build_log}")
     env = dict(os.environ, LC_ALL="C")
     if sources.upstream_proxy:
         env["http_proxy"] = sources.upstream_proxy
@@ -616,12 +707,11 @@ def build_container_base(sources: AptSources, key: str) -> Path:
         _logged_step(
             "debootstrap",
             ["debootstrap", "--variant=minbase", f"--include={','.join(CONTAINER_BASE_PACKAGES)}",
-             f"--cache-dir={debs}", SUITE, str(root), sources.mirror],
+             f"--cache-dir={debs}", sources.suite, str(root), sources.mirror],
             900, out, env,
         )
         (root / "etc/apt/sources.list.d").mkdir(parents=True, exist_ok=True)
-        for name, text in sources.files.items():
-            (root / "etc/apt/sources.list.d" / name).write_text(text)
+        (root / "etc/apt/sources.list.d/debian.sources").write_text(sources.sources_file())
         resolv = root / "etc/resolv.conf"
         resolv.unlink(missing_ok=True)
         shutil.copyfile("/etc/resolv.conf", resolv)
@@ -649,7 +739,7 @@ def build_container_base(sources: AptSources, key: str) -> Path:
     shutil.rmtree(root)
     seconds = time.monotonic() - started
     meta = {"key": key, "built_at": time.time(), "build_seconds": round(seconds, 1),
-            "suite": SUITE, "packages": list(CONTAINER_BASE_PACKAGES),
+            "suite": sources.suite, "packages": list(CONTAINER_BASE_PACKAGES),
             "markers": list(CONTAINER_BASE_MARKERS),
             "bytes": (build_dir / "rootfs.tar").stat().st_size}
     (build_dir / "image.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -715,10 +805,11 @@ def allocate_slot() -> int:
     raise SandboxError(f"no free /24 left in {SUBNET_BASE}.{FIRST_SLOT}-{LAST_SLOT}.0")
 
 
-def new_state(name: str) -> dict[str, Any]:
+def new_state(name: str, suite: str) -> dict[str, Any]:
     slot = allocate_slot()
     return {
         "name": name,
+        "suite": suite,
         "owner": str(REPO),
         "slot": slot,
         "subnet": f"{SUBNET_BASE}.{slot}.0/24",
@@ -1218,7 +1309,7 @@ def ensure_proxy(state: dict[str, Any]) -> None:
     if _same_process(state.get("proxy")) and _port_open(state["gateway"], PROXY_PORT, 0.5):
         return
     stop_proxy(state)
-    sources = AptSources.from_machine()
+    sources = AptSources.from_machine(state.get("suite", DEFAULT_SUITE))
     cache = CACHE / "apt-proxy"
     cache.mkdir(parents=True, exist_ok=True)
     log_path = Path(state["run_dir"]) / "proxy.log"
@@ -1802,6 +1893,7 @@ def describe(state: dict[str, Any]) -> dict[str, Any]:
         )
     return {
         "name": state["name"],
+        "suite": state.get("suite", DEFAULT_SUITE),
         "subnet": state["subnet"],
         "controller_address": state["gateway"],
         "apt_proxy": f"http://{state['gateway']}:{PROXY_PORT}/",
@@ -1872,7 +1964,11 @@ def remove_inventory(state: dict[str, Any]) -> None:
 
 
 def sandbox_up(
-    name: str, specs: list[str], inventory: Path | None, timeout: float
+    name: str,
+    specs: list[str],
+    inventory: Path | None,
+    timeout: float,
+    suite: str = DEFAULT_SUITE,
 ) -> dict[str, Any]:
     require_root()
     wanted = parse_host_specs(specs)
@@ -1885,11 +1981,17 @@ def sandbox_up(
                 f"there, or use another name (--name / SANDBOX=...)"
             )
         if state is None:
-            state = new_state(name)
+            state = new_state(name, suite)
             state_dir(name).mkdir(parents=True, exist_ok=True, mode=0o700)
             save_state(state)
+        if state.get("suite", DEFAULT_SUITE) != suite:
+            # All hosts of a sandbox run one release: asked for another, they boot fresh.
+            log(f"{name}: rebooting every host on {suite} (was {state.get('suite')})")
+            stop_hosts(state, list(state["hosts"]))
+            state["suite"] = suite
+            save_state(state)
         started = time.monotonic()
-        state["image"] = str(ensure_image())
+        state["image"] = str(ensure_image(suite))
         image_seconds = time.monotonic() - started
         save_state(state)
         ensure_keys(state)
@@ -2035,7 +2137,11 @@ def sandbox_kill(name: str, hosts: list[str]) -> list[str]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     info = sandbox_up(
-        args.name, args.hosts, Path(args.inventory) if args.inventory else None, args.timeout
+        args.name,
+        args.hosts,
+        Path(args.inventory) if args.inventory else None,
+        args.timeout,
+        args.suite,
     )
     if args.write_known_hosts:
         shutil.copyfile(info["known_hosts"], args.write_known_hosts)
@@ -2075,8 +2181,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for state in states:
         proxy = "up" if _same_process(state.get("proxy")) else "DOWN"
         print(
-            f"sandbox {state['name']}: {state['subnet']} on {state['bridge']}, proxy {proxy}, "
-            f"owner {state['owner']}, inventory {state.get('inventory') or '-'}"
+            f"sandbox {state['name']} ({state.get('suite', DEFAULT_SUITE)}): {state['subnet']} "
+            f"on {state['bridge']}, proxy {proxy}, owner {state['owner']}, "
+            f"inventory {state.get('inventory') or '-'}"
         )
         for name, record in sorted(state["hosts"].items(), key=lambda item: item[1]["index"]):
             alive = "running" if host_is_healthy(state, name) else "NOT HEALTHY"
@@ -2113,7 +2220,7 @@ def cmd_image(args: argparse.Namespace) -> int:
     require_root()
     with machine_lock():
         started = time.monotonic()
-        path = ensure_image(rebuild=args.rebuild)
+        path = ensure_image(args.suite, rebuild=args.rebuild)
     log(f"image ready in {time.monotonic() - started:.1f}s")
     print(path)
     return 0
@@ -2138,6 +2245,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     name_help = f"sandbox name (default {DEFAULT_NAME}); sandboxes of different names do not clash"
+    suite_help = (
+        f"the hosts' Debian release: {' (Debian 12) or '.join(SUITES)} (Debian 13); "
+        f"default {DEFAULT_SUITE}. Each release has its own cached image"
+    )
 
     up = sub.add_parser("up", help="boot the hosts (declarative, idempotent)")
     up.add_argument("--name", default=DEFAULT_NAME, help=name_help)
@@ -2145,6 +2256,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--json", action="store_true", help="print the sandbox description as JSON")
     up.add_argument("--write-known-hosts", help="also copy the pinned known_hosts here")
     up.add_argument("--timeout", type=float, default=120, help="seconds for a host to boot")
+    up.add_argument(
+        "--suite",
+        choices=SUITES,
+        default=DEFAULT_SUITE,
+        help=suite_help + "; a sandbox asked for another release boots all its hosts fresh",
+    )
     up.add_argument(
         "hosts",
         nargs="*",
@@ -2183,6 +2300,7 @@ def main(argv: list[str] | None = None) -> int:
 
     image = sub.add_parser("image", help="build the base image if missing, stale or broken")
     image.add_argument("--rebuild", action="store_true", help="build it even if the cache is good")
+    image.add_argument("--suite", choices=SUITES, default=DEFAULT_SUITE, help=suite_help)
     image.set_defaults(func=cmd_image)
 
     base = sub.add_parser(

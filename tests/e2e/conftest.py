@@ -5,7 +5,8 @@ Fixture API
 ``sandbox_hosts`` (module scope) is a factory. Call it with host specs, as for
 ``make sandbox HOSTS=...``: ``"app"``, or ``"app:digitalme"`` / ``"replica:backup_targets,extra"``
 to choose the Ansible groups (by default the first host is in ``digitalme`` and the others
-in ``backup_targets``). It boots the hosts (or keeps them, if the module already has them)
+in ``backup_targets``); ``suite="trixie"`` boots Debian 13 hosts (Debian 12, ``bookworm``,
+by default). It boots the hosts (or keeps them, if the module already has them)
 and returns a :class:`Sandbox`; at the end of the module every host is removed::
 
     @pytest.mark.e2e
@@ -18,11 +19,12 @@ and returns a :class:`Sandbox`; at the end of the module every host is removed::
 
 Each module gets its own sandbox (own bridge, /24 and hosts), so modules never share
 state. Calling the factory again with other hosts makes the module's sandbox have exactly
-those hosts (hosts not named are removed); ``name=`` gives a module a second sandbox.
+those hosts (hosts not named are removed; another ``suite`` boots them all fresh);
+``name=`` gives a module a second sandbox.
 
-- :class:`Sandbox`: ``name``, ``hosts`` (dict name -> :class:`SandboxHost`), ``inventory``
-  (a directory usable as ``ansible -i``: the generated ``hosts.yml`` plus links to
-  ``inventory/sandbox/group_vars`` and ``host_vars`` when they exist), ``controller_address``
+- :class:`Sandbox`: ``name``, ``suite``, ``hosts`` (dict name -> :class:`SandboxHost`),
+  ``inventory`` (a directory usable as ``ansible -i``: the generated ``hosts.yml`` plus links
+  to ``inventory/sandbox/group_vars`` and ``host_vars`` when they exist), ``controller_address``
   (the controller as the hosts see it; also the name ``sandbox-controller`` on the hosts),
   ``subnet``, ``private_key``, ``known_hosts``, ``apt_proxy``; methods ``ansible()``,
   ``ansible_playbook()`` (run from the repository root, so ``ansible.cfg`` applies),
@@ -56,6 +58,7 @@ from tests.e2e.deployments import (
 from tests.e2e.load import BackgroundLoop, start_telegram
 from tests.e2e.sandboxes import (
     REPO,
+    SUITES,
     Sandbox,
     add_group_vars,
     boot_sandbox,
@@ -70,18 +73,19 @@ from tests.standins.anthropic_api import AnthropicStandin
 def sandbox_hosts(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., Sandbox]]:
-    """Factory: ``sandbox_hosts("app", "replica:backup_targets", name=None) -> Sandbox``."""
+    """Factory: ``sandbox_hosts("app", "replica:backup_targets", name=None, suite=None)
+    -> Sandbox``."""
     require_root()
     default_name = module_sandbox_name(request.module.__name__)
     booted: dict[str, Sandbox] = {}
     inventories: dict[str, Path] = {}
 
-    def factory(*specs: str, name: str | None = None) -> Sandbox:
+    def factory(*specs: str, name: str | None = None, suite: str | None = None) -> Sandbox:
         sandbox_name = name or default_name
         if sandbox_name not in inventories:
             inventories[sandbox_name] = tmp_path_factory.mktemp(f"inventory-{sandbox_name}")
         booted[sandbox_name] = boot_sandbox(
-            sandbox_name, specs or ("app",), inventories[sandbox_name]
+            sandbox_name, specs or ("app",), inventories[sandbox_name], suite or SUITES[0]
         )
         return booted[sandbox_name]
 

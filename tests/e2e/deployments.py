@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,44 @@ def chat_turn(deployment: Deployment, text: str, token_name: str = "e2e-chat",
     return {"conversation": conversation, **json.loads(said.stdout)}
 
 
+def count_messages(deployment: Deployment, path: str, text: str) -> int:
+    """Messages holding ``text`` in a database file on the app host (read-only)."""
+    found = deployment.on_app(
+        f"sqlite3 -readonly {shlex.quote(path)} "
+        + shlex.quote(f"SELECT count(*) FROM messages WHERE text LIKE '%{text}%'"))
+    return int(found.stdout)
+
+
+def wait_replicated(deployment: Deployment, text: str, timeout: float = 120) -> None:
+    """Until a restore of the replica's latest state holds ``text`` (question and reply)."""
+    copy = "/var/lib/digitalme/e2e-replica-check.db"
+    deadline = time.monotonic() + timeout
+    while True:
+        deployment.on_app(f"rm -f {copy}*")
+        restored = deployment.on_app(f"litestream-admin restore -o {copy} {DB}", check=False,
+                                     timeout=300)
+        if restored.returncode == 0 and count_messages(deployment, copy, text) == 2:
+            deployment.on_app(f"rm -f {copy}*")
+            return
+        assert time.monotonic() < deadline, (restored.stdout, restored.stderr)
+        time.sleep(2)
+
+
+def run_drill(deployment: Deployment) -> tuple[int, str]:
+    """Start a restore drill as the timer does; its exit status and the drill's journal."""
+    ran = deployment.on_app("systemctl start digitalme-backup-drill.service", check=False,
+                            timeout=1200)
+    journal = deployment.on_app(
+        "journalctl -u digitalme-backup-drill -o cat --no-pager -n 30").stdout
+    return ran.returncode, journal
+
+
+def metric(text: str, name: str) -> float | None:
+    """An unlabelled sample's value in a Prometheus text page, or None."""
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(found[1]) if found else None
+
+
 def port_open(address: str, port: int) -> bool:
     """Whether a TCP connection from the controller to ``address:port`` is accepted."""
     try:
@@ -122,6 +162,22 @@ def copy_of_checkout(into: Path) -> Path:
         shutil.copytree(REPO / name, into / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     return into
+
+
+def site_yml(deployment: Deployment, label: str, *args: str) -> dict[str, dict[str, int]]:
+    """``playbooks/site.yml`` (``args`` after it) on the deployment, its output kept in
+    artifacts/<label>.log and its duration recorded as <label>_seconds; fails the test
+    unless it succeeded on every host. Returns the recap."""
+    started = time.monotonic()
+    result = deployment.sandbox.ansible_playbook("playbooks/site.yml", *args, check=False,
+                                                 timeout=3600)
+    deployment.record(f"{label}_seconds", time.monotonic() - started)
+    (REPO / "artifacts" / f"{label}.log").write_text(result.stdout + result.stderr)
+    counts = recap(result.stdout)
+    assert result.returncode == 0 and counts and all(
+        c["failed"] == 0 and c["unreachable"] == 0 for c in counts.values()), \
+        result.stdout[-5000:] + result.stderr[-2000:]
+    return counts
 
 
 def recap(output: str) -> dict[str, dict[str, int]]:

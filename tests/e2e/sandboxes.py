@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -24,6 +26,20 @@ REPO = Path(__file__).resolve().parents[2]
 SANDBOX_TOOL = REPO / "sandbox" / "sandbox.py"
 RUN_ROOT = Path(os.environ.get("SANDBOX_RUN_DIR", "/run/digitalme-sandbox"))
 VENV_BIN = Path(sys.executable).parent
+
+
+def load_sandbox_tool() -> ModuleType:
+    """sandbox/sandbox.py as a module (standard library only; nothing runs at import)."""
+    spec = importlib.util.spec_from_file_location("sandbox_tool", SANDBOX_TOOL)
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, tool)  # its dataclasses look the module up
+    spec.loader.exec_module(tool)
+    return tool
+
+
+# The Debian releases sandbox hosts can run (`sandbox.py up --suite`), the default first.
+SUITES: tuple[str, ...] = load_sandbox_tool().SUITES
 
 
 def require_root() -> None:
@@ -103,6 +119,7 @@ class SandboxHost:
 @dataclasses.dataclass(frozen=True)
 class Sandbox:
     name: str
+    suite: str  # the hosts' Debian release (SUITES)
     hosts: dict[str, SandboxHost]
     inventory: Path
     controller_address: str
@@ -246,8 +263,10 @@ def module_sandbox_name(module_name: str) -> str:
     return f"e2e-{stem[:26].strip('-')}-{checkout}"
 
 
-def boot_sandbox(name: str, specs: tuple[str, ...], inventory_dir: Path) -> Sandbox:
-    """Boot (or reconcile) a sandbox and describe it; the building block of the fixture."""
+def boot_sandbox(name: str, specs: tuple[str, ...], inventory_dir: Path,
+                 suite: str = SUITES[0]) -> Sandbox:
+    """Boot (or reconcile) a sandbox of a Debian release (SUITES) and describe it; the
+    building block of the fixture."""
     require_root()
     inventory_dir.mkdir(parents=True, exist_ok=True)
     for shared in ("group_vars", "host_vars"):
@@ -256,7 +275,8 @@ def boot_sandbox(name: str, specs: tuple[str, ...], inventory_dir: Path) -> Sand
             link.symlink_to(source)
     info = json.loads(
         run_tool(
-            "up", "--json", "--name", name, "--inventory", str(inventory_dir / "hosts.yml"), *specs
+            "up", "--json", "--name", name, "--suite", suite,
+            "--inventory", str(inventory_dir / "hosts.yml"), *specs
         ).stdout
     )
     hosts = {
@@ -270,6 +290,7 @@ def boot_sandbox(name: str, specs: tuple[str, ...], inventory_dir: Path) -> Sand
     }
     return Sandbox(
         name=name,
+        suite=info["suite"],
         hosts=hosts,
         inventory=inventory_dir,
         controller_address=info["controller_address"],

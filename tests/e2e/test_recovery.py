@@ -24,7 +24,6 @@ Measurements go to artifacts/recovery-timings.json (and the test output).
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import threading
 import time
@@ -42,7 +41,9 @@ from tests.e2e.deployments import (
     STANDIN_PORT,
     Deployment,
     chat_turn,
+    metric,
     recap,
+    run_drill,
 )
 from tests.e2e.sandboxes import REPO, SandboxHost, add_group_vars, run_tool
 from tests.support.process import StandinProcess
@@ -106,24 +107,10 @@ def conversations_in(deployment: Deployment, path: str) -> set[str]:
     return set(listed.stdout.split())
 
 
-def metric(text: str, name: str) -> float | None:
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(found[1]) if found else None
-
-
 def readiness_backup(deployment: Deployment) -> dict[str, Any]:
     ready = deployment.on_app("curl -sS http://127.0.0.1:8080/health/ready", check=False)
     checks = json.loads(ready.stdout)["checks"]
     return checks["backup"]
-
-
-def run_drill(deployment: Deployment) -> tuple[int, str]:
-    """Start a restore drill as the timer does; its exit status and the drill's journal."""
-    ran = deployment.on_app("systemctl start digitalme-backup-drill.service", check=False,
-                            timeout=1200)
-    journal = deployment.on_app(
-        "journalctl -u digitalme-backup-drill -o cat --no-pager -n 30").stdout
-    return ran.returncode, journal
 
 
 def deploy(deployment: Deployment, name: str) -> float:

@@ -1,9 +1,11 @@
-"""`molecule test` of every role's scenario, each on fresh sandbox hosts.
+"""`molecule test` of every role's scenario, each on fresh sandbox hosts of each Debian
+release the roles support: a matrix of roles by releases (bookworm, Debian 12, and trixie,
+Debian 13; ids like `caddy-trixie`).
 
 Every role under roles/ with a molecule/default scenario is run: destroy, syntax, create,
 (prepare,) converge, idempotence (a second converge must change nothing), verify,
 destroy. What each scenario proves is described in the role's README. The sample role of
-the sandbox itself is run by test_sandbox.py. Logs: artifacts/molecule-<role>.log.
+the sandbox itself is run by test_sandbox.py. Logs: artifacts/molecule-<role>-<suite>.log.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 
 import pytest
 
-from tests.e2e.sandboxes import REPO, require_root, tool_env
+from tests.e2e.sandboxes import REPO, SUITES, require_root, tool_env
 
 ROLES = sorted(
     path.parents[2].name for path in REPO.glob("roles/*/molecule/default/molecule.yml")
@@ -26,16 +28,18 @@ def test_every_deployment_role_has_a_scenario() -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("role", ROLES)
-def test_molecule_scenario_passes(role: str) -> None:
+@pytest.mark.parametrize(("role", "suite"), [
+    pytest.param(role, suite, id=f"{role}-{suite}") for role in ROLES for suite in SUITES])
+def test_molecule_scenario_passes(role: str, suite: str) -> None:
     require_root()
-    log = REPO / "artifacts" / f"molecule-{role}.log"
+    log = REPO / "artifacts" / f"molecule-{role}-{suite}.log"
     log.parent.mkdir(exist_ok=True)
     started = time.monotonic()
     proc = subprocess.run(
         ["molecule", "test"],
         cwd=REPO / "roles" / role,
-        env=dict(tool_env(), NO_COLOR="1", ANSIBLE_FORCE_COLOR="0"),
+        # sandbox/molecule/create.yml boots the hosts on the release SANDBOX_SUITE names.
+        env=dict(tool_env(), SANDBOX_SUITE=suite, NO_COLOR="1", ANSIBLE_FORCE_COLOR="0"),
         capture_output=True,
         text=True,
         timeout=1800,
@@ -46,4 +50,4 @@ def test_molecule_scenario_passes(role: str) -> None:
     assert proc.returncode == 0, f"molecule test failed ({log}):\n{output[-8000:]}"
     for step in ("converge", "idempotence", "verify", "destroy"):
         assert f"{step}: Executed: Successful" in output, step
-    print(f"molecule test of roles/{role}: {time.monotonic() - started:.0f}s")
+    print(f"molecule test of roles/{role} on {suite}: {time.monotonic() - started:.0f}s")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import shlex
 import string
 import subprocess
 import time
@@ -46,8 +45,10 @@ from tests.e2e.deployments import (
     STANDIN_PORT,
     Deployment,
     chat_turn,
+    count_messages,
     free_port,
     recap,
+    wait_replicated,
 )
 from tests.e2e.sandboxes import REPO, add_group_vars, run_tool
 from tests.support.process import StandinProcess
@@ -173,28 +174,6 @@ def site(sandbox_hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3
         s3.process.wait(timeout=30)
 
 
-def count(deployment: Deployment, path: str, text: str) -> int:
-    found = deployment.on_app(
-        f"sqlite3 -readonly {shlex.quote(path)} "
-        + shlex.quote(f"SELECT count(*) FROM messages WHERE text LIKE '%{text}%'"))
-    return int(found.stdout)
-
-
-def wait_replicated(deployment: Deployment, text: str, timeout: float = 120) -> None:
-    """Until a restore of the bucket's latest state holds ``text`` (question and reply)."""
-    copy = "/var/lib/digitalme/e2e-s3-check.db"
-    deadline = time.monotonic() + timeout
-    while True:
-        deployment.on_app(f"rm -f {copy}*")
-        restored = deployment.on_app(f"litestream-admin restore -o {copy} {DB}", check=False,
-                                     timeout=300)
-        if restored.returncode == 0 and count(deployment, copy, text) == 2:
-            deployment.on_app(f"rm -f {copy}*")
-            return
-        assert time.monotonic() < deadline, (restored.stdout, restored.stderr)
-        time.sleep(2)
-
-
 def test_writes_reach_the_bucket_and_the_key_stays_secret(site: S3Site) -> None:
     deployment = site.deployment
     config = deployment.on_app("cat /etc/litestream.yml").stdout
@@ -249,22 +228,22 @@ def test_a_point_in_time_restore_from_the_bucket(site: S3Site) -> None:
     result = restore_playbook(deployment, "restore_point_in_time", "-e", "restore_force=true",
                               "-e", f"restore_timestamp={point}")
     assert '"outcome": "restored"' in result.stdout, result.stdout[-3000:]
-    assert count(deployment, DB, "said before the point") == 2
-    assert count(deployment, DB, "said after the point") == 0
+    assert count_messages(deployment, DB, "said before the point") == 2
+    assert count_messages(deployment, DB, "said after the point") == 0
     assert deployment.curl(f"https://{DOMAIN}/health/ready", "--fail").returncode == 0
     # What the restore replaced is kept aside, the turn after the point in it.
     aside = re.search(r'"replaced_files_kept_in": "([^"]+)"', result.stdout)
     assert aside, result.stdout[-3000:]
-    assert count(deployment, f"{aside[1]}/digitalme.db", "said after the point") == 2
+    assert count_messages(deployment, f"{aside[1]}/digitalme.db", "said after the point") == 2
 
     # The replica's history goes on from the restored state: a new turn reaches the bucket,
     # and the latest state is the restored one with that turn (not the abandoned one).
     chat_turn(deployment, token_name="e2e-s3", text="said after the restore")
     wait_replicated(deployment, "said after the restore")
     restore_playbook(deployment, "restore_latest", "-e", "restore_force=true")
-    assert count(deployment, DB, "said before the point") == 2
-    assert count(deployment, DB, "said after the restore") == 2
-    assert count(deployment, DB, "said after the point") == 0
+    assert count_messages(deployment, DB, "said before the point") == 2
+    assert count_messages(deployment, DB, "said after the restore") == 2
+    assert count_messages(deployment, DB, "said after the point") == 0
 
 
 def test_a_fresh_host_comes_back_from_the_bucket(site: S3Site, sandbox_hosts) -> None:
@@ -277,8 +256,8 @@ def test_a_fresh_host_comes_back_from_the_bucket(site: S3Site, sandbox_hosts) ->
     deploy(deployment, "site_recovery")
     journal = deployment.on_app("journalctl -u litestream-restore -o cat --no-pager").stdout
     assert "restored" in journal, journal
-    assert count(deployment, DB, "before the loss") == 2
-    assert count(deployment, DB, "said before the point") == 2
+    assert count_messages(deployment, DB, "before the loss") == 2
+    assert count_messages(deployment, DB, "said before the point") == 2
     result = restore_playbook(deployment, "restore_check")
     assert '"outcome": "kept"' in result.stdout, result.stdout[-3000:]
     assert deployment.curl(f"https://{DOMAIN}/health/ready", "--fail").returncode == 0

@@ -221,6 +221,28 @@ def test_kill_cuts_a_host_off_and_up_boots_it_fresh(pair):
     again.ansible("app", "-m", "ansible.builtin.ping")
 
 
+def test_up_on_another_release_boots_every_host_fresh_on_it(pair):
+    """All hosts of a sandbox run one Debian release: `up --suite trixie` replaces them with
+    Debian 13 hosts (new host keys, the inventory and known_hosts follow), and back."""
+    keys = {h: r["host_key"] for h, r in
+            json.loads((RUN_ROOT / pair.name / "state.json").read_text())["hosts"].items()}
+    for suite, codename, version in (("trixie", "trixie", "13"), ("bookworm", "bookworm", "12")):
+        again = boot_sandbox(pair.name, ("app", "replica"), pair.inventory, suite)
+        assert again.suite == suite
+        assert f"sandbox {pair.name} ({suite})" in run_tool("status", "--name", pair.name).stdout
+        state = json.loads((RUN_ROOT / pair.name / "state.json").read_text())
+        for name, host in again.hosts.items():
+            release = host.run("cat /etc/os-release").stdout
+            assert f"VERSION_CODENAME={codename}" in release, release
+            assert f'VERSION_ID="{version}"' in release, release
+            assert host.run("systemctl is-system-running --wait").stdout.strip() == "running"
+            assert f"Suites: {codename} {codename}-updates" in host.run(
+                "cat /etc/apt/sources.list.d/debian.sources").stdout
+            assert state["hosts"][name]["host_key"] != keys[name]
+            keys[name] = state["hosts"][name]["host_key"]
+        again.ansible("all", "-m", "ansible.builtin.ping")
+
+
 def test_a_boot_timeout_names_its_step_and_shows_the_console():
     name = "e2e-timeout-check"
     try:
@@ -265,7 +287,7 @@ def test_molecule_test_of_the_sample_scenario_passes():
     for step in ("create", "converge", "idempotence", "verify", "destroy"):
         assert f"{step}: Executed: Successful" in output, step
     print(f"molecule test of roles/sandbox_sample: {time.monotonic() - started:.0f}s")
-    name = f"mol-sandbox-sample-default-{hashlib.sha1(str(REPO).encode()).hexdigest()[:6]}"
+    name = f"mol-sandbox-sample-bookworm-{hashlib.sha1(str(REPO).encode()).hexdigest()[:6]}"
     assert "Take the sandbox down" in output
     status = json.loads(run_tool("status", "--json").stdout)
     assert not [s for s in status if s["name"] == name]
@@ -338,3 +360,61 @@ def test_a_stale_or_broken_container_base_is_detected(tmp_path, monkeypatch):
     old = time.time() - 86400 * (tool.IMAGE_MAX_AGE_DAYS + 1)
     (base / "image.json").write_text(json.dumps({**meta, "built_at": old}))
     assert tool._container_base_problem(base, "abc").startswith("stale")
+
+
+def test_hosts_of_each_release_get_the_machines_mirror_for_it(monkeypatch):
+    """`up --suite trixie` on a machine whose apt sources list only bookworm: the hosts get
+    the same mirror and keyring for trixie (checked without booting one)."""
+    tool = _load_tool(monkeypatch)
+    machine = tool._parse_sources(
+        "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+        "Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n"
+        "Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+        deb822=True)
+    renamed = tool._entries_for_suite(machine, "trixie", "bookworm")
+    assert [(e.uri, e.suite) for e in renamed] == [
+        ("http://deb.debian.org/debian", "trixie"),
+        ("http://deb.debian.org/debian", "trixie-updates"),
+        ("http://deb.debian.org/debian-security", "trixie-security")]
+    assert tool._entries_for_suite(machine, "bookworm", "bookworm") == machine
+    # A machine that lists both releases: each host gets its own release's entries only.
+    both = machine + tool._parse_sources(
+        "deb [signed-by=/k.gpg] http://mirror.example/debian trixie main contrib\n",
+        deb822=False)
+    assert [e.suite for e in tool._entries_for_suite(both, "bookworm", "bookworm")] == [
+        "bookworm", "bookworm-updates", "bookworm-security"]
+    (listed,) = tool._entries_for_suite(both, "trixie", "bookworm")
+    assert (listed.uri, listed.components, listed.signed_by) == (
+        "http://mirror.example/debian", ("main", "contrib"), "/k.gpg")
+    sources = tool.AptSources(suite="trixie", entries=tuple(renamed), mirror=renamed[0].uri,
+                              hosts=frozenset({"deb.debian.org"}), upstream_proxy=None)
+    text = sources.sources_file()
+    assert "Suites: trixie trixie-updates\n" in text and "Suites: trixie-security\n" in text
+    assert "bookworm" not in text
+    assert tool.image_key(sources).startswith("trixie-")
+
+
+def test_a_new_image_replaces_only_this_checkouts_image_of_its_release(tmp_path, monkeypatch):
+    """The image cache keeps one image per release, and the current images of other
+    checkouts that share it (SANDBOX_CACHE_DIR); stale ones go whoever built them."""
+    tool = _load_tool(monkeypatch)
+    monkeypatch.setattr(tool, "CACHE", tmp_path)
+    monkeypatch.setattr(tool, "RUN_ROOT", tmp_path / "run")
+    now, old = time.time(), time.time() - 86400 * (tool.IMAGE_MAX_AGE_DAYS + 1)
+    images = {
+        "new": ("trixie", str(tool.REPO), now),
+        "mine-before": ("trixie", str(tool.REPO), now - 60),
+        "mine-bookworm": ("bookworm", str(tool.REPO), now - 60),
+        "other-checkout": ("trixie", "/elsewhere", now - 60),
+        "other-checkout-stale": ("trixie", "/elsewhere", old),
+        "no-owner": ("trixie", None, now - 60),
+    }
+    for name, (suite, owner, built_at) in images.items():
+        (tmp_path / "images" / name).mkdir(parents=True)
+        meta = {"suite": suite, "built_at": built_at, **({"owner": owner} if owner else {})}
+        (tmp_path / "images" / name / "image.json").write_text(json.dumps(meta))
+    (tmp_path / "images" / ".build-trixie-0-999999999").mkdir()  # a dead build's leftovers
+    tool._gc_images(keep=tmp_path / "images" / "new")
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
+        "mine-bookworm", "new", "no-owner", "other-checkout"]
