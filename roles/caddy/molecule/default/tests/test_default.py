@@ -8,15 +8,14 @@ stand-in of prepare.yml (files/molecule-upstream.py) on 127.0.0.1:8080.
 
 import http.client
 import json
-import os
 import re
 import socket
 import ssl
-import subprocess
 import threading
 import time
 
 import pytest
+from verifier import ansible_playbook, changed_tasks
 
 DOMAIN = "digitalme.sandbox.test"  # converge.yml
 UNIT = "caddy"
@@ -27,28 +26,6 @@ HSTS = "max-age=31536000; includeSubDomains"
 
 
 # --- Helpers -----------------------------------------------------------------------------
-
-
-def ansible_playbook(playbook, *args):
-    """Run a playbook of this scenario against its hosts (Molecule's inventory and config)."""
-    path = os.path.join(os.environ["MOLECULE_SCENARIO_DIRECTORY"], playbook)
-    proc = subprocess.run(
-        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], *args, path],
-        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
-        env=dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0"),
-    )
-    return proc.returncode, proc.stdout + proc.stderr
-
-
-def changed_tasks(output):
-    """Names of the tasks an ansible-playbook output reports as changed."""
-    task, changed = None, []
-    for line in output.splitlines():
-        if line.startswith("TASK ["):
-            task = line[len("TASK ["):line.rindex("]")]
-        elif line.startswith("changed:"):
-            changed.append(task)
-    return changed
 
 
 class SiteConnection(http.client.HTTPSConnection):
@@ -136,7 +113,7 @@ def test_check_mode_reports_no_change_on_the_converged_host():
     Runs first (file order), before the other tests touch the host; Molecule hands the
     verifier its inventory and ansible.cfg through the environment.
     """
-    rc, output = ansible_playbook("converge.yml", "--check", "--diff")
+    rc, output = ansible_playbook("--check", "--diff")
     assert rc == 0, output[-6000:]
     recap = re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", output, re.MULTILINE)
     assert recap and all(changed == "0" for _, changed in recap), (
@@ -146,7 +123,7 @@ def test_check_mode_reports_no_change_on_the_converged_host():
 
 def test_preflight_refuses_acme_for_a_reserved_name():
     """An impossible combination stops the play before any change, saying what to do."""
-    rc, output = ansible_playbook("converge.yml", "--check", "-e", "caddy_tls_mode=acme")
+    rc, output = ansible_playbook("--check", "-e", "caddy_tls_mode=acme")
     assert rc != 0, output[-4000:]
     assert "Let's Encrypt does not issue certificates" in " ".join(output.split()), output[-4000:]
     assert "changed=0" in output, output[-4000:]
@@ -167,7 +144,7 @@ def test_preflight_refuses_acme_for_a_reserved_name():
 )
 def test_preflight_refuses_acme_ca_settings_that_cannot_work(settings, says):
     extra = json.dumps({"caddy_tls_mode": "acme", **settings})
-    rc, output = ansible_playbook("converge.yml", "--check", "-e", extra)
+    rc, output = ansible_playbook("--check", "-e", extra)
     assert rc != 0, output[-4000:]
     assert says in " ".join(output.split()), output[-4000:]
     assert "changed=0" in output, output[-4000:]
@@ -177,7 +154,7 @@ def test_an_acme_ca_of_ones_own_may_certify_a_reserved_name():
     """Let's Encrypt refuses .test names; a private ACME CA (caddy_acme_ca) need not."""
     extra = json.dumps({"caddy_tls_mode": "acme",
                         "caddy_acme_ca": "https://ca.corp.internal/acme/directory"})
-    rc, output = ansible_playbook("converge.yml", "--check", "-e", extra)
+    rc, output = ansible_playbook("--check", "-e", extra)
     assert rc == 0, output[-4000:]
     assert "Let's Encrypt does not issue certificates" not in output
 
@@ -185,7 +162,7 @@ def test_an_acme_ca_of_ones_own_may_certify_a_reserved_name():
 def test_a_caddyfile_that_caddy_rejects_never_reaches_the_host(host):
     """A value preflight lets through but Caddy refuses: the converge fails, nothing changes."""
     before = host.file("/etc/caddy/Caddyfile").sha256sum
-    rc, output = ansible_playbook("converge.yml", "-e", "caddy_max_body_size=99999999999GiB")
+    rc, output = ansible_playbook("-e", "caddy_max_body_size=99999999999GiB")
     assert rc != 0, output[-4000:]
     assert "failed to validate" in output and "too large" in output, output[-4000:]
     assert host.file("/etc/caddy/Caddyfile").sha256sum == before
@@ -195,7 +172,7 @@ def test_a_caddyfile_that_caddy_rejects_never_reaches_the_host(host):
 def test_acme_staging_configuration_renders_and_validates(host):
     """The production (ACME) branch of the template passes preflight and `caddy validate`."""
     scratch = "/root/Caddyfile.acme-check"
-    rc, output = ansible_playbook("render_acme.yml")
+    rc, output = ansible_playbook(playbook="render_acme.yml")
     assert rc == 0, output[-6000:]
     try:
         adapted = host.run(f"caddy adapt --adapter caddyfile --config {scratch}")
@@ -463,12 +440,12 @@ def test_caddy_runs_hardened(host, https):
 
 
 def test_the_hardening_can_be_switched_off_and_on_again(host, https, journal):
-    returncode, output = ansible_playbook("converge.yml", "-e", "caddy_unit_hardening=false")
+    returncode, output = ansible_playbook("-e", "caddy_unit_hardening=false")
     assert returncode == 0, output[-3000:]
     assert not host.file("/etc/systemd/system/caddy.service.d/hardening.conf").exists
     assert int(unit_process_status(host, UNIT)["CapBnd"], 16) != 1 << 10, journal()
     assert https("GET", "/health")[0] == 200
-    returncode, output = ansible_playbook("converge.yml")
+    returncode, output = ansible_playbook()
     assert returncode == 0, output[-3000:]
     changed = changed_tasks(output)
     assert any(task.endswith("Harden the caddy unit (drop-in)") for task in changed), changed

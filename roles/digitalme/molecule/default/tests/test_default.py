@@ -1,11 +1,10 @@
 """Testinfra checks of the digitalme role on a sandbox host (run by `molecule verify`)."""
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
+from verifier import ansible_playbook
 
 # The migrations in the checkout the release is built from (the role's default source).
 BUNDLED_MIGRATIONS = sorted(
@@ -146,24 +145,13 @@ def test_migrations_unit_is_hardened_and_has_no_network(host):
     assert "is up to date" in host.check_output(f"journalctl -u {unit} -n 5 -o cat --no-pager")
 
 
-def converge(*args):
-    """Run the scenario's converge.yml against its hosts (Molecule's inventory and config)."""
-    playbook = os.path.join(os.environ["MOLECULE_SCENARIO_DIRECTORY"], "converge.yml")
-    proc = subprocess.run(
-        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], *args, playbook],
-        capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
-        env=dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0"),
-    )
-    return proc.returncode, proc.stdout + proc.stderr
-
-
 def test_a_misspelt_setting_fails_the_play_and_the_settings_stay(host):
     """The release's `digitalme check-config --strict` is the settings file's validate:."""
     env = "/etc/digitalme/digitalme.env"
     before, pid = host.file(env).sha256sum, main_pid(host)
     typo = json.dumps({"digitalme_settings": {"DIGITALME_RATE_LIMIT_PER_MINUTE": 120,
                                               "DIGITALME_RATE_LIMT_PER_MINUTE": 5}})
-    rc, output = converge("-e", typo)
+    rc, output = ansible_playbook("-e", typo)
     said = " ".join(output.split())
     assert rc != 0, output[-4000:]
     assert "TASK [digitalme : Write the settings]" in output

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import time
 from pathlib import Path
 
@@ -37,27 +36,6 @@ def other_host(name: str):
 
 def address(name: str) -> str:
     return other_host(name).ansible.get_variables()["ansible_host"]
-
-
-def ansible_playbook(*args: str, timeout: int = 900) -> tuple[int, str]:
-    """The scenario's converge.yml with Molecule's inventory and settings."""
-    playbook = os.path.join(os.environ["MOLECULE_SCENARIO_DIRECTORY"], "converge.yml")
-    proc = subprocess.run(
-        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], *args, playbook],
-        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-        env=dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", NO_COLOR="1"),
-    )
-    return proc.returncode, proc.stdout + proc.stderr
-
-
-def changed_tasks(output: str) -> list[str]:
-    task, changed = None, []
-    for line in output.splitlines():
-        if line.startswith("TASK ["):
-            task = line[len("TASK ["):line.rindex("]")]
-        elif line.startswith("changed:"):
-            changed.append(task)
-    return changed
 
 
 def alert_names() -> set[str]:

@@ -2,7 +2,7 @@
 
 import re
 
-from conftest import ansible_playbook, changed_tasks
+from verifier import ansible_playbook, changed_tasks
 
 testinfra_hosts = ["mon"]
 

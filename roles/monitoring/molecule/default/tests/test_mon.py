@@ -14,13 +14,13 @@ from conftest import (
     WEBHOOK_LOG,
     address,
     alert_names,
-    ansible_playbook,
     api,
     exposure,
     query,
     record,
     wait_for,
 )
+from verifier import ansible_playbook
 
 testinfra_hosts = ["mon"]
 

@@ -1,39 +1,16 @@
 """Testinfra checks of the node_exporter role on a sandbox host (run by `molecule verify`)."""
 
-import os
 import re
 import shlex
 import socket
-import subprocess
 import time
 
 import pytest
+from verifier import ansible_playbook, changed_tasks
 
 TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
 TEXTFILE_GROUP = "node-exporter-textfile"
 UNIT = "prometheus-node-exporter"
-
-
-def ansible_playbook(*args):
-    """Run the scenario's converge.yml against its hosts (Molecule's inventory and config)."""
-    playbook = os.path.join(os.environ["MOLECULE_SCENARIO_DIRECTORY"], "converge.yml")
-    proc = subprocess.run(
-        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], *args, playbook],
-        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
-        env=dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0"),
-    )
-    return proc.returncode, proc.stdout + proc.stderr
-
-
-def changed_tasks(output):
-    """Names of the tasks an ansible-playbook output reports as changed."""
-    task, changed = None, []
-    for line in output.splitlines():
-        if line.startswith("TASK ["):
-            task = line[len("TASK ["):line.rindex("]")]
-        elif line.startswith("changed:"):
-            changed.append(task)
-    return changed
 
 
 def test_check_mode_reports_no_change_on_the_converged_host():
