@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +31,7 @@ def test_every_deployment_role_has_a_scenario() -> None:
 @pytest.mark.e2e
 @pytest.mark.parametrize(("role", "suite"), [
     pytest.param(role, suite, id=f"{role}-{suite}") for role in ROLES for suite in SUITES])
-def test_molecule_scenario_passes(role: str, suite: str) -> None:
+def test_molecule_scenario_passes(role: str, suite: str, tmp_path: Path) -> None:
     require_root()
     log = REPO / "artifacts" / f"molecule-{role}-{suite}.log"
     log.parent.mkdir(exist_ok=True)
@@ -39,7 +40,11 @@ def test_molecule_scenario_passes(role: str, suite: str) -> None:
         ["molecule", "test"],
         cwd=REPO / "roles" / role,
         # sandbox/molecule/create.yml boots the hosts on the release SANDBOX_SUITE names.
-        env=dict(tool_env(), SANDBOX_SUITE=suite, NO_COLOR="1", ANSIBLE_FORCE_COLOR="0"),
+        # Molecule keeps a scenario's state (inventory, known_hosts, instance list) in a
+        # folder named after the role's folder: the runs of one role on the two releases,
+        # on two workers at once, would share it. Each run gets its own.
+        env=dict(tool_env(), SANDBOX_SUITE=suite, NO_COLOR="1", ANSIBLE_FORCE_COLOR="0",
+                 MOLECULE_EPHEMERAL_DIRECTORY=str(tmp_path / "molecule")),
         capture_output=True,
         text=True,
         timeout=1800,
