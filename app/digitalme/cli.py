@@ -125,14 +125,11 @@ def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
     for name, shown, _help in rows:
         print(f"{name:<{width}}  {shown}")
     problems = 0
-    environ = read_env_file(args.env_file) if args.env_file else None
+    environ = args.environ  # the --env-file's variables, read once by main()
     for name in unknown_variables(environ):
-        if args.strict:
-            print(f"error: {name} is set but is not a DigitalMe setting (typo?)", file=sys.stderr)
-            problems += 1
-        else:
-            print(f"warning: {name} is set but is not a DigitalMe setting (typo?)",
-                  file=sys.stderr)
+        level = "error" if args.strict else "warning"
+        print(f"{level}: {name} is set but is not a DigitalMe setting (typo?)", file=sys.stderr)
+        problems += 1 if args.strict else 0
     # The host's state is judged for the environment the command runs in; a file is judged
     # by its content alone (the role checks the file before the folders may exist).
     if environ is None and not settings.db_path.parent.exists():
@@ -430,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     env_file: Path | None = getattr(args, "env_file", None)
     try:
         # With --env-file, the file's variables alone (secrets are never in it).
-        settings = load_settings(read_env_file(env_file)) if env_file else load_settings()
+        args.environ = read_env_file(env_file) if env_file else None
+        settings = load_settings(args.environ)
     except EnvFileError as exc:
         print(f"digitalme: {exc}", file=sys.stderr)
         return EXIT_CONFIG
