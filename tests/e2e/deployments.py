@@ -35,6 +35,8 @@ class Deployment:
     sandbox: Sandbox
     workdir: Path
     timings_file: Path
+    # Prefix of the playbook logs' names in artifacts/ (the module's, e.g. "acme-").
+    log_prefix: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -73,6 +75,19 @@ class Deployment:
         return self.on_app(
             f"/usr/local/sbin/digitalme token create --name {name} --scope chat --quiet"
         ).stdout.strip()
+
+    def playbook(self, name: str, label: str, *args: str, timeout: float = 3600,
+                 ) -> subprocess.CompletedProcess[str]:
+        """``playbooks/<name>`` (``args`` after it) on the deployment, whatever its outcome:
+        its output kept in artifacts/<log_prefix><label>.log, its duration recorded as
+        <label>_seconds."""
+        started = time.monotonic()
+        result = self.sandbox.ansible_playbook(f"playbooks/{name}", *args, check=False,
+                                               timeout=timeout)
+        self.record(f"{label}_seconds", time.monotonic() - started)
+        (REPO / "artifacts" / f"{self.log_prefix}{label}.log").write_text(
+            result.stdout + result.stderr)
+        return result
 
     def record(self, name: str, value: float) -> None:
         self.timings[name] = round(value, 2)
@@ -168,11 +183,7 @@ def site_yml(deployment: Deployment, label: str, *args: str) -> dict[str, dict[s
     """``playbooks/site.yml`` (``args`` after it) on the deployment, its output kept in
     artifacts/<label>.log and its duration recorded as <label>_seconds; fails the test
     unless it succeeded on every host. Returns the recap."""
-    started = time.monotonic()
-    result = deployment.sandbox.ansible_playbook("playbooks/site.yml", *args, check=False,
-                                                 timeout=3600)
-    deployment.record(f"{label}_seconds", time.monotonic() - started)
-    (REPO / "artifacts" / f"{label}.log").write_text(result.stdout + result.stderr)
+    result = deployment.playbook("site.yml", label, *args)
     counts = recap(result.stdout)
     assert result.returncode == 0 and counts and all(
         c["failed"] == 0 and c["unreachable"] == 0 for c in counts.values()), \

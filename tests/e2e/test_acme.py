@@ -168,16 +168,6 @@ def acme_settings(pebble: Pebble, challenges: list[str]) -> dict[str, dict[str, 
     }}
 
 
-def playbook(deployment: Deployment, name: str, label: str, *extra: str,
-             ) -> subprocess.CompletedProcess[str]:
-    started = time.monotonic()
-    result = deployment.sandbox.ansible_playbook(f"playbooks/{name}", *extra, check=False,
-                                                 timeout=3600)
-    deployment.record(f"{label}_seconds", time.monotonic() - started)
-    (REPO / "artifacts" / f"acme-{label}.log").write_text(result.stdout + result.stderr)
-    return result
-
-
 def succeeded(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
     counters = recap(result.stdout).get("app", {})
     assert result.returncode == 0 and counters.get("failed") == 0, result.stdout[-5000:]
@@ -197,9 +187,9 @@ def site(sandbox_hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ac
             f"cat > {HOST_TRUSTED_ROOT} <<'EOF'\n{root}EOF\nupdate-ca-certificates >/dev/null")
         add_group_vars(sandbox.inventory, acme_settings(pebble, ["http-01"]))
         TIMINGS.unlink(missing_ok=True)
-        deployment = Deployment(sandbox, workdir, TIMINGS)
+        deployment = Deployment(sandbox, workdir, TIMINGS, log_prefix="acme-")
         deployment.ca_file.write_text(root)  # curl from the controller trusts Pebble's root
-        succeeded(playbook(deployment, "site.yml", "site_fresh"))
+        succeeded(deployment.playbook("site.yml", "site_fresh"))
         yield AcmeSite(deployment, pebble)
     finally:
         standin.stop()
@@ -283,7 +273,7 @@ def test_site_yml_gets_a_certificate_over_http01(site: AcmeSite) -> None:
 
     # The ACME branch of the caddy role converged: a re-run changes nothing (site.yml's own
     # re-run is test_site's; this is the proxy play alone).
-    again = succeeded(playbook(deployment, "proxy.yml", "proxy_again"))
+    again = succeeded(deployment.playbook("proxy.yml", "proxy_again"))
     assert again["changed"] == 0, again
 
 
@@ -322,12 +312,12 @@ def test_the_certificate_is_renewed_before_it_expires_without_a_failed_request(
 def test_tls_alpn01_alone_gets_a_certificate_with_port_80_closed(site: AcmeSite) -> None:
     deployment = site.deployment
     add_group_vars(site.sandbox.inventory, acme_settings(site.pebble, ["tls-alpn-01"]))
-    succeeded(playbook(deployment, "proxy.yml", "proxy_tls_alpn"))
+    succeeded(deployment.playbook("proxy.yml", "proxy_tls_alpn"))
     block_from_controller(site, [80])
     try:
         started = time.time()
         forget_certificates(site)
-        succeeded(playbook(deployment, "proxy.yml", "proxy_tls_alpn_fresh"))
+        succeeded(deployment.playbook("proxy.yml", "proxy_tls_alpn_fresh"))
         served = served_certificate(deployment)
         assert served["issuer"].startswith("CN=Pebble Intermediate CA"), served
         log = caddy_log(deployment, started)
@@ -347,7 +337,7 @@ def test_blocked_challenge_ports_fail_the_play_and_no_certificate_is_served(
     try:
         forget_certificates(site)
         started = time.monotonic()
-        failed = playbook(deployment, "proxy.yml", "proxy_blocked",
+        failed = deployment.playbook("proxy.yml", "proxy_blocked",
                           "-e", "caddy_certificate_wait_seconds=20")
         took = time.monotonic() - started
         assert failed.returncode != 0 and recap(failed.stdout)["app"]["failed"] == 1
@@ -362,7 +352,7 @@ def test_blocked_challenge_ports_fail_the_play_and_no_certificate_is_served(
     finally:
         unblock(site)
     # Ports open again: the next run asks Caddy to retry at once and gets a certificate.
-    again = playbook(deployment, "proxy.yml", "proxy_unblocked")
+    again = deployment.playbook("proxy.yml", "proxy_unblocked")
     succeeded(again)
     assert re.search(r"Ask Caddy to try its CA again now.*\nchanged: \[app\]", again.stdout)
     assert served_certificate(deployment)["issuer"].startswith("CN=Pebble Intermediate CA")

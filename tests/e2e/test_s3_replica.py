@@ -116,24 +116,15 @@ def access_key() -> tuple[str, str]:
 
 
 def deploy(deployment: Deployment, label: str) -> float:
-    started = time.monotonic()
-    result = deployment.sandbox.ansible_playbook("playbooks/site.yml", check=False,
-                                                 timeout=3600)
-    seconds = time.monotonic() - started
-    (REPO / "artifacts" / f"s3-{label}.log").write_text(result.stdout + result.stderr)
+    result = deployment.playbook("site.yml", label)
     assert result.returncode == 0 and recap(result.stdout)["app"]["failed"] == 0, \
         result.stdout[-5000:]
-    deployment.record(f"{label}_seconds", seconds)
-    return seconds
+    return deployment.timings[f"{label}_seconds"]
 
 
 def restore_playbook(deployment: Deployment, label: str, *extra: str,
                      ) -> subprocess.CompletedProcess[str]:
-    started = time.monotonic()
-    result = deployment.sandbox.ansible_playbook("playbooks/restore.yml", *extra, check=False,
-                                                 timeout=1800)
-    deployment.record(f"{label}_seconds", time.monotonic() - started)
-    (REPO / "artifacts" / f"s3-{label}.log").write_text(result.stdout + result.stderr)
+    result = deployment.playbook("restore.yml", label, *extra, timeout=1800)
     assert result.returncode == 0, result.stdout[-5000:]
     return result
 
@@ -165,7 +156,7 @@ def site(sandbox_hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3
             "litestream_s3_secret_access_key": secret,
         }})
         TIMINGS.unlink(missing_ok=True)
-        deployment = Deployment(sandbox, workdir, TIMINGS)
+        deployment = Deployment(sandbox, workdir, TIMINGS, log_prefix="s3-")
         deploy(deployment, "site_fresh")
         yield S3Site(deployment, s3, secret)
     finally:

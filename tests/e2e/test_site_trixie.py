@@ -1,12 +1,15 @@
 """`playbooks/site.yml` end to end on Debian 13 (trixie) hosts.
 
 The shared deployment of test_site.py runs on Debian 12 (bookworm); this module deploys the
-same site on Debian 13, lean: an app host (`digitalme`, and `monitoring` as in the example
-inventory, so that every play of site.yml has work) and a replica host (`backup_targets`),
+same site on Debian 13, lean: an app host (`digitalme`) and a replica host (`backup_targets`
+and `monitoring`: the layout where the monitoring host is another host than the app's),
 the Claude stand-in on the controller. site.yml on fresh hosts succeeds; the app answers
 `/health/ready` over HTTPS through Caddy; a chat turn is stored and reaches the replica;
-the restore drill passes; a second run changes nothing. Every role's Molecule scenario
-also runs on both releases (test_roles.py; most of them include a check-mode run).
+the restore drill passes; the monitoring host scrapes the app host's node-exporter, app,
+Litestream and Caddy over HTTPS (pinned certificates, the app's token or basic auth; the
+firewall lets no one else in) and hears when Litestream stops there; a second run changes
+nothing. Every role's Molecule scenario also runs on both releases (test_roles.py; most of
+them include a check-mode run).
 
 Logs: artifacts/trixie-site-*.log; durations: artifacts/trixie-timings.json.
 """
@@ -14,7 +17,11 @@ Logs: artifacts/trixie-site-*.log; durations: artifacts/trixie-timings.json.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import shlex
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -22,12 +29,13 @@ from tests.e2e.deployments import (
     ADMIN,
     DB,
     DOMAIN,
+    METRICS_TOKEN,
     MONITORING_TEST_SETTINGS,
     STANDIN_PORT,
     Deployment,
     chat_turn,
     count_messages,
-    metric,
+    port_open,
     run_drill,
     site_yml,
     wait_replicated,
@@ -38,17 +46,33 @@ from tests.support.process import StandinProcess
 pytestmark = pytest.mark.e2e
 
 SUITE = "trixie"
-HOSTS = ("app:digitalme,monitoring", "replica:backup_targets")
+HOSTS = ("app:digitalme", "replica:backup_targets,monitoring")
 TIMINGS = REPO / "artifacts" / "trixie-timings.json"
-NODE_EXPORTER = "http://127.0.0.1:9100/metrics"
+PROMETHEUS = "http://127.0.0.1:9090"  # on the monitoring host
+METRICS_SITE_PORT = 9444  # caddy_metrics_remote_listen_address's default
+PINNED_CADDY_ROOT = "/etc/prometheus/scrape-tls/app-caddy.crt"  # on the monitoring host
+SCRAPE_LOGIN = "prometheus:sandbox-scrape-password-not-a-secret"  # the sandbox group_vars'
+
+
+def prometheus(deployment: Deployment, path: str) -> Any:
+    """GET the monitoring host's Prometheus API (on its loopback)."""
+    answer = deployment.on("replica", f"curl -fsS --max-time 10 {shlex.quote(PROMETHEUS + path)}")
+    return json.loads(answer.stdout)["data"]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s: {what}"
+        time.sleep(2)
+    return value
 
 
 @pytest.fixture(scope="module")
 def deployment(sandbox_hosts, tmp_path_factory: pytest.TempPathFactory,
                ) -> Iterator[Deployment]:
     sandbox = sandbox_hosts(*HOSTS, suite=SUITE)
-    add_group_vars(sandbox.inventory, {"monitoring": {
-        **MONITORING_TEST_SETTINGS, "monitoring_node_hosts": ["app", "replica"]}})
+    add_group_vars(sandbox.inventory, {"monitoring": MONITORING_TEST_SETTINGS})
     workdir = tmp_path_factory.mktemp("trixie")
     standin = StandinProcess(workdir, host=sandbox.controller_address, port=STANDIN_PORT)
     standin.start()
@@ -89,8 +113,77 @@ def test_a_chat_turn_is_stored_and_reaches_the_replica(deployment: Deployment) -
 def test_the_restore_drill_passes(deployment: Deployment) -> None:
     returncode, journal = run_drill(deployment)
     assert returncode == 0, journal
-    metrics = deployment.on_app(f"curl -fsS {NODE_EXPORTER}").stdout
-    assert metric(metrics, "digitalme_backup_drill_success") == 1, metrics[-2000:]
+    # Its result reaches the monitoring host (the app host's node-exporter, scraped over TLS).
+    query = "/api/v1/query?query=" + quote('digitalme_backup_drill_success{host="app"}')
+    wait_for(lambda: [r for r in prometheus(deployment, query)["result"]
+                      if r["value"][1] == "1"], 60, "the drill's success on the monitoring host")
+
+
+def test_the_monitoring_host_scrapes_the_app_host_over_https(deployment: Deployment) -> None:
+    app = deployment.app.address
+    expected = {
+        ("node", "app"): f"https://{app}:9100/metrics",
+        ("digitalme", "app"): f"https://{app}:{METRICS_SITE_PORT}/digitalme/metrics",
+        ("litestream", "app"): f"https://{app}:{METRICS_SITE_PORT}/litestream/metrics",
+        ("caddy", "app"): f"https://{app}:{METRICS_SITE_PORT}/caddy/metrics",
+    }
+
+    def app_targets() -> dict[tuple[str, str], dict[str, Any]]:
+        targets = prometheus(deployment, "/api/v1/targets")["activeTargets"]
+        found = {(t["labels"]["job"], t["labels"]["host"]): t for t in targets
+                 if t["labels"].get("host") == "app"}
+        return found if all(t["health"] == "up" for t in found.values()) else {}
+    found = wait_for(app_targets, 90, "the app host's targets up on the monitoring host")
+    assert {key: t["scrapeUrl"] for key, t in found.items() if key in expected} == expected, found
+    # The app's own series, through the site (the rules read them by job and host).
+    build = prometheus(deployment, "/api/v1/query?query=" + quote(
+        'digitalme_build_info{host="app",job="digitalme"}'))["result"]
+    assert build and build[0]["value"][1] == "1", build
+
+
+def test_the_metrics_site_admits_the_monitoring_host_only(deployment: Deployment) -> None:
+    app = deployment.app.address
+    # From the controller the firewall drops it; the public site does not serve metrics.
+    assert not port_open(app, METRICS_SITE_PORT)
+    assert deployment.curl(f"https://{DOMAIN}/caddy/metrics", "--write-out", "%{http_code}",
+                           "--output", "/dev/null").stdout != "200"
+    base = f"https://{app}:{METRICS_SITE_PORT}"
+
+    def status(path: str, *options: str) -> str:
+        return deployment.on("replica", shlex.join([
+            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
+            "--cacert", PINNED_CADDY_ROOT, *options, base + path]), check=False).stdout
+
+    # TLS the monitoring host trusts through the pinned root, and a login for each path.
+    assert status("/litestream/metrics") == "401"
+    assert status("/caddy/metrics", "--user", "prometheus:wrong") == "401"
+    assert status("/litestream/metrics", "--user", SCRAPE_LOGIN) == "200"
+    assert status("/caddy/metrics", "--user", SCRAPE_LOGIN) == "200"
+    assert status("/digitalme/metrics") == "401"  # the app's own check: its bearer token
+    assert status("/digitalme/metrics", "--header",
+                  f"Authorization: Bearer {METRICS_TOKEN}") == "200"
+    assert status("/anything-else", "--user", SCRAPE_LOGIN) == "404"
+    # Without the pinned root the certificate is not trusted (Caddy's own CA, not public).
+    untrusted = deployment.on("replica", f"curl -s --max-time 10 {base}/caddy/metrics",
+                              check=False)
+    assert untrusted.returncode == 60, untrusted
+
+
+def test_litestream_stopped_on_the_app_host_alerts_the_monitoring_host(
+        deployment: Deployment) -> None:
+    def alert() -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = prometheus(deployment, "/api/v1/query?query=" + quote(
+            'ALERTS{alertname="LitestreamDown",host="app",alertstate="firing"}'))["result"]
+        return result
+    assert not alert()
+    started = time.monotonic()
+    deployment.on_app("systemctl stop litestream.service")
+    try:
+        wait_for(alert, 120, "LitestreamDown firing for the app host")
+        deployment.record("remote_litestream_down_alert_seconds", time.monotonic() - started)
+    finally:
+        deployment.on_app("systemctl start litestream.service")
+    wait_for(lambda: not alert(), 120, "LitestreamDown resolved once Litestream runs again")
 
 
 def test_a_second_run_changes_nothing(deployment: Deployment) -> None:
