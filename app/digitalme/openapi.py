@@ -114,11 +114,9 @@ def _reply(reply: Reply) -> dict[str, Any]:
     return {"description": reply.description, "content": content}
 
 
-def _query_parameters(query: type[BaseModel]) -> list[dict[str, Any]]:
-    schema = query.model_json_schema(schema_generator=_Schema)
-    required = set(schema.get("required", ()))
-    return [{"name": name, "in": "query", "required": name in required, "schema": field}
-            for name, field in schema["properties"].items()]
+def _query_parameters(query: type[Any]) -> list[dict[str, Any]]:
+    return [{"name": name, "in": "query", "required": False, "schema": schema}
+            for name, schema in models.query_parameters(query).items()]
 
 
 def _type_schema(annotation: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -34,13 +34,13 @@ class Operation:
     replies: Mapping[int, Reply]
     body: type[BaseModel] | None = None
     body_required: bool = True
-    query: type[BaseModel] | None = None
+    query: type[Any] | None = None  # a NamedTuple of whole numbers (validation.read_query)
     errors: Mapping[int, str] = field(default_factory=dict)  # status: when (an Error body)
 
 
 def operation(operation_id: str, summary: str, *, replies: Mapping[int, Reply],
               body: type[BaseModel] | None = None, body_required: bool = True,
-              query: type[BaseModel] | None = None,
+              query: type[Any] | None = None,
               errors: Mapping[int, str] | None = None) -> Callable[[Handler], Handler]:
     def declare(handler: Handler) -> Handler:
         handler.operation = Operation(  # type: ignore[attr-defined]

@@ -4,16 +4,17 @@ that names the field in the service's words."""
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar, get_args
+from typing import Any, TypeVar, cast, get_args
 
-import annotated_types
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from .errors import ApiError
+from .models import query_parameters
 
 Model = TypeVar("Model", bound=BaseModel)
+Query = TypeVar("Query")
 
 
 async def json_object(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
@@ -67,25 +68,38 @@ def _field_problem(model: type[BaseModel], name: str, error: ErrorDetails) -> tu
     return "invalid_field", error["msg"]
 
 
-def read_query(request: web.Request, model: type[Model]) -> Model:
-    """The query parameters ``model`` declares (the first of each name), or a 400."""
-    query = request.query
-    try:
-        return model.model_validate({name: query[name] for name in model.model_fields
-                                     if name in query})
-    except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        name = str(error["loc"][0])
-        if error["type"] in ("greater_than_equal", "less_than_equal"):
-            low, high = _bounds(model, name)
-            problem = f"must be between {low} and {high}"
-        else:
-            problem = "must be a whole number"
-        raise ApiError(400, "invalid_parameter", f"'{name}' {problem}") from None
+def read_query(request: web.Request, query: type[Query]) -> Query:
+    """The whole-number parameters ``query`` declares (the first of each name), or a 400."""
+    given = request.query
+    plan, defaults = _declared.get(query) or _declare(query)
+    if not given:
+        return cast(Query, defaults)
+    values: list[int] = []
+    for name, default, low, high in plan:
+        raw = given.get(name)
+        if raw is None:
+            values.append(default)
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ApiError(400, "invalid_parameter", f"'{name}' must be a whole number") \
+                from None
+        if not low <= value <= high:
+            raise ApiError(400, "invalid_parameter", f"'{name}' must be between {low} and {high}")
+        values.append(value)
+    return query(*values)
 
 
-def _bounds(model: type[BaseModel], name: str) -> tuple[object, object]:
-    metadata = model.model_fields[name].metadata
-    low = next(m.ge for m in metadata if isinstance(m, annotated_types.Ge))
-    high = next(m.le for m in metadata if isinstance(m, annotated_types.Le))
-    return low, high
+# A query's (name, default, lowest, highest) of each parameter, and its instance of
+# defaults: read from the JSON Schema the API's description publishes,
+# so what it says is what is enforced. The messages page reads its query on every request.
+_Plan = tuple[tuple[tuple[str, int, int, int], ...], Any]
+_declared: dict[type[Any], _Plan] = {}
+
+
+def _declare(query: type[Any]) -> _Plan:
+    plan = tuple((name, p["default"], p["minimum"], p["maximum"])
+                 for name, p in query_parameters(query).items())
+    _declared[query] = plan, query()
+    return _declared[query]
