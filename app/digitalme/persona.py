@@ -63,7 +63,7 @@ def _explain(errors: list[ErrorDetails]) -> str:
 
 def _problem(loc: tuple[int | str, ...], kind: str, given: Any, message: str) -> str:
     in_list = bool(loc) and isinstance(loc[-1], int)
-    if kind in ("float_type", "missing") and loc[-1] == "weight":
+    if kind in ("float_type", "missing") and loc[-1:] == ("weight",):
         return f"must be a number from {MIN_WEIGHT} to {MAX_WEIGHT}"
     if kind in ("greater_than_equal", "less_than_equal"):
         return f"must be between {MIN_WEIGHT} and {MAX_WEIGHT}, got {given}"
