@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -61,6 +62,25 @@ def test_every_api_route_is_described_with_its_parameters_and_scope() -> None:
         for status in ("401", "403", "429"):
             assert status in described["responses"], (route.path, status)
     assert sum(len(methods) for methods in paths.values()) == len(API_ROUTES)
+
+
+def test_each_handler_reads_what_its_operation_declares() -> None:
+    """@operation(body=..., query=...) and the handler's read_body/read_query name the same
+    model (the document is generated from the first, requests are read with the second)."""
+    for route in API_ROUTES:
+        declared = operation_of(route.handler)
+        source = inspect.getsource(inspect.unwrap(route.handler))
+        if declared.body is models.Persona:
+            assert "persona_from_document(" in source
+        elif declared.body is not None:
+            optional = "" if declared.body_required else ", optional=True"
+            assert f"read_body(request, models.{declared.body.__name__}{optional}" in source
+        else:
+            assert "read_body(" not in source and "json_object(" not in source, route.path
+        if declared.query is not None:
+            assert f"read_query(request, models.{declared.query.__name__})" in source
+        else:
+            assert "read_query(" not in source, route.path
 
 
 def _models() -> list[type[BaseModel]]:
