@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .db import Database
+from .models import message_answer
 from .usage import Usage
 
 
@@ -31,10 +32,6 @@ class Conversation:
     token_id: int | None
     created_at: str
     updated_at: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "channel": self.channel, "title": self.title,
-                "created_at": self.created_at, "updated_at": self.updated_at}
 
 
 @dataclass(frozen=True)
@@ -54,18 +51,8 @@ class Message:
     stop_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "id": self.id, "conversation_id": self.conversation_id, "role": self.role,
-            "text": self.text, "created_at": self.created_at}
-        if self.role == "assistant":
-            data["model"] = self.model
-            data["stop_reason"] = self.stop_reason
-            data["usage"] = {
-                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "cache_read_tokens": self.cache_read_tokens,
-                "cache_write_tokens": self.cache_write_tokens}
-            data["cost_usd"] = self.cost_usd
-        return data
+        """As the API shows it: models.UserMessage or models.AssistantMessage."""
+        return message_answer(self).to_json()
 
 
 _CONV_COLUMNS = "id, channel, external_id, title, token_id, created_at, updated_at"

@@ -43,6 +43,7 @@ OUTBOUND = web.AppKey("outbound", Outbound)
 ACTIVITY = web.AppKey("activity", ActivityStore)
 RETENTION = web.AppKey("retention", Retention)
 CHANNELS: web.AppKey[tuple[Channel, ...]] = web.AppKey("channels")
+OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")  # openapi.openapi_document()
 
 # Per request, set by the client middleware: the bearer token (None when absent), the
 # client's address (through trusted proxies), and whether it came through such a proxy.

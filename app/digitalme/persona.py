@@ -1,9 +1,10 @@
 """The persona: the owner's profile and weighted traits, and the system prompt built from it.
 
 A persona is written by the owner as YAML (or Markdown with YAML front matter, whose body
-becomes the biography), validated into a :class:`Persona`, stored in SQLite and turned into
-a system prompt by :func:`build_prompt`. The prompt depends on nothing but the persona,
-so the same persona always gives the same bytes, which is what makes prompt caching work.
+becomes the biography), validated into a :class:`~digitalme.models.Persona` (its one
+declaration), stored in SQLite and turned into a system prompt by :func:`build_prompt`.
+The prompt depends on nothing but the persona, so the same persona always gives the same
+bytes, which is what makes prompt caching work.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from .db import Database
+from .models import MAX_WEIGHT, MIN_WEIGHT, Persona
 
 MAX_PERSONA_BYTES = 256 * 1024
 
@@ -28,124 +31,59 @@ class PersonaError(ValueError):
     """The persona document is invalid; the message says where and why."""
 
 
-@dataclass(frozen=True)
-class Trait:
-    category: str
-    name: str
-    description: str
-    weight: float
-    examples: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Persona:
-    name: str
-    bio: str
-    languages: tuple[str, ...] = ()
-    values: tuple[str, ...] = ()
-    communication_style: str = ""
-    technical_preferences: tuple[str, ...] = ()
-    traits: tuple[Trait, ...] = field(default_factory=tuple)
-
-    def to_document(self) -> dict[str, Any]:
-        """Plain data (the YAML/JSON shape), stable field order."""
-        doc = asdict(self)
-        for key, value in doc.items():
-            if isinstance(value, tuple):
-                doc[key] = list(value)
-        doc["traits"] = [
-            {**asdict(t), "examples": list(t.examples)} for t in self.traits]
-        return doc
-
-
-# --- parsing and validation ---------------------------------------------------------------
-
-_PROFILE_KEYS = {"name", "bio", "languages", "values", "communication_style",
-                 "technical_preferences", "traits"}
-_TRAIT_KEYS = {"category", "name", "description", "weight", "examples"}
-
-
-def _text(doc: Mapping[str, Any], key: str, where: str, *, required: bool) -> str:
-    value = doc.get(key)
-    if value is None:
-        if required:
-            raise PersonaError(f"{where}{key} is required")
-        return ""
-    if not isinstance(value, str):
-        raise PersonaError(f"{where}{key} must be text, got {type(value).__name__}")
-    value = value.strip()
-    if required and not value:
-        raise PersonaError(f"{where}{key} must not be empty")
-    return value
-
-
-def _text_list(doc: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
-    value = doc.get(key)
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise PersonaError(f"{where}{key} must be a list of texts")
-    for i, item in enumerate(value):
-        if isinstance(item, dict):
-            raise PersonaError(
-                f"{where}{key}[{i}] was read as a mapping: an item containing ': ' must be "
-                "put in quotes in YAML")
-        if not isinstance(item, str) or not item.strip():
-            raise PersonaError(f"{where}{key}[{i}] must be a non-empty text")
-    return tuple(v.strip() for v in value)
-
-
-def _trait(raw: Any, index: int) -> Trait:
-    where = f"traits[{index}]."
-    if not isinstance(raw, Mapping):
-        raise PersonaError(f"traits[{index}] must be a mapping with category, name, weight")
-    unknown = set(raw) - _TRAIT_KEYS
-    if unknown:
-        raise PersonaError(f"{where} has unknown keys: {', '.join(sorted(map(str, unknown)))}")
-    weight = raw.get("weight")
-    if isinstance(weight, bool) or not isinstance(weight, int | float):
-        raise PersonaError(f"{where}weight must be a number from 0 to 10")
-    if not 0 <= weight <= 10:
-        raise PersonaError(f"{where}weight must be between 0 and 10, got {weight}")
-    return Trait(
-        category=_text(raw, "category", where, required=True),
-        name=_text(raw, "name", where, required=True),
-        description=_text(raw, "description", where, required=False),
-        weight=float(weight),
-        examples=_text_list(raw, "examples", where),
-    )
+# --- validation: the shape is models.Persona; here, what to tell the person who wrote it ---
 
 
 def persona_from_document(doc: Any) -> Persona:
-    if not isinstance(doc, Mapping):
-        raise PersonaError("the persona must be a mapping with at least name and bio")
-    unknown = set(doc) - _PROFILE_KEYS
-    if unknown:
-        raise PersonaError(f"unknown keys: {', '.join(sorted(map(str, unknown)))} "
-                           f"(allowed: {', '.join(sorted(_PROFILE_KEYS))})")
-    traits_raw = doc.get("traits")
-    if traits_raw is None:
-        traits_raw = []
-    if not isinstance(traits_raw, list):
-        raise PersonaError("traits must be a list")
-    traits = tuple(_trait(raw, i) for i, raw in enumerate(traits_raw))
-    seen: set[tuple[str, str]] = set()
-    for trait in traits:
-        key = (trait.category.lower(), trait.name.lower())
-        if key in seen:
-            raise PersonaError(f"trait {trait.category}/{trait.name} is listed twice")
-        seen.add(key)
-    return Persona(
-        name=_text(doc, "name", "", required=True),
-        bio=_text(doc, "bio", "", required=True),
-        languages=_text_list(doc, "languages", ""),
-        values=_text_list(doc, "values", ""),
-        communication_style=_text(doc, "communication_style", "", required=False),
-        technical_preferences=_text_list(doc, "technical_preferences", ""),
-        traits=traits,
-    )
+    try:
+        return Persona.model_validate(doc)
+    except ValidationError as exc:
+        raise PersonaError(_explain(exc.errors(include_url=False))) from None
+
+
+def _explain(errors: list[ErrorDetails]) -> str:
+    """The first problem, in the importer's words (unknown keys first, all of a mapping's)."""
+    unknown: dict[tuple[int | str, ...], list[str]] = {}
+    for error in errors:
+        if error["type"] == "extra_forbidden":
+            unknown.setdefault(error["loc"][:-1], []).append(str(error["loc"][-1]))
+    for where, keys in unknown.items():
+        if not where:
+            return (f"unknown keys: {', '.join(sorted(keys))} "
+                    f"(allowed: {', '.join(sorted(Persona.model_fields))})")
+        return f"{_path(where)} has unknown keys: {', '.join(sorted(keys))}"
+    error = errors[0]
+    loc, kind, given = error["loc"], error["type"], error["input"]
+    if kind == "model_type":
+        if not loc:
+            return "the persona must be a mapping with at least name and bio"
+        return f"{_path(loc)} must be a mapping with category, name, weight"
+    return f"{_path(loc)} {_problem(loc, kind, given, error['msg'])}".strip()
+
+
+def _problem(loc: tuple[int | str, ...], kind: str, given: Any, message: str) -> str:
+    in_list = bool(loc) and isinstance(loc[-1], int)
+    if kind in ("float_type", "missing") and loc[-1:] == ("weight",):
+        return f"must be a number from {MIN_WEIGHT} to {MAX_WEIGHT}"
+    if kind in ("greater_than_equal", "less_than_equal"):
+        return f"must be between {MIN_WEIGHT} and {MAX_WEIGHT}, got {given}"
+    if kind == "missing" or (kind == "string_type" and given is None and not in_list):
+        return "is required"
+    if in_list and isinstance(given, dict):
+        return ("was read as a mapping: an item containing ': ' must be put in quotes "
+                "in YAML")
+    if in_list and kind in ("string_type", "string_pattern_mismatch"):
+        return "must be a non-empty text"
+    if kind == "string_type":
+        return f"must be text, got {type(given).__name__}"
+    if kind == "string_pattern_mismatch":
+        return "must not be empty"
+    return message  # our own (models.py): "must be a list", "trait a/b is listed twice"
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    """("traits", 1, "weight") -> "traits[1].weight", as the owner would look it up."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)[1:]
 
 
 def parse_persona_text(text: str, *, markdown: bool) -> Persona:

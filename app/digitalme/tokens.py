@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .db import Database
+from .models import SCOPES as SCOPES
 
 TOKEN_PREFIX = "dm_"  # noqa: S105 - the public prefix of every token
-SCOPES = ("chat", "admin")
 
 
 def _digest(token: str) -> str:
@@ -39,11 +39,6 @@ class TokenInfo:
     def allows(self, scope: str) -> bool:
         """admin tokens may do everything a chat token may."""
         return self.scope == "admin" or self.scope == scope
-
-    def to_json(self) -> dict[str, object]:
-        return {"id": self.id, "name": self.name, "scope": self.scope, "prefix": self.prefix,
-                "created_at": self.created_at, "last_used_at": self.last_used_at,
-                "revoked_at": self.revoked_at}
 
 
 class TokenError(ValueError):

@@ -1,13 +1,20 @@
-"""Reading request bodies: a JSON object, with named fields of the right type, or a 400."""
+"""Reading requests: a JSON body or a query validated by its model (models.py), or a 400
+that names the field in the service's words."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar, cast, get_args
 
 from aiohttp import web
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from .errors import ApiError
+from .models import query_parameters
+
+Model = TypeVar("Model", bound=BaseModel)
+Query = TypeVar("Query")
 
 
 async def json_object(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
@@ -32,40 +39,67 @@ async def json_object(request: web.Request, *, optional: bool = False) -> dict[s
     return body
 
 
-def text_field(body: dict[str, Any], name: str, *, required: bool = True,
-               max_length: int = 10_000) -> str | None:
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise ApiError(400, "missing_field", f"field '{name}' is required", field=name)
-        return None
-    if not isinstance(value, str):
-        raise ApiError(400, "invalid_field", f"field '{name}' must be a string", field=name)
-    value = value.strip()
-    if required and not value:
-        raise ApiError(400, "invalid_field", f"field '{name}' must not be empty", field=name)
-    if len(value) > max_length:
-        raise ApiError(400, "invalid_field",
-                       f"field '{name}' is longer than {max_length} characters", field=name)
-    return value
-
-
-def choice_field(body: dict[str, Any], name: str, choices: tuple[str, ...]) -> str:
-    value = text_field(body, name)
-    if value not in choices:
-        raise ApiError(400, "invalid_field",
-                       f"field '{name}' must be one of: {', '.join(choices)}", field=name)
-    return value
-
-
-def int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
+async def read_body(request: web.Request, model: type[Model], *, optional: bool = False,
+                    context: dict[str, Any] | None = None) -> Model:
+    """The body as ``model`` (fields it does not declare are ignored), or a 400."""
+    body = await json_object(request, optional=optional)
     try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, "invalid_parameter", f"'{name}' must be a whole number") from None
-    if not low <= value <= high:
-        raise ApiError(400, "invalid_parameter", f"'{name}' must be between {low} and {high}")
-    return value
+        return model.model_validate(body, context=context)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        name = str(error["loc"][0])
+        code, problem = _field_problem(model, name, error)
+        raise ApiError(400, code, f"field '{name}' {problem}", field=name) from None
+
+
+def _field_problem(model: type[BaseModel], name: str, error: ErrorDetails) -> tuple[str, str]:
+    kind, given = error["type"], error["input"]
+    if kind == "missing" or (kind == "string_type" and given is None):
+        return "missing_field", "is required"
+    if kind == "string_type" or (kind == "literal_error" and not isinstance(given, str)):
+        return "invalid_field", "must be a string"
+    if kind == "string_pattern_mismatch" or (kind == "literal_error" and not given.strip()):
+        return "invalid_field", "must not be empty"
+    if kind == "string_too_long":
+        return "invalid_field", f"is longer than {error.get('ctx', {})['max_length']} characters"
+    if kind == "literal_error":
+        choices = get_args(model.model_fields[name].annotation)
+        return "invalid_field", f"must be one of: {', '.join(choices)}"
+    return "invalid_field", error["msg"]
+
+
+def read_query(request: web.Request, query: type[Query]) -> Query:
+    """The whole-number parameters ``query`` declares (the first of each name), or a 400."""
+    given = request.query
+    plan, defaults = _declared.get(query) or _declare(query)
+    if not given:
+        return cast(Query, defaults)
+    values: list[int] = []
+    for name, default, low, high in plan:
+        raw = given.get(name)
+        if raw is None:
+            values.append(default)
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ApiError(400, "invalid_parameter", f"'{name}' must be a whole number") \
+                from None
+        if not low <= value <= high:
+            raise ApiError(400, "invalid_parameter", f"'{name}' must be between {low} and {high}")
+        values.append(value)
+    return query(*values)
+
+
+# A query's (name, default, lowest, highest) of each parameter, and its instance of
+# defaults: read from the JSON Schema the API's description publishes,
+# so what it says is what is enforced. The messages page reads its query on every request.
+_Plan = tuple[tuple[tuple[str, int, int, int], ...], Any]
+_declared: dict[type[Any], _Plan] = {}
+
+
+def _declare(query: type[Any]) -> _Plan:
+    plan = tuple((name, p["default"], p["minimum"], p["maximum"])
+                 for name, p in query_parameters(query).items())
+    _declared[query] = plan, query()
+    return _declared[query]

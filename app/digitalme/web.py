@@ -43,6 +43,7 @@ from .keys import (
     DATABASE,
     INBOX,
     METRICS,
+    OPENAPI,
     OUTBOUND,
     PERSONAS,
     RATE_LIMITER,
@@ -62,6 +63,7 @@ from .middlewares import (
     error_middleware,
     metrics_middleware,
 )
+from .openapi import openapi_document
 from .outbound import Outbound
 from .persona import PersonaStore
 from .ratelimit import RateLimiter
@@ -217,4 +219,5 @@ def create_app(settings: Settings) -> web.Application:
     _wire_channels(app, settings, metrics, db, chat, conversations, readiness)
     app.on_response_prepare.append(add_security_headers)
     setup_routes(app)
+    app[OPENAPI] = openapi_document()
     return app

@@ -1,8 +1,9 @@
 """The HTTP API under /api/v1: conversations, messages, persona, tokens.
 
-Handlers parse and check the request, call a store or the chat service, and shape the
-answer; they never touch SQL or the SDK. Scopes are enforced by :func:`requires`, applied
-in the route table.
+Handlers read the request with its model, call a store or the chat service, and shape the
+answer with its model (models.py); they never touch SQL or the SDK. Each declares what it
+reads and answers with ``@operation``, from which openapi.py describes the API. Scopes are
+enforced by :func:`requires`, applied in the route table.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import models
 from ..chat import BudgetExhausted, PersonaMissing, Turn
 from ..conversations import Conversation, Message
 from ..errors import ApiError, retry_after_header
-from ..keys import CHAT, CONVERSATIONS, PERSONAS, REQUEST_TOKEN, SETTINGS, TOKENS
+from ..keys import CHAT, CONVERSATIONS, OPENAPI, PERSONAS, REQUEST_TOKEN, SETTINGS, TOKENS
 from ..llm import ClaudeRejected, ClaudeUnavailable, TextDelta
-from ..openapi import openapi_document
+from ..operations import Reply, operation
 from ..persona import PersonaError, build_prompt, document_sha256, persona_from_document
-from ..tokens import SCOPES, TokenError, TokenInfo
-from ..validation import choice_field, int_param, json_object, text_field
+from ..tokens import TokenError, TokenInfo
+from ..validation import json_object, read_body, read_query
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,11 @@ def requires(scope: str) -> Callable[[Handler], Handler]:
     return decorate
 
 
+def _answer(answer: models.Answer, *, status: int = 200,
+            headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(answer.to_json(), status=status, headers=headers)
+
+
 def _token(request: web.Request) -> TokenInfo:
     token = request[REQUEST_TOKEN]
     assert token is not None  # routes that call this are guarded by requires()
@@ -70,33 +77,47 @@ async def _conversation(request: web.Request) -> Conversation:
     return conversation
 
 
+_NO_CONVERSATION = {404: "No such conversation for this token."}
+
+
+@operation("createConversation", "Start a conversation.", body=models.NewConversation,
+           body_required=False, replies={201: Reply("Created.", models.Conversation)})
 async def create_conversation(request: web.Request) -> web.Response:
-    body = await json_object(request, optional=True)
-    title = text_field(body, "title", required=False, max_length=200)
+    body = await read_body(request, models.NewConversation, optional=True)
     conversation = await request.app[CONVERSATIONS].create(
-        "api", title=title, token_id=_token(request).id)
-    return web.json_response(conversation.to_json(), status=201,
-                             headers={"Location": f"/api/v1/conversations/{conversation.id}"})
+        "api", title=body.title, token_id=_token(request).id)
+    return _answer(models.Conversation.model_validate(conversation), status=201,
+                   headers={"Location": f"/api/v1/conversations/{conversation.id}"})
 
 
+@operation("listConversations",
+           "Conversations of this token (all of them for admin), newest first.",
+           query=models.ConversationsQuery,
+           replies={200: Reply("The conversations.", models.ConversationList)})
 async def list_conversations(request: web.Request) -> web.Response:
-    limit = int_param(request, "limit", 50, 1, 500)
+    query = read_query(request, models.ConversationsQuery)
     token = _token(request)
     conversations = await request.app[CONVERSATIONS].list_for(
-        token_id=None if token.scope == "admin" else token.id, limit=limit)
-    return web.json_response({"conversations": [c.to_json() for c in conversations]})
+        token_id=None if token.scope == "admin" else token.id, limit=query.limit)
+    return _answer(models.ConversationList(conversations=[
+        models.Conversation.model_validate(c) for c in conversations]))
 
 
+@operation("getConversation", "One conversation.", errors=_NO_CONVERSATION,
+           replies={200: Reply("The conversation.", models.Conversation)})
 async def get_conversation(request: web.Request) -> web.Response:
-    return web.json_response((await _conversation(request)).to_json())
+    return _answer(models.Conversation.model_validate(await _conversation(request)))
 
 
+@operation("listMessages", "Messages, oldest first (the latest `limit`, or those before "
+           "message id `before`).", query=models.MessagesQuery, errors=_NO_CONVERSATION,
+           replies={200: Reply("The messages.", models.MessageList)})
 async def list_messages(request: web.Request) -> web.Response:
     conversation = await _conversation(request)
-    limit = int_param(request, "limit", 100, 1, 1000)
-    before = int_param(request, "before", 2**62, 1, 2**62)
+    query = read_query(request, models.MessagesQuery)
+    # models.MessageList, rendered by SQLite (conversations.py; a test holds them equal)
     messages = await request.app[CONVERSATIONS].messages_json(
-        conversation.id, limit=limit, before_id=before)
+        conversation.id, limit=query.limit, before_id=query.before)
     return web.Response(text=f'{{"messages": {messages}}}', content_type="application/json")
 
 
@@ -123,14 +144,27 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
+_STREAM = "text/event-stream"
+
+
+@operation(
+    "postMessage", "Say something; the clone answers. With `Accept: text/event-stream` the "
+    "reply streams as server-sent events: `message` (your stored message), `delta` ({text}) "
+    "as it is written, then `done` ({reply}) or `error` ({error, message}).",
+    body=models.NewMessage,
+    replies={201: Reply("Both stored messages (or an event stream).",
+                        models.MessageAndReply, media=(_STREAM,)),
+             200: Reply("The event stream.", media=(_STREAM,))},
+    errors={400: "Malformed body or message too long.", **_NO_CONVERSATION,
+            502: "The language model refused the request.",
+            503: "Claude or the persona is unavailable; see Retry-After."})
 async def post_message(request: web.Request) -> web.StreamResponse:
     conversation = await _conversation(request)
-    body = await json_object(request)
-    text = text_field(body, "text", max_length=request.app[SETTINGS].max_message_chars)
-    assert text is not None
+    body = await read_body(request, models.NewMessage,
+                           context={"max_chars": request.app[SETTINGS].max_message_chars})
     chat = request.app[CHAT]
-    wants_stream = "text/event-stream" in request.headers.get("Accept", "")
-    turn = chat.detached(chat.stream_reply(conversation, text, deltas=wants_stream))
+    wants_stream = _STREAM in request.headers.get("Accept", "")
+    turn = chat.detached(chat.stream_reply(conversation, body.text, deltas=wants_stream))
     if not wants_stream:
         final: Turn | None = None
         try:
@@ -140,8 +174,9 @@ async def post_message(request: web.Request) -> web.StreamResponse:
         except _CHAT_ERRORS as exc:
             raise _chat_error(exc) from None
         assert final is not None
-        return web.json_response({"message": final.user.to_json(),
-                                  "reply": final.reply.to_json()}, status=201)
+        return _answer(models.MessageAndReply(
+            message=models.UserMessage.model_validate(final.user),
+            reply=models.AssistantMessage.of(final.reply)), status=201)
     return await _stream_turn(request, turn)
 
 
@@ -168,11 +203,12 @@ async def _stream_turn(request: web.Request,
 
     async def send(item: TextDelta | Message | Turn) -> None:
         if isinstance(item, Message):
-            await response.write(_sse("message", item.to_json()))
+            await response.write(_sse("message", models.message_answer(item).to_json()))
         elif isinstance(item, TextDelta):
             await response.write(_sse("delta", {"text": item.text}))
         else:
-            await response.write(_sse("done", {"reply": item.reply.to_json()}))
+            await response.write(_sse(
+                "done", {"reply": models.AssistantMessage.of(item.reply).to_json()}))
 
     try:
         for item in pending:
@@ -191,29 +227,36 @@ async def _stream_turn(request: web.Request,
 # --- persona ------------------------------------------------------------------------------
 
 
+_NO_PERSONA = {404: "No persona imported yet."}
+
+
+@operation("getPersona", "The persona.", errors=_NO_PERSONA,
+           replies={200: Reply("The persona.", models.ImportedPersona)})
 async def get_persona(request: web.Request) -> web.Response:
     stored = await request.app[PERSONAS].load()
     if stored is None:
         raise ApiError(404, "persona_missing",
                        "no persona has been imported yet: PUT one here or run "
                        "`digitalme persona import FILE`")
-    return web.json_response({"persona": stored.persona.to_document(),
-                              "source_sha256": stored.source_sha256,
-                              "imported_at": stored.imported_at})
+    return _answer(models.ImportedPersona.model_validate(stored))
 
 
+@operation("putPersona", "Replace the persona.", body=models.Persona,
+           errors={400: "Invalid persona; the message says where."},
+           replies={200: Reply("The stored persona.", models.ImportedPersona)})
 async def put_persona(request: web.Request) -> web.Response:
+    # Not read_body: the persona importer's own messages (persona.py) name the problem.
     body = await json_object(request)
     try:
         persona = persona_from_document(body)
     except PersonaError as exc:
         raise ApiError(400, "invalid_persona", str(exc)) from None
     stored = await request.app[PERSONAS].save(persona, document_sha256(body))
-    return web.json_response({"persona": stored.persona.to_document(),
-                              "source_sha256": stored.source_sha256,
-                              "imported_at": stored.imported_at})
+    return _answer(models.ImportedPersona.model_validate(stored))
 
 
+@operation("getPersonaPrompt", "The system prompt built from the persona.",
+           errors=_NO_PERSONA, replies={200: Reply("The prompt.", media=("text/plain",))})
 async def get_persona_prompt(request: web.Request) -> web.Response:
     stored = await request.app[PERSONAS].load()
     if stored is None:
@@ -224,23 +267,27 @@ async def get_persona_prompt(request: web.Request) -> web.Response:
 # --- tokens -------------------------------------------------------------------------------
 
 
+@operation("listTokens", "All tokens.",
+           replies={200: Reply("The tokens.", models.TokenList)})
 async def list_tokens(request: web.Request) -> web.Response:
     tokens = await request.app[TOKENS].all()
-    return web.json_response({"tokens": [t.to_json() for t in tokens]})
+    return _answer(models.TokenList(tokens=[models.Token.model_validate(t) for t in tokens]))
 
 
+@operation("createToken", "Create a token; its secret is in this answer only.",
+           body=models.NewToken, replies={201: Reply("Created.", models.CreatedToken)})
 async def create_token(request: web.Request) -> web.Response:
-    body = await json_object(request)
-    name = text_field(body, "name", max_length=100)
-    scope = choice_field(body, "scope", SCOPES)
-    assert name is not None
+    body = await read_body(request, models.NewToken)
     try:
-        secret, info = await request.app[TOKENS].create(name, scope)
+        secret, info = await request.app[TOKENS].create(body.name, body.scope)
     except TokenError as exc:
         raise ApiError(400, "invalid_field", str(exc)) from None
-    return web.json_response({**info.to_json(), "token": secret}, status=201)
+    created = models.Token.model_validate(info)
+    return _answer(models.CreatedToken(**created.model_dump(), token=secret), status=201)
 
 
+@operation("revokeToken", "Revoke a token.", errors={404: "No such token."},
+           replies={200: Reply("The revoked token.", models.Token)})
 async def revoke_token(request: web.Request) -> web.Response:
     raw = request.match_info["token_id"]
     if not raw.isdigit() or len(raw) > 18:
@@ -248,22 +295,25 @@ async def revoke_token(request: web.Request) -> web.Response:
     info = await request.app[TOKENS].revoke(int(raw))
     if info is None:
         raise ApiError(404, "token_not_found", f"no token {raw}")
-    return web.json_response(info.to_json())
+    return _answer(models.Token.model_validate(info))
 
 
+@operation("getMe", "This token, and the name of the clone it talks to.",
+           replies={200: Reply("Token and clone.", models.Me)})
 async def me(request: web.Request) -> web.Response:
     """Who this token is, and whom it talks to (the web chat's header)."""
     stored = await request.app[PERSONAS].load()
     token = _token(request)
-    return web.json_response({
-        "token": {"id": token.id, "name": token.name, "scope": token.scope},
-        "clone": {"name": stored.persona.name if stored else None,
-                  "languages": list(stored.persona.languages) if stored else []},
-    })
+    return _answer(models.Me(
+        token=models.TokenIdentity.model_validate(token),
+        clone=models.Clone(name=stored.persona.name if stored else None,
+                           languages=list(stored.persona.languages) if stored else [])))
 
 
 # --- the API's description ----------------------------------------------------------------
 
 
+@operation("getOpenApi", "This document.",
+           replies={200: Reply("The OpenAPI document.", models.Document)})
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    return web.json_response(request.app[OPENAPI])
