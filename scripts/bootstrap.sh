@@ -25,6 +25,8 @@ if [[ $mode != --app ]]; then
         debootstrap debian-archive-keyring systemd-container iproute2 nftables iptables openssh-client rsync
         # ACME end to end (tests/e2e/test_acme.py): Let's Encrypt's test server, its DNS
         pebble openssl
+        # the PostgreSQL backend's tests: a throw-away cluster (tests/support/postgres.py)
+        postgresql
     )
 fi
 

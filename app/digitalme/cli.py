@@ -26,7 +26,7 @@ from .config import (
     settings_reference_markdown,
     unknown_variables,
 )
-from .db import Database, DatabaseError
+from .db import Database, DatabaseError, database_for
 from .inbox import STATUSES
 from .persona import PersonaError, PersonaStore, build_prompt, load_persona_file
 from .tokens import SCOPES, TokenError, TokenStore
@@ -50,12 +50,16 @@ def _setup_logging(level: str) -> None:
 
 async def _with_database(settings: Settings,
                          work: Callable[[Database], Awaitable[T]]) -> T:
-    """Open the database (refusing one that lacks a migration), run ``work``, close it."""
-    db = Database(settings.db_path)
+    """Open the database (refusing one that lacks a migration), run ``work``, close it.
+    A failure of the driver (a lost PostgreSQL server) is a :class:`DatabaseError`: one line,
+    no traceback."""
+    db = database_for(settings)
     await db.open()
     try:
         await db.require_migrated()
         return await work(db)
+    except db.errors as exc:
+        raise DatabaseError(f"{db.name}: {exc}") from exc
     finally:
         await db.close()
 
@@ -83,19 +87,22 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    db = database_for(settings)
+
     async def work() -> list[str]:
-        db = Database(settings.db_path)
         await db.open()
         try:
-            return [f"{m.version:04d}_{m.name}" for m in await db.migrate()]
+            return [m.label for m in await db.migrate()]
+        except db.errors as exc:
+            raise DatabaseError(f"{db.name}: {exc}") from exc
         finally:
             await db.close()
 
     applied = _run(work())
     if applied:
-        print(f"applied {len(applied)} migration(s) to {settings.db_path}: {', '.join(applied)}")
+        print(f"applied {len(applied)} migration(s) to {db.name}: {', '.join(applied)}")
     else:
-        print(f"{settings.db_path} is up to date")
+        print(f"{db.name} is up to date")
     return EXIT_OK
 
 
@@ -132,7 +139,8 @@ def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
         problems += 1 if args.strict else 0
     # The host's state is judged for the environment the command runs in; a file is judged
     # by its content alone (the role checks the file before the folders may exist).
-    if environ is None and not settings.db_path.parent.exists():
+    if environ is None and settings.database_url is None \
+            and not settings.db_path.parent.exists():
         print(f"error: DIGITALME_DB_PATH: directory {settings.db_path.parent} does not exist",
               file=sys.stderr)
         problems += 1

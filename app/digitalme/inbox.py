@@ -23,13 +23,12 @@ Items a crash left ``processing`` are made due again by :meth:`InboxStore.recove
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from .conversations import now_iso
-from .db import Database
+from .db import Connection, Database
 
 STATUSES = ("pending", "processing", "done", "failed", "ignored")
 
@@ -89,13 +88,14 @@ class InboxStore:
         values = (channel, delivery_id, kind, json.dumps(payload, ensure_ascii=False),
                   "ignored" if ignored else "pending", time.time(), now, now)
 
-        def insert(conn: sqlite3.Connection) -> Ingested:
-            cursor = conn.execute(
+        def insert(conn: Connection) -> Ingested:
+            inserted = conn.execute(
                 "INSERT INTO inbox (channel, delivery_id, kind, payload, status,"
                 " next_attempt_at, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (channel, delivery_id) DO NOTHING", values)
-            if cursor.rowcount:
-                return Ingested(cursor.lastrowid or 0, duplicate=False)
+                " ON CONFLICT (channel, delivery_id) DO NOTHING RETURNING id",
+                values).fetchall()
+            if inserted:
+                return Ingested(int(inserted[0][0]), duplicate=False)
             [row] = conn.execute("SELECT id FROM inbox WHERE channel = ? AND delivery_id = ?",
                                  (channel, delivery_id)).fetchall()
             return Ingested(int(row[0]), duplicate=True)
@@ -155,16 +155,20 @@ class InboxStore:
         Ordered by (next_attempt_at, id), which the ``inbox_due`` index (status,
         next_attempt_at, and the rowid every index ends with) yields as it is: a claim reads
         only the rows it takes, however long the queue (ordering by id alone made SQLite
-        sort every due row, each claim, so a backlog slowed its own draining)."""
+        sort every due row, each claim, so a backlog slowed its own draining).
+
+        Several processes may claim at once (PostgreSQL, several app hosts): the engine's
+        ``skip_locked`` clause makes each skip the rows another has locked, and the status
+        is checked again by the UPDATE itself, so a delivery is claimed by one only."""
         if limit <= 0:
             return []
         skip = ",".join(str(int(i)) for i in exclude) or "0"
         values = (now_iso(), time.time(), limit)
         rows = await self.db.write(lambda conn: conn.execute(
             "UPDATE inbox SET status = 'processing', attempts = attempts + 1,"
-            " updated_at = ? WHERE id IN (SELECT id FROM inbox WHERE status = 'pending'"
-            f" AND next_attempt_at <= ? AND id NOT IN ({skip})"
-            " ORDER BY next_attempt_at, id LIMIT ?)"
+            " updated_at = ? WHERE status = 'pending' AND id IN (SELECT id FROM inbox"
+            f" WHERE status = 'pending' AND next_attempt_at <= ? AND id NOT IN ({skip})"
+            f" ORDER BY next_attempt_at, id LIMIT ?{self.db.skip_locked})"
             f" RETURNING {_COLUMNS}", values).fetchall())
         return sorted((InboxItem(**dict(row)) for row in rows), key=lambda i: i.id)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -19,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .db import Database
+from .db import Connection, Database
 
 MAX_PERSONA_BYTES = 256 * 1024
 
@@ -275,7 +274,7 @@ class PersonaStore:
                    json.dumps(list(t.examples), ensure_ascii=False))
                   for i, t in enumerate(persona.traits)]
 
-        def replace(conn: sqlite3.Connection) -> None:
+        def replace(conn: Connection) -> None:
             conn.execute("DELETE FROM persona_traits")
             conn.execute(
                 "INSERT INTO persona_profile (id, name, document, source_sha256, imported_at)"
