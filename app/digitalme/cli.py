@@ -106,6 +106,35 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_migrate_data(settings: Settings, args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
+    from .transfer import copy_data, describe, parse_target
+
+    ends = []
+    for option, raw in (("--from", args.source), ("--to", args.target)):
+        if raw.startswith(("postgresql://", "postgres://")) and urlsplit(raw).password:
+            # Command lines are visible to every local user (ps, /proc).
+            raise CommandError(f"{option}: leave the password out of the URL; give it as "
+                               "DIGITALME_DATABASE_PASSWORD (environment or credential "
+                               "file) or in ~/.pgpass")
+        try:
+            end = parse_target(raw)
+        except ValueError as exc:
+            raise CommandError(f"{option}: {exc}") from None
+        if not isinstance(end, Path):
+            end = end.with_password(settings.database_password)
+        ends.append(end)
+    source, target = ends
+    copied = copy_data(source, target)
+    width = max(len(c.table) for c in copied)
+    for c in copied:
+        print(f"{c.table:<{width}}  {c.rows:>9} rows  sha256 {c.sha256[:16]}")
+    print(f"copied {sum(c.rows for c in copied)} rows in {len(copied)} tables from "
+          f"{describe(source)} to {describe(target)}: counts and checksums match")
+    return EXIT_OK
+
+
 def cmd_smoke_test(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
@@ -354,6 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("migrate", help="apply pending database migrations and exit")
     p.set_defaults(func=cmd_migrate)
+    p = sub.add_parser(
+        "migrate-data",
+        help="copy every row from SQLite to an empty PostgreSQL database, or back, verified "
+             "by row counts and per-table checksums (docs/scale-out.md)")
+    p.add_argument("--from", dest="source", required=True, metavar="URL",
+                   help="sqlite:///path/to/digitalme.db or postgresql://USER@HOST/DBNAME")
+    p.add_argument("--to", dest="target", required=True, metavar="URL",
+                   help="the other engine's database; migrated here, and it must hold no "
+                        "rows. A PostgreSQL password comes from DIGITALME_DATABASE_PASSWORD "
+                        "or ~/.pgpass, never from the command line")
+    p.set_defaults(func=cmd_migrate_data)
     p = sub.add_parser("smoke-test",
                        help="one chat turn through the running service, as a throw-away "
                             "token that is deleted afterwards (the deploy's health gate)")

@@ -236,6 +236,7 @@ def setting(
     parser and help. The parsed default becomes the dataclass default."""
     return field(
         default=parse(default),
+        repr=not secret,  # a Settings printed or logged shows no secret
         metadata={"env": env, "raw_default": default, "parse": parse, "help": help,
                   "secret": secret},
     )

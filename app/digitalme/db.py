@@ -36,7 +36,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# 0001_initial.sql; 0001_initial.postgresql.sql is that migration's variant for one engine.
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)(?:\.(sqlite|postgresql))?\.sql$")
 
 
 class DatabaseError(Exception):
@@ -95,6 +96,9 @@ class Engine(Protocol):
     skip_locked: str
     # The function that makes a JSON object of (key, value, ...) arguments, as JSON text.
     json_object: str
+    # Whether several processes may use the database at once (several app hosts): then a
+    # starting process must not take over what the others are doing.
+    shared: bool
 
     def describe(self) -> str:
         """The database, for messages (a path, or a URL without its password)."""
@@ -128,12 +132,23 @@ class Migration:
     version: int
     name: str
     sql: str
+    # An engine's own text of this migration, when the shared one cannot serve it
+    # (NNNN_name.<engine>.sql next to NNNN_name.sql; docs/maintenance.md).
+    variants: dict[str, str] = field(default_factory=dict)
 
     @property
     def checksum(self) -> str:
-        # Of the file as shipped, whatever the engine runs (postgres_engine translates its
-        # column types): one checksum per migration, the same in both engines' tables.
+        """Of the shared file as shipped, whatever an engine makes of it (postgres_engine
+        translates its column types): one checksum per migration on both engines."""
         return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    def sql_for(self, engine: str) -> str:
+        return self.variants.get(engine, self.sql)
+
+    def checksum_for(self, engine: str) -> str:
+        """What ``schema_migrations`` records on ``engine``: the checksum of the file that
+        engine ran (its variant's, when it has one)."""
+        return hashlib.sha256(self.sql_for(engine).encode()).hexdigest()
 
     @property
     def label(self) -> str:
@@ -143,10 +158,19 @@ class Migration:
 def bundled_migrations() -> list[Migration]:
     """The migrations shipped in ``digitalme/migrations``, in order."""
     found = []
+    variants: dict[tuple[int, str], dict[str, str]] = {}
     for entry in resources.files("digitalme.migrations").iterdir():
         match = _MIGRATION_NAME.match(entry.name)
-        if match:
-            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+        if not match:
+            continue
+        key, text = (int(match[1]), match[2]), entry.read_text(encoding="utf-8")
+        if match[3]:
+            variants.setdefault(key, {})[match[3]] = text
+        else:
+            found.append(Migration(*key, text, variants.setdefault(key, {})))
+    orphans = sorted(set(variants) - {(m.version, m.name) for m in found})
+    if orphans:
+        raise DatabaseError(f"engine variants without their shared migration: {orphans}")
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
     if versions != list(range(1, len(found) + 1)):
@@ -192,6 +216,11 @@ class Database:
     def errors(self) -> tuple[type[Exception], ...]:
         """The exceptions the engine's driver raises (a failed write, a lost server)."""
         return self.engine.errors
+
+    @property
+    def shared(self) -> bool:
+        """See :attr:`Engine.shared`."""
+        return self.engine.shared
 
     @property
     def json_object(self) -> str:
@@ -278,7 +307,7 @@ class Database:
     def _state(self, applied: dict[int, str]) -> MigrationState:
         known = {m.version: m for m in self.migrations}
         for version, checksum in applied.items():
-            if version in known and known[version].checksum != checksum:
+            if version in known and known[version].checksum_for(self.engine.name) != checksum:
                 raise DatabaseError(
                     f"migration {known[version].label} changed after it was "
                     "applied to this database; restore the original file")

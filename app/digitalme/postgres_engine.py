@@ -207,6 +207,7 @@ class PostgresEngine:
     name = "postgresql"
     errors: tuple[type[Exception], ...] = (psycopg.Error,)
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    shared = True
     json_object = "json_build_object"  # its json comes back as text (_connect): as SQLite's
 
     def __init__(self, url: DatabaseUrl) -> None:
@@ -283,11 +284,13 @@ class PostgresEngine:
                 applied = {row[0] for row in await cursor.fetchall()}
                 pending = [m for m in migrations if m.version not in applied]
                 for migration in pending:
-                    await conn.execute(translate_ddl(migration.sql))
+                    # Its own variant as written, else the shared file translated.
+                    await conn.execute(migration.variants.get(self.name)
+                                       or translate_ddl(migration.sql))
                     await conn.execute(
                         "INSERT INTO schema_migrations (version, name, checksum)"
                         " VALUES (%s, %s, %s)",
-                        (migration.version, migration.name, migration.checksum))
+                        (migration.version, migration.name, migration.checksum_for(self.name)))
         finally:
             await conn.close()
         return pending

@@ -79,6 +79,7 @@ class SqliteEngine:
     errors: tuple[type[Exception], ...] = (sqlite3.Error,)
     skip_locked = ""  # one process writes; its writer thread runs one claim at a time
     json_object = "json_object"
+    shared = False  # one service process per file (the socket hands over between releases)
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -190,9 +191,10 @@ class SqliteEngine:
             script = ["BEGIN IMMEDIATE;"]
             for migration in pending:
                 script += [
-                    migration.sql, ";",
+                    migration.sql_for(self.name), ";",
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ("
-                    f"{migration.version}, '{migration.name}', '{migration.checksum}');"]
+                    f"{migration.version}, '{migration.name}',"
+                    f" '{migration.checksum_for(self.name)}');"]
             script.append("COMMIT;")
             try:
                 await self.writer.executescript("\n".join(script))

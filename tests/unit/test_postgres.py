@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 
 from digitalme.config import DatabaseUrl
 from digitalme.db import Database, DatabaseError, Migration, bundled_migrations
-from digitalme.inbox import InboxStore
+from digitalme.inbox import LEASE_SECONDS, InboxStore
 from digitalme.postgres_engine import to_pyformat, translate_ddl
 from tests.support import peek
 
@@ -184,6 +185,7 @@ def _claimer(conninfo: str, start: Any, batch: int, queue: multiprocessing.Queue
                     if await inbox.next_due_in() is None:
                         return claimed
                     continue
+                assert all(len(got) <= batch for got in rounds)
                 claimed += [item.id for item in items]
                 await asyncio.sleep(0.002)  # the work, while the other process claims
                 await asyncio.gather(*(inbox.complete(item.id) for item in items))
@@ -220,3 +222,56 @@ async def test_two_processes_claiming_at_once_never_take_the_same_delivery(
     assert peek.rows(migrated_postgres_database,
                      "SELECT status, attempts, count(*) FROM inbox GROUP BY status, attempts"
                      ) == [("done", 1, DELIVERIES)]
+
+
+async def test_a_process_takes_back_only_the_items_of_processes_that_are_gone(
+        migrated_postgres_database: DatabaseUrl) -> None:
+    """Two app hosts: a starting (or surviving) one must not take over what a live one is
+    answering, and must take over what a dead one left."""
+    hosts = [Database(migrated_postgres_database) for _ in range(2)]
+    for db in hosts:
+        await db.open()
+    try:
+        alive, other = (InboxStore(db) for db in hosts)
+        for n in range(4):
+            await alive.ingest("telegram", str(n), "message", {})
+        await alive.heartbeat("alive")
+        claimed = await alive.claim(2, owner="alive")
+        assert len(claimed) == 2
+        await other.heartbeat("other")
+        now = time.time()
+        assert await other.recover(alive_since=now - LEASE_SECONDS) == 0
+        assert {i.status for i in await other.recent()} == {"pending", "processing"}
+        # The first host dies: its heartbeat stops, its lease runs out.
+        assert await other.recover(alive_since=now + 1) == 2
+        items = {i.id: i for i in await other.recent()}
+        assert all(items[i.id].status == "pending" for i in claimed)
+        assert peek.rows(migrated_postgres_database,
+                         "SELECT count(*) FROM inbox WHERE claimed_by IS NOT NULL") == [(0,)]
+        # A worker that stops signs off: what it still held goes at the others' next beat.
+        [held] = await other.claim(1, owner="other")
+        await other.leave("other")
+        assert await alive.recover(alive_since=now - LEASE_SECONDS) == 1
+        assert (await alive.get(held.id)) is not None
+    finally:
+        for db in hosts:
+            await db.close()
+
+
+async def test_an_engine_variant_runs_instead_of_the_shared_file(
+        postgres_database: DatabaseUrl, tmp_path: Path) -> None:
+    shared = "CREATE TABLE a (x INTEGER);"
+    variant = "CREATE TABLE a (x int4 GENERATED ALWAYS AS IDENTITY);"
+    migration = Migration(1, "one", shared, {"postgresql": variant})
+    for target, engine in ((postgres_database, "postgresql"), (tmp_path / "x.db", "sqlite")):
+        db = Database(target, [migration])
+        await db.open()
+        try:
+            await db.migrate()
+            assert await db.applied_migrations() == {1: migration.checksum_for(engine)}
+        finally:
+            await db.close()
+    assert migration.checksum_for("sqlite") == migration.checksum != \
+        migration.checksum_for("postgresql")
+    assert peek.rows(postgres_database, "SELECT attidentity FROM pg_attribute"
+                     " WHERE attrelid = 'a'::regclass AND attname = 'x'") == [("a",)]
