@@ -363,8 +363,6 @@ def first_line(exc: BaseException) -> str:
 
 
 def database_for(settings: Settings) -> Database:
-    """The database the settings name: PostgreSQL at ``DIGITALME_DATABASE_URL`` when it is
-    set, else SQLite at ``DIGITALME_DB_PATH``."""
-    if settings.database_url is not None:
-        return Database(settings.database_url)
-    return Database(settings.db_path)
+    """The database the settings name: PostgreSQL at ``DIGITALME_DATABASE_URL`` (with
+    ``DIGITALME_DATABASE_PASSWORD``) when it is set, else SQLite at ``DIGITALME_DB_PATH``."""
+    return Database(settings.database)

@@ -25,6 +25,10 @@ import psycopg
 
 PG_ROOT = Path("/usr/lib/postgresql")
 SUPERUSER = "postgres"
+# A role that must log in with its password (scram-sha-256), for the tests of
+# DIGITALME_DATABASE_PASSWORD; every other local connection is trusted.
+PASSWORD_USER = "digitalme_app"
+PASSWORD = "app-password-for-tests"
 SETTINGS = {
     "listen_addresses": "''",
     "fsync": "off",
@@ -68,9 +72,14 @@ class Cluster:
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
                   "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
         options = " ".join(f"-c {name}={value}" for name, value in SETTINGS.items())
+        hba = self.data / "pg_hba.conf"
+        rules = hba.read_text()
+        hba.write_text(f"local all {PASSWORD_USER} scram-sha-256\n{rules}")
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l",
                   str(self.dir / "server.log"), "-w", "-o",
                   f"{options} -c unix_socket_directories={self.dir}", "start")
+        with self.admin() as conn:
+            conn.execute(f"CREATE ROLE {PASSWORD_USER} LOGIN PASSWORD '{PASSWORD}'")
 
     def stop(self) -> None:
         try:
@@ -79,8 +88,8 @@ class Cluster:
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def url(self, dbname: str) -> str:
-        return f"postgresql://{SUPERUSER}@/{dbname}?host={self.dir}"
+    def url(self, dbname: str, user: str = SUPERUSER) -> str:
+        return f"postgresql://{user}@/{dbname}?host={self.dir}"
 
     def admin(self) -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(self.url("postgres"), autocommit=True)

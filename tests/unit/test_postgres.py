@@ -14,11 +14,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from digitalme.config import DatabaseUrl
-from digitalme.db import Database, DatabaseError, Migration, bundled_migrations
+from digitalme.config import DatabaseUrl, load_settings
+from digitalme.db import Database, DatabaseError, Migration, bundled_migrations, database_for
 from digitalme.inbox import LEASE_SECONDS, InboxStore
 from digitalme.postgres_engine import to_pyformat, translate_ddl
 from tests.support import peek
+from tests.support.postgres import PASSWORD, PASSWORD_USER, Cluster
 
 
 def test_placeholders_and_percent_signs_are_translated_once() -> None:
@@ -275,3 +276,26 @@ async def test_an_engine_variant_runs_instead_of_the_shared_file(
         migration.checksum_for("postgresql")
     assert peek.rows(postgres_database, "SELECT attidentity FROM pg_attribute"
                      " WHERE attrelid = 'a'::regclass AND attname = 'x'") == [("a",)]
+
+
+async def test_the_password_comes_from_a_credential_file(postgres_cluster: Cluster,
+                                                       tmp_path: Path) -> None:
+    """DIGITALME_DATABASE_PASSWORD (here from $CREDENTIALS_DIRECTORY, as systemd's
+    LoadCredential= gives it) reaches the driver apart from the URL, for a role that must
+    log in with it (scram-sha-256); without it, a one-line refusal."""
+    url = postgres_cluster.url("postgres", user=PASSWORD_USER)
+    without = database_for(load_settings({"DIGITALME_DATABASE_URL": url}))
+    with pytest.raises(DatabaseError, match=r"^cannot connect to postgresql://.*password"
+                       ) as refused:
+        await without.open()
+    assert "\n" not in str(refused.value)
+    (tmp_path / "DIGITALME_DATABASE_PASSWORD").write_text(PASSWORD + "\n")
+    settings = load_settings({"DIGITALME_DATABASE_URL": url},
+                             credentials_directory=str(tmp_path))
+    db = database_for(settings)
+    await db.open()
+    try:
+        assert await db.size_bytes() > 0
+        assert PASSWORD not in db.name + repr(settings)
+    finally:
+        await db.close()
