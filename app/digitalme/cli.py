@@ -173,6 +173,10 @@ def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
         print(f"error: DIGITALME_DB_PATH: directory {settings.db_path.parent} does not exist",
               file=sys.stderr)
         problems += 1
+    if settings.database_url is not None and settings.litestream_socket is not None:
+        print("warning: DIGITALME_LITESTREAM_SOCKET is set, but Litestream replicates SQLite "
+              "only and DIGITALME_DATABASE_URL puts the data in PostgreSQL: back that up "
+              "instead (docs/scale-out.md)", file=sys.stderr)
     if not settings.claude_configured:
         print("warning: ANTHROPIC_API_KEY is not set: the service starts, but chat answers 503",
               file=sys.stderr)

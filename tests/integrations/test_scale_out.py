@@ -23,6 +23,7 @@ from tests.integrations.conftest import (
     wait_settled,
 )
 from tests.standins import signing
+from tests.standins.anthropic_api import Error
 from tests.support import peek
 
 pytestmark = pytest.mark.parametrize("db_engine", ["postgresql"], indirect=True)
@@ -86,3 +87,27 @@ async def test_a_dead_hosts_deliveries_are_taken_over_and_answered_once(
     assert replies(platforms) == [f"Stand-in reply to: d{n}" for n in range(3)]
     items = await wait_settled(survivor)
     assert [(i.status, i.attempts) for i in items] == [("done", 2)] * 3
+
+
+async def test_rate_limits_and_the_circuit_breaker_are_per_host(
+        make_channel_service: ChannelServiceFactory) -> None:
+    """What docs/scale-out.md states: each host counts its own requests and Claude's
+    failures; N hosts let a client make N times the limit."""
+    first = await make_channel_service(rate_limit_per_minute=3, breaker_failure_threshold=1,
+                                       breaker_reset_seconds=60)
+    second = await make_channel_service(rate_limit_per_minute=3)
+    token = first.chat_token  # a token of the shared database: valid on both hosts
+
+    async def statuses(host: Service) -> list[int]:
+        return [(await host.client.get("/api/v1/conversations",
+                                       headers=host.auth(token))).status for _ in range(4)]
+    assert await statuses(first) == [200, 200, 200, 429]
+    assert await statuses(second) == [200, 200, 200, 429]
+    # Claude fails on the first host: its breaker opens; the second's stays closed.
+    first.standin.fail_all(Error(status=529))
+    conversation = await first.new_conversation(first.admin_token)
+    response = await first.client.post(f"/api/v1/conversations/{conversation}/messages",
+                                       json={"text": "hi"}, headers=first.admin)
+    assert response.status == 503
+    ready = [await (await host.client.get("/health/ready")).json() for host in (first, second)]
+    assert [r["checks"]["claude"]["breaker"] for r in ready] == ["open", "closed"]

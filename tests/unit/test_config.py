@@ -168,3 +168,17 @@ def test_check_config_names_a_bad_url_in_one_line(monkeypatch: pytest.MonkeyPatc
     err = capsys.readouterr().err
     assert "DIGITALME_DATABASE_URL: is not a valid URL" in err
     assert "Traceback" not in err and "s3cret" not in err
+
+
+def test_check_config_accepts_a_postgresql_url_and_warns_about_litestream(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from digitalme.cli import EXIT_OK, main
+
+    monkeypatch.setenv("DIGITALME_DATABASE_URL", "postgresql://app@db.internal/app")
+    monkeypatch.setenv("DIGITALME_DB_PATH", "/nowhere/at/all/digitalme.db")  # not used
+    monkeypatch.setenv("DIGITALME_LITESTREAM_SOCKET", "/run/litestream/litestream.sock")
+    assert main(["check-config"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "postgresql://app@db.internal/app" in captured.out
+    assert "Litestream replicates SQLite only" in captured.err
+    assert "does not exist" not in captured.err
