@@ -7,6 +7,9 @@ socket in that directory, so parallel test runs never race for a port; ``trust``
 authentication, since only this machine's users reach the socket. Durability is off
 (``fsync``, ``synchronous_commit``, ``full_page_writes``): the cluster dies with the tests.
 
+A test run that is killed cannot stop its cluster; the next one does (:func:`reap_orphans`:
+a cluster whose owning process is gone is stopped and removed).
+
 Each test gets a database of its own, created from a template (:meth:`Cluster.database`):
 copying a migrated template takes a few milliseconds, migrating takes much longer.
 """
@@ -24,6 +27,8 @@ from pathlib import Path
 import psycopg
 
 PG_ROOT = Path("/usr/lib/postgresql")
+PREFIX = "digitalme-pg-"
+OWNER_FILE = "owner.pid"
 SUPERUSER = "postgres"
 # A role that must log in with its password (scram-sha-256), for the tests of
 # DIGITALME_DATABASE_PASSWORD; every other local connection is trusted.
@@ -47,10 +52,40 @@ def bin_dir() -> Path | None:
     return found[-1] if found else None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphans(bin: Path) -> None:
+    """Stop and remove the clusters of test runs that died without stopping theirs."""
+    for directory in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        try:
+            owner = int((directory / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            continue
+        if (directory / "data" / "postmaster.pid").exists():
+            command = [str(bin / "pg_ctl"), "-D", str(directory / "data"), "-m", "immediate",
+                       "-w", "stop"]
+            if os.geteuid() == 0:
+                command = ["runuser", "-u", "nobody", "--", *command]
+            subprocess.run(command, capture_output=True, timeout=60, check=False)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class Cluster:
     def __init__(self, bin: Path) -> None:
         self.bin = bin
-        self.dir = Path(tempfile.mkdtemp(prefix="digitalme-pg-"))
+        reap_orphans(bin)
+        self.dir = Path(tempfile.mkdtemp(prefix=PREFIX))
+        (self.dir / OWNER_FILE).write_text(str(os.getpid()))
         self.data = self.dir / "data"
         self._user: str | None = None
         if os.geteuid() == 0:
