@@ -26,7 +26,7 @@ from .config import (
     settings_reference_markdown,
     unknown_variables,
 )
-from .db import Database, DatabaseError, database_for
+from .db import Database, DatabaseError, database_for, first_line
 from .inbox import STATUSES
 from .persona import PersonaError, PersonaStore, build_prompt, load_persona_file
 from .tokens import SCOPES, TokenError, TokenStore
@@ -59,7 +59,7 @@ async def _with_database(settings: Settings,
         await db.require_migrated()
         return await work(db)
     except db.errors as exc:
-        raise DatabaseError(f"{db.name}: {exc}") from exc
+        raise DatabaseError(f"{db.name}: {first_line(exc)}") from exc
     finally:
         await db.close()
 
@@ -94,7 +94,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         try:
             return [m.label for m in await db.migrate()]
         except db.errors as exc:
-            raise DatabaseError(f"{db.name}: {exc}") from exc
+            raise DatabaseError(f"{db.name}: {first_line(exc)}") from exc
         finally:
             await db.close()
 

@@ -299,3 +299,29 @@ async def test_the_password_comes_from_a_credential_file(postgres_cluster: Clust
         assert PASSWORD not in db.name + repr(settings)
     finally:
         await db.close()
+
+
+def test_the_commands_work_on_postgresql(postgres_database: DatabaseUrl, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from digitalme.cli import main
+
+    monkeypatch.setenv("DIGITALME_DATABASE_URL", postgres_database.conninfo)
+    assert main(["token", "list"]) == 1
+    refused = capsys.readouterr().err
+    assert "lacks migrations 0001_initial" in refused and refused.count("\n") == 1
+    assert main(["migrate"]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"applied {len(bundled_migrations())} migration(s) to postgresql://")
+    assert main(["migrate"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("is up to date")
+    assert main(["token", "create", "--name", "ops", "--scope", "admin", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("dm_")
+    assert main(["token", "list"]) == 0
+    assert "ops" in capsys.readouterr().out
+    # A server that is not there: one line naming the database, no traceback.
+    monkeypatch.setenv("DIGITALME_DATABASE_URL", f"postgresql://app@/app?host={tmp_path}")
+    assert main(["migrate"]) == 1
+    gone = capsys.readouterr().err
+    assert gone.startswith("digitalme: database error: cannot connect to postgresql://app@")
+    assert gone.count("\n") == 1 and "Traceback" not in gone
