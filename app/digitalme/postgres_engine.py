@@ -48,6 +48,12 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 CONNECT_TIMEOUT_SECONDS = 5
+# A server that vanishes without closing its connections (a host down, a partition) must
+# show as an error within seconds, not after the kernel's 15-minute retransmissions: the
+# writer thread would hang on it with every write queued behind. libpq's TCP settings,
+# unless the URL sets its own (they do not apply to a Unix socket).
+_TCP_DEFAULTS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                 "keepalives_count": 3, "tcp_user_timeout": 30_000}
 # Any constant: the key of the advisory lock `digitalme migrate` holds while it migrates.
 _MIGRATE_LOCK_KEY = 0x6469676D65  # "digme"
 
@@ -183,6 +189,8 @@ def _connect_args(url: DatabaseUrl) -> dict[str, Any]:
     args: dict[str, Any] = {"autocommit": True, "application_name": "digitalme"}
     if "connect_timeout" not in url.conninfo:
         args["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
+    args.update({name: value for name, value in _TCP_DEFAULTS.items()
+                 if name not in url.conninfo})
     if url.password is not None:
         args["password"] = url.password
     return args
