@@ -25,6 +25,8 @@ if [[ $mode != --app ]]; then
         debootstrap debian-archive-keyring systemd-container iproute2 nftables iptables openssh-client rsync
         # ACME end to end (tests/e2e/test_acme.py): Let's Encrypt's test server, its DNS
         pebble openssl
+        # the PostgreSQL backend's tests: a throw-away cluster (tests/support/postgres.py)
+        postgresql
     )
 fi
 
@@ -38,6 +40,12 @@ if ((${#missing[@]})); then
         exit 1
     fi
     echo "bootstrap: installing ${missing[*]}"
+    # The tests start throw-away PostgreSQL clusters of their own: no "main" cluster, no
+    # server left running on port 5432 (postgresql-common reads this before it creates one).
+    if [[ " ${missing[*]} " == *" postgresql "* ]]; then
+        mkdir -p /etc/postgresql-common/createcluster.d
+        echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/digitalme-tests.conf
+    fi
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

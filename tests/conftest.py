@@ -3,12 +3,19 @@
 ``service`` builds the real application (``create_app``) on a fresh SQLite file, with the
 sample persona imported, one admin and one chat token, and Claude pointed at a local
 stand-in of the Anthropic API (tests/standins/anthropic_api.py) through the real SDK.
+
+Storage: a test module marked ``pytestmark = pytest.mark.both_engines`` runs each of its
+tests that builds settings (``make_settings``, ``service``, ...) twice, on SQLite and on
+PostgreSQL: a database of its own, copied from a migrated template, in a throw-away
+cluster the session starts from Debian's ``postgresql`` package (tests/support/postgres.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,12 +23,13 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from digitalme.config import Settings, load_settings
+from digitalme.config import DatabaseUrl, Settings, load_settings
 from digitalme.db import Database
 from digitalme.keys import PERSONAS, TOKENS
 from digitalme.persona import load_persona_file
 from digitalme.web import create_app
 from tests.standins.anthropic_api import AnthropicStandin, run_anthropic_standin
+from tests.support.postgres import Cluster, bin_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_PERSONA = REPO / "docs" / "examples" / "persona.yaml"
@@ -55,11 +63,80 @@ async def standin() -> AsyncIterator[AnthropicStandin]:
         yield server
 
 
+# --- storage engines ------------------------------------------------------------------------
+ENGINES = ("sqlite", "postgresql")
+MIGRATED_TEMPLATE = "digitalme_migrated"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "db_engine" in metafunc.fixturenames \
+            and metafunc.definition.get_closest_marker("both_engines"):
+        metafunc.parametrize("db_engine", ENGINES, indirect=True)
+
+
 @pytest.fixture
-def make_settings(tmp_path: Path, standin: AnthropicStandin) -> Callable[..., Settings]:
+def db_engine(request: pytest.FixtureRequest) -> str:
+    """The engine of the test's database: sqlite, unless the module is marked both_engines
+    (then each test runs once per engine)."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Cluster]:
+    """A PostgreSQL cluster for the session (one per xdist worker), with a migrated
+    template database."""
+    found = bin_dir()
+    if found is None:
+        pytest.skip("PostgreSQL is not installed: scripts/bootstrap.sh installs Debian's "
+                    "postgresql package")
+    cluster = Cluster(found)
+    cluster.start()
+    try:
+        with cluster.admin() as conn:
+            conn.execute(f'CREATE DATABASE "{MIGRATED_TEMPLATE}"')
+        # asyncio.run in a thread of its own: safe whatever loop this fixture is set up in.
+        with ThreadPoolExecutor(1) as thread:
+            url = DatabaseUrl(cluster.url(MIGRATED_TEMPLATE))
+            thread.submit(asyncio.run, migrate(url)).result()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_database(postgres_cluster: Cluster) -> Iterator[DatabaseUrl]:
+    """A new, empty PostgreSQL database, dropped afterwards."""
+    name = postgres_cluster.database()
+    yield DatabaseUrl(postgres_cluster.url(name))
+    postgres_cluster.drop(name)
+
+
+@pytest.fixture
+def migrated_postgres_database(postgres_cluster: Cluster) -> Iterator[DatabaseUrl]:
+    """A new PostgreSQL database with every migration applied, dropped afterwards."""
+    name = postgres_cluster.database(MIGRATED_TEMPLATE)
+    yield DatabaseUrl(postgres_cluster.url(name))
+    postgres_cluster.drop(name)
+
+
+@pytest.fixture
+def database_url(db_engine: str, request: pytest.FixtureRequest) -> DatabaseUrl | None:
+    """The test's PostgreSQL database (migrated), or None on SQLite."""
+    if db_engine == "sqlite":
+        return None
+    url: DatabaseUrl = request.getfixturevalue("migrated_postgres_database")
+    return url
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, standin: AnthropicStandin, database_url: DatabaseUrl | None,
+                  ) -> Callable[..., Settings]:
     """Settings for a test: fresh database, the stand-in as Claude, fast failure modes."""
+    on_postgres = {"DIGITALME_DATABASE_URL": database_url.conninfo} if database_url else {}
+
     def make(**overrides: Any) -> Settings:
         base = load_settings({
+            **on_postgres,
             "DIGITALME_DB_PATH": str(tmp_path / "digitalme.db"),
             "DIGITALME_ENV": "test",
             "ANTHROPIC_API_KEY": TEST_API_KEY,
@@ -120,9 +197,9 @@ class Service:
 ServiceFactory = Callable[..., Awaitable[Service]]
 
 
-async def migrate(path: Path) -> None:
+async def migrate(target: Path | DatabaseUrl) -> None:
     """What `digitalme migrate` does; the service refuses an unmigrated database."""
-    db = Database(path)
+    db = Database(target)
     await db.open()
     try:
         await db.migrate()
@@ -131,11 +208,13 @@ async def migrate(path: Path) -> None:
 
 
 @pytest.fixture
-async def make_service(aiohttp_client: Any, make_settings: Callable[..., Settings],
+async def make_service(database_url: DatabaseUrl | None, aiohttp_client: Any,
+                       make_settings: Callable[..., Settings],
                        standin: AnthropicStandin) -> ServiceFactory:
+    # database_url first: set up before the client, so torn down after the app is closed.
     async def make(*, persona: bool = True, **overrides: Any) -> Service:
         settings = make_settings(**overrides)
-        await migrate(settings.db_path)
+        await migrate(settings.database)
         app = create_app(settings)
         client = await aiohttp_client(app)
         if persona:

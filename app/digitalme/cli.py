@@ -26,7 +26,7 @@ from .config import (
     settings_reference_markdown,
     unknown_variables,
 )
-from .db import Database, DatabaseError
+from .db import Database, DatabaseError, database_for, first_line
 from .inbox import STATUSES
 from .persona import PersonaError, PersonaStore, build_prompt, load_persona_file
 from .tokens import SCOPES, TokenError, TokenStore
@@ -50,12 +50,16 @@ def _setup_logging(level: str) -> None:
 
 async def _with_database(settings: Settings,
                          work: Callable[[Database], Awaitable[T]]) -> T:
-    """Open the database (refusing one that lacks a migration), run ``work``, close it."""
-    db = Database(settings.db_path)
+    """Open the database (refusing one that lacks a migration), run ``work``, close it.
+    A failure of the driver (a lost PostgreSQL server) is a :class:`DatabaseError`: one line,
+    no traceback."""
+    db = database_for(settings)
     await db.open()
     try:
         await db.require_migrated()
         return await work(db)
+    except db.errors as exc:
+        raise DatabaseError(f"{db.name}: {first_line(exc)}") from exc
     finally:
         await db.close()
 
@@ -83,19 +87,51 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    db = database_for(settings)
+
     async def work() -> list[str]:
-        db = Database(settings.db_path)
         await db.open()
         try:
-            return [f"{m.version:04d}_{m.name}" for m in await db.migrate()]
+            return [m.label for m in await db.migrate()]
+        except db.errors as exc:
+            raise DatabaseError(f"{db.name}: {first_line(exc)}") from exc
         finally:
             await db.close()
 
     applied = _run(work())
     if applied:
-        print(f"applied {len(applied)} migration(s) to {settings.db_path}: {', '.join(applied)}")
+        print(f"applied {len(applied)} migration(s) to {db.name}: {', '.join(applied)}")
     else:
-        print(f"{settings.db_path} is up to date")
+        print(f"{db.name} is up to date")
+    return EXIT_OK
+
+
+def cmd_migrate_data(settings: Settings, args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
+    from .transfer import copy_data, describe, parse_target
+
+    ends = []
+    for option, raw in (("--from", args.source), ("--to", args.target)):
+        if raw.startswith(("postgresql://", "postgres://")) and urlsplit(raw).password:
+            # Command lines are visible to every local user (ps, /proc).
+            raise CommandError(f"{option}: leave the password out of the URL; give it as "
+                               "DIGITALME_DATABASE_PASSWORD (environment or credential "
+                               "file) or in ~/.pgpass")
+        try:
+            end = parse_target(raw)
+        except ValueError as exc:
+            raise CommandError(f"{option}: {exc}") from None
+        if not isinstance(end, Path):
+            end = end.with_password(settings.database_password)
+        ends.append(end)
+    source, target = ends
+    copied = copy_data(source, target)
+    width = max(len(c.table) for c in copied)
+    for c in copied:
+        print(f"{c.table:<{width}}  {c.rows:>9} rows  sha256 {c.sha256[:16]}")
+    print(f"copied {sum(c.rows for c in copied)} rows in {len(copied)} tables from "
+          f"{describe(source)} to {describe(target)}: counts and checksums match")
     return EXIT_OK
 
 
@@ -132,10 +168,15 @@ def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
         problems += 1 if args.strict else 0
     # The host's state is judged for the environment the command runs in; a file is judged
     # by its content alone (the role checks the file before the folders may exist).
-    if environ is None and not settings.db_path.parent.exists():
+    if environ is None and settings.database_url is None \
+            and not settings.db_path.parent.exists():
         print(f"error: DIGITALME_DB_PATH: directory {settings.db_path.parent} does not exist",
               file=sys.stderr)
         problems += 1
+    if settings.database_url is not None and settings.litestream_socket is not None:
+        print("warning: DIGITALME_LITESTREAM_SOCKET is set, but Litestream replicates SQLite "
+              "only and DIGITALME_DATABASE_URL puts the data in PostgreSQL: back that up "
+              "instead (docs/scale-out.md)", file=sys.stderr)
     if not settings.claude_configured:
         print("warning: ANTHROPIC_API_KEY is not set: the service starts, but chat answers 503",
               file=sys.stderr)
@@ -346,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("migrate", help="apply pending database migrations and exit")
     p.set_defaults(func=cmd_migrate)
+    p = sub.add_parser(
+        "migrate-data",
+        help="copy every row from SQLite to an empty PostgreSQL database, or back, verified "
+             "by row counts and per-table checksums (docs/scale-out.md)")
+    p.add_argument("--from", dest="source", required=True, metavar="URL",
+                   help="sqlite:///path/to/digitalme.db or postgresql://USER@HOST/DBNAME")
+    p.add_argument("--to", dest="target", required=True, metavar="URL",
+                   help="the other engine's database; migrated here, and it must hold no "
+                        "rows. A PostgreSQL password comes from DIGITALME_DATABASE_PASSWORD "
+                        "or ~/.pgpass, never from the command line")
+    p.set_defaults(func=cmd_migrate_data)
     p = sub.add_parser("smoke-test",
                        help="one chat turn through the running service, as a throw-away "
                             "token that is deleted afterwards (the deploy's health gate)")

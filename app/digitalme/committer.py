@@ -1,11 +1,14 @@
 """Group commit: every write of the service runs in one thread, batched into transactions
 that share one durable commit.
 
-A write is a *job*, a plain function of a ``sqlite3.Connection`` (its SQL, no awaits in
-the middle). Jobs queue up while the thread commits; it then takes all that are waiting
-(up to :data:`MAX_BATCH`), opens one transaction, runs each job inside its own savepoint
+A write is a *job*, a plain function of a DB-API connection (its SQL, no awaits in the
+middle): a ``sqlite3.Connection``, or for PostgreSQL a psycopg connection behind the
+adapter of :mod:`digitalme.postgres_engine`. Jobs queue up while the thread commits; it
+then takes all that are waiting (up to :data:`MAX_BATCH`), opens one transaction, runs
+each job inside its own savepoint
 (a job that raises is rolled back alone, the others keep their work), and commits once:
-with ``synchronous=FULL`` that is one ``fsync`` of the WAL for the whole batch. Only then
+with SQLite's ``synchronous=FULL`` that is one ``fsync`` of the WAL for the whole batch, with
+PostgreSQL one round trip and one WAL flush for the whole batch. Only then
 is each job's caller given its result, so **a write is never reported done before it is
 durable**, however many share its commit; if the commit itself fails, every job of the
 batch gets the error and none is reported done.
@@ -22,12 +25,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,34 @@ T = TypeVar("T")
 # very large batch hears back.
 MAX_BATCH = 256
 
-Job = Callable[[sqlite3.Connection], Any]
+Job = Callable[[Any], Any]
+
+
+class WriterSession(Protocol):
+    """The writer thread's connection, as the committer drives it; one per engine
+    (:mod:`digitalme.sqlite_engine`, :mod:`digitalme.postgres_engine`). Made and used only
+    in the writer thread."""
+
+    errors: tuple[type[Exception], ...]  # what the engine's driver raises
+
+    @property
+    def connection(self) -> Any:
+        """What each job is given."""
+
+    def begin(self) -> None:
+        """Open a write transaction (reconnecting first when the engine can and must)."""
+
+    def command(self, sql: str) -> None:
+        """Run a transaction-control statement (SAVEPOINT, RELEASE, ROLLBACK TO, COMMIT,
+        ROLLBACK)."""
+
+    def in_transaction(self) -> bool:
+        """False once the engine has rolled the whole transaction back by itself."""
+
+    def lost(self, cause: BaseException) -> Exception:
+        """The error each job of a batch hears when the whole transaction was lost."""
+
+    def close(self) -> None: ...
 
 
 Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
@@ -55,9 +83,8 @@ class GroupCommitter:
     the queue and closes it; :meth:`write` is safe from any task of the loop that started
     it."""
 
-    def __init__(self, path: Path, pragmas: tuple[str, ...]) -> None:
-        self.path = path
-        self.pragmas = pragmas
+    def __init__(self, connect: Callable[[], WriterSession]) -> None:
+        self._open_session = connect  # called in the writer thread
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -88,10 +115,10 @@ class GroupCommitter:
         await asyncio.shield(self._stopped)
         self._thread = None
 
-    async def write(self, job: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, job: Callable[[Any], T]) -> T:
         """Run ``job`` in a write transaction; return its result once it is committed."""
         if self._thread is None or self._loop is None:
-            raise sqlite3.ProgrammingError("the database writer is not running")
+            raise RuntimeError("the database writer is not running")
         future: asyncio.Future[T] = self._loop.create_future()
         self._queue.put(_Pending(job, future))
         # A caller cancelled while it waits (a client gone) does not cancel the write: the
@@ -100,22 +127,11 @@ class GroupCommitter:
 
     # --- the thread ------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        try:
-            conn.row_factory = sqlite3.Row
-            for pragma in self.pragmas:
-                conn.execute(f"PRAGMA {pragma}").fetchall()
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
     def _run(self, opened: asyncio.Future[None]) -> None:
         assert self._loop is not None and self._stopped is not None
         loop, stopped = self._loop, self._stopped
         try:
-            conn = self._connect()
+            session = self._open_session()
         except BaseException as exc:
             failed: list[Outcome] = [(opened, None, exc), (stopped, None, None)]
             loop.call_soon_threadsafe(_settle, failed)
@@ -138,43 +154,44 @@ class GroupCommitter:
                         running = False
                         break
                     batch.append(more)
-                outcomes = self._commit(conn, batch)
+                outcomes = self._commit(session, batch)
                 loop.call_soon_threadsafe(_settle, outcomes)
         finally:
-            conn.close()
+            session.close()
             done: list[Outcome] = [(stopped, None, None)]
             loop.call_soon_threadsafe(_settle, done)
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Pending],
-                ) -> list[Outcome]:
+    def _commit(self, session: WriterSession, batch: list[_Pending]) -> list[Outcome]:
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
+            session.begin()
+        except session.errors as exc:
             return [(p.future, None, exc) for p in batch]
+        conn = session.connection
         outcomes: list[Outcome] = []
         for pending in batch:
             try:
-                conn.execute("SAVEPOINT job")
+                session.command("SAVEPOINT job")
                 value = pending.job(conn)
-                conn.execute("RELEASE job")
+                session.command("RELEASE job")
             except Exception as exc:
-                if not conn.in_transaction:
-                    # SQLite rolled the whole transaction back (disk full, I/O error):
-                    # the jobs before this one lost their work too.
-                    lost = sqlite3.OperationalError(f"the transaction was rolled back: {exc}")
+                if not session.in_transaction():
+                    # The engine rolled the whole transaction back (SQLite: disk full, I/O
+                    # error; PostgreSQL: the connection lost): the jobs before this one
+                    # lost their work too.
+                    lost = session.lost(exc)
                     return [(f, None, e or lost) for f, _, e in outcomes] + \
                         [(p.future, None, exc if p is pending else lost)
                          for p in batch[len(outcomes):]]
-                conn.execute("ROLLBACK TO job")
-                conn.execute("RELEASE job")
+                session.command("ROLLBACK TO job")
+                session.command("RELEASE job")
                 outcomes.append((pending.future, None, exc))
             else:
                 outcomes.append((pending.future, value, None))
         try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            session.command("COMMIT")
+        except session.errors as exc:
+            if session.in_transaction():
+                session.command("ROLLBACK")
             log.error("a group commit of %d write(s) failed: %s", len(batch), exc)
             return [(f, None, e or exc) for f, _, e in outcomes]
         self.batches += 1

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 ENV_PREFIX = "DIGITALME_"
 
@@ -139,6 +140,63 @@ def _url(raw: str) -> str | None:
     return raw.rstrip("/")
 
 
+@dataclass(frozen=True, repr=False)
+class DatabaseUrl:
+    """A PostgreSQL connection URL. Shown (``str``, ``repr``, logs, ``check-config``)
+    without its password; the password is given to the driver apart from the URL when it
+    comes from ``DIGITALME_DATABASE_PASSWORD``."""
+
+    conninfo: str
+    password: str | None = None
+
+    def with_password(self, password: str | None) -> DatabaseUrl:
+        return self if password is None else DatabaseUrl(self.conninfo, password)
+
+    def __str__(self) -> str:
+        parts = urlsplit(self.conninfo)
+        if parts.password is None:
+            return self.conninfo
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+    __repr__ = __str__
+
+
+def _database_url(raw: str) -> DatabaseUrl | None:
+    """``postgresql://[user[:password]@][host][:port]/dbname[?param=value...]``, libpq's
+    URI form; empty: SQLite at DIGITALME_DB_PATH. Nothing of the URL is echoed back in
+    the error but its scheme: it may hold a password."""
+    if not raw:
+        return None
+    scheme, sep, _ = raw.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        shown = scheme if sep and len(scheme) < 20 else "none"
+        raise ValueError(
+            f"must be a postgresql:// URL (postgresql://USER@HOST:PORT/DBNAME), got scheme "
+            f"{shown!r}; leave it unset to use SQLite at DIGITALME_DB_PATH")
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 (parses the port: raises ValueError when it is not one)
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ValueError("is not a valid URL: expected "
+                         "postgresql://USER@HOST:PORT/DBNAME[?sslmode=...]") from None
+    if not parts.path.strip("/") and "dbname" not in query:
+        raise ValueError("names no database: expected postgresql://USER@HOST:PORT/DBNAME")
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(raw)  # libpq's own parser: unknown parameters, bad hosts
+    except ProgrammingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if not reason or "://" in reason or (parts.password and parts.password in reason):
+            reason = "libpq cannot parse it"
+        raise ValueError(f"is not a valid PostgreSQL URL: {reason}") from None
+    return DatabaseUrl(raw)
+
+
 def _telegram_secret(raw: str) -> str | None:
     if not raw:
         return None
@@ -178,6 +236,7 @@ def setting(
     parser and help. The parsed default becomes the dataclass default."""
     return field(
         default=parse(default),
+        repr=not secret,  # a Settings printed or logged shows no secret
         metadata={"env": env, "raw_default": default, "parse": parse, "help": help,
                   "secret": secret},
     )
@@ -196,6 +255,17 @@ class Settings:
         "DIGITALME_DB_PATH", "digitalme.db", _path,
         "SQLite database file. `digitalme migrate` creates and migrates it; the service "
         "refuses to start on a database that lacks a migration.")
+    database_url: DatabaseUrl | None = setting(
+        "DIGITALME_DATABASE_URL", "", _database_url,
+        "PostgreSQL database to use instead of SQLite, as a libpq URL "
+        "(postgresql://USER@HOST:PORT/DBNAME?sslmode=verify-full); then DIGITALME_DB_PATH is "
+        "not used. Several app hosts can share it (docs/scale-out.md). Shown without its "
+        "password; better keep the password in DIGITALME_DATABASE_PASSWORD. Empty: SQLite.")
+    database_password: str | None = setting(
+        "DIGITALME_DATABASE_PASSWORD", "", _optional_str,
+        "Password for DIGITALME_DATABASE_URL, given to the driver apart from the URL (best "
+        "as a systemd credential). Empty: the URL's own, or libpq's ~/.pgpass.",
+        secret=True)
     log_level: str = setting(
         "DIGITALME_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"),
         "Log verbosity: debug, info, warning or error.")
@@ -429,6 +499,14 @@ class Settings:
     def claude_configured(self) -> bool:
         return bool(self.anthropic_api_key)
 
+    @property
+    def database(self) -> Path | DatabaseUrl:
+        """Where the data lives: the PostgreSQL URL (with DIGITALME_DATABASE_PASSWORD)
+        when one is set, else the SQLite file."""
+        if self.database_url is not None:
+            return self.database_url.with_password(self.database_password)
+        return self.db_path
+
 
 @dataclass(frozen=True)
 class SettingInfo:
@@ -489,6 +567,11 @@ def load_settings(
 def _combination_problems(settings: Settings) -> dict[str, str]:
     """Settings that are valid alone but not together."""
     problems = {}
+    if settings.database_password is not None and settings.database_url is None:
+        # (S105: a message about the password, not one.)
+        problems["DIGITALME_DATABASE_PASSWORD"] = (
+            "is set but DIGITALME_DATABASE_URL is not: SQLite needs no password; "  # noqa: S105
+            "set the URL of the PostgreSQL database or remove the password")
     if 0 < settings.activity_retention_days < settings.activity_digest_days:
         problems["DIGITALME_ACTIVITY_RETENTION_DAYS"] = (
             f"must be at least DIGITALME_ACTIVITY_DIGEST_DAYS ({settings.activity_digest_days})"

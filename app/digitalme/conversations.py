@@ -1,4 +1,4 @@
-"""Conversations and their messages in SQLite.
+"""Conversations and their messages.
 
 A conversation is identified by (channel, external id): a Telegram chat, a Slack thread,
 or an API conversation (whose external id is its own id). Messages keep their role, text,
@@ -7,14 +7,13 @@ time, the platform's message id and, for replies, the tokens and estimated cost.
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .db import Database
+from .db import Connection, Database, Row
 from .models import message_answer
 from .usage import Usage
 
@@ -61,16 +60,17 @@ _MSG_COLUMNS = ("id, conversation_id, role, text, created_at, channel_message_id
                 " stop_reason")
 
 
-# Message.to_json, built by SQLite: the API's list of messages is one JSON text per row,
-# with no Python object per message (five times cheaper for a page of messages).
+# Message.to_json, built by the database: the API's list of messages is one JSON text per
+# row, with no Python object per message (five times cheaper for a page of messages). The
+# engine names its function that makes an object of key, value, ... (Database.json_object).
 _MSG_JSON = (
-    "CASE role WHEN 'assistant' THEN json_object("
+    "CASE role WHEN 'assistant' THEN {json_object}("
     "'id', id, 'conversation_id', conversation_id, 'role', role, 'text', text,"
     " 'created_at', created_at, 'model', model, 'stop_reason', stop_reason,"
-    " 'usage', json_object('input_tokens', input_tokens, 'output_tokens', output_tokens,"
+    " 'usage', {json_object}('input_tokens', input_tokens, 'output_tokens', output_tokens,"
     " 'cache_read_tokens', cache_read_tokens, 'cache_write_tokens', cache_write_tokens),"
     " 'cost_usd', cost_usd)"
-    " ELSE json_object('id', id, 'conversation_id', conversation_id, 'role', role,"
+    " ELSE {json_object}('id', id, 'conversation_id', conversation_id, 'role', role,"
     " 'text', text, 'created_at', created_at) END")
 
 
@@ -84,6 +84,7 @@ class ConversationStore:
         self.db = db
         # (conversation, its newest message id, limit, before) -> the page as JSON
         self._pages: OrderedDict[tuple[str, int, int, int], str] = OrderedDict()
+        self._msg_json = _MSG_JSON.format(json_object=db.json_object)
 
     async def create(self, channel: str, *, external_id: str | None = None,
                      title: str | None = None, token_id: int | None = None) -> Conversation:
@@ -107,12 +108,12 @@ class ConversationStore:
             return Conversation(**dict(found))
         now = now_iso()
 
-        def create(conn: sqlite3.Connection) -> sqlite3.Row:
+        def create(conn: Connection) -> Row:
             conn.execute(
                 f"INSERT INTO conversations ({_CONV_COLUMNS}) VALUES (?, ?, ?, ?, NULL, ?, ?)"
                 " ON CONFLICT (channel, external_id) DO NOTHING",
                 (uuid.uuid4().hex, channel, external_id, title, now, now))
-            rows: list[sqlite3.Row] = conn.execute(
+            rows: list[Row] = conn.execute(
                 f"SELECT {_CONV_COLUMNS} FROM conversations"
                 " WHERE channel = ? AND external_id = ?", (channel, external_id)).fetchall()
             return rows[0]
@@ -150,8 +151,8 @@ class ConversationStore:
                   u.cache_read_tokens if usage else None,
                   u.cache_write_tokens if usage else None, cost_usd, stop_reason)
 
-        def insert(conn: sqlite3.Connection) -> sqlite3.Row:
-            rows: list[sqlite3.Row] = conn.execute(
+        def insert(conn: Connection) -> Row:
+            rows: list[Row] = conn.execute(
                 "INSERT INTO messages (conversation_id, role, text, created_at,"
                 " channel_message_id, model, input_tokens, output_tokens, cache_read_tokens,"
                 " cache_write_tokens, cost_usd, stop_reason)"
@@ -189,7 +190,7 @@ class ConversationStore:
             self._pages.move_to_end(key)
             return page
         rows = await self.db.lookup(
-            f"SELECT {_MSG_JSON} FROM messages WHERE conversation_id = ? AND id < ?"
+            f"SELECT {self._msg_json} FROM messages WHERE conversation_id = ? AND id < ?"
             " ORDER BY id DESC LIMIT ?", (conversation_id, before, limit))
         page = "[" + ",".join(row[0] for row in reversed(rows)) + "]"
         if len(page) <= PAGE_CACHE_MAX_CHARS:

@@ -1,50 +1,130 @@
-"""SQLite access: one writer thread with group commit, readers, numbered migrations.
+"""The database: one writer thread with group commit, readers, numbered migrations, on
+SQLite (the default) or PostgreSQL (``DIGITALME_DATABASE_URL``).
 
-WAL mode lets readers run beside the writer; ``synchronous=FULL`` makes every commit
-durable before it is acknowledged, so a reply the client saw survives ``kill -9`` and a
-power cut. Modules that own a table (conversations, tokens, persona, ...) write their SQL
-against :class:`Database`; handlers never do.
+Modules that own a table (conversations, tokens, persona, ...) write their SQL against
+:class:`Database`; handlers never do. That SQL is written once, in the dialect both engines
+speak: ``?`` placeholders, ``INSERT ... ON CONFLICT``, ``RETURNING`` (SQLite 3.35+), ISO 8601
+text for times. What differs between the engines lives in their engine module and nowhere
+else: :mod:`digitalme.sqlite_engine` and :mod:`digitalme.postgres_engine` (placeholders,
+pragmas, the migration DDL's types, catalogue lookups, sizes, row locks).
 
-* Writes are jobs (:meth:`Database.write`: a function of the connection) run by one thread
-  that commits whatever is queued as one transaction (:mod:`digitalme.committer`); each
-  caller hears back only after that commit, so durability is per write as before, with one
-  ``fsync`` per batch instead of per write.
-* Small indexed reads (a token by digest, a conversation by id, its latest messages) run
-  on the event loop itself (:meth:`Database.lookup`): from SQLite's cache they take a few
-  microseconds, several times less than a round trip to a database thread. A read that
-  could scan (lists, counts, reports) goes to the reader thread (:meth:`Database.fetchall`).
-* Migrations use their own connection (:attr:`Database.writer`), only from
-  ``digitalme migrate``.
+* Writes are jobs (:meth:`Database.write`: a function of a DB-API connection) run by one
+  thread that commits whatever is queued as one transaction (:mod:`digitalme.committer`);
+  each caller hears back only after that commit, so durability is per write, with one
+  flush per batch instead of per write.
+* Small indexed reads (a token by digest, a conversation by id, its latest messages) go
+  through :meth:`Database.lookup`: SQLite answers them on the event loop itself from its
+  cache (a few microseconds, less than a round trip to a thread); PostgreSQL over the
+  network like any read. A read that could scan (lists, counts, reports) goes through
+  :meth:`Database.fetchall`.
+* Migrations run only from ``digitalme migrate``, all pending ones in one transaction.
+
+Why psycopg 3 for PostgreSQL, and its *synchronous* connection in the writer thread: the
+service's writes are already jobs, plain functions of a DB-API connection run by one
+thread with group commit; a psycopg ``Connection`` is a DB-API connection, so every job
+and the committer run on it unchanged, keeping the one-transaction-per-batch design (an
+async driver such as asyncpg would have meant rewriting every job as a coroutine, with
+an await per statement inside the transaction). Reads use psycopg's ``AsyncConnection``
+on the event loop. psycopg is maintained by the PostgreSQL community's psycopg project,
+speaks libpq (so ``~/.pgpass``, ``PGSSLMODE``, service files all work), and ships binary
+wheels (``psycopg[binary]``), so hosts need no compiler or libpq headers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import re
-import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import aiosqlite
-
-from .committer import GroupCommitter
+if TYPE_CHECKING:
+    from .committer import GroupCommitter
+    from .config import DatabaseUrl, Settings
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-BUSY_TIMEOUT_MS = 5000
-_PRAGMAS = (f"busy_timeout={BUSY_TIMEOUT_MS}", "synchronous=FULL", "foreign_keys=ON")
-_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# 0001_initial.sql; 0001_initial.postgresql.sql is that migration's variant for one engine.
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)(?:\.(sqlite|postgresql))?\.sql$")
 
 
 class DatabaseError(Exception):
     """The database cannot be used: not writable, not migrated, or newer than this code."""
+
+
+class Row(Protocol):
+    """A result row: by position (``row[0]``) or column name (``row["id"]``), and
+    ``dict(row)``; ``sqlite3.Row`` and :class:`digitalme.postgres_engine.PgRow` are both."""
+
+    def __getitem__(self, key: int | str, /) -> Any: ...
+
+    def keys(self) -> list[str]: ...
+
+    def __len__(self) -> int: ...
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def fetchone(self) -> Any: ...
+
+
+class Connection(Protocol):
+    """What a write job gets: the part of DB-API both engines' connections offer, with
+    ``?`` placeholders on both."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Cursor: ...
+
+
+class Engine(Protocol):
+    """One engine's side of :class:`Database`."""
+
+    name: str  # "sqlite" or "postgresql"
+    errors: tuple[type[Exception], ...]  # what its driver raises
+    # A clause that makes a SELECT of rows to update skip rows another transaction has
+    # locked (PostgreSQL's FOR UPDATE SKIP LOCKED); empty where one writer is all there is.
+    skip_locked: str
+    # The function that makes a JSON object of (key, value, ...) arguments, as JSON text.
+    json_object: str
+    # Whether several processes may use the database at once (several app hosts): then a
+    # starting process must not take over what the others are doing.
+    shared: bool
+
+    def describe(self) -> str:
+        """The database, for messages (a path, or a URL without its password)."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def fetchall(self, sql: str, params: tuple[Any, ...]) -> list[Row]: ...
+
+    async def lookup(self, sql: str, params: tuple[Any, ...]) -> list[Row]: ...
+
+    async def write(self, job: Callable[[Connection], T]) -> T: ...
+
+    async def table_exists(self, name: str) -> bool: ...
+
+    async def apply_migrations(self, migrations: Sequence[Migration],
+                               ) -> list[Migration]:
+        """Apply those of ``migrations`` the database lacks, recording each in
+        schema_migrations, in one transaction; return those applied."""
+
+    async def size_bytes(self) -> int: ...
+
+    @property
+    def committer(self) -> GroupCommitter | None:
+        """The writer (None while closed)."""
 
 
 @dataclass(frozen=True)
@@ -52,30 +132,50 @@ class Migration:
     version: int
     name: str
     sql: str
+    # An engine's own text of this migration, when the shared one cannot serve it
+    # (NNNN_name.<engine>.sql next to NNNN_name.sql; docs/maintenance.md).
+    variants: dict[str, str] = field(default_factory=dict)
 
     @property
     def checksum(self) -> str:
+        """Of the shared file as shipped, whatever an engine makes of it (postgres_engine
+        translates its column types): one checksum per migration on both engines."""
         return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    def sql_for(self, engine: str) -> str:
+        return self.variants.get(engine, self.sql)
+
+    def checksum_for(self, engine: str) -> str:
+        """What ``schema_migrations`` records on ``engine``: the checksum of the file that
+        engine ran (its variant's, when it has one)."""
+        return hashlib.sha256(self.sql_for(engine).encode()).hexdigest()
+
+    @property
+    def label(self) -> str:
+        return f"{self.version:04d}_{self.name}"
 
 
 def bundled_migrations() -> list[Migration]:
     """The migrations shipped in ``digitalme/migrations``, in order."""
     found = []
+    variants: dict[tuple[int, str], dict[str, str]] = {}
     for entry in resources.files("digitalme.migrations").iterdir():
         match = _MIGRATION_NAME.match(entry.name)
-        if match:
-            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+        if not match:
+            continue
+        key, text = (int(match[1]), match[2]), entry.read_text(encoding="utf-8")
+        if match[3]:
+            variants.setdefault(key, {})[match[3]] = text
+        else:
+            found.append(Migration(*key, text, variants.setdefault(key, {})))
+    orphans = sorted(set(variants) - {(m.version, m.name) for m in found})
+    if orphans:
+        raise DatabaseError(f"engine variants without their shared migration: {orphans}")
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
     if versions != list(range(1, len(found) + 1)):
         raise DatabaseError(f"migrations are not numbered 1..n without gaps: {versions}")
     return found
-
-
-async def _pragma(conn: aiosqlite.Connection, pragma: str) -> None:
-    # Fetch the result: a pragma's statement stays active (holding locks) until it is.
-    async with conn.execute(f"PRAGMA {pragma}") as cursor:
-        await cursor.fetchall()
 
 
 @dataclass(frozen=True)
@@ -84,122 +184,96 @@ class MigrationState:
     newer: list[int]  # applied versions this release does not know (a newer release's)
 
     def describe_pending(self) -> str:
-        return ", ".join(f"{m.version:04d}_{m.name}" for m in self.pending)
+        return ", ".join(m.label for m in self.pending)
 
 
 class Database:
-    """The app's SQLite database. Open with :meth:`open`, close with :meth:`close`."""
+    """The app's database. Open with :meth:`open`, close with :meth:`close`.
 
-    def __init__(self, path: Path, migrations: Sequence[Migration] | None = None) -> None:
-        self.path = path
+    ``Database(path)`` is SQLite at ``path``; ``Database(url)`` with a
+    :class:`~digitalme.config.DatabaseUrl` is PostgreSQL. :func:`database_for` picks from
+    the settings."""
+
+    def __init__(self, target: Path | DatabaseUrl,
+                 migrations: Sequence[Migration] | None = None) -> None:
         self.migrations = list(migrations) if migrations is not None else bundled_migrations()
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
-        self._write_lock = asyncio.Lock()
-        self._committer: GroupCommitter | None = None
-        self._quick: sqlite3.Connection | None = None
+        self.engine: Engine
+        if isinstance(target, Path):
+            from .sqlite_engine import SqliteEngine
+            self.path: Path | None = target
+            self.engine = SqliteEngine(target)
+        else:
+            from .postgres_engine import PostgresEngine
+            self.path = None
+            self.engine = PostgresEngine(target)
+
+    @property
+    def name(self) -> str:
+        """The database, for messages: its path, or its URL without the password."""
+        return self.engine.describe()
+
+    @property
+    def errors(self) -> tuple[type[Exception], ...]:
+        """The exceptions the engine's driver raises (a failed write, a lost server)."""
+        return self.engine.errors
+
+    @property
+    def shared(self) -> bool:
+        """See :attr:`Engine.shared`."""
+        return self.engine.shared
+
+    @property
+    def json_object(self) -> str:
+        """See :attr:`Engine.json_object`."""
+        return self.engine.json_object
+
+    @property
+    def committer(self) -> GroupCommitter | None:
+        """The group committer, for its counters (tests and benches read them)."""
+        return self.engine.committer
+
+    @property
+    def skip_locked(self) -> str:
+        """See :attr:`Engine.skip_locked`: for a claim's SELECT of rows to update, so that
+        several processes claiming at once never take the same row."""
+        return self.engine.skip_locked
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self.path.parent and not self.path.parent.exists():
-            raise DatabaseError(f"directory {self.path.parent} does not exist")
-        try:
-            self._writer = await self._connect()
-            await _pragma(self._writer, "journal_mode=WAL")
-            self._reader = await self._connect()
-            self._committer = GroupCommitter(self.path, _PRAGMAS)
-            await self._committer.start()
-            self._quick = self._connect_quick()
-        except (sqlite3.Error, OSError) as exc:
-            await self.close()
-            raise DatabaseError(f"cannot open {self.path}: {exc}") from exc
-
-    async def _connect(self) -> aiosqlite.Connection:
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves.
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
-        try:
-            conn.row_factory = sqlite3.Row
-            for pragma in _PRAGMAS:
-                await _pragma(conn, pragma)
-        except BaseException:
-            # Close it, or its (non-daemon) worker thread keeps the process alive.
-            await conn.close()
-            raise
-        return conn
-
-    def _connect_quick(self) -> sqlite3.Connection:
-        # A WAL reader does not wait for the writer or for checkpoints; it could meet a
-        # lock only while another connection recovers the WAL after a crash, which happens
-        # when the writer opens, before this connection exists.
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        try:
-            conn.row_factory = sqlite3.Row
-            for pragma in _PRAGMAS:
-                conn.execute(f"PRAGMA {pragma}").fetchall()
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        await self.engine.open()
 
     async def close(self) -> None:
-        if self._quick is not None:
-            self._quick.close()
-            self._quick = None
-        if self._committer is not None:
-            await self._committer.stop()
-            self._committer = None
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._reader = self._writer = None
-
-    @property
-    def writer(self) -> aiosqlite.Connection:
-        if self._writer is None:
-            raise DatabaseError("database is not open")
-        return self._writer
-
-    @property
-    def reader(self) -> aiosqlite.Connection:
-        if self._reader is None:
-            raise DatabaseError("database is not open")
-        return self._reader
+        await self.engine.close()
 
     # --- queries -------------------------------------------------------------------------
 
-    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        # One call into the reader's thread runs, steps and finishes the statement, so no
-        # other read can interleave with it and stretch its snapshot: every read sees what
-        # was committed before it started (a read-after-write never misses the write).
-        rows = await self.reader.execute_fetchall(sql, tuple(params))
-        return list(rows)
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        """A read that may scan. Every read sees what was committed before it started (a
+        read-after-write never misses the write)."""
+        return await self.engine.fetchall(sql, tuple(params))
 
-    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
 
-    async def lookup(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        """A small indexed read, run on the event loop (see the module's docstring); only
-        for statements that touch a few rows through an index."""
-        if self._quick is None:
-            raise DatabaseError("database is not open")
-        return self._quick.execute(sql, tuple(params)).fetchall()
+    async def lookup(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        """A small indexed read (see the module's docstring); only for statements that
+        touch a few rows through an index."""
+        return await self.engine.lookup(sql, tuple(params))
 
-    async def lookup_one(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+    async def lookup_one(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
         rows = await self.lookup(sql, params)
         return rows[0] if rows else None
 
-    async def write(self, job: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, job: Callable[[Connection], T]) -> T:
         """Run ``job`` (plain SQL on the connection it gets, no awaits) as one atomic write:
         its own savepoint in a group-committed transaction. Returns its result once the
         transaction is durably committed; if it raises, its changes are rolled back and
         the exception is raised here."""
-        if self._committer is None:
-            raise DatabaseError("database is not open")
-        return await self._committer.write(job)
+        return await self.engine.write(job)
 
-    async def write_returning(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+    async def write_returning(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
         """One write statement with a RETURNING clause: the row as written, without a
         second read."""
         values = tuple(params)
@@ -207,16 +281,19 @@ class Database:
                                                   None))
 
     async def execute(self, sql: str, params: Iterable[Any] = ()) -> int:
-        """One write statement; returns lastrowid."""
+        """One write statement; returns the number of rows it changed."""
         values = tuple(params)
-        return await self.write(lambda conn: conn.execute(sql, values).lastrowid or 0)
+        return await self.write(lambda conn: conn.execute(sql, values).rowcount)
+
+    async def size_bytes(self) -> int:
+        """Bytes the database takes on disk (SQLite: the file and its WAL; PostgreSQL:
+        ``pg_database_size``)."""
+        return await self.engine.size_bytes()
 
     # --- migrations ----------------------------------------------------------------------
 
     async def applied_migrations(self) -> dict[int, str]:
-        exists = await self.fetchone(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_migrations'")
-        if not exists:
+        if not await self.engine.table_exists("schema_migrations"):
             return {}
         rows = await self.fetchall("SELECT version, checksum FROM schema_migrations")
         return {row["version"]: row["checksum"] for row in rows}
@@ -225,11 +302,14 @@ class Database:
         """Which of this release's migrations the database has, which it lacks, and which
         it has from a newer release. Raises when an applied migration's file changed."""
         applied = await self.applied_migrations()
+        return self._state(applied)
+
+    def _state(self, applied: dict[int, str]) -> MigrationState:
         known = {m.version: m for m in self.migrations}
         for version, checksum in applied.items():
-            if version in known and known[version].checksum != checksum:
+            if version in known and known[version].checksum_for(self.engine.name) != checksum:
                 raise DatabaseError(
-                    f"migration {version:04d}_{known[version].name} changed after it was "
+                    f"migration {known[version].label} changed after it was "
                     "applied to this database; restore the original file")
         return MigrationState(
             pending=[m for m in self.migrations if m.version not in applied],
@@ -250,51 +330,39 @@ class Database:
         state = await self.migration_state()
         if state.pending:
             raise DatabaseError(
-                f"{self.path} lacks migrations {state.describe_pending()}: run "
+                f"{self.name} lacks migrations {state.describe_pending()}: run "
                 "`digitalme migrate` first (deployments run it as their own step)")
         if state.newer:
             log.warning("database %s has migrations %s from a newer release; running on it "
-                        "(migrations only add)", self.path, state.newer)
+                        "(migrations only add)", self.name, state.newer)
         return state
 
     async def migrate(self) -> list[Migration]:
         """Apply this release's pending migrations in one transaction: all or none.
         Returns those applied."""
-        await self.writer.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL,"
-            " applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))")
-        pending = await self.pending_migrations()
+        pending = (await self.migration_state()).pending
         if not pending:
             return []
-        script = ["BEGIN IMMEDIATE;"]
-        for migration in pending:
-            script += [
-                migration.sql, ";",
-                "INSERT INTO schema_migrations (version, name, checksum) VALUES ("
-                f"{migration.version}, '{migration.name}', '{migration.checksum}');"]
-        script.append("COMMIT;")
-        async with self._write_lock:
-            try:
-                await self.writer.executescript("\n".join(script))
-            except sqlite3.Error as exc:
-                if self.writer.in_transaction:
-                    await self.writer.execute("ROLLBACK")
-                names = ", ".join(f"{m.version:04d}_{m.name}" for m in pending)
-                raise DatabaseError(
-                    f"migrating to {names} failed: {exc}; nothing was applied, the database "
-                    "is as it was") from exc
-        for migration in pending:
-            log.info("applied migration %04d_%s", migration.version, migration.name)
-        return pending
+        try:
+            applied = await self.engine.apply_migrations(self.migrations)
+        except self.errors as exc:
+            names = ", ".join(m.label for m in pending)
+            raise DatabaseError(
+                f"migrating to {names} failed: {first_line(exc)}; nothing was applied, the "
+                "database is as it was") from exc
+        for migration in applied:
+            log.info("applied migration %s", migration.label)
+        return applied
 
-    def size_bytes(self) -> int:
-        """Bytes on disk of the database and its WAL (two stat calls; cheap enough to run
-        on the event loop)."""
-        total = 0
-        for suffix in ("", "-wal"):
-            try:
-                total += Path(str(self.path) + suffix).stat().st_size
-            except FileNotFoundError:
-                pass
-        return total
+
+def first_line(exc: BaseException) -> str:
+    """An error's message on one line (PostgreSQL's carry the statement and a caret on
+    more lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def database_for(settings: Settings) -> Database:
+    """The database the settings name: PostgreSQL at ``DIGITALME_DATABASE_URL`` (with
+    ``DIGITALME_DATABASE_PASSWORD``) when it is set, else SQLite at ``DIGITALME_DB_PATH``."""
+    return Database(settings.database)

@@ -76,8 +76,8 @@ def database_check(db: Database) -> Check:
                 " ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
                 (now_iso(),))
         except Exception as exc:
-            return CheckResult(False, f"cannot write to {db.path}: {exc}")
-        return CheckResult(True, "writable", {"size_bytes": db.size_bytes()})
+            return CheckResult(False, f"cannot write to {db.name}: {exc}")
+        return CheckResult(True, "writable", {"size_bytes": await db.size_bytes()})
     return check
 
 

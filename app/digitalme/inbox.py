@@ -18,18 +18,21 @@ part began), so a retry after a crash or an outage resumes where the last attemp
 instead of asking Claude or sending again; a part whose send a crash interrupted is
 checked with the platform where it allows (:func:`digitalme.integrations.send_parts`).
 Items a crash left ``processing`` are made due again by :meth:`InboxStore.recover`.
+
+Several processes on one database (PostgreSQL): each claim records its claimer
+(``claimed_by``), each worker keeps its row in ``workers`` fresh (:meth:`InboxStore.heartbeat`),
+and a process takes back only the items of claimers not seen for :data:`LEASE_SECONDS`.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from .conversations import now_iso
-from .db import Database
+from .db import Connection, Database
 
 STATUSES = ("pending", "processing", "done", "failed", "ignored")
 
@@ -37,6 +40,11 @@ _COLUMNS = ("id, channel, delivery_id, kind, payload, status, attempts, next_att
             " received_at, updated_at, last_error, user_message_id, reply_message_id,"
             " parts_sent, result, sending_since")
 _ERROR_LIMIT = 2000
+# A worker not seen for this long is gone: its claimed items are taken back. Its heartbeat
+# comes every third of it, so a live worker must miss two to lose its items.
+LEASE_SECONDS = 30.0
+# A worker row unseen for this long is deleted (crashed processes leave theirs).
+FORGET_WORKERS_SECONDS = 86400.0
 
 
 @dataclass(frozen=True)
@@ -89,13 +97,14 @@ class InboxStore:
         values = (channel, delivery_id, kind, json.dumps(payload, ensure_ascii=False),
                   "ignored" if ignored else "pending", time.time(), now, now)
 
-        def insert(conn: sqlite3.Connection) -> Ingested:
-            cursor = conn.execute(
+        def insert(conn: Connection) -> Ingested:
+            inserted = conn.execute(
                 "INSERT INTO inbox (channel, delivery_id, kind, payload, status,"
                 " next_attempt_at, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (channel, delivery_id) DO NOTHING", values)
-            if cursor.rowcount:
-                return Ingested(cursor.lastrowid or 0, duplicate=False)
+                " ON CONFLICT (channel, delivery_id) DO NOTHING RETURNING id",
+                values).fetchall()
+            if inserted:
+                return Ingested(int(inserted[0][0]), duplicate=False)
             [row] = conn.execute("SELECT id FROM inbox WHERE channel = ? AND delivery_id = ?",
                                  (channel, delivery_id)).fetchall()
             return Ingested(int(row[0]), duplicate=True)
@@ -139,32 +148,70 @@ class InboxStore:
 
     # --- the worker's transitions --------------------------------------------------------
 
-    async def recover(self) -> int:
-        """Make items a crash left ``processing`` due again; returns how many."""
-        values = (time.time(), now_iso())
+    async def recover(self, *, alive_since: float | None = None) -> int:
+        """Make items a crash left ``processing`` due again; returns how many.
+
+        ``alive_since=None``: every such item (one process uses the database, and it is
+        starting). Else only those whose claimer was not seen since then (unix time), or
+        that no claimer recorded: other live processes keep theirs."""
+        values: tuple[object, ...] = (time.time(), now_iso())
+        whose = ""
+        if alive_since is not None:
+            whose = (" AND (claimed_by IS NULL OR claimed_by NOT IN"
+                     " (SELECT id FROM workers WHERE seen_at >= ?))")
+            values += (alive_since,)
         return await self.db.write(lambda conn: conn.execute(
             "UPDATE inbox SET status = 'pending', next_attempt_at = ?, updated_at = ?,"
+            " claimed_by = NULL,"
             " last_error = COALESCE(last_error, 'interrupted (service stopped)')"
-            " WHERE status = 'processing'", values).rowcount)
+            " WHERE status = 'processing'" + whose, values).rowcount)
+
+    async def heartbeat(self, worker_id: str) -> None:
+        """Note that ``worker_id`` is alive now (see :meth:`recover`); forget workers gone
+        for long."""
+        now = time.time()
+
+        def beat(conn: Connection) -> None:
+            conn.execute(
+                "INSERT INTO workers (id, started_at, seen_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+                (worker_id, now_iso(), now))
+            conn.execute("DELETE FROM workers WHERE seen_at < ?",
+                         (now - FORGET_WORKERS_SECONDS,))
+        await self.db.write(beat)
+
+    async def leave(self, worker_id: str) -> None:
+        """A worker that stopped: it holds nothing any more."""
+        await self.db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
 
     async def claim(self, limit: int, *, exclude: frozenset[int] = frozenset(),
-                    ) -> list[InboxItem]:
+                    owner: str | None = None) -> list[InboxItem]:
         """Take up to ``limit`` due items, longest due first (deliveries in the order they
         came), and mark them processing (each claim counts as an attempt).
 
         Ordered by (next_attempt_at, id), which the ``inbox_due`` index (status,
         next_attempt_at, and the rowid every index ends with) yields as it is: a claim reads
         only the rows it takes, however long the queue (ordering by id alone made SQLite
-        sort every due row, each claim, so a backlog slowed its own draining)."""
+        sort every due row, each claim, so a backlog slowed its own draining).
+
+        Several processes may claim at once (PostgreSQL, several app hosts): the engine's
+        ``skip_locked`` clause makes each skip the rows another has locked, and the status
+        is checked again by the UPDATE itself, so a delivery is claimed by one only.
+        ``owner`` (the worker's id) is recorded, for :meth:`recover`."""
         if limit <= 0:
             return []
         skip = ",".join(str(int(i)) for i in exclude) or "0"
-        values = (now_iso(), time.time(), limit)
+        values = (time.time(), limit, owner, now_iso())
+        # The due rows are chosen once (a materialized CTE): PostgreSQL would otherwise run
+        # a locking subquery again for each row it updates, and each run, skipping the rows
+        # this very statement had locked, would take the next ones, past the LIMIT.
         rows = await self.db.write(lambda conn: conn.execute(
-            "UPDATE inbox SET status = 'processing', attempts = attempts + 1,"
-            " updated_at = ? WHERE id IN (SELECT id FROM inbox WHERE status = 'pending'"
+            "WITH due AS MATERIALIZED (SELECT id FROM inbox WHERE status = 'pending'"
             f" AND next_attempt_at <= ? AND id NOT IN ({skip})"
-            " ORDER BY next_attempt_at, id LIMIT ?)"
+            f" ORDER BY next_attempt_at, id LIMIT ?{self.db.skip_locked})"
+            " UPDATE inbox SET status = 'processing', attempts = attempts + 1,"
+            " claimed_by = ?, updated_at = ?"
+            " WHERE status = 'pending' AND id IN (SELECT id FROM due)"
             f" RETURNING {_COLUMNS}", values).fetchall())
         return sorted((InboxItem(**dict(row)) for row in rows), key=lambda i: i.id)
 
@@ -175,6 +222,7 @@ class InboxStore:
         values = (time.time(), now_iso(), *item_ids)
         await self.db.write(lambda conn: conn.execute(
             "UPDATE inbox SET status = 'pending', next_attempt_at = ?, updated_at = ?,"
+            " claimed_by = NULL,"
             f" attempts = attempts - 1 WHERE status = 'processing' AND id IN ({marks})",
             values))
 

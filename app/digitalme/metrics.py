@@ -162,7 +162,8 @@ class Metrics:
             "network, permanent).", ["service", "kind"], registry=registry)
         # Database
         self.db_size = Gauge(
-            "digitalme_database_size_bytes", "Size of the SQLite database and its WAL.",
+            "digitalme_database_size_bytes",
+            "Size of the database: the SQLite file and its WAL, or pg_database_size.",
             registry=registry)
         self.retention_deleted = Counter(
             "digitalme_retention_deleted_rows_total",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +20,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from .db import Database
+from .db import Connection, Database
 from .models import MAX_WEIGHT, MIN_WEIGHT, Persona
 
 MAX_PERSONA_BYTES = 256 * 1024
@@ -213,7 +212,7 @@ class PersonaStore:
                    json.dumps(list(t.examples), ensure_ascii=False))
                   for i, t in enumerate(persona.traits)]
 
-        def replace(conn: sqlite3.Connection) -> None:
+        def replace(conn: Connection) -> None:
             conn.execute("DELETE FROM persona_traits")
             conn.execute(
                 "INSERT INTO persona_profile (id, name, document, source_sha256, imported_at)"

@@ -36,14 +36,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .config import Settings
-from .db import Database
+from .db import Connection, Database
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -90,9 +89,9 @@ def _delete_inbox(status: str, cutoff: str, limit: int) -> tuple[str, tuple[obje
 
 
 def _deleting(sql: str, params: tuple[object, ...],
-              ) -> Callable[[sqlite3.Connection], tuple[int, float]]:
+              ) -> Callable[[Connection], tuple[int, float]]:
     """The write job of one batch: (rows deleted, seconds it took in the writer thread)."""
-    def job(conn: sqlite3.Connection) -> tuple[int, float]:
+    def job(conn: Connection) -> tuple[int, float]:
         started = time.perf_counter()
         count = int(conn.execute(sql, params).rowcount)
         return count, time.perf_counter() - started
@@ -113,6 +112,8 @@ class Retention:
         self.batch_rows = batch_rows
         self.batch_pause_seconds = batch_pause_seconds
         self._task: asyncio.Task[None] | None = None
+        # What a failed run raises: the engine's errors, or the file system's.
+        self.errors: tuple[type[Exception], ...] = (*db.errors, OSError)
 
     async def start(self, first_run_delay: float | None = None) -> None:
         """Schedule runs: the first a minute after start (or one interval, if shorter),
@@ -135,7 +136,7 @@ class Retention:
             delay = self.settings.prune_interval_minutes * 60
             try:
                 pruned = await self.prune()
-            except (sqlite3.Error, OSError) as exc:
+            except self.errors as exc:
                 # e.g. the disk full: the next run tries again; nothing is half-deleted
                 # (each batch is its own transaction).
                 log.error("pruning old deliveries and activity failed: %s; trying again in "

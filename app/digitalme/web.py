@@ -19,7 +19,7 @@ from .backup import backup_check, replication_metrics_refresher
 from .chat import ChatService
 from .config import Settings
 from .conversations import ConversationStore
-from .db import Database
+from .db import Database, database_for
 from .health import (
     CheckResult,
     Readiness,
@@ -180,13 +180,13 @@ def create_app(settings: Settings) -> web.Application:
         handler_args={"access_log_class": AccessLogger},
     )
     metrics = Metrics()
-    db = Database(settings.db_path)
+    db = database_for(settings)
     claude = Claude(settings, metrics)
     conversations = ConversationStore(db)
     personas = PersonaStore(db)
 
     async def refresh_db_size() -> None:
-        metrics.db_size.set(db.size_bytes())
+        metrics.db_size.set(await db.size_bytes())
     metrics.on_scrape(refresh_db_size)
 
     readiness = Readiness()

@@ -1,7 +1,10 @@
 """The background worker: processes inbox deliveries after they were acknowledged.
 
 Owned by the app's cleanup context. At start it makes items that a crash left
-``processing`` due again; then it claims due items (oldest first, at most
+``processing`` due again (on a database several processes share, only those of processes
+that are gone: it keeps its own row in ``workers`` fresh, and takes back the items of
+workers whose rows went stale, at start and while it runs; :mod:`digitalme.inbox`); then
+it claims due items (oldest first, at most
 ``DIGITALME_WORKER_CONCURRENCY`` claimed and unfinished at a time), hands each to its
 channel's processor, and records the outcome. A new delivery wakes it at once; otherwise it
 sleeps until the next item is due, or ``DIGITALME_WORKER_POLL_SECONDS`` at most, so an item
@@ -44,6 +47,9 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -51,7 +57,7 @@ from datetime import datetime
 
 from .chat import BudgetExhausted, PersonaMissing
 from .config import Settings
-from .inbox import InboxItem, InboxStore
+from .inbox import LEASE_SECONDS, InboxItem, InboxStore
 from .llm import ClaudeRejected, ClaudeUnavailable
 from .metrics import Metrics
 from .outbound import PermanentError, TransientError
@@ -127,6 +133,11 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._probe_task: asyncio.Task[None] | None = None
         metrics.inbox_worker_slots.set(self.slots)
+        # Who claims (inbox.claimed_by; new at every start, so that what a stopped run held
+        # is not taken for the new run's), and whether others claim from the same inbox.
+        self.id = ""
+        self.shared = inbox.db.shared
+        self._lease_task: asyncio.Task[None] | None = None
 
     @property
     def running(self) -> bool:
@@ -142,18 +153,41 @@ class Worker:
         self._wake.set()
 
     async def start(self) -> None:
-        recovered = await self.inbox.recover()
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        if self.shared:
+            await self.inbox.heartbeat(self.id)
+        recovered = await self.inbox.recover(
+            alive_since=time.time() - LEASE_SECONDS if self.shared else None)
         if recovered:
             log.warning("%d inbox item(s) were interrupted by a stop; processing them again",
                         recovered)
         self._stopping = False
         self._loop_task = asyncio.create_task(self._loop(), name="inbox-worker")
         self._probe_task = asyncio.create_task(self._probe(), name="inbox-worker-probe")
+        if self.shared:
+            self._lease_task = asyncio.create_task(self._keep_lease(), name="inbox-lease")
+
+    async def _keep_lease(self) -> None:
+        """Several processes: say this one is alive, and take back the items of those
+        that are not (a host that died holds its claims until then)."""
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            try:
+                await self.inbox.heartbeat(self.id)
+                recovered = await self.inbox.recover(alive_since=time.time() - LEASE_SECONDS)
+            except Exception:
+                log.exception("inbox heartbeat failed; trying again in %.0f s",
+                              LEASE_SECONDS / 3)
+                continue
+            if recovered:
+                log.warning("took back %d inbox item(s) of an app process that is gone",
+                            recovered)
+                self.wake()
 
     async def stop(self, grace_seconds: float = STOP_GRACE_SECONDS) -> None:
         """Stop claiming; give back claimed items that have not started; let running items
         finish within the grace, then cancel them (they stay ``processing`` and are
-        recovered at the next start)."""
+        recovered at the next start, or on a shared database by another process)."""
         self._stopping = True
         # Before any await, so that no lane takes another item meanwhile.
         waiting = [item.id for queue in self._queues.values() for item in queue]
@@ -161,12 +195,12 @@ class Worker:
             queue.clear()
         self._wake.set()
         self._slot_freed.set()  # lanes waiting for a slot see the stop
-        for task in (self._loop_task, self._probe_task):
+        for task in (self._loop_task, self._probe_task, self._lease_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._loop_task = self._probe_task = None
+        self._loop_task = self._probe_task = self._lease_task = None
         if waiting:
             await self.inbox.release(waiting)
             for item_id in waiting:
@@ -180,6 +214,13 @@ class Worker:
                 log.warning("stopped %d inbox item(s) mid-processing; they will be retried "
                             "at the next start", len(pending))
                 await asyncio.wait(pending)
+        if self.shared:
+            # Gone: the other processes take back what it still held at their next beat.
+            try:
+                await self.inbox.leave(self.id)
+            except Exception:
+                log.exception("could not sign the inbox worker off; its items are taken "
+                              "back once its lease runs out")
 
     async def _loop(self) -> None:
         while not self._stopping:
@@ -206,7 +247,7 @@ class Worker:
         free = self._room()
         if not free:
             return
-        items = await self.inbox.claim(free, exclude=frozenset(self._claimed))
+        items = await self.inbox.claim(free, exclude=frozenset(self._claimed), owner=self.id)
         for item in items:
             self._dispatch(item)
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 import yaml
 
 from digitalme.keys import DATABASE, TOKENS
 from digitalme.openapi import openapi_document
 from tests.conftest import SAMPLE_PERSONA, Service, ServiceFactory
+
+# Conversations, messages, usage, tokens, persona: stored, so on both engines.
+pytestmark = pytest.mark.both_engines
 
 
 async def test_every_api_route_needs_a_token(service: Service) -> None:
@@ -168,7 +172,7 @@ async def test_token_use_is_recorded_at_most_once_a_minute(service: Service) -> 
     await service.client.get("/api/v1/conversations", headers=service.auth())
     [token] = [t for t in await service.app[TOKENS].all() if t.name == "test-chat"]
     assert token.last_used_at is not None
-    writes = db._committer.jobs if db._committer else -1
+    writes = db.committer.jobs if db.committer else -1
     minute = datetime.now(UTC).isoformat()[:16]
     for _ in range(5):
         response = await service.client.get("/api/v1/conversations", headers=service.auth())
@@ -176,4 +180,4 @@ async def test_token_use_is_recorded_at_most_once_a_minute(service: Service) -> 
     # Used again within the minute: nothing more to record, not even an empty write (one,
     # if the minute turned meanwhile).
     turned = datetime.now(UTC).isoformat()[:16] != minute
-    assert db._committer is not None and db._committer.jobs - writes == int(turned)
+    assert db.committer is not None and db.committer.jobs - writes == int(turned)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from digitalme.keys import CLAUDE, CONVERSATIONS
 from tests.conftest import Service, ServiceFactory
 from tests.standins.anthropic_api import Error, Hang, Reply, Slow
@@ -118,6 +120,7 @@ async def test_claude_refusal_is_a_502_and_does_not_open_the_breaker(
     assert (await service.say(conversation, "again"))["reply"]["text"]
 
 
+@pytest.mark.both_engines
 async def test_daily_token_budget(make_service: ServiceFactory) -> None:
     service = await make_service(daily_token_budget=1)
     conversation = await service.new_conversation()

@@ -6,11 +6,16 @@ import itertools
 import json
 from typing import Any
 
+import pytest
+
 from digitalme.chat import estimate_tokens
 from digitalme.keys import CONVERSATIONS, TOKENS
 from digitalme.persona import build_prompt, load_persona_file
 from tests.conftest import SAMPLE_PERSONA, Service, ServiceFactory
 from tests.standins.anthropic_api import Error, Reply, StreamThenError
+
+# Conversations, messages and their usage: stored, so on both engines.
+pytestmark = pytest.mark.both_engines
 
 
 def _sse_events(raw: str) -> list[tuple[str, dict[str, Any]]]:

@@ -183,7 +183,7 @@ async def test_a_stored_message_is_read_back_while_another_read_is_open(tmp_path
         for text in ("one", "two"):
             await store.add_message(conversation.id, "user", text)
         # Another request's read, between two of its awaits: its statement is still open.
-        async with db.reader.execute("SELECT id FROM messages") as cursor:
+        async with db.engine.reader.execute("SELECT id FROM messages") as cursor:
             await cursor.fetchone()
             stored = await store.add_message(conversation.id, "user", "three")
         assert stored.text == "three"

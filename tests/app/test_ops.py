@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import pytest
+
 from tests.conftest import Service, ServiceFactory
 
 SECURITY_HEADERS = ("Content-Security-Policy", "X-Content-Type-Options", "X-Frame-Options",
@@ -16,6 +18,7 @@ async def test_health_answers_without_dependencies(service: Service) -> None:
     assert await response.json() == {"status": "ok"}
 
 
+@pytest.mark.both_engines
 async def test_ready_when_everything_is_in_place(service: Service) -> None:
     response = await service.client.get("/health/ready")
     body = await response.json()
@@ -68,6 +71,7 @@ async def test_info(service: Service) -> None:
     assert started <= now
 
 
+@pytest.mark.both_engines
 async def test_metrics_exports_prometheus_text(service: Service) -> None:
     conversation = await service.new_conversation()
     await service.say(conversation, "Hello there")

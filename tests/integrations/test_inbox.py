@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from digitalme.keys import INBOX, WORKER
 from tests.conftest import Service
@@ -32,9 +33,14 @@ from tests.integrations.conftest import (
 from tests.standins import signing
 from tests.standins.anthropic_api import AnthropicStandin, Error
 from tests.standins.platform import Fail
+from tests.support import peek
 from tests.support.process import ServiceProcess, prepare_database, run_cli, service_env
 
 TELEGRAM = "/webhooks/telegram"
+
+# The tests that build the app in this process (make_settings) run on both engines; those
+# that run `digitalme serve` as a process use SQLite.
+pytestmark = pytest.mark.both_engines
 
 
 async def telegram(service: Service, update: dict[str, Any]) -> int:
@@ -64,8 +70,7 @@ async def test_claude_outage_delays_but_never_loses_or_fails(
     [sent] = platforms.telegram.sent
     assert sent["text"] == "Stand-in reply to: anyone home?"
     # The message was stored once, however many times Claude was asked.
-    rows = sqlite3.connect(service.settings.db_path).execute(
-        "SELECT role, text FROM messages ORDER BY id").fetchall()
+    rows = peek.rows(service.settings.database, "SELECT role, text FROM messages ORDER BY id")
     assert rows == [("user", "anyone home?"), ("assistant", "Stand-in reply to: anyone home?")]
     assert await metric_value(service, 'digitalme_inbox_processed_total{channel="telegram",'
                               'result="deferred"}') >= 3

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
-from pathlib import Path
 from typing import Any
+
+import pytest
 
 from digitalme.keys import DATABASE, INBOX, RETENTION
 from digitalme.retention import DAY, Retention, _iso
@@ -26,6 +26,9 @@ from tests.integrations.conftest import (
     wait_settled,
 )
 from tests.standins import signing
+from tests.support import peek
+
+pytestmark = pytest.mark.both_engines
 
 
 async def telegram(service: Service, update: dict[str, Any]) -> int:
@@ -38,22 +41,20 @@ async def github(service: Service, event: str, payload: dict[str, Any]) -> int:
     return (await post(service, "/webhooks/github", headers, body))[0]
 
 
-def rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(db) as conn:
-        return conn.execute(sql, params).fetchall()
+def rows(db: peek.Target, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    return peek.rows(db, sql, params)
 
 
-def age(db: Path, table: str, column: str, ids: list[int], days: float) -> None:
+def age(db: peek.Target, table: str, column: str, ids: list[int], days: float) -> None:
     """Make rows look ``days`` old (as if they had finished, or happened, back then)."""
     marks = ",".join("?" * len(ids))
-    with sqlite3.connect(db) as conn:
-        conn.execute(f"UPDATE {table} SET {column} = ? WHERE id IN ({marks})",
-                     (_iso(time.time() - days * DAY), *ids))
+    peek.rows(db, f"UPDATE {table} SET {column} = ? WHERE id IN ({marks})",
+              (_iso(time.time() - days * DAY), *ids))
 
 
 async def test_old_finished_deliveries_and_activity_go_the_rest_stays(
         channel_service: Service, platforms: Platforms) -> None:
-    service, db = channel_service, channel_service.settings.db_path
+    service, db = channel_service, channel_service.settings.database
     inbox = service.app[INBOX]
     s = service.settings
     assert (s.inbox_retention_days, s.inbox_failed_retention_days,
@@ -74,12 +75,11 @@ async def test_old_finished_deliveries_and_activity_go_the_rest_stays(
     processing = (await inbox.ingest("telegram", "p2", "message", {})).item_id
     failed = (await inbox.ingest("telegram", "f1", "message", {})).item_id
     failed_recent = (await inbox.ingest("telegram", "f2", "message", {})).item_id
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE inbox SET status = 'processing', next_attempt_at = 1e12"
-                     " WHERE id = ?", (processing,))
-        conn.execute("UPDATE inbox SET next_attempt_at = 1e12 WHERE id = ?", (pending,))
-        conn.execute("UPDATE inbox SET status = 'failed' WHERE id IN (?, ?)",
-                     (failed, failed_recent))
+    peek.rows(db, "UPDATE inbox SET status = 'processing', next_attempt_at = 1e12"
+                  " WHERE id = ?", (processing,))
+    peek.rows(db, "UPDATE inbox SET next_attempt_at = 1e12 WHERE id = ?", (pending,))
+    peek.rows(db, "UPDATE inbox SET status = 'failed' WHERE id IN (?, ?)",
+              (failed, failed_recent))
     age(db, "inbox", "updated_at", [t0, t1, star, pending, processing], days=15)
     age(db, "inbox", "updated_at", [t2], days=13)  # within the retention
     age(db, "inbox", "updated_at", [issue1, issue2], days=40)
@@ -111,7 +111,7 @@ async def test_old_finished_deliveries_and_activity_go_the_rest_stays(
     # A second run finds nothing more; the schema's foreign keys still hold.
     again = await service.app[RETENTION].prune()
     assert (again.inbox, again.activity) == (0, 0)
-    assert rows(db, "PRAGMA foreign_key_check") == []
+    assert peek.foreign_key_violations(db) == []
 
 
 async def test_zero_keeps_everything(make_channel_service: ChannelServiceFactory) -> None:
@@ -123,7 +123,7 @@ async def test_zero_keeps_everything(make_channel_service: ChannelServiceFactory
     await wait_settled(service)
     pruned = await service.app[RETENTION].prune(now=time.time() + 3650 * DAY)
     assert (pruned.inbox, pruned.activity) == (0, 0)
-    assert len(rows(service.settings.db_path, "SELECT id FROM inbox")) == 2
+    assert len(rows(service.settings.database, "SELECT id FROM inbox")) == 2
 
 
 async def test_a_redelivery_is_a_no_op_while_kept_and_answered_again_once_pruned(
@@ -159,13 +159,12 @@ async def test_a_redelivery_is_a_no_op_while_kept_and_answered_again_once_pruned
 async def test_batches_leave_the_writer_to_other_writes(channel_service: Service) -> None:
     """A prune of thousands of rows goes in batches, each its own short write: writes
     queued meanwhile are committed between two batches, long before the prune ends."""
-    service, db = channel_service, channel_service.settings.db_path
+    service, db = channel_service, channel_service.settings.database
     old = _iso(time.time() - 60 * DAY)
-    with sqlite3.connect(db) as conn:
-        conn.executemany(
-            "INSERT INTO inbox (channel, delivery_id, kind, payload, status, next_attempt_at,"
-            " received_at, updated_at) VALUES ('telegram', ?, 'message', ?, 'done', 0, ?, ?)",
-            [(f"old-{n}", json.dumps({"update_id": n}), old, old) for n in range(3000)])
+    peek.many(
+        db, "INSERT INTO inbox (channel, delivery_id, kind, payload, status, next_attempt_at,"
+        " received_at, updated_at) VALUES ('telegram', ?, 'message', ?, 'done', 0, ?, ?)",
+        [(f"old-{n}", json.dumps({"update_id": n}), old, old) for n in range(3000)])
     retention = Retention(service.app[DATABASE], service.settings,
                           service.app[RETENTION].metrics, batch_rows=200,
                           batch_pause_seconds=0.005)
@@ -190,7 +189,7 @@ async def test_the_service_prunes_on_its_schedule(channel_service: Service) -> N
     service = channel_service
     item = await service.app[INBOX].ingest("telegram", "ancient", "message", {},
                                           ignored=True)
-    age(service.settings.db_path, "inbox", "updated_at", [item.item_id], days=100)
+    age(service.settings.database, "inbox", "updated_at", [item.item_id], days=100)
     retention = service.app[RETENTION]
     await retention.stop()  # the app's, due a minute after start; now at once instead
     await retention.start(first_run_delay=0.05)

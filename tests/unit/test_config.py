@@ -115,3 +115,70 @@ def test_retention_keeps_deliveries_past_every_redelivery_window() -> None:
     # The digest and the activity it reads agree.
     assert load_settings({"DIGITALME_ACTIVITY_RETENTION_DAYS": "5",
                           "DIGITALME_ACTIVITY_DIGEST_DAYS": "5"}).activity_retention_days == 5
+
+
+# --- the PostgreSQL backend's settings ------------------------------------------------------
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ("mysql://app:s3cret@db/app", "must be a postgresql:// URL"),
+    ("postgresql://app:s3cret@db:99999/app", "is not a valid URL"),
+    ("postgresql://app:s3cret@db", "names no database"),
+    ("postgresql://app:s3cret@db/app?sslmod=require", 'invalid URI query parameter: "sslmod"'),
+    ("postgresql://app:s3cret@[db/app", "is not a valid URL"),
+])
+def test_a_bad_database_url_is_named_without_its_password(raw: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"DIGITALME_DATABASE_URL": raw})
+    assert list(caught.value.problems) == ["DIGITALME_DATABASE_URL"]
+    assert message in caught.value.problems["DIGITALME_DATABASE_URL"]
+    assert "s3cret" not in str(caught.value)
+
+
+def test_the_database_url_selects_postgresql_and_hides_its_password(tmp_path: Path) -> None:
+    assert load_settings({}).database == Path("digitalme.db")  # SQLite stays the default
+    settings = load_settings({"DIGITALME_DATABASE_URL": "postgresql://app:s3cret@db:5432/app"})
+    shown = dict((name, value) for name, value, _ in effective_settings(settings))
+    assert shown["DIGITALME_DATABASE_URL"] == "postgresql://app:***@db:5432/app"
+    assert shown["DIGITALME_DATABASE_PASSWORD"] == "(not set)"
+    assert "s3cret" not in repr(settings)
+    # The password from a credential file (LoadCredential=), given to the driver apart.
+    (tmp_path / "DIGITALME_DATABASE_PASSWORD").write_text("from-credential\n")
+    settings = load_settings({"DIGITALME_DATABASE_URL": "postgresql://app@db/app"},
+                             credentials_directory=str(tmp_path))
+    assert settings.database == settings.database_url.with_password(  # type: ignore[union-attr]
+        "from-credential")
+    assert settings.database.password == "from-credential"  # type: ignore[union-attr]
+    assert "from-credential" not in repr(settings) + str(settings.database)
+    shown = dict((name, value) for name, value, _ in effective_settings(settings))
+    assert shown["DIGITALME_DATABASE_PASSWORD"] == "(set, hidden)"
+
+
+def test_a_database_password_without_a_url_is_refused() -> None:
+    with pytest.raises(ConfigError, match="DIGITALME_DATABASE_PASSWORD: is set but "
+                                          "DIGITALME_DATABASE_URL is not"):
+        load_settings({"DIGITALME_DATABASE_PASSWORD": "x"})
+
+
+def test_check_config_names_a_bad_url_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from digitalme.cli import EXIT_CONFIG, main
+
+    monkeypatch.setenv("DIGITALME_DATABASE_URL", "postgres://u:s3cret@db/app?sslmode")
+    assert main(["check-config"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "DIGITALME_DATABASE_URL: is not a valid URL" in err
+    assert "Traceback" not in err and "s3cret" not in err
+
+
+def test_check_config_accepts_a_postgresql_url_and_warns_about_litestream(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from digitalme.cli import EXIT_OK, main
+
+    monkeypatch.setenv("DIGITALME_DATABASE_URL", "postgresql://app@db.internal/app")
+    monkeypatch.setenv("DIGITALME_DB_PATH", "/nowhere/at/all/digitalme.db")  # not used
+    monkeypatch.setenv("DIGITALME_LITESTREAM_SOCKET", "/run/litestream/litestream.sock")
+    assert main(["check-config"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "postgresql://app@db.internal/app" in captured.out
+    assert "Litestream replicates SQLite only" in captured.err
+    assert "does not exist" not in captured.err

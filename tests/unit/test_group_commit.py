@@ -66,7 +66,7 @@ def insert(text: str) -> Callable[[sqlite3.Connection], int]:
 
 async def test_queued_writes_share_one_commit_and_answer_only_after_it(db: Database) -> None:
     gate, held = await hold_writer(db)
-    batches = db._committer.batches if db._committer else -1
+    batches = db.committer.batches if db.committer else -1
     writes = [asyncio.create_task(db.write(insert(f"m{n}"))) for n in range(20)]
     await asyncio.sleep(0.2)
     # Queued behind the open transaction: nobody was told "done", nothing is visible.
@@ -79,7 +79,7 @@ async def test_queued_writes_share_one_commit_and_answer_only_after_it(db: Datab
     # Each caller's row is committed by the time it hears back, and 21 writes took two
     # transactions: the gate's, and one for the 20 that queued behind it.
     assert len(committed(db, "SELECT text FROM item")) == 21
-    assert db._committer is not None and db._committer.batches - batches == 2
+    assert db.committer is not None and db.committer.batches - batches == 2
 
 
 async def test_a_failing_write_is_rolled_back_alone(db: Database) -> None:
