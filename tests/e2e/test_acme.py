@@ -239,9 +239,12 @@ def unblock(site: AcmeSite) -> None:
 
 
 def forget_certificates(site: AcmeSite) -> None:
-    """Caddy as on a fresh host: no certificate in its storage, started again."""
+    """Caddy as on a fresh host: no certificate and no ACME account in its storage, started
+    again. (A new account also has no valid authorization the CA could reuse: Pebble
+    issued to the old one without a challenge while both ports were blocked, once.)"""
+    storage = "/var/lib/caddy/.local/share/caddy"
     site.deployment.on_app(
-        "systemctl stop caddy && rm -rf /var/lib/caddy/.local/share/caddy/certificates"
+        f"systemctl stop caddy && rm -rf {storage}/certificates {storage}/acme"
         " && systemctl start caddy")
 
 
@@ -338,7 +341,7 @@ def test_blocked_challenge_ports_fail_the_play_and_no_certificate_is_served(
         forget_certificates(site)
         started = time.monotonic()
         failed = deployment.playbook("proxy.yml", "proxy_blocked",
-                          "-e", "caddy_certificate_wait_seconds=20")
+                                     "-e", "caddy_certificate_wait_seconds=20")
         took = time.monotonic() - started
         assert failed.returncode != 0 and recap(failed.stdout)["app"]["failed"] == 1
         said = " ".join(failed.stdout.split())
