@@ -128,10 +128,13 @@ def _canonical(table: Table, rows: Sequence[Sequence[Any]]) -> Copied:
 
 class _Side:
     """One database, opened for the copy: read a table, write rows, inside one
-    transaction."""
+    transaction. Both engines' connections answer the same SELECT."""
+
+    conn: Any
 
     def read(self, table: Table) -> list[tuple[Any, ...]]:
-        raise NotImplementedError
+        columns = ", ".join(f'"{c}"' for c in table.columns)
+        return [tuple(r) for r in self.conn.execute(f'SELECT {columns} FROM "{table.name}"')]
 
     def write(self, table: Table, rows: list[tuple[Any, ...]]) -> None:
         raise NotImplementedError
@@ -144,10 +147,6 @@ class _SqliteSide(_Side):
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
 
-    def read(self, table: Table) -> list[tuple[Any, ...]]:
-        columns = ", ".join(f'"{c}"' for c in table.columns)
-        return [tuple(r) for r in self.conn.execute(f'SELECT {columns} FROM "{table.name}"')]
-
     def write(self, table: Table, rows: list[tuple[Any, ...]]) -> None:
         columns = ", ".join(f'"{c}"' for c in table.columns)
         marks = ", ".join("?" * len(table.columns))
@@ -157,10 +156,6 @@ class _SqliteSide(_Side):
 class _PgSide(_Side):
     def __init__(self, conn: Any) -> None:
         self.conn = conn
-
-    def read(self, table: Table) -> list[tuple[Any, ...]]:
-        columns = ", ".join(f'"{c}"' for c in table.columns)
-        return [tuple(r) for r in self.conn.execute(f'SELECT {columns} FROM "{table.name}"')]
 
     def write(self, table: Table, rows: list[tuple[Any, ...]]) -> None:
         columns = ", ".join(f'"{c}"' for c in table.columns)
