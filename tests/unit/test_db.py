@@ -42,8 +42,18 @@ async def test_failed_migration_rolls_back_and_says_which(tmp_path: Path) -> Non
         await db.close()
 
 
-async def test_changed_migrations_are_refused_newer_ones_tolerated(tmp_path: Path) -> None:
-    path = tmp_path / "x.db"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> object:
+    """Where a new, empty database is: a SQLite file, or a PostgreSQL database of the
+    session's test cluster."""
+    if request.param == "sqlite":
+        return tmp_path / "x.db"
+    return request.getfixturevalue("postgres_database")
+
+
+async def test_changed_migrations_are_refused_newer_ones_tolerated(
+        empty_database: Path) -> None:
+    path = empty_database
     db = Database(path, [Migration(1, "one", "CREATE TABLE a (x INTEGER);")])
     await db.open()
     await db.migrate()
