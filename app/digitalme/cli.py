@@ -28,6 +28,7 @@ from .config import (
 )
 from .db import Database, DatabaseError, database_for, first_line
 from .inbox import STATUSES
+from .loglines import LineFormatter, LineHandler
 from .persona import PersonaError, PersonaStore, build_prompt, load_persona_file
 from .tokens import SCOPES, TokenError, TokenStore
 
@@ -45,7 +46,11 @@ def _setup_logging(level: str) -> None:
     # Under systemd the journal stamps time and unit; elsewhere we do.
     fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") \
         else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    # As logging.basicConfig(level=..., format=fmt, stream=sys.stderr), with a handler
+    # that keeps a line per request cheap (loglines.py).
+    handler = LineHandler(sys.stderr)
+    handler.setFormatter(LineFormatter(fmt))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 async def _with_database(settings: Settings,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from collections.abc import Callable
 
 import aiohttp
@@ -85,3 +87,30 @@ async def test_the_service_logs_each_request(make_settings: Callable[..., Settin
     assert re.fullmatch(r'127\.0\.0\.1 "GET /health\?probe=1 HTTP/1\.1" 200 (\d+) \d\.\d{6}s',
                         record.getMessage()), record.getMessage()
     assert record.response_size > len(body)
+
+
+def test_the_record_is_what_logging_makes(captured: tuple[logging.Logger, Records]) -> None:
+    """A copied record has every attribute a LogRecord made by logging has, with this
+    line's time; from another thread, that thread's."""
+    logger, records = captured
+    request = make_mocked_request("GET", "/health")
+    access = AccessLogger(logger, SERVICE_FORMAT)
+    before = time.time()
+    access.log(request, web.json_response({"status": "ok"}), 0.001)
+    after = time.time()
+    thread = threading.Thread(target=access.log,
+                              args=(request, web.Response(status=204), 0.002))
+    thread.start()
+    thread.join()
+    first, other = records.records
+    made = logging.LogRecord(logger.name, logging.INFO, "x", 0, "m", None, None)
+    for record in (first, other):
+        assert set(vars(made)) <= set(vars(record))
+        assert (record.name, record.levelname, record.module, record.funcName) == \
+            (logger.name, "INFO", "accesslog", None)
+    assert before <= first.created <= after
+    assert first.msecs == int((first.created - int(first.created)) * 1000)
+    assert first.relativeCreated == pytest.approx((first.created - made.created) * 1000
+                                                  + made.relativeCreated, abs=0.01)
+    assert first.thread == threading.get_ident() and other.thread == thread.ident
+    assert other.getMessage().startswith('- "GET /health HTTP/1.1" 204 ')  # no peer
