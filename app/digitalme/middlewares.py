@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
+from multidict import istr
 
 from .errors import HTTP_CODES, ApiError, error_response, retry_after_header
 from .keys import (
@@ -78,11 +79,28 @@ def client_address(peer: str, forwarded_for: str | None,
 
 
 @web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def request_pipeline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request's way through the service, in one middleware (each middleware is a
+    coroutine and a call through aiohttp's chain): it is timed and counted (metrics), its
+    client identified, authenticated and rate-limited, and any error becomes a JSON
+    answer, whose status is what the metrics count."""
     started = time.monotonic()
     status = 500
     try:
-        response = await handler(request)
+        try:
+            response = await _admit(request, handler)
+        except ApiError as exc:
+            response = error_response(exc.status, exc.code, exc.message, headers=exc.headers,
+                                      **exc.extra)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                status = exc.status
+                raise
+            response = _http_error(request, exc)
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            response = error_response(500, "internal_error",
+                                      "something went wrong on our side; it has been logged")
         status = response.status
         return response
     finally:
@@ -98,49 +116,43 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
                                      outcome)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message, headers=exc.headers,
-                              **exc.extra)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-        if exc.status == 404:
-            message = f"no such endpoint: {request.method} {request.path}"
-        elif exc.status == 405:
-            message = f"{request.method} is not allowed here; allowed: {headers.get('Allow')}"
-        elif exc.status == 413:
-            limit = request.app[SETTINGS].max_body_bytes
-            message = f"the request body is larger than {limit} bytes"
-        else:
-            message = exc.text or exc.reason
-        return error_response(exc.status, HTTP_CODES.get(exc.status, "http_error"),
-                              message, headers=headers)
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(500, "internal_error",
-                              "something went wrong on our side; it has been logged")
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+    if exc.status == 404:
+        message = f"no such endpoint: {request.method} {request.path}"
+    elif exc.status == 405:
+        message = f"{request.method} is not allowed here; allowed: {headers.get('Allow')}"
+    elif exc.status == 413:
+        limit = request.app[SETTINGS].max_body_bytes
+        message = f"the request body is larger than {limit} bytes"
+    else:
+        message = exc.text or exc.reason
+    return error_response(exc.status, HTTP_CODES.get(exc.status, "http_error"),
+                          message, headers=headers)
 
 
-@web.middleware
-async def client_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Who is asking: address (through trusted proxies), bearer token, rate limit."""
+def _admit(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    """Who is asking: address (through trusted proxies), bearer token, rate limit; then
+    the handler. Operational endpoints go straight to it (no extra coroutine)."""
     settings = request.app[SETTINGS]
-    address, via_proxy = client_address(
-        request.remote or "", request.headers.get("X-Forwarded-For"),
-        settings.trusted_proxies)
+    forwarded_for = request.headers.get("X-Forwarded-For")
+    if forwarded_for is None:
+        address, via_proxy = request.remote or "", False
+    else:
+        address, via_proxy = client_address(request.remote or "", forwarded_for,
+                                            settings.trusted_proxies)
     request[CLIENT_ADDRESS] = address
     request[VIA_PROXY] = via_proxy
     request[REQUEST_TOKEN] = None
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise web.HTTPRequestEntityTooLarge(settings.max_body_bytes, request.content_length)
     if request.path in OPS_PATHS:
-        return await handler(request)
+        return handler(request)
+    return _client(request, handler, address)
 
+
+async def _client(request: web.Request, handler: Handler,
+                  address: str) -> web.StreamResponse:
     key = f"address:{address}"
     if request.path.startswith(WEBHOOK_PREFIX):
         limiter = request.app[RATE_LIMITER]
@@ -180,13 +192,22 @@ def _limit(request: web.Request, key: str) -> None:
                        "Retry-After delay", headers=retry_after_header(wait))
 
 
-_SECURITY_ITEMS = tuple(SECURITY_HEADERS.items())
+# istr keys: CIMultiDict takes them as they are (a str key is case-folded on every use).
+_SECURITY_ITEMS = tuple((istr(name), value) for name, value in SECURITY_HEADERS.items())
+_CACHE_CONTROL = istr("Cache-Control")
 _NO_STORE_PREFIXES = ("/api/", "/health", "/info", "/metrics")
 
 
 async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
     headers = response.headers
-    # A handler's own value wins (setdefault); one extend() adds the rest at once.
-    headers.extend([item for item in _SECURITY_ITEMS if item[0] not in headers])
-    if "Cache-Control" not in headers and request.path.startswith(_NO_STORE_PREFIXES):
-        headers["Cache-Control"] = "no-store"
+    # A handler's own value wins; one extend() adds the rest at once. Most answers carry
+    # none of them, which one pass over their few headers tells.
+    if any(name in _SECURITY_NAMES for name in map(str.lower, headers)):
+        headers.extend([item for item in _SECURITY_ITEMS if item[0] not in headers])
+    else:
+        headers.extend(_SECURITY_ITEMS)
+    if _CACHE_CONTROL not in headers and request.path.startswith(_NO_STORE_PREFIXES):
+        headers[_CACHE_CONTROL] = "no-store"
+
+
+_SECURITY_NAMES = frozenset(name.lower() for name in SECURITY_HEADERS)

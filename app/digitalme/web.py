@@ -57,12 +57,7 @@ from .keys import (
 )
 from .llm import Claude
 from .metrics import Metrics
-from .middlewares import (
-    add_security_headers,
-    client_middleware,
-    error_middleware,
-    metrics_middleware,
-)
+from .middlewares import add_security_headers, request_pipeline
 from .openapi import openapi_document
 from .outbound import Outbound
 from .persona import PersonaStore
@@ -174,7 +169,7 @@ def _wire_channels(app: web.Application, settings: Settings, metrics: Metrics, d
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, client_middleware],
+        middlewares=[request_pipeline],
         client_max_size=settings.max_body_bytes,
         # The runner keeps its logger and format; the line is written by ours (accesslog.py).
         handler_args={"access_log_class": AccessLogger},
