@@ -128,6 +128,18 @@ class ConversationStore:
             f"SELECT {_CONV_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,))
         return Conversation(**dict(row)) if row else None
 
+    async def get_with_newest(self, conversation_id: str) -> tuple[Conversation, int] | None:
+        """The conversation and its newest message id (0 with none), in one read: what
+        :meth:`messages_json` needs to answer from a page already rendered."""
+        row = await self.db.lookup_one(
+            f"SELECT {_CONV_COLUMNS}, (SELECT MAX(id) FROM messages"
+            " WHERE conversation_id = conversations.id)"
+            " FROM conversations WHERE id = ?", (conversation_id,))
+        if row is None:
+            return None
+        return (Conversation(row[0], row[1], row[2], row[3], row[4], row[5], row[6]),
+                row[7] or 0)
+
     async def list_for(self, *, token_id: int | None, limit: int = 100) -> list[Conversation]:
         """Newest first; only the token's own unless token_id is None (admin)."""
         if token_id is None:
@@ -173,18 +185,21 @@ class ConversationStore:
         return [Message(**dict(row)) for row in reversed(rows)]
 
     async def messages_json(self, conversation_id: str, *, limit: int = 200,
-                            before_id: int | None = None) -> str:
+                            before_id: int | None = None, newest: int | None = None) -> str:
         """:meth:`messages` as the API shows them: a JSON array of ``Message.to_json()``
         objects, oldest first.
 
         Messages are only ever added (with a larger id), never changed; so a page is known
         by its conversation's newest message id, and a client that reads an unchanged
         conversation again (the web chat does, often) is answered from the last rendering
-        after one indexed lookup of that id."""
+        after one indexed lookup of that id (none when the caller read it with the
+        conversation: ``newest``, from :meth:`get_with_newest`)."""
         before = before_id if before_id is not None else 2**62
-        newest = await self.db.lookup_one(
-            "SELECT MAX(id) FROM messages WHERE conversation_id = ?", (conversation_id,))
-        key = (conversation_id, (newest[0] if newest else None) or 0, limit, before)
+        if newest is None:
+            row = await self.db.lookup_one(
+                "SELECT MAX(id) FROM messages WHERE conversation_id = ?", (conversation_id,))
+            newest = (row[0] if row else None) or 0
+        key = (conversation_id, newest, limit, before)
         page = self._pages.get(key)
         if page is not None:
             self._pages.move_to_end(key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -51,6 +52,8 @@ _COLUMNS = "id, name, scope, prefix, created_at, last_used_at, revoked_at"
 class TokenStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._minute_number = -1  # the minute (since the epoch) self._minute is the text of
+        self._minute = ""
 
     async def create(self, name: str, scope: str) -> tuple[str, TokenInfo]:
         """Make a token; returns the secret (shown once) and its record."""
@@ -100,11 +103,17 @@ class TokenStore:
 
     async def touch(self, token: TokenInfo) -> None:
         """Record use, at most once a minute per token to spare the disk: a token looked up
-        with this minute's ``last_used_at`` costs no write at all."""
-        now = _now()
-        minute = now[:16]
+        with this minute's ``last_used_at`` costs no write at all (and no clock reading
+        made into text: the minute's text is kept while the clock is in that minute)."""
+        minute_number = int(time.time()) // 60
+        if minute_number != self._minute_number:
+            self._minute = _now()[:16]
+            self._minute_number = minute_number
+        minute = self._minute
         if token.last_used_at is not None and token.last_used_at >= minute:
             return
+        now = _now()
+        minute = now[:16]
         await self.db.execute(
             "UPDATE api_tokens SET last_used_at = ? WHERE id = ? AND"
             " (last_used_at IS NULL OR last_used_at < ?)",

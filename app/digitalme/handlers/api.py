@@ -69,7 +69,12 @@ def _token(request: web.Request) -> TokenInfo:
 async def _conversation(request: web.Request) -> Conversation:
     """The conversation in the URL, if this token may see it (else 404, to not leak ids)."""
     conversation_id = request.match_info["conversation_id"]
-    conversation = await request.app[CONVERSATIONS].get(conversation_id)
+    return _visible(request, conversation_id,
+                    await request.app[CONVERSATIONS].get(conversation_id))
+
+
+def _visible(request: web.Request, conversation_id: str,
+             conversation: Conversation | None) -> Conversation:
     token = _token(request)
     if conversation is None or (token.scope != "admin" and conversation.token_id != token.id):
         raise ApiError(404, "conversation_not_found",
@@ -113,11 +118,15 @@ async def get_conversation(request: web.Request) -> web.Response:
            "message id `before`).", query=models.MessagesQuery, errors=_NO_CONVERSATION,
            replies={200: Reply("The messages.", models.MessageList)})
 async def list_messages(request: web.Request) -> web.Response:
-    conversation = await _conversation(request)
+    conversation_id = request.match_info["conversation_id"]
+    store = request.app[CONVERSATIONS]
+    found = await store.get_with_newest(conversation_id)
+    conversation = _visible(request, conversation_id, found[0] if found else None)
     query = read_query(request, models.MessagesQuery)
     # models.MessageList, rendered by SQLite (conversations.py; a test holds them equal)
-    messages = await request.app[CONVERSATIONS].messages_json(
-        conversation.id, limit=query.limit, before_id=query.before)
+    messages = await store.messages_json(conversation.id, limit=query.limit,
+                                         before_id=query.before,
+                                         newest=found[1] if found else None)
     return web.Response(text=f'{{"messages": {messages}}}', content_type="application/json")
 
 
