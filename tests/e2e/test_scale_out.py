@@ -128,7 +128,7 @@ def test_the_apps_keep_their_data_on_postgresql_over_verified_tls(scale_out: Sca
         "JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'digitalme'").splitlines()
     addresses = {scale_out.deployment.sandbox.hosts[h].address for h in APP_HOSTS}
     assert connections and {line.split()[0] for line in connections} <= addresses, connections
-    assert {line.split()[1] for line in connections} == {"t"}, connections
+    assert {line.split()[1] for line in connections} == {"true"}, connections
     # Without TLS the server refuses the app's own login (pg_hba: hostssl only).
     db = scale_out.deployment.sandbox.hosts["db"].address
     attempt = scale_out.on("app", (
