@@ -126,6 +126,10 @@ class Settings:
     # the release's name; pruning a release removes its image with this engine.
     container_engine: str = ""
     container_image: str = ""
+    # "postgresql" when DIGITALME_DATABASE_URL puts the data on a PostgreSQL server
+    # (docs/scale-out.md): the schema is read through the release's own command, and the
+    # server's backups, not a snapshot on this host, are what an upgrade falls back on.
+    database_engine: str = "sqlite"
 
     @classmethod
     def load(cls, path: str) -> Settings:
@@ -377,8 +381,22 @@ def internal_newer_rows(path: str, highest_json: str) -> dict[str, int]:
         db.close()
 
 
-def database_schema(settings: Settings) -> list[int] | None:
-    """Versions applied to the live database; None when there is no database yet."""
+def database_schema(settings: Settings, release: str | None = None) -> list[int] | None:
+    """Versions applied to the live database; None when there is no database yet (SQLite).
+
+    On PostgreSQL the database exists before the first release (the server's role made
+    it), and only the app's own driver reads it: the release's ``migrate --status``."""
+    if settings.database_engine == "postgresql":
+        if release is None:
+            release = current_release(settings)
+        if release is None:
+            return None
+        env = dict(os.environ, DIGITALME_RELEASE_DIR=str(settings.releases_dir / release))
+        result = run([settings.admin_command, "migrate", "--status"], timeout=120, env=env)
+        if result.returncode != 0:
+            raise Failure("cannot read the schema of the PostgreSQL database: "
+                          f"{(result.stderr or result.stdout).strip()}")
+        return list(json.loads(result.stdout)["applied"])
     if not settings.db_path.exists():
         return None
     return list(as_service_user(settings, "schema", str(settings.db_path))["applied"])
@@ -670,7 +688,7 @@ def plan(settings: Settings, release: str) -> dict[str, Any]:
                 "pending_migrations": None, "changes": True,
                 "reasons": [f"release {release} is not installed yet"]}
     current = current_release(settings)
-    applied = database_schema(settings)
+    applied = database_schema(settings, release)
     pending = sorted(set(release_migrations(settings, release)) - set(applied or []))
     if pending:
         reasons.append(f"migrations {pending} to apply")
@@ -691,12 +709,14 @@ def prepare(settings: Settings, release: str, by: str, commit: str | None) -> di
     record = new_record(settings, "upgrade" if current_release(settings) else "install",
                         release, by, commit)
     shipped = release_migrations(settings, release)
-    applied = database_schema(settings)
+    applied = database_schema(settings, release)
     pending = sorted(set(shipped) - set(applied or []))
     record["schema_before"] = applied
     changed = False
     if pending:
-        if applied is not None:  # an existing database: secure it first
+        # An existing SQLite database: secure it first. (PostgreSQL's are the server's
+        # backups; a rollback there keeps the data: docs/scale-out.md.)
+        if applied is not None and settings.database_engine != "postgresql":
             record["litestream"] = sync_replica(settings)
             record["snapshot"] = as_service_user(
                 settings, "snapshot", str(settings.db_path),
@@ -853,7 +873,7 @@ def rollback(settings: Settings, requested: str | None, data: str | None,
     target = rollback_target(settings, requested)
     current = current_release(settings)
     known = set(release_migrations(settings, target))
-    applied = set(database_schema(settings) or [])
+    applied = set(database_schema(settings, target) or [])
     unknown = sorted(applied - known)
     record = new_record(settings, "rollback", target, by)
     record["data"] = "unchanged"

@@ -9,7 +9,9 @@ the format into a list of functions, collects their values and ``extra`` fields 
 them, and ``Logger.info`` looks for the caller's frame, which together cost as much as the
 rest of a ``GET /health``. The record carries the same message and the same ``extra``
 fields (``remote_address``, ``first_request_line``, ``response_status``,
-``response_size``, ``request_time_frac``). Any other format goes to aiohttp's logger.
+``response_size``, ``request_time_frac``), except that the address is the client's as the
+app sees it through trusted proxies (DIGITALME_TRUSTED_PROXIES), not the proxy's. Any
+other format goes to aiohttp's logger.
 
 The record itself is a copy of one made the standard way, with this request's message,
 fields and time: ``LogRecord.__init__`` works out the file name, module, thread, process
@@ -30,6 +32,8 @@ from aiohttp import web_log
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
+
+from .keys import CLIENT_ADDRESS
 
 SERVICE_FORMAT = '%a "%r" %s %b %Tfs'
 
@@ -74,9 +78,9 @@ class AccessLogger(AbstractAccessLogger):
             self._general.log(request, response, time)
             return
         try:
-            remote = request.remote
-            if remote is None:
-                remote = "-"
+            # The client, as the app sees it through trusted proxies (client_middleware):
+            # behind Caddy, and load balancers, the peer is always a proxy.
+            remote = request.get(CLIENT_ADDRESS) or request.remote or "-"
             version = request.version
             line = (f"{request.method} {request.path_qs} "
                     f"HTTP/{version.major}.{version.minor}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -94,6 +95,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     db = database_for(settings)
 
+    if args.status:
+        return _migration_status(db)
+
     async def work() -> list[str]:
         await db.open()
         try:
@@ -108,6 +112,25 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         print(f"applied {len(applied)} migration(s) to {db.name}: {', '.join(applied)}")
     else:
         print(f"{db.name} is up to date")
+    return EXIT_OK
+
+
+def _migration_status(db: Database) -> int:
+    """`migrate --status`: what the database has, as JSON (read-only; the deploy tool reads
+    it to plan an upgrade on either engine)."""
+
+    async def work() -> tuple[dict[int, str], list[int]]:
+        await db.open()
+        try:
+            applied = await db.applied_migrations()
+            return applied, [m.version for m in (await db.migration_state()).pending]
+        except db.errors as exc:
+            raise DatabaseError(f"{db.name}: {first_line(exc)}") from exc
+        finally:
+            await db.close()
+
+    applied, pending = _run(work())
+    print(json.dumps({"database": db.name, "applied": sorted(applied), "pending": pending}))
     return EXIT_OK
 
 
@@ -141,7 +164,6 @@ def cmd_migrate_data(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_smoke_test(settings: Settings, args: argparse.Namespace) -> int:
-    import json
 
     from .smoke import SmokeTestFailed, smoke_test
 
@@ -223,7 +245,6 @@ def _load_persona(settings: Settings) -> Any:
 def cmd_persona_show(settings: Settings, args: argparse.Namespace) -> int:
     stored = _load_persona(settings)
     if args.format == "json":
-        import json
         print(json.dumps(stored.persona.to_document(), indent=2, ensure_ascii=False))
     else:
         print(f"# imported {stored.imported_at}, source sha256 {stored.source_sha256}")
@@ -391,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the HTTP service (what systemd starts)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("migrate", help="apply pending database migrations and exit")
+    p.add_argument("--status", action="store_true",
+                   help="change nothing: print the applied and the pending migrations' "
+                        "versions as JSON ({\"database\", \"applied\", \"pending\"})")
     p.set_defaults(func=cmd_migrate)
     p = sub.add_parser(
         "migrate-data",

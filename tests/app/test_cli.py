@@ -646,6 +646,10 @@ def test_a_database_from_a_newer_release_is_used_and_reported(env: dict[str, str
     assert_ok(result)
     assert "migrations [999] from a newer release" in result.stderr
     assert "is up to date" in cli(env, "migrate").stdout
+    status = cli(env, "migrate", "--status")
+    assert_ok(status)
+    assert json.loads(status.stdout)["applied"][-1] == 999
+    assert json.loads(status.stdout)["pending"] == []
 
 
 def test_serve_refuses_a_missing_database_directory(env: dict[str, str], tmp_path: Path) -> None:

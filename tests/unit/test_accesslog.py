@@ -8,6 +8,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from ipaddress import ip_network
 
 import aiohttp
 import pytest
@@ -114,3 +115,28 @@ def test_the_record_is_what_logging_makes(captured: tuple[logging.Logger, Record
                                                   + made.relativeCreated, abs=0.01)
     assert first.thread == threading.get_ident() and other.thread == thread.ident
     assert other.getMessage().startswith('- "GET /health HTTP/1.1" 204 ')  # no peer
+
+
+async def test_the_line_names_the_client_behind_trusted_proxies(
+        make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture) -> None:
+    # Behind Caddy (loopback, trusted) and a load balancer it trusts (10.0.0.9): the client.
+    settings = make_settings(trusted_proxies=(ip_network("127.0.0.1/32"),
+                                              ip_network("10.0.0.9/32")))
+    await migrate(settings.db_path)
+    runner = web.AppRunner(create_app(settings), access_log_format=SERVICE_FORMAT)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        with caplog.at_level(logging.INFO, logger="aiohttp.access"):
+            async with aiohttp.ClientSession() as http:
+                for forwarded in ("203.0.113.7, 10.0.0.9", "198.51.100.1, 203.0.113.8"):
+                    async with http.get(f"http://127.0.0.1:{port}/health",
+                                        headers={"X-Forwarded-For": forwarded}) as response:
+                        assert response.status == 200
+    finally:
+        await runner.cleanup()
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    # The second chain's last hop is no trusted proxy: that hop is the client.
+    assert [line.split()[0] for line in lines] == ["203.0.113.7", "203.0.113.8"], lines

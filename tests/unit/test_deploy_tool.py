@@ -286,3 +286,28 @@ def test_prune_removes_the_images_of_container_releases(settings: deploy.Setting
     assert deploy.prune(settings) == ["r1"]
     assert calls.read_text() == "image rm --ignore localhost/digitalme:r1\n"
     assert deploy.installed_releases(settings) == ["r2", "r3", "r4"]
+
+
+def test_on_postgresql_the_schema_is_read_through_the_releases_own_command(
+        settings: deploy.Settings, tmp_path: Path) -> None:
+    # The admin command as the role installs it runs the release named by
+    # DIGITALME_RELEASE_DIR; this one answers like `digitalme migrate --status` would.
+    admin = tmp_path / "digitalme"
+    admin.write_text("#!/bin/sh\n"
+                     "[ \"$1 $2\" = 'migrate --status' ] || { echo \"bad: $*\" >&2; exit 2; }\n"
+                     "case $DIGITALME_RELEASE_DIR in */r1) ;; *) echo 'server down' >&2;"
+                     " exit 1;; esac\n"
+                     "echo '{\"database\": \"postgresql://app@db/app\", \"applied\": [1, 2],"
+                     " \"pending\": []}'\n")
+    admin.chmod(0o755)
+    settings.admin_command = str(admin)
+    settings.database_engine = "postgresql"
+    install_release(settings, "r1", ["0001_initial", "0002_more"])
+    install_release(settings, "r2", ["0001_initial", "0002_more", "0003_new"])
+    # No SQLite file on this host, yet the database exists: its schema comes from the server.
+    assert not settings.db_path.exists()
+    assert deploy.database_schema(settings) is None  # no release installed as current yet
+    assert deploy.database_schema(settings, "r1") == [1, 2]
+    with pytest.raises(deploy.Failure, match="cannot read the schema of the PostgreSQL "
+                                             "database: server down"):
+        deploy.database_schema(settings, "r2")

@@ -6,6 +6,7 @@ claimed twice."""
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import time
 from pathlib import Path
@@ -290,9 +291,16 @@ def test_the_commands_work_on_postgresql(postgres_database: DatabaseUrl, tmp_pat
     assert main(["token", "list"]) == 1
     refused = capsys.readouterr().err
     assert "lacks migrations 0001_initial" in refused and refused.count("\n") == 1
+    versions = [m.version for m in bundled_migrations()]
+    assert main(["migrate", "--status"]) == 0  # what the deploy tool reads to plan
+    assert json.loads(capsys.readouterr().out)["pending"] == versions
     assert main(["migrate"]) == 0
     assert capsys.readouterr().out.startswith(
         f"applied {len(bundled_migrations())} migration(s) to postgresql://")
+    assert main(["migrate", "--status"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["applied"], status["pending"]) == (versions, [])
+    assert status["database"].startswith("postgresql://") and "@" in status["database"]
     assert main(["migrate"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("is up to date")
     assert main(["token", "create", "--name", "ops", "--scope", "admin", "--quiet"]) == 0
