@@ -76,6 +76,17 @@ def conninfo(address: str, sslmode: str = "verify-full", **extra: str) -> str:
     return " ".join(f"{key}={value}" for key, value in params.items())
 
 
+def changed_steps(output: str) -> list[str]:
+    """Names of the tasks and handlers an ansible-playbook output reports as changed."""
+    step, changed = None, []
+    for line in output.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
+            step = line[line.index("[") + 1:line.rindex("]")]
+        elif line.startswith("changed:"):
+            changed.append(step)
+    return changed
+
+
 @pytest.fixture
 def journal(host):
     """The journal of the units involved, to show in a failure message."""

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 from conftest import (
-    USER, WRONG_PGPASS_ON_HOST, conninfo, db_address, install_client_files, psql,
+    USER,
+    WRONG_PGPASS_ON_HOST,
+    conninfo,
+    db_address,
+    install_client_files,
+    psql,
 )
 
 testinfra_hosts = ["app"]

@@ -7,26 +7,22 @@ import time
 
 import pytest
 from conftest import (
-    DATABASE, PORT, TLS_DIR, USER, app_password, conninfo, install_client_files, other_host,
+    DATABASE,
+    PORT,
+    TLS_DIR,
+    USER,
+    app_password,
+    changed_steps,
+    conninfo,
+    install_client_files,
+    other_host,
     psql,
 )
 from verifier import ansible_playbook
 
-
 testinfra_hosts = ["db"]
 
 VERSIONS = {"12": "15", "13": "17"}
-
-
-def changed_steps(output: str) -> list[str]:
-    """Names of the tasks and handlers an ansible-playbook output reports as changed."""
-    step, changed = None, []
-    for line in output.splitlines():
-        if line.startswith(("TASK [", "RUNNING HANDLER [")):
-            step = line[line.index("[") + 1:line.rindex("]")]
-        elif line.startswith("changed:"):
-            changed.append(step)
-    return changed
 
 
 @pytest.fixture(scope="module")
