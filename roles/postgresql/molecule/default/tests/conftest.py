@@ -41,10 +41,10 @@ def db_address() -> str:
     return other_host("db").ansible.get_variables()["ansible_host"]
 
 
-def install_client_files(host) -> None:
-    """The CA certificate (fetched from db, as the app hosts will) and libpq password files
-    (the right password, and a wrong one), each written on the controller with mode 0600
-    and copied: their content never appears in a process's arguments."""
+def install_client_files(host, with_ca: bool = True) -> None:
+    """libpq password files (the right password, and a wrong one), each written on the
+    controller with mode 0600 and copied: their content never appears in a process's
+    arguments; and the CA certificate, read from db (on app, converge.yml installed it)."""
     ca = other_host("db").file(f"{TLS_DIR}/ca.crt").content_string
     ephemeral = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
     files = {
@@ -53,6 +53,8 @@ def install_client_files(host) -> None:
         "pgpass-wrong": (f"*:*:{DATABASE}:{USER}:wrong-password-for-the-test\n",
                          WRONG_PGPASS_ON_HOST, "0600"),
     }
+    if not with_ca:
+        del files["digitalme-ca.crt"]
     for name, (content, dest, mode) in files.items():
         local = ephemeral / f"client-{name}"
         local.touch(mode=0o600)

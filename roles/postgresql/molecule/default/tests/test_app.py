@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import pytest
 from conftest import (
+    CA_ON_CLIENT,
+    TLS_DIR,
     USER,
     WRONG_PGPASS_ON_HOST,
     conninfo,
     db_address,
     install_client_files,
+    other_host,
     psql,
 )
 
@@ -18,7 +21,14 @@ testinfra_hosts = ["app"]
 
 @pytest.fixture(scope="module", autouse=True)
 def client_files(host):
-    install_client_files(host)
+    """The password files; the CA certificate is the one converge.yml installed."""
+    install_client_files(host, with_ca=False)
+
+
+def test_the_ca_certificate_reached_the_app_host_through_the_published_fact(host):
+    """converge.yml's second play wrote hostvars[db].postgresql_server.ca_certificate."""
+    written = host.file(CA_ON_CLIENT)
+    assert written.content_string == other_host("db").file(f"{TLS_DIR}/ca.crt").content_string
 
 
 def test_app_connects_with_verify_full_over_tls_with_the_password(host):
