@@ -35,3 +35,10 @@ def test_preflight_refuses_a_client_that_is_not_an_ip_address():
         "--check", "-e", '{"postgresql_app_clients": ["app.example.org"]}')
     assert rc != 0, output[-4000:]
     assert "list the IP addresses" in output and "changed=0" in output, output[-4000:]
+
+
+def test_preflight_refuses_a_listen_address_the_host_does_not_have():
+    rc, output = ansible_playbook("--check", "-e", "postgresql_listen_address=192.0.2.10")
+    assert rc != 0, output[-4000:]
+    assert "which is not an address of this host" in output and "changed=0" in output, \
+        output[-4000:]
