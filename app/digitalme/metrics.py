@@ -208,3 +208,18 @@ class Metrics:
         for refresh in self._refreshers:
             await refresh()
         return generate_latest(self.registry)
+
+
+def metrics_reference_markdown() -> str:
+    """The table of every metric the service exports, as docs/operations/monitoring.md
+    carries it (``python -m digitalme.metrics`` prints it): name, type and help, from the
+    registry itself, so a new metric cannot go undocumented."""
+    lines = ["| Metric | Type | Meaning |", "| --- | --- | --- |"]
+    for family in Metrics().registry.collect():
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        lines.append(f"| `{name}` | {family.type} | {family.documentation} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(metrics_reference_markdown(), end="")

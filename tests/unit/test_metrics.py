@@ -1,9 +1,11 @@
 """HttpStats exports exactly what prometheus_client's Counter and Histogram would for the
-same requests (the alert rules and dashboards read these samples)."""
+same requests (the alert rules and dashboards read these samples); every metric of the
+registry is in the monitoring guide's table."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -35,3 +37,13 @@ def test_samples_match_the_client_librarys() -> None:
     expected = without_created_values(generate_latest(theirs).decode())
     assert without_created_values(generate_latest(ours).decode()) == expected
     assert 'le="0.005",method="GET",route="/health"} 2.0' in expected  # a bound is inclusive
+
+
+def test_every_metric_is_in_the_monitoring_guide() -> None:
+    from digitalme.metrics import metrics_reference_markdown
+
+    guide = (Path(__file__).resolve().parents[2] / "docs/operations/monitoring.md").read_text()
+    table = metrics_reference_markdown()
+    assert table.count("\n") > 20  # one row per metric: the registry was read
+    # Regenerate with: .venv/bin/python -m digitalme.metrics
+    assert table in guide, "docs/operations/monitoring.md's metrics table is out of date"
