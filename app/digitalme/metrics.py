@@ -85,7 +85,11 @@ def _bound(value: float) -> str:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, litestream: bool = False) -> None:
+        """``litestream``: this process's SQLite database is replicated by Litestream
+        (DIGITALME_LITESTREAM_SOCKET): only then are the ``digitalme_backup_*`` gauges
+        exported. Otherwise they would claim a replication that nobody set up (an app host
+        on PostgreSQL) is down."""
         self.registry = registry = CollectorRegistry(auto_describe=True)
         # HTTP
         self.http = HttpStats()
@@ -175,15 +179,18 @@ class Metrics:
             registry=registry)
         # Backups (Litestream's control socket; the restore drill publishes its own
         # digitalme_backup_drill_* metrics through node-exporter's textfile collector)
+        replication = registry if litestream else None
         self.backup_litestream_up = Gauge(
             "digitalme_backup_litestream_up",
-            "1 when Litestream answers on its control socket for the database, else 0.",
-            registry=registry)
+            "1 when Litestream answers on its control socket for the database, else 0 "
+            "(exported only with DIGITALME_LITESTREAM_SOCKET).",
+            registry=replication)
         self.backup_replication_lag = Gauge(
             "digitalme_backup_replication_lag_seconds",
             "Seconds since Litestream last completed a sync to the replica (NaN when it "
-            "does not answer): the most a crash of this host would lose.",
-            registry=registry)
+            "does not answer): the most a crash of this host would lose (exported only with "
+            "DIGITALME_LITESTREAM_SOCKET).",
+            registry=replication)
         self.backup_replication_lag.set(math.nan)  # unknown until Litestream is asked
         self.build_info = Gauge(
             "digitalme_build_info", "Version and commit of the running service.",
@@ -215,7 +222,7 @@ def metrics_reference_markdown() -> str:
     carries it (``python -m digitalme.metrics`` prints it): name, type and help, from the
     registry itself, so a new metric cannot go undocumented."""
     lines = ["| Metric | Type | Meaning |", "| --- | --- | --- |"]
-    for family in Metrics().registry.collect():
+    for family in Metrics(litestream=True).registry.collect():
         name = f"{family.name}_total" if family.type == "counter" else family.name
         lines.append(f"| `{name}` | {family.type} | {family.documentation} |")
     return "\n".join(lines) + "\n"

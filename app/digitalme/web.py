@@ -174,7 +174,7 @@ def create_app(settings: Settings) -> web.Application:
         # The runner keeps its logger and format; the line is written by ours (accesslog.py).
         handler_args={"access_log_class": AccessLogger},
     )
-    metrics = Metrics()
+    metrics = Metrics(litestream=settings.litestream_socket is not None)
     db = database_for(settings)
     claude = Claude(settings, metrics)
     conversations = ConversationStore(db)

@@ -1,16 +1,18 @@
 """Scale-out end to end: two app hosts on one PostgreSQL server, behind Caddy's load
 balancer (docs/scale-out.md).
 
-Three fresh Debian 12 hosts: ``db`` (groups ``postgresql`` and ``loadbalancer``: the
-postgresql role and the public site's Caddy, balancing) and ``app``/``app2``
-(``digitalme``: the app, each behind its own Caddy's backend site). site.yml sets it all
-up; the apps keep their data on the server over TLS checked against its CA
-(verify-full) and cannot connect without TLS; the load balancer spreads requests over
-both, and the app sees each client's own address through both proxies; a second run
-changes nothing; then, under chat, stream and webhook load through the load balancer,
-``app2`` is killed (a power cut): no request fails but those it had in flight, the
-survivor serves, every acknowledged chat message is in the database and every
-acknowledged delivery is answered exactly once.
+Three fresh Debian 12 hosts: ``db`` (groups ``postgresql``, ``loadbalancer`` and
+``monitoring``: the postgresql role, the public site's Caddy, balancing, and Prometheus)
+and ``app``/``app2`` (``digitalme``: the app, each behind its own Caddy's backend site).
+site.yml sets it all up; the apps keep their data on the server over TLS checked against
+its CA (verify-full) and cannot connect without TLS; the load balancer spreads requests
+over both, and the app sees each client's own address through both proxies; the
+monitoring host scrapes every part (no Litestream expected), nothing fires on the healthy
+site, and PostgreSQL stopping raises PostgreSQLDown; a second run changes nothing; then,
+under chat, stream and webhook load through the load balancer, ``app2`` is killed (a power
+cut): no request fails but those it had in flight, the survivor serves, every
+acknowledged chat message is in the database and every acknowledged delivery is answered
+exactly once.
 
 Logs: artifacts/scale-out-*.log; durations: artifacts/scale-out-timings.json.
 """
@@ -22,15 +24,18 @@ import shlex
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import pytest
 
 from tests.e2e.deployments import (
     CADDY_ROOT,
     DOMAIN,
+    MONITORING_TEST_SETTINGS,
     STANDIN_PORT,
     TELEGRAM_SECRET,
     TELEGRAM_TOKEN,
@@ -45,12 +50,13 @@ from tests.standins.anthropic_api import AnthropicStandin
 
 pytestmark = pytest.mark.e2e
 
-HOSTS = ("db:postgresql,loadbalancer", "app:digitalme", "app2:digitalme")
+HOSTS = ("db:postgresql,loadbalancer,monitoring", "app:digitalme", "app2:digitalme")
 APP_HOSTS = ("app", "app2")
 TIMINGS = REPO / "artifacts" / "scale-out-timings.json"
 PSQL = "runuser -u postgres -- psql -d digitalme -tAX -c"
 SQLITE_DB = "/var/lib/digitalme/digitalme.db"  # what the app would use without the server
 BACKEND_PORT = 8443  # caddy_backend_port's default
+PROMETHEUS = "http://127.0.0.1:9090"  # on the monitoring host (db)
 
 
 @dataclass
@@ -96,7 +102,8 @@ def scale_out(sandbox_hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             loop.run(anthropic.start(host=sandbox.controller_address, port=STANDIN_PORT))
             telegram = loop.run(start_telegram(sandbox.controller_address, TELEGRAM_TOKEN))
             add_group_vars(sandbox.inventory,
-                           {"digitalme": app_test_settings(telegram.base_url)})
+                           {"digitalme": app_test_settings(telegram.base_url),
+                            "monitoring": MONITORING_TEST_SETTINGS})
             TIMINGS.unlink(missing_ok=True)
             deployment = Deployment(sandbox, workdir, TIMINGS, log_prefix="scale-out-")
             counts = site_yml(deployment, "site-fresh")
@@ -158,6 +165,59 @@ def test_the_load_balancer_spreads_requests_and_the_app_sees_the_client(
         # "INFO aiohttp.access: <client> "GET ..." ...": the client's own address.
         assert all(line.split("aiohttp.access: ")[1].split()[0] == controller
                    for line in logged), logged[:3]
+
+
+def prometheus(scale_out: ScaleOut, path: str) -> Any:
+    """GET the monitoring host's Prometheus API (on its loopback)."""
+    answer = scale_out.on("db", f"curl -fsS --max-time 10 {shlex.quote(PROMETHEUS + path)}")
+    return json.loads(answer.stdout)["data"]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s: {what}"
+        time.sleep(2)
+    return value
+
+
+def firing(scale_out: ScaleOut) -> set[tuple[str, str]]:
+    alerts = prometheus(scale_out, "/api/v1/query?query=" + quote(
+        'ALERTS{alertstate="firing",alertname!="Watchdog"}'))["result"]
+    return {(a["metric"]["alertname"], a["metric"].get("host", "")) for a in alerts}
+
+
+def test_the_monitoring_host_watches_the_scaled_out_site(scale_out: ScaleOut) -> None:
+    # Every target up: each host's node-exporter, the app hosts' app and Caddy (through
+    # their metrics sites), the load balancer's Caddy, PostgreSQL, the probe of the public
+    # site on the load balancer; and no Litestream, which no app host runs.
+    def targets() -> dict[tuple[str, str], str]:
+        active = prometheus(scale_out, "/api/v1/targets")["activeTargets"]
+        found = {(t["labels"]["job"], t["labels"].get("host", "")): t["health"] for t in active}
+        return found if found and all(h == "up" for h in found.values()) else {}
+    found = wait_for(targets, 120, "every target up on the monitoring host")
+    expected = {("node", h) for h in ("db", *APP_HOSTS)} | \
+        {(job, h) for job in ("digitalme", "caddy") for h in APP_HOSTS} | \
+        {("caddy", "db"), ("postgresql", "db")}
+    assert expected <= set(found), sorted(found)
+    assert not [key for key in found if key[0] == "litestream"], sorted(found)
+    assert any(job == "blackbox_https" for job, _ in found), sorted(found)
+    # Nothing fires on a healthy site (rules' `for:` shortened to 10 s here): in particular
+    # no LitestreamDown or BackupDrillNeverRan for app hosts that keep no SQLite database.
+    time.sleep(30)
+    assert firing(scale_out) == set()
+    # The database server stopping is told, and its return.
+    scale_out.on("db", "systemctl stop postgresql")
+    try:
+        wait_for(lambda: ("PostgreSQLDown", "db") in firing(scale_out), 120,
+                 "PostgreSQLDown firing")
+    finally:
+        scale_out.on("db", "systemctl start postgresql")
+    wait_for(lambda: ("PostgreSQLDown", "db") not in firing(scale_out), 120,
+             "PostgreSQLDown resolved")
+    # The site serves again (the apps reconnect on their own).
+    wait_for(lambda: scale_out.curl("/health/ready", "--fail").returncode == 0, 120,
+             "the site ready again through the load balancer")
 
 
 def test_a_second_run_changes_nothing(scale_out: ScaleOut) -> None:
