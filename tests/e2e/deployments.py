@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,24 @@ def run_drill(deployment: Deployment) -> tuple[int, str]:
     journal = deployment.on_app(
         "journalctl -u digitalme-backup-drill -o cat --no-pager -n 30").stdout
     return ran.returncode, journal
+
+
+PROMETHEUS = "http://127.0.0.1:9090"  # the monitoring role's, on the monitoring host's loopback
+
+
+def prometheus(deployment: Deployment, path: str, host: str = "app") -> Any:
+    """GET ``path`` of Prometheus' API on the monitoring host ``host``; its ``data``."""
+    answer = deployment.on(host, f"curl -fsS --max-time 10 {shlex.quote(PROMETHEUS + path)}")
+    return json.loads(answer.stdout)["data"]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """``predicate()``'s first true value, asked every 2 s; fails the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s: {what}"
+        time.sleep(2)
+    return value
 
 
 def metric(text: str, name: str) -> float | None:

@@ -206,6 +206,27 @@ class SteadyLoad:
         return [o.key for o in self.outcomes if o.kind == kind and o.status in (200, 201)]
 
 
+def wait_until_answered(telegram: TelegramStandin, load: SteadyLoad,
+                        timeout: float = 300) -> None:
+    """Every delivery ``load`` had acknowledged is answered (a reply sent to the Telegram
+    stand-in), exactly once; fails the test after ``timeout`` seconds."""
+    wanted = {int(key) for key in load.acknowledged("webhook")}
+    deadline = time.monotonic() + timeout
+    while True:
+        replies: dict[int, int] = {}
+        for body in list(telegram.sent):
+            replied_to = (body.get("reply_parameters") or {}).get("message_id")
+            if replied_to in wanted:
+                replies[replied_to] = replies.get(replied_to, 0) + 1
+        if set(replies) == wanted or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    missing = wanted - set(replies)
+    twice = {update: n for update, n in replies.items() if n > 1}
+    assert not missing, f"{len(missing)} of {len(wanted)} acknowledged deliveries unanswered"
+    assert not twice, f"answered more than once: {twice}"
+
+
 class _Failed(Exception):
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(status, detail)

@@ -31,7 +31,6 @@ its notification goes to artifacts/monitoring-timings.json.
 from __future__ import annotations
 
 import json
-import shlex
 import socket
 import time
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.e2e.deployments import DOMAIN, Deployment, SharedSite
+from tests.e2e.deployments import DOMAIN, Deployment, SharedSite, prometheus
 from tests.e2e.sandboxes import REPO
 from tests.standins.alertmanager_webhook import AlertReceiver, Arrival
 from tests.standins.anthropic_api import Behaviour, Error
@@ -105,13 +104,6 @@ def receiver(deployment: Deployment) -> Iterator[AlertReceiver]:
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def prometheus(deployment: Deployment, path: str) -> Any:
-    """GET Prometheus' API on the app host (loopback)."""
-    url = shlex.quote("http://127.0.0.1:9090" + path)
-    out = deployment.on_app(f"curl -fsS --max-time 10 {url}")
-    return json.loads(out.stdout)["data"]
 
 
 def instant(deployment: Deployment, expr: str) -> list[dict[str, Any]]:

@@ -24,10 +24,9 @@ import shlex
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -42,11 +41,20 @@ from tests.e2e.deployments import (
     Deployment,
     app_test_settings,
     port_open,
+    prometheus,
     site_yml,
+    wait_for,
 )
-from tests.e2e.load import BackgroundLoop, SteadyLoad, Target, start_telegram
+from tests.e2e.load import (
+    BackgroundLoop,
+    SteadyLoad,
+    Target,
+    start_telegram,
+    wait_until_answered,
+)
 from tests.e2e.sandboxes import REPO, add_group_vars, run_tool
 from tests.standins.anthropic_api import AnthropicStandin
+from tests.standins.telegram_api import TelegramStandin
 
 pytestmark = pytest.mark.e2e
 
@@ -56,14 +64,13 @@ TIMINGS = REPO / "artifacts" / "scale-out-timings.json"
 PSQL = "runuser -u postgres -- psql -d digitalme -tAX -c"
 SQLITE_DB = "/var/lib/digitalme/digitalme.db"  # what the app would use without the server
 BACKEND_PORT = 8443  # caddy_backend_port's default
-PROMETHEUS = "http://127.0.0.1:9090"  # on the monitoring host (db)
 
 
 @dataclass
 class ScaleOut:
     deployment: Deployment
     loop: BackgroundLoop
-    telegram: object  # tests.standins.telegram_api.TelegramStandin
+    telegram: TelegramStandin
 
     def on(self, host: str, command: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
         return self.deployment.on(host, command, **kwargs)
@@ -167,23 +174,9 @@ def test_the_load_balancer_spreads_requests_and_the_app_sees_the_client(
                    for line in logged), logged[:3]
 
 
-def prometheus(scale_out: ScaleOut, path: str) -> Any:
-    """GET the monitoring host's Prometheus API (on its loopback)."""
-    answer = scale_out.on("db", f"curl -fsS --max-time 10 {shlex.quote(PROMETHEUS + path)}")
-    return json.loads(answer.stdout)["data"]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s: {what}"
-        time.sleep(2)
-    return value
-
-
 def firing(scale_out: ScaleOut) -> set[tuple[str, str]]:
-    alerts = prometheus(scale_out, "/api/v1/query?query=" + quote(
-        'ALERTS{alertstate="firing",alertname!="Watchdog"}'))["result"]
+    alerts = prometheus(scale_out.deployment, "/api/v1/query?query=" + quote(
+        'ALERTS{alertstate="firing",alertname!="Watchdog"}'), host="db")["result"]
     return {(a["metric"]["alertname"], a["metric"].get("host", "")) for a in alerts}
 
 
@@ -192,7 +185,7 @@ def test_the_monitoring_host_watches_the_scaled_out_site(scale_out: ScaleOut) ->
     # their metrics sites), the load balancer's Caddy, PostgreSQL, the probe of the public
     # site on the load balancer; and no Litestream, which no app host runs.
     def targets() -> dict[tuple[str, str], str]:
-        active = prometheus(scale_out, "/api/v1/targets")["activeTargets"]
+        active = prometheus(scale_out.deployment, "/api/v1/targets", host="db")["activeTargets"]
         found = {(t["labels"]["job"], t["labels"].get("host", "")): t["health"] for t in active}
         return found if found and all(h == "up" for h in found.values()) else {}
     found = wait_for(targets, 120, "every target up on the monitoring host")
@@ -275,20 +268,9 @@ def test_an_app_host_dying_fails_no_request_but_its_own_in_flight(scale_out: Sca
     assert set(keys) - found == set(), sorted(set(keys) - found)[:5]
     # Every acknowledged delivery is answered once, app2's too (app's worker takes over
     # its claims once their lease runs out).
-    wanted = {int(key) for key in load.acknowledged("webhook")}
+    wanted = load.acknowledged("webhook")
     assert wanted
-    deadline = time.monotonic() + 180
-    while True:
-        replies: dict[int, int] = {}
-        for body in list(scale_out.telegram.sent):  # type: ignore[attr-defined]
-            replied_to = (body.get("reply_parameters") or {}).get("message_id")
-            if replied_to in wanted:
-                replies[replied_to] = replies.get(replied_to, 0) + 1
-        if set(replies) == wanted or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert wanted - set(replies) == set(), f"{len(wanted - set(replies))} unanswered"
-    assert {u: n for u, n in replies.items() if n > 1} == {}
+    wait_until_answered(scale_out.telegram, load, timeout=180)
     print(f"failover: {len(load.outcomes)} requests, {len(failed)} failed (all in flight "
           f"on app2 when it died), {len(after)} served by the survivor after it, "
           f"{len(wanted)} deliveries answered once; chat turns/s {two:.1f} on two hosts, "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -38,8 +38,10 @@ from tests.e2e.deployments import (
     port_open,
     run_drill,
     site_yml,
+    wait_for,
     wait_replicated,
 )
+from tests.e2e.deployments import prometheus as prometheus_api
 from tests.e2e.sandboxes import REPO, add_group_vars
 from tests.support.process import StandinProcess
 
@@ -48,24 +50,13 @@ pytestmark = pytest.mark.e2e
 SUITE = "trixie"
 HOSTS = ("app:digitalme", "replica:backup_targets,monitoring")
 TIMINGS = REPO / "artifacts" / "trixie-timings.json"
-PROMETHEUS = "http://127.0.0.1:9090"  # on the monitoring host
 METRICS_SITE_PORT = 9444  # caddy_metrics_remote_listen_address's default
 PINNED_CADDY_ROOT = "/etc/prometheus/scrape-tls/app-caddy.crt"  # on the monitoring host
 SCRAPE_LOGIN = "prometheus:sandbox-scrape-password-not-a-secret"  # the sandbox group_vars'
 
 
 def prometheus(deployment: Deployment, path: str) -> Any:
-    """GET the monitoring host's Prometheus API (on its loopback)."""
-    answer = deployment.on("replica", f"curl -fsS --max-time 10 {shlex.quote(PROMETHEUS + path)}")
-    return json.loads(answer.stdout)["data"]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s: {what}"
-        time.sleep(2)
-    return value
+    return prometheus_api(deployment, path, host="replica")
 
 
 @pytest.fixture(scope="module")

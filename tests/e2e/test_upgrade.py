@@ -49,7 +49,7 @@ from tests.e2e.deployments import (
     copy_of_checkout,
     recap,
 )
-from tests.e2e.load import SteadyLoad, Target, percentile
+from tests.e2e.load import SteadyLoad, Target, percentile, wait_until_answered
 from tests.e2e.sandboxes import REPO
 
 pytestmark = pytest.mark.e2e
@@ -166,25 +166,6 @@ def load_on(site: SharedSite, label: str, **workers: int) -> SteadyLoad:
     return load
 
 
-def wait_until_answered(site: SharedSite, load: SteadyLoad, timeout: float = 300) -> None:
-    """Every acknowledged delivery answered by the app's worker, exactly once."""
-    wanted = {int(key) for key in load.acknowledged("webhook")}
-    deadline = time.monotonic() + timeout
-    while True:
-        replies: dict[int, int] = {}
-        for body in list(site.telegram.sent):
-            replied_to = (body.get("reply_parameters") or {}).get("message_id")
-            if replied_to in wanted:
-                replies[replied_to] = replies.get(replied_to, 0) + 1
-        if set(replies) == wanted or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    missing = wanted - set(replies)
-    twice = {update: n for update, n in replies.items() if n > 1}
-    assert not missing, f"{len(missing)} of {len(wanted)} acknowledged deliveries unanswered"
-    assert not twice, f"answered more than once: {twice}"
-
-
 def test_upgrade_from_the_previous_release_fails_no_request(
         site: SharedSite, sources: Sources, timings: Deployment) -> None:
     _, seconds = play(site, "upgrade.yml", source=sources.previous)
@@ -237,7 +218,7 @@ def test_upgrade_from_the_previous_release_fails_no_request(
                            f"'{load.label} %'"))
     assert load.acknowledged("stream"), "no streamed turn finished"
     assert chats and chats <= stored, f"{len(chats - stored)} acknowledged turns missing"
-    wait_until_answered(site, load)
+    wait_until_answered(site.telegram, load)
 
 
 def test_a_run_with_nothing_new_changes_nothing(site: SharedSite, timings: Deployment) -> None:
@@ -270,7 +251,7 @@ def test_a_release_that_never_becomes_ready_is_rolled_back(
     timings.record("automatic_rollback_seconds", record["rollback_seconds"])
     print(f"never ready: rolled back in {record['rollback_seconds']}s, "
           f"{len(load.outcomes)} requests meanwhile, 0 failed")
-    wait_until_answered(site, load)
+    wait_until_answered(site.telegram, load)
 
 
 def test_a_migration_that_fails_half_way_changes_nothing(
