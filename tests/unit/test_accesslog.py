@@ -3,11 +3,12 @@ fields), through the service's app; other formats are aiohttp's."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from ipaddress import ip_network
 
 import aiohttp
@@ -64,24 +65,29 @@ def test_the_line_is_aiohttps(captured: tuple[logging.Logger, Records],
             assert getattr(ours, field, None) == getattr(theirs, field, None), field
 
 
-async def test_the_service_logs_each_request(make_settings: Callable[..., Settings],
-                                             caplog: pytest.LogCaptureFixture) -> None:
-    settings = make_settings()
+@contextlib.asynccontextmanager
+async def served(settings: Settings) -> AsyncIterator[str]:
+    """The app as `digitalme serve` runs it (the runner names the format, the app its
+    logger class), on a free loopback port: its base URL."""
     await migrate(settings.db_path)
-    # As `digitalme serve` runs it: the runner names the format, the app its logger class.
     runner = web.AppRunner(create_app(settings), access_log_format=SERVICE_FORMAT)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        port = runner.addresses[0][1]
-        with caplog.at_level(logging.INFO, logger="aiohttp.access"):
-            async with aiohttp.ClientSession() as http, \
-                    http.get(f"http://127.0.0.1:{port}/health?probe=1") as response:
-                assert response.status == 200
-                body = await response.read()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+async def test_the_service_logs_each_request(make_settings: Callable[..., Settings],
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    async with served(make_settings()) as base:
+        with caplog.at_level(logging.INFO, logger="aiohttp.access"):
+            async with aiohttp.ClientSession() as http, \
+                    http.get(f"{base}/health?probe=1") as response:
+                assert response.status == 200
+                body = await response.read()
     [record] = [r for r in caplog.records if r.name == "aiohttp.access"]
     assert record.pathname.endswith("digitalme/accesslog.py")  # ours, not aiohttp's
     # %b is what aiohttp counts: the bytes sent, headers included.
@@ -122,21 +128,13 @@ async def test_the_line_names_the_client_behind_trusted_proxies(
     # Behind Caddy (loopback, trusted) and a load balancer it trusts (10.0.0.9): the client.
     settings = make_settings(trusted_proxies=(ip_network("127.0.0.1/32"),
                                               ip_network("10.0.0.9/32")))
-    await migrate(settings.db_path)
-    runner = web.AppRunner(create_app(settings), access_log_format=SERVICE_FORMAT)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
+    async with served(settings) as base:
         with caplog.at_level(logging.INFO, logger="aiohttp.access"):
             async with aiohttp.ClientSession() as http:
                 for forwarded in ("203.0.113.7, 10.0.0.9", "198.51.100.1, 203.0.113.8"):
-                    async with http.get(f"http://127.0.0.1:{port}/health",
+                    async with http.get(f"{base}/health",
                                         headers={"X-Forwarded-For": forwarded}) as response:
                         assert response.status == 200
-    finally:
-        await runner.cleanup()
     lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
     # The second chain's last hop is no trusted proxy: that hop is the client.
     assert [line.split()[0] for line in lines] == ["203.0.113.7", "203.0.113.8"], lines
