@@ -54,15 +54,16 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
-async def _with_database(settings: Settings,
-                         work: Callable[[Database], Awaitable[T]]) -> T:
-    """Open the database (refusing one that lacks a migration), run ``work``, close it.
-    A failure of the driver (a lost PostgreSQL server) is a :class:`DatabaseError`: one line,
-    no traceback."""
+async def _with_database(settings: Settings, work: Callable[[Database], Awaitable[T]], *,
+                         migrated: bool = True) -> T:
+    """Open the database (refusing one that lacks a migration, unless ``migrated`` is
+    false: the migration commands themselves), run ``work``, close it. A failure of the
+    driver (a lost PostgreSQL server) is a :class:`DatabaseError`: one line, no traceback."""
     db = database_for(settings)
     await db.open()
     try:
-        await db.require_migrated()
+        if migrated:
+            await db.require_migrated()
         return await work(db)
     except db.errors as exc:
         raise DatabaseError(f"{db.name}: {first_line(exc)}") from exc
@@ -93,44 +94,24 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    db = database_for(settings)
-
     if args.status:
-        return _migration_status(db)
-
-    async def work() -> list[str]:
-        await db.open()
-        try:
-            return [m.label for m in await db.migrate()]
-        except db.errors as exc:
-            raise DatabaseError(f"{db.name}: {first_line(exc)}") from exc
-        finally:
-            await db.close()
-
-    applied = _run(work())
-    if applied:
-        print(f"applied {len(applied)} migration(s) to {db.name}: {', '.join(applied)}")
-    else:
-        print(f"{db.name} is up to date")
-    return EXIT_OK
-
-
-def _migration_status(db: Database) -> int:
-    """`migrate --status`: what the database has, as JSON (read-only; the deploy tool reads
-    it to plan an upgrade on either engine)."""
-
-    async def work() -> tuple[dict[int, str], list[int]]:
-        await db.open()
-        try:
+        # Read-only, as JSON: what the deploy tool reads to plan an upgrade on either engine.
+        async def status(db: Database) -> dict[str, Any]:
             applied = await db.applied_migrations()
-            return applied, [m.version for m in (await db.migration_state()).pending]
-        except db.errors as exc:
-            raise DatabaseError(f"{db.name}: {first_line(exc)}") from exc
-        finally:
-            await db.close()
+            pending = [m.version for m in (await db.migration_state()).pending]
+            return {"database": db.name, "applied": sorted(applied), "pending": pending}
 
-    applied, pending = _run(work())
-    print(json.dumps({"database": db.name, "applied": sorted(applied), "pending": pending}))
+        print(json.dumps(_run(_with_database(settings, status, migrated=False))))
+        return EXIT_OK
+
+    async def migrate(db: Database) -> tuple[str, list[str]]:
+        return db.name, [m.label for m in await db.migrate()]
+
+    name, applied = _run(_with_database(settings, migrate, migrated=False))
+    if applied:
+        print(f"applied {len(applied)} migration(s) to {name}: {', '.join(applied)}")
+    else:
+        print(f"{name} is up to date")
     return EXIT_OK
 
 
