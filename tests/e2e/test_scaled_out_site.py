@@ -14,6 +14,15 @@ cut): no request fails but those it had in flight, the survivor serves, every
 acknowledged chat message is in the database and every acknowledged delivery is answered
 exactly once.
 
+The database's backups go to an S3 bucket off the host (``rclone serve s3`` on the
+controller, over TLS with a CA made for the run, as a MinIO owner would configure it):
+WAL is archived and a full backup taken from the first run; the restore drill passes and
+Prometheus has its result; a point-in-time restore (playbooks/restore-database.yml) brings
+back the state at a moment, with the apps stopped meanwhile and serving after; and at the
+end, after app2's death, the database host is lost too: site.yml on fresh ``db`` and
+``app2`` hosts restores the database from the bucket (every acknowledged write there) and
+the site serves again.
+
 Logs: artifacts/scale-out-*.log; durations: artifacts/scale-out-timings.json.
 """
 
@@ -40,6 +49,7 @@ from tests.e2e.deployments import (
     TELEGRAM_TOKEN,
     Deployment,
     app_test_settings,
+    free_port,
     port_open,
     prometheus,
     site_yml,
@@ -64,6 +74,82 @@ TIMINGS = REPO / "artifacts" / "scale-out-timings.json"
 PSQL = "runuser -u postgres -- psql -d digitalme -tAX -c"
 SQLITE_DB = "/var/lib/digitalme/digitalme.db"  # what the app would use without the server
 BACKEND_PORT = 8443  # caddy_backend_port's default
+RCLONE = REPO / ".cache" / "rclone" / "bin" / "rclone"
+# pgBackRest checks the S3 endpoint's certificate against its name (not an IP address): the
+# hosts resolve this name to the controller through /etc/hosts, as DNS would.
+S3_NAME = "s3.scale-out.test"
+S3_BUCKET = "digitalme-db-backups"
+S3_PATH = "/clones/department"
+PGBACKREST = "runuser -u postgres -- pgbackrest --stanza=digitalme"
+
+
+@dataclass
+class S3Store:
+    """rclone's S3 server on the controller: the bucket is a folder (what it stores is
+    readable on disk), served over TLS with a certificate for S3_NAME."""
+
+    root: Path
+    port: int
+    ca_pem: str
+    key_id: str
+    secret: str
+    process: subprocess.Popen[bytes]
+
+    def objects(self, prefix: str) -> list[Path]:
+        return [p for p in (self.root / S3_BUCKET / prefix.strip("/")).rglob("*") if p.is_file()]
+
+
+def start_s3(address: str, workdir: Path) -> S3Store:
+    assert RCLONE.exists(), f"{RCLONE} is missing: run scripts/bootstrap.sh"
+    tls = workdir / "s3-tls"
+    tls.mkdir()
+    openssl = ["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+               "-nodes", "-days", "2"]
+    subprocess.run([*openssl, "-x509", "-keyout", tls / "ca.key", "-out", tls / "ca.crt",
+                    "-subj", "/CN=scale-out test CA"], check=True, capture_output=True)
+    subprocess.run([*openssl, "-keyout", tls / "s3.key", "-out", tls / "s3.csr",
+                    "-subj", f"/CN={S3_NAME}"], check=True, capture_output=True)
+    (tls / "ext").write_text(f"subjectAltName=DNS:{S3_NAME}\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", tls / "s3.csr", "-CA", tls / "ca.crt",
+                    "-CAkey", tls / "ca.key", "-CAcreateserial", "-days", "2",
+                    "-out", tls / "s3.crt", "-extfile", tls / "ext"],
+                   check=True, capture_output=True)
+    root = workdir / "s3-root"
+    (root / S3_BUCKET).mkdir(parents=True)  # the bucket, made as an owner makes it
+    key_id = "AKIA" + uuid.uuid4().hex[:16].upper()
+    secret = uuid.uuid4().hex + uuid.uuid4().hex[:8]
+    port = free_port(address)
+    log = workdir / "rclone.log"
+    # The key pair through the environment (RCLONE_AUTH_KEY), not the command line.
+    process = subprocess.Popen(
+        [str(RCLONE), "serve", "s3", "--addr", f"{address}:{port}", "--cert",
+         str(tls / "s3.crt"), "--key", str(tls / "s3.key"), "--config", "/dev/null",
+         str(root)],
+        env={"PATH": "/usr/bin:/bin", "RCLONE_AUTH_KEY": f"{key_id},{secret}"},
+        stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    wait_for(lambda: port_open(address, port) or process.poll() is not None, 30,
+             "rclone's S3 server listening")
+    assert process.poll() is None, log.read_text()
+    return S3Store(root, port, (tls / "ca.crt").read_text(), key_id, secret, process)
+
+
+def resolve_s3(deployment: Deployment, host: str) -> None:
+    address = deployment.sandbox.controller_address
+    deployment.on(host, f"grep -q {S3_NAME} /etc/hosts || echo '{address} {S3_NAME}' >> /etc/hosts")
+
+
+def s3_group_vars(s3: S3Store) -> dict[str, object]:
+    return {
+        "postgresql_backup_repository": "s3",
+        "postgresql_backup_s3_endpoint": S3_NAME,
+        "postgresql_backup_s3_port": s3.port,
+        "postgresql_backup_s3_bucket": S3_BUCKET,
+        "postgresql_backup_s3_path": S3_PATH,
+        "postgresql_backup_s3_uri_style": "path",
+        "postgresql_backup_s3_access_key_id": s3.key_id,
+        "postgresql_backup_s3_secret_access_key": s3.secret,
+        "postgresql_backup_s3_ca_certificate": s3.ca_pem,
+    }
 
 
 @dataclass
@@ -71,6 +157,7 @@ class ScaleOut:
     deployment: Deployment
     loop: BackgroundLoop
     telegram: TelegramStandin
+    s3: S3Store
 
     def on(self, host: str, command: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
         return self.deployment.on(host, command, **kwargs)
@@ -103,6 +190,7 @@ class ScaleOut:
 def scale_out(sandbox_hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaleOut]:
     sandbox = sandbox_hosts(*HOSTS)
     workdir = tmp_path_factory.mktemp("scale-out")
+    s3 = start_s3(sandbox.controller_address, workdir)
     with BackgroundLoop() as loop:
         anthropic, telegram = AnthropicStandin(), None
         try:
@@ -110,16 +198,20 @@ def scale_out(sandbox_hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             telegram = loop.run(start_telegram(sandbox.controller_address, TELEGRAM_TOKEN))
             add_group_vars(sandbox.inventory,
                            {"digitalme": app_test_settings(telegram.base_url),
-                            "monitoring": MONITORING_TEST_SETTINGS})
+                            "monitoring": MONITORING_TEST_SETTINGS,
+                            "postgresql": s3_group_vars(s3)})
             TIMINGS.unlink(missing_ok=True)
             deployment = Deployment(sandbox, workdir, TIMINGS, log_prefix="scale-out-")
+            resolve_s3(deployment, "db")
             counts = site_yml(deployment, "site-fresh")
             assert all(counts[h]["changed"] > 0 for h in ("db", *APP_HOSTS)), counts
-            yield ScaleOut(deployment, loop, telegram)
+            yield ScaleOut(deployment, loop, telegram, s3)
         finally:
             if telegram is not None:
                 loop.run(telegram.close())
             loop.run(anthropic.close())
+            s3.process.terminate()
+            s3.process.wait(timeout=30)
 
 
 def test_the_apps_keep_their_data_on_postgresql_over_verified_tls(scale_out: ScaleOut) -> None:
