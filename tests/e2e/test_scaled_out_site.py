@@ -29,12 +29,14 @@ Logs: artifacts/scale-out-*.log; durations: artifacts/scale-out-timings.json.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
@@ -287,6 +289,15 @@ def test_the_monitoring_host_watches_the_scaled_out_site(scale_out: ScaleOut) ->
     assert expected <= set(found), sorted(found)
     assert not [key for key in found if key[0] == "litestream"], sorted(found)
     assert any(job == "blackbox_https" for job, _ in found), sorted(found)
+    # The database's restore drill (as its daily timer would have run it) passes, and
+    # Prometheus has the result from node-exporter on db.
+    drill = scale_out.on("db", "systemctl start digitalme-backup-drill.service", check=False,
+                         timeout=900)
+    assert drill.returncode == 0, scale_out.on(
+        "db", "journalctl -u digitalme-backup-drill -o cat -n 40 --no-pager").stdout
+    wait_for(lambda: [r for r in prometheus(scale_out.deployment, "/api/v1/query?query=" + quote(
+        'digitalme_backup_drill_success{host="db"} == 1'), host="db")["result"]], 60,
+        "the drill's success on the monitoring host")
     # Nothing fires on a healthy site (rules' `for:` shortened to 10 s here): in particular
     # no LitestreamDown or BackupDrillNeverRan for app hosts that keep no SQLite database.
     time.sleep(30)
@@ -305,10 +316,96 @@ def test_the_monitoring_host_watches_the_scaled_out_site(scale_out: ScaleOut) ->
              "the site ready again through the load balancer")
 
 
+def test_the_database_is_backed_up_to_the_bucket_and_the_key_stays_secret(
+        scale_out: ScaleOut) -> None:
+    info = json.loads(scale_out.on("db", f"{PGBACKREST} --output=json info").stdout)[0]
+    assert info["status"]["code"] == 0, info["status"]
+    assert [b["type"] for b in info["backup"]][:1] == ["full"], info["backup"]
+    # WAL reaches the bucket: a switch is archived (pgbackrest check waits for it).
+    scale_out.on("db", f"{PGBACKREST} check")
+    stored = {p.relative_to(scale_out.s3.root / S3_BUCKET).parts[:3]
+              for p in scale_out.s3.objects(S3_PATH)}
+    assert {("clones", "department", "archive"), ("clones", "department", "backup")} <= stored
+    # The secret key: only in pgBackRest's settings, which postgres alone reads.
+    secret = scale_out.s3.secret
+    holders = scale_out.on("db", f"grep -rlsF {secret} /etc /var/log /run /tmp /var/lib/postgresql",
+                           check=False).stdout.split()
+    assert holders == ["/etc/pgbackrest.conf"], holders
+    assert scale_out.on("db", "stat -c '%U:%G %a' /etc/pgbackrest.conf").stdout.split() == \
+        ["root:postgres", "640"]
+    assert secret not in scale_out.on("db", "journalctl -o cat --no-pager").stdout
+    assert secret not in scale_out.on("db", "ps -eo args").stdout
+    for log in (REPO / "artifacts").glob("scale-out-*.log"):
+        assert secret not in log.read_text(), log
+
+
+def say(scale_out: ScaleOut, token: str, text: str) -> str:
+    """A chat turn through the load balancer in a new conversation; its id."""
+    auth = ("--fail", "--header", f"Authorization: Bearer {token}")
+    created = scale_out.curl("/api/v1/conversations", *auth, "--request", "POST")
+    assert created.returncode == 0, created.stderr
+    conversation = str(json.loads(created.stdout)["id"])
+    said = scale_out.curl(f"/api/v1/conversations/{conversation}/messages", *auth,
+                          "--json", json.dumps({"text": text}))
+    assert said.returncode == 0, said.stderr
+    return conversation
+
+
+def changed_on_db(output: str) -> str:
+    """The names of the tasks an ansible-playbook output reports as changed on db."""
+    task, changed = "", []
+    for line in output.splitlines():
+        if line.startswith("TASK ["):
+            task = line[len("TASK ["):line.rfind("]")]
+        elif line.startswith("changed: [db]"):
+            changed.append(task)
+    return "\n".join(changed)
+
+
+def stored(scale_out: ScaleOut, text: str) -> int:
+    return int(scale_out.sql(f"SELECT count(*) FROM messages WHERE text = '{text}'"))
+
+
 def test_a_second_run_changes_nothing(scale_out: ScaleOut) -> None:
     counts = site_yml(scale_out.deployment, "site-second")
     assert {host: c["changed"] for host, c in counts.items()} == \
         {host: 0 for host in counts}, counts
+
+
+def test_a_point_in_time_restore_brings_back_the_state_at_that_moment(
+        scale_out: ScaleOut) -> None:
+    deployment = scale_out.deployment
+    # Without restore_force=true nothing stops and nothing changes.
+    refused = deployment.playbook("restore-database.yml", "restore-refused",
+                                  "-e", "restore_timestamp=2000-01-01T00:00:00Z")
+    assert refused.returncode != 0 and "-e restore_force=true" in refused.stdout
+    assert scale_out.curl("/health/ready", "--fail").returncode == 0
+
+    token = scale_out.token("pitr")
+    say(scale_out, token, "said before the point")
+    time.sleep(2)
+    point = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    time.sleep(2)
+    say(scale_out, token, "said after the point")
+    assert (stored(scale_out, "said before the point"),
+            stored(scale_out, "said after the point")) == (1, 1)
+
+    result = deployment.playbook("restore-database.yml", "restore-database",
+                                 "-e", "restore_force=true", "-e", f"restore_timestamp={point}")
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert (stored(scale_out, "said before the point"),
+            stored(scale_out, "said after the point")) == (1, 0)
+    # The state it replaced is kept as a backup, named in the output.
+    kept = re.search(r"The state\s+before the restore is the backup (\S+);", result.stdout)
+    assert kept, result.stdout[-3000:]
+    labels = [b["label"] for b in json.loads(
+        scale_out.on("db", f"{PGBACKREST} --output=json info").stdout)[0]["backup"]]
+    assert kept.group(1) in labels, labels
+    # Both app hosts are back, the token made before the point still works.
+    for host in APP_HOSTS:
+        assert scale_out.on(host, "systemctl is-active digitalme").stdout.strip() == "active"
+    say(scale_out, token, "said after the restore")
+    assert stored(scale_out, "said after the restore") == 1
 
 
 def test_an_app_host_dying_fails_no_request_but_its_own_in_flight(scale_out: ScaleOut) -> None:
@@ -367,3 +464,33 @@ def test_an_app_host_dying_fails_no_request_but_its_own_in_flight(scale_out: Sca
           f"on app2 when it died), {len(after)} served by the survivor after it, "
           f"{len(wanted)} deliveries answered once; chat turns/s {two:.1f} on two hosts, "
           f"{one:.1f} on one")
+
+
+def test_a_fresh_database_host_comes_back_from_the_bucket(
+        scale_out: ScaleOut, sandbox_hosts) -> None:
+    deployment = scale_out.deployment
+    token = scale_out.token("loss")
+    say(scale_out, token, "archived before the loss")
+    scale_out.on("db", f"{PGBACKREST} check")  # its WAL segment is in the bucket now
+    say(scale_out, token, "written just before the loss")
+    messages = int(scale_out.sql("SELECT count(*) FROM messages"))
+    # The database host is lost (app2 died in the test before): both come back bare.
+    run_tool("kill", "--name", deployment.sandbox.name, "db", timeout=120)
+    started = time.monotonic()
+    deployment.rebooted(sandbox_hosts(*HOSTS))
+    (deployment.workdir / "lb-root.crt").unlink(missing_ok=True)  # a new Caddy CA there
+    resolve_s3(deployment, "db")
+    site_yml(deployment, "site-recovery")
+    deployment.record("database_recovery_seconds", time.monotonic() - started)
+    log = (REPO / "artifacts" / "scale-out-site-recovery.log").read_text()
+    assert "Restore the latest backup and the archived WAL" in changed_on_db(log), \
+        "site.yml did not restore the database"
+    # Everything archived is back (the last segment may not be: at most
+    # postgresql_archive_timeout of writes, docs/scale-out.md).
+    assert stored(scale_out, "archived before the loss") == 1
+    recovered = int(scale_out.sql("SELECT count(*) FROM messages"))
+    deployment.record("database_recovery_messages_lost", messages - recovered)
+    assert messages - recovered in (0, 2), (messages, recovered)
+    # The site serves on the restored data: a token made before the loss still works.
+    say(scale_out, token, "said after the recovery")
+    assert stored(scale_out, "said after the recovery") == 1
