@@ -122,12 +122,13 @@ def start_s3(address: str, workdir: Path) -> S3Store:
     secret = uuid.uuid4().hex + uuid.uuid4().hex[:8]
     port = free_port(address)
     log = workdir / "rclone.log"
-    # The key pair through the environment (RCLONE_AUTH_KEY), not the command line.
+    # The key pair through the environment (RCLONE_AUTH_KEY, a CSV list: quoted, as the
+    # pair holds a comma), not the command line.
     process = subprocess.Popen(
         [str(RCLONE), "serve", "s3", "--addr", f"{address}:{port}", "--cert",
          str(tls / "s3.crt"), "--key", str(tls / "s3.key"), "--config", "/dev/null",
          str(root)],
-        env={"PATH": "/usr/bin:/bin", "RCLONE_AUTH_KEY": f"{key_id},{secret}"},
+        env={"PATH": "/usr/bin:/bin", "RCLONE_AUTH_KEY": f'"{key_id},{secret}"'},
         stdout=log.open("wb"), stderr=subprocess.STDOUT)
     wait_for(lambda: port_open(address, port) or process.poll() is not None, 30,
              "rclone's S3 server listening")
@@ -377,14 +378,14 @@ def test_a_point_in_time_restore_brings_back_the_state_at_that_moment(
     deployment = scale_out.deployment
     # Without restore_force=true nothing stops and nothing changes.
     refused = deployment.playbook("restore-database.yml", "restore-refused",
-                                  "-e", "restore_timestamp=2000-01-01T00:00:00Z")
+                                  "-e", "restore_timestamp=2000-01-01 00:00:00+00")
     assert refused.returncode != 0 and "-e restore_force=true" in refused.stdout
     assert scale_out.curl("/health/ready", "--fail").returncode == 0
 
     token = scale_out.token("pitr")
     say(scale_out, token, "said before the point")
     time.sleep(2)
-    point = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    point = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "+00"
     time.sleep(2)
     say(scale_out, token, "said after the point")
     assert (stored(scale_out, "said before the point"),
