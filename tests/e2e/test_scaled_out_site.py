@@ -137,8 +137,10 @@ def start_s3(address: str, workdir: Path) -> S3Store:
 
 
 def resolve_s3(deployment: Deployment, host: str) -> None:
+    """On a fresh host (root still logs in: before site.yml's base role)."""
     address = deployment.sandbox.controller_address
-    deployment.on(host, f"grep -q {S3_NAME} /etc/hosts || echo '{address} {S3_NAME}' >> /etc/hosts")
+    deployment.sandbox.hosts[host].run(
+        f"grep -q {S3_NAME} /etc/hosts || echo '{address} {S3_NAME}' >> /etc/hosts")
 
 
 def s3_group_vars(s3: S3Store) -> dict[str, object]:
