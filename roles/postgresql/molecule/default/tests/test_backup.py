@@ -94,6 +94,9 @@ def test_the_drill_restores_the_archive_and_fails_when_it_lacks_old_rows(host, m
     result = host.run("systemctl start digitalme-backup-drill.service")
     assert result.rc == 0, host.run("journalctl -u digitalme-backup-drill -n 30").stdout
     passed = metrics(host)
+    # Readable by node-exporter, through the textfile group.
+    prom = host.file(METRICS)
+    assert (prom.user, prom.group, prom.mode) == ("postgres", "node-exporter-textfile", 0o640)
     assert passed["digitalme_backup_drill_success"] == "1"
     assert passed['digitalme_backup_drill_restored_rows{table="messages"}'] == "1"
     assert float(passed["digitalme_backup_drill_behind_seconds"]) == 0
