@@ -65,6 +65,7 @@ from tests.e2e.load import (
     wait_until_answered,
 )
 from tests.e2e.sandboxes import REPO, add_group_vars, run_tool
+from tests.standins.alertmanager_webhook import AlertReceiver
 from tests.standins.anthropic_api import AnthropicStandin
 from tests.standins.telegram_api import TelegramStandin
 
@@ -83,6 +84,7 @@ S3_NAME = "s3.scale-out.test"
 S3_BUCKET = "digitalme-db-backups"
 S3_PATH = "/clones/department"
 PGBACKREST = "runuser -u postgres -- pgbackrest --stanza=digitalme"
+ALERT_RECEIVER_PORT = 8766  # monitoring_webhook_urls in inventory/sandbox/group_vars
 
 
 @dataclass
@@ -196,7 +198,11 @@ def scale_out(sandbox_hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     sandbox = sandbox_hosts(*HOSTS)
     workdir = tmp_path_factory.mktemp("scale-out")
     s3 = start_s3(sandbox.controller_address, workdir)
-    with BackgroundLoop() as loop:
+    # Where the sandbox's Alertmanager sends every notification (monitoring_webhook_urls in
+    # inventory/sandbox/group_vars): without a receiver, the Watchdog's own delivery fails
+    # and AlertmanagerNotificationsFailing fires.
+    with AlertReceiver(host=sandbox.controller_address, port=ALERT_RECEIVER_PORT), \
+            BackgroundLoop() as loop:
         anthropic, telegram = AnthropicStandin(), None
         try:
             loop.run(anthropic.start(host=sandbox.controller_address, port=STANDIN_PORT))
@@ -304,7 +310,9 @@ def test_the_monitoring_host_watches_the_scaled_out_site(scale_out: ScaleOut) ->
     # Nothing fires on a healthy site (rules' `for:` shortened to 10 s here): in particular
     # no LitestreamDown or BackupDrillNeverRan for app hosts that keep no SQLite database.
     time.sleep(30)
-    assert firing(scale_out) == set()
+    assert firing(scale_out) == set(), prometheus(
+        scale_out.deployment, "/api/v1/query?query=" + quote(
+            'count_over_time(ALERTS{alertstate="firing"}[15m])'), host="db")["result"]
     # The database server stopping is told, and its return.
     scale_out.on("db", "systemctl stop postgresql")
     try:
