@@ -89,26 +89,23 @@ if [[ ! -e $stamp ]]; then
     touch "$stamp"
 fi
 
-# The S3 server of the S3 replica test (tests/e2e/test_s3_replica.py): moto, as Litestream's
-# own CI tests its S3 client, in a virtualenv of its own so its pins never meet the app's.
+# Test servers in virtualenvs of their own (.cache/<name>), so their pins never meet the
+# app's; made again when requirements/<name>.txt changes.
+tool_venv() {
+    local name=$1 what=$2 venv=.cache/$1
+    local stamp=$venv/.bootstrap-$(sha256sum "requirements/$name.txt" | cut -c1-16)
+    if [[ ! -e $stamp ]]; then
+        echo "bootstrap: installing $what into $venv"
+        rm -rf "$venv"
+        "$python" -m venv "$venv"
+        "$venv/bin/pip" install -q -r "requirements/$name.txt"
+        touch "$stamp"
+    fi
+}
 if [[ $mode != --app ]]; then
-    moto=.cache/moto
-    moto_stamp=$moto/.bootstrap-$(sha256sum requirements/moto.txt | cut -c1-16)
-    if [[ ! -e $moto_stamp ]]; then
-        echo "bootstrap: installing moto's S3 server into $moto"
-        rm -rf "$moto"
-        "$python" -m venv "$moto"
-        "$moto/bin/pip" install -q -r requirements/moto.txt
-        touch "$moto_stamp"
-    fi
+    # The S3 server of the S3 replica test (tests/e2e/test_s3_replica.py): moto, as
+    # Litestream's own CI tests its S3 client.
+    tool_venv moto "moto's S3 server"
     # rclone's S3 server (TLS) for the PostgreSQL backups of tests/e2e/test_scaled_out_site.py.
-    rclone=.cache/rclone
-    rclone_stamp=$rclone/.bootstrap-$(sha256sum requirements/rclone.txt | cut -c1-16)
-    if [[ ! -e $rclone_stamp ]]; then
-        echo "bootstrap: installing rclone into $rclone"
-        rm -rf "$rclone"
-        "$python" -m venv "$rclone"
-        "$rclone/bin/pip" install -q -r requirements/rclone.txt
-        touch "$rclone_stamp"
-    fi
+    tool_venv rclone "rclone's S3 server"
 fi
