@@ -391,14 +391,14 @@ def test_a_point_in_time_restore_brings_back_the_state_at_that_moment(
     deployment = scale_out.deployment
     # Without restore_force=true nothing stops and nothing changes.
     refused = deployment.playbook("restore-database.yml", "restore-refused",
-                                  "-e", "restore_timestamp=2000-01-01 00:00:00+00")
+                                  "-e", "restore_timestamp=2000-01-01T00:00:00Z")
     assert refused.returncode != 0 and "-e restore_force=true" in refused.stdout
     assert scale_out.curl("/health/ready", "--fail").returncode == 0
 
     token = scale_out.token("pitr")
     say(scale_out, token, "said before the point")
     time.sleep(2)
-    point = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "+00"
+    point = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     time.sleep(2)
     say(scale_out, token, "said after the point")
     assert (stored(scale_out, "said before the point"),
