@@ -207,9 +207,12 @@ class SteadyLoad:
 
 
 def wait_until_answered(telegram: TelegramStandin, load: SteadyLoad,
-                        timeout: float = 300) -> None:
+                        timeout: float = 300, resent: int = 0) -> None:
     """Every delivery ``load`` had acknowledged is answered (a reply sent to the Telegram
-    stand-in), exactly once; fails the test after ``timeout`` seconds."""
+    stand-in), exactly once; fails the test after ``timeout`` seconds. ``resent``: how many
+    replies the service logged sending again unchecked (a part in flight when a host died:
+    Telegram cannot be asked whether it arrived, docs/channels.md), each of which may show
+    twice."""
     wanted = {int(key) for key in load.acknowledged("webhook")}
     deadline = time.monotonic() + timeout
     while True:
@@ -224,7 +227,8 @@ def wait_until_answered(telegram: TelegramStandin, load: SteadyLoad,
     missing = wanted - set(replies)
     twice = {update: n for update, n in replies.items() if n > 1}
     assert not missing, f"{len(missing)} of {len(wanted)} acknowledged deliveries unanswered"
-    assert not twice, f"answered more than once: {twice}"
+    assert sum(n - 1 for n in twice.values()) <= resent and all(n == 2 for n in twice.values()), \
+        f"answered more than once: {twice} ({resent} sent again unchecked)"
 
 
 class _Failed(Exception):

@@ -11,8 +11,9 @@ monitoring host scrapes every part (no Litestream expected), nothing fires on th
 site, and PostgreSQL stopping raises PostgreSQLDown; a second run changes nothing; then,
 under chat, stream and webhook load through the load balancer, ``app2`` is killed (a power
 cut): no request fails but those it had in flight, the survivor serves, every
-acknowledged chat message is in the database and every acknowledged delivery is answered
-exactly once.
+acknowledged chat message is in the database and every acknowledged delivery is answered,
+exactly once but for replies the survivor logged sending again unchecked (a part in flight
+on app2 when it died: Telegram cannot be asked whether it arrived, docs/channels.md).
 
 The database's backups go to an S3 bucket off the host (``rclone serve s3`` on the
 controller, over TLS with a CA made for the run, as a MinIO owner would configure it):
@@ -473,10 +474,17 @@ def test_an_app_host_dying_fails_no_request_but_its_own_in_flight(scale_out: Sca
     # its claims once their lease runs out).
     wanted = load.acknowledged("webhook")
     assert wanted
-    wait_until_answered(scale_out.telegram, load, timeout=180)
+    # A reply part in flight on app2 when it died is sent again by app (Telegram cannot be
+    # asked whether it arrived: docs/channels.md), saying so in its log; only those may
+    # show twice.
+    resent = len(scale_out.on("app", f"journalctl -u digitalme -o cat --no-pager {since} "
+                                     "| grep -F 'sending again what may have arrived already'",
+                              check=False).stdout.splitlines())
+    wait_until_answered(scale_out.telegram, load, timeout=180, resent=resent)
     print(f"failover: {len(load.outcomes)} requests, {len(failed)} failed (all in flight "
           f"on app2 when it died), {len(after)} served by the survivor after it, "
-          f"{len(wanted)} deliveries answered once; chat turns/s {two:.1f} on two hosts, "
+          f"{len(wanted)} deliveries answered ({resent} sent again unchecked); chat turns/s "
+          f"{two:.1f} on two hosts, "
           f"{one:.1f} on one")
 
 
