@@ -19,7 +19,8 @@ The database's backups go to an S3 bucket off the host (``rclone serve s3`` on t
 controller, over TLS with a CA made for the run, as a MinIO owner would configure it):
 WAL is archived and a full backup taken from the first run; the restore drill passes and
 Prometheus has its result; a point-in-time restore (playbooks/restore-database.yml) brings
-back the state at a moment, with the apps stopped meanwhile and serving after; and at the
+back the state at a moment, with the apps stopped meanwhile and serving after, and
+restoring the backup it kept undoes it; and at the
 end, after app2's death, the database host is lost too: site.yml on fresh ``db`` and
 ``app2`` hosts restores the database from the bucket (every acknowledged write there) and
 the site serves again.
@@ -421,6 +422,16 @@ def test_a_point_in_time_restore_brings_back_the_state_at_that_moment(
         assert scale_out.on(host, "systemctl is-active digitalme").stdout.strip() == "active"
     say(scale_out, token, "said after the restore")
     assert stored(scale_out, "said after the restore") == 1
+
+    # Undone: the kept backup (on the timeline the restore abandoned) brings back the turn
+    # after the point, and not the one said since.
+    undone = deployment.playbook("restore-database.yml", "restore-undo", "-e",
+                                 "restore_force=true", "-e", f"restore_backup={kept.group(1)}")
+    assert undone.returncode == 0, undone.stdout[-5000:]
+    assert (stored(scale_out, "said before the point"), stored(scale_out, "said after the point"),
+            stored(scale_out, "said after the restore")) == (1, 1, 0)
+    wait_for(lambda: scale_out.curl("/health/ready", "--fail").returncode == 0, 60,
+             "the site ready after the undo")
 
 
 def test_an_app_host_dying_fails_no_request_but_its_own_in_flight(scale_out: ScaleOut) -> None:
