@@ -8,9 +8,9 @@ Without systemd's socket (``scripts/run-local.sh``, tests, a container) the serv
 ``DIGITALME_LISTEN`` itself.
 
 A stop (SIGTERM) is graceful, in this order: stop accepting (connections keep arriving in
-the backlog, for the next process); wait a moment for connections already accepted to
-deliver their request; then let aiohttp close idle connections and wait up to
-``SHUTDOWN_GRACE_SECONDS`` for requests in flight, streams included, to finish.
+the backlog, for the next process); wait until every connection already accepted has
+delivered its request and every request in flight, streams included, is answered (up to
+``SHUTDOWN_GRACE_SECONDS``); only then let aiohttp close the idle connections.
 With ``Type=notify`` the service tells systemd when it accepts (``READY=1``), so
 ``systemctl restart`` returns when the new process serves.
 """
@@ -38,10 +38,18 @@ BACKLOG = 4096
 # two end-to-end upgrades at load average ~10. So the stopping process waits until every
 # connection it accepted has had a request (the shortest wait first, then polling), at most
 # ACCEPTED_CONNECTION_WAIT_SECONDS (a client that connects and sends nothing).
+# And requests in flight are answered before aiohttp's own shutdown starts: it marks every
+# connection closing first, and a closing connection drops the data that still comes, so
+# a POST whose body followed its headers late (Caddy sends the headers, then copies the
+# body as the client sends it) would hang until the grace ran out and be closed
+# unanswered: a 502 (seen once in an end-to-end rollback under load).
 # tests/app/test_socket_handover.py restarts the service under 64 clients.
 ACCEPTED_CONNECTION_GRACE_SECONDS = 0.05
 ACCEPTED_CONNECTION_WAIT_SECONDS = 5.0
 ACCEPTED_CONNECTION_POLL_SECONDS = 0.01
+# What aiohttp's shutdown still waits for once the requests in flight are answered (or
+# the grace is over): a request still running then is cancelled after this.
+FINAL_SHUTDOWN_SECONDS = 1.0
 SD_LISTEN_FDS_START = 3
 
 
@@ -90,7 +98,7 @@ async def serve(app: web.Application, listen: tuple[str, int], *, shutdown_timeo
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout,
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=FINAL_SHUTDOWN_SECONDS,
                            access_log_format=access_log_format)
     await runner.setup()  # the app's start-up: opens the database, refuses an unmigrated one
     try:
@@ -107,33 +115,52 @@ async def serve(app: web.Application, listen: tuple[str, int], *, shutdown_timeo
         notify("STOPPING=1")
         log.info("stopping: no new connections; finishing requests in flight")
         await site.stop()
-        await _requests_of_accepted_connections(runner)
+        await _requests_answered(runner, shutdown_timeout)
     finally:
         await runner.cleanup()
 
 
-def _waiting_for_a_request(runner: web.AppRunner) -> int:
-    """How many of the open connections have not had a request yet."""
+def _unanswered(runner: web.AppRunner, waiting_for_requests: bool) -> tuple[int, int]:
+    """(connections that have not had a request yet, when still waiting for those;
+    connections with a request not answered yet)."""
     server = runner.server
     if server is None:
-        return 0
-    # RequestHandler counts the requests it parsed; aiohttp keeps the count private.
-    return sum(1 for handler in server.connections if getattr(handler, "_request_count", 1) == 0)
+        return 0, 0
+    waiting = busy = 0
+    # aiohttp keeps these private: RequestHandler counts the requests it parsed, runs its
+    # requests in a task, and waits on a future while it has no request to handle.
+    for handler in server.connections:
+        task = getattr(handler, "_task_handler", None)
+        if task is None or task.done():
+            continue  # closed, or closing
+        idle = getattr(handler, "_waiter", None)
+        if getattr(handler, "_request_count", 1) == 0:
+            waiting += waiting_for_requests
+        elif idle is None or idle.done() or getattr(handler, "_messages", None):
+            busy += 1
+    return waiting, busy
 
 
-async def _requests_of_accepted_connections(runner: web.AppRunner) -> None:
-    """Wait until every connection accepted before the stop has had its request (they are
-    then finished by the runner's graceful shutdown), at most
-    ACCEPTED_CONNECTION_WAIT_SECONDS."""
+async def _requests_answered(runner: web.AppRunner, grace: float) -> None:
+    """Wait until every connection accepted before the stop has had its request (at most
+    ACCEPTED_CONNECTION_WAIT_SECONDS: a client may connect and send nothing) and every
+    request is answered, streams included (at most ``grace`` seconds in all)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + ACCEPTED_CONNECTION_WAIT_SECONDS
+    started = loop.time()
     await asyncio.sleep(ACCEPTED_CONNECTION_GRACE_SECONDS)
+    waiting_for_requests = True
     while True:
-        waiting = _waiting_for_a_request(runner)
-        if not waiting:
+        now = loop.time()
+        waiting, busy = _unanswered(runner, waiting_for_requests)
+        if not waiting and not busy:
             return
-        if loop.time() >= deadline:
+        if waiting and now >= started + ACCEPTED_CONNECTION_WAIT_SECONDS:
             log.warning("stopping: %d connection(s) sent no request in %.0f s; closing them",
                         waiting, ACCEPTED_CONNECTION_WAIT_SECONDS)
+            waiting_for_requests = False
+            continue
+        if now >= started + grace:
+            log.warning("stopping: %d request(s) still running after %.0f s; cancelling them",
+                        busy, grace)
             return
         await asyncio.sleep(ACCEPTED_CONNECTION_POLL_SECONDS)

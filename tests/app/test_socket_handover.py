@@ -166,6 +166,46 @@ async def test_a_connection_accepted_before_the_stop_gets_its_answer_however_lat
         listener.close()
 
 
+async def test_a_request_whose_body_comes_after_the_stop_is_answered(
+        tmp_path: Path, standin: AnthropicStandin) -> None:
+    """Caddy sends a proxied request's headers, then its body as it reads it from the
+    client: the body of a POST may come after the stop began. The stopping process reads
+    it and answers (an end-to-end rollback under load once lost such a chat turn: the
+    proxy answered 502)."""
+    env = service_env(tmp_path, anthropic_base_url=standin.base_url)
+    prepare_database(env)
+    token = run_cli(["token", "create", "--name", "late-body", "--scope", "chat", "--quiet"],
+                    env).stdout.strip()
+    listener, port = listening_socket(16)
+    log = tmp_path / "serve.log"
+    try:
+        async with served_on(listener, env, log) as process:
+            await wait_until_serving(port, log)
+            async with aiohttp.ClientSession() as http, http.post(
+                    f"http://127.0.0.1:{port}/api/v1/conversations",
+                    headers={"Authorization": f"Bearer {token}"}) as created:
+                conversation = (await created.json())["id"]
+            body = b'{"text": "a body that comes late"}'
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                f"POST /api/v1/conversations/{conversation}/messages HTTP/1.1\r\n"
+                f"Host: clone\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode())
+            await writer.drain()
+            await asyncio.sleep(0.3)  # the headers are in; the body is still on its way
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            writer.write(body)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 30)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
+            assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        listener.close()
+
+
 @pytest.mark.parametrize(("fds", "message"), [
     ("2", "systemd passed 2 sockets; digitalme.socket must have exactly one ListenStream="),
 ])
