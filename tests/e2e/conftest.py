@@ -38,6 +38,7 @@ without it, since CI runs them as root.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,6 +46,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.deployments import (
+    ALERT_RECEIVER_PORT,
     MONITORING_TEST_SETTINGS,
     SHARED_SANDBOX_HOSTS,
     SITE_TIMINGS,
@@ -66,6 +68,7 @@ from tests.e2e.sandboxes import (
     require_root,
     run_tool,
 )
+from tests.standins.alertmanager_webhook import AlertReceiver
 from tests.standins.anthropic_api import AnthropicStandin
 
 
@@ -102,12 +105,14 @@ def shared_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedSite
     name = module_sandbox_name("shared-site")
     workdir = tmp_path_factory.mktemp("shared-site")
     inventory = workdir / "inventory"
-    with BackgroundLoop() as loop:
+    with BackgroundLoop() as loop, contextlib.ExitStack() as stack:
         anthropic, telegram = AnthropicStandin(), None
         try:
             sandbox = boot_sandbox(name, SHARED_SANDBOX_HOSTS, inventory)
             loop.run(anthropic.start(host=sandbox.controller_address, port=STANDIN_PORT))
             telegram = loop.run(start_telegram(sandbox.controller_address, TELEGRAM_TOKEN))
+            receiver = stack.enter_context(
+                AlertReceiver(host=sandbox.controller_address, port=ALERT_RECEIVER_PORT))
             # The floor host is a bare host for a measurement (test_site), not part of the
             # deployment: nothing scrapes it.
             add_group_vars(inventory, {
@@ -122,7 +127,7 @@ def shared_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedSite
             counts = recap(result.stdout)
             assert counts["app"]["failed"] == 0 and counts["app"]["changed"] > 0, \
                 result.stdout[-3000:]
-            yield SharedSite(deployment, loop, anthropic, telegram)
+            yield SharedSite(deployment, loop, anthropic, telegram, receiver)
         finally:
             run_tool("down", "--name", name, timeout=300, check=False)
             if telegram is not None:

@@ -26,6 +26,7 @@ DOMAIN = "digitalme.sandbox.test"
 ADMIN = "admin"  # base_admin_user in inventory/sandbox/group_vars/all/main.yml
 CADDY_ROOT = "/var/lib/caddy/.local/share/caddy/pki/authorities/local/root.crt"
 STANDIN_PORT = 8765  # digitalme_anthropic_base_url in the sandbox group_vars
+ALERT_RECEIVER_PORT = 8766  # monitoring_webhook_urls in the sandbox group_vars
 UNITS = ("digitalme", "caddy", "litestream", "prometheus-node-exporter")
 DB = "/var/lib/digitalme/digitalme.db"  # digitalme_db_path's default
 SITE_TIMINGS = REPO / "artifacts" / "site-timings.json"
@@ -266,6 +267,10 @@ class SharedSite:
     loop: Any  # tests.e2e.load.BackgroundLoop
     anthropic: Any  # tests.standins.anthropic_api.AnthropicStandin
     telegram: Any  # tests.standins.telegram_api.TelegramStandin
+    # tests.standins.alertmanager_webhook.AlertReceiver: Alertmanager's webhook, listening
+    # from before the deployment on (a notification that found nobody would raise
+    # AlertmanagerNotificationsFailing in whichever module runs next).
+    receiver: Any
     site_log: str = ""
 
     def playbook(self, name: str, *args: str, check: bool = True,

@@ -4,9 +4,9 @@ It runs on the session's shared deployment of site.yml (tests/e2e/conftest.py
 ``shared_site``: an app host in `digitalme` and `monitoring`, so Prometheus, Alertmanager
 and the blackbox exporter run beside the app as in the example inventory, and a backup
 target whose node-exporter the app host scrapes over TLS), and adds no deployment of its
-own. Alertmanager's webhook (inventory/sandbox/group_vars) goes to a receiver this module
-runs on the controller (tests/standins/alertmanager_webhook.py); the app's Claude is the
-shared Anthropic stand-in, which fails on demand.
+own. Alertmanager's webhook (inventory/sandbox/group_vars) goes to the shared site's
+receiver on the controller (tests/standins/alertmanager_webhook.py), listening from the
+deployment on; the app's Claude is the shared Anthropic stand-in, which fails on demand.
 
 **Shortened for the tests** (MONITORING_TEST_SETTINGS in tests/e2e/deployments.py, group
 variables of the shared sandbox): scrapes and rule evaluations every 5 s, every rule's
@@ -46,7 +46,6 @@ from tests.standins.anthropic_api import Behaviour, Error
 
 pytestmark = pytest.mark.e2e
 
-RECEIVER_PORT = 8766  # monitoring_webhook_urls in inventory/sandbox/group_vars
 TIMINGS = REPO / "artifacts" / "monitoring-timings.json"
 FILL = "/srv/e2e-fill"  # not under /tmp: node-exporter has its own (PrivateTmp)
 REPLICA_FOLDER = "/srv/litestream/replicas/digitalme"  # on the backup target
@@ -97,10 +96,9 @@ def deployment(site: SharedSite) -> Deployment:
 
 
 @pytest.fixture(scope="module")
-def receiver(deployment: Deployment) -> Iterator[AlertReceiver]:
-    with AlertReceiver(host=deployment.sandbox.controller_address,
-                       port=RECEIVER_PORT) as started:
-        yield started
+def receiver(site: SharedSite) -> AlertReceiver:
+    receiver: AlertReceiver = site.receiver
+    return receiver
 
 
 # --- helpers ---------------------------------------------------------------------------

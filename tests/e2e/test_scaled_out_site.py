@@ -45,6 +45,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.e2e.deployments import (
+    ALERT_RECEIVER_PORT,
     CADDY_ROOT,
     DOMAIN,
     MONITORING_TEST_SETTINGS,
@@ -86,7 +87,6 @@ S3_NAME = "s3.scale-out.test"
 S3_BUCKET = "digitalme-db-backups"
 S3_PATH = "/clones/department"
 PGBACKREST = "runuser -u postgres -- pgbackrest --stanza=digitalme"
-ALERT_RECEIVER_PORT = 8766  # monitoring_webhook_urls in inventory/sandbox/group_vars
 
 
 @dataclass
