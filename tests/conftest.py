@@ -264,52 +264,11 @@ def worker_scope(nodeid: str) -> str:
     return f"e2e:{module}"
 
 
-# Longest first: a long unit handed out last is run alone while the other workers idle
-# (the two PostgreSQL scenarios, last in xdist's order, were the last six minutes of a
-# run). Seconds each unit took in a whole run on three workers (2026-12-07,
-# `scripts/test.sh --durations=0`, setup + call + teardown summed per unit); the order is
-# all they are for: a stale figure costs minutes, never a result. A unit not listed here
-# counts as DEFAULT_E2E_SECONDS; fast tests come after every end-to-end unit.
-E2E_SECONDS = {
-    "e2e:shared-site": 890, "e2e:test_scaled_out_site": 790,
-    "e2e:test_container_runtime": 650, "e2e:test_recovery": 410, "e2e:test_acme": 300,
-    "e2e:test_site_trixie": 250, "e2e:test_s3_replica": 235, "e2e:test_sandbox": 115,
-}
-ROLE_SCENARIO_SECONDS = {  # per release (test_roles.py)
-    "postgresql": 370, "litestream": 225, "caddy": 185, "monitoring": 175,
-    "digitalme": 155, "base": 140, "node_exporter": 125,
-}
-DEFAULT_E2E_SECONDS = 200
-
-
-def expected_seconds(scope: str) -> float:
-    """About how long a worker takes to run a unit (worker_scope), for the order only."""
-    if not scope.startswith("e2e:"):
-        return 0.0
-    if scope.startswith("e2e:test_roles["):
-        role = scope.removeprefix("e2e:test_roles[").rsplit("-", 1)[0]
-        return ROLE_SCENARIO_SECONDS.get(role, DEFAULT_E2E_SECONDS)
-    return E2E_SECONDS.get(scope, DEFAULT_E2E_SECONDS)
-
-
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     from xdist.scheduler import LoadScopeScheduling
 
     class SandboxSharingScheduling(LoadScopeScheduling):
-        ordered = False
-
         def _split_scope(self, nodeid: str) -> str:
             return worker_scope(nodeid)
-
-        def _assign_work_unit(self, node: Any) -> None:
-            # xdist fills its queue (largest units by test count first), then hands the
-            # units out from its front: put the longest first, once, before the first.
-            if not self.ordered:
-                units = sorted(self.workqueue.items(),
-                               key=lambda unit: -expected_seconds(unit[0]))
-                self.workqueue.clear()
-                self.workqueue.update(units)
-                self.ordered = True
-            super()._assign_work_unit(node)
 
     return SandboxSharingScheduling(config, log)
