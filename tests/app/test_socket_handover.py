@@ -68,6 +68,26 @@ async def wait_until_serving(port: int, log: Path) -> None:
     raise AssertionError(f"the service did not start:\n{log.read_text(errors='replace')}")
 
 
+async def sent_across_a_stop(process: asyncio.subprocess.Process, port: int, before: bytes,
+                             after: bytes, *, late: float, answer_within: float,
+                             ) -> tuple[bytes, int]:
+    """One connection to the service: ``before`` sent, the stop (SIGTERM) 0.3 s later, and
+    ``after`` sent ``late`` seconds after the stop. (What came back within
+    ``answer_within`` seconds, until the service closed the connection; the service's exit
+    status.)"""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(before)
+    await writer.drain()
+    await asyncio.sleep(0.3)  # accepted by the service
+    process.send_signal(signal.SIGTERM)
+    await asyncio.sleep(late)
+    writer.write(after)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), answer_within)
+    writer.close()
+    return answer, await asyncio.wait_for(process.wait(), 30)
+
+
 async def test_requests_wait_in_the_kept_socket_while_the_service_restarts(
         tmp_path: Path, standin: AnthropicStandin) -> None:
     env = service_env(tmp_path, anthropic_base_url=standin.base_url)
@@ -152,16 +172,13 @@ async def test_a_connection_accepted_before_the_stop_gets_its_answer_however_lat
     try:
         async with served_on(listener, env, log) as process:
             await wait_until_serving(port, log)
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            await asyncio.sleep(0.3)  # accepted by the service, no request yet
-            process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(1.0)  # the request comes late
-            writer.write(b"GET /health HTTP/1.1\r\nHost: clone\r\nConnection: close\r\n\r\n")
-            await writer.drain()
-            answer = await asyncio.wait_for(reader.read(), 10)
-            writer.close()
+            # Accepted by the service, no request yet; the request comes a second late.
+            answer, exit_code = await sent_across_a_stop(
+                process, port, b"",
+                b"GET /health HTTP/1.1\r\nHost: clone\r\nConnection: close\r\n\r\n", late=1.0,
+                answer_within=10)
             assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
-            assert await asyncio.wait_for(process.wait(), 30) == 0
+            assert exit_code == 0
     finally:
         listener.close()
 
@@ -186,22 +203,15 @@ async def test_a_request_whose_body_comes_after_the_stop_is_answered(
                     headers={"Authorization": f"Bearer {token}"}) as created:
                 conversation = (await created.json())["id"]
             body = b'{"text": "a body that comes late"}'
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(
-                f"POST /api/v1/conversations/{conversation}/messages HTTP/1.1\r\n"
-                f"Host: clone\r\nAuthorization: Bearer {token}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n".encode())
-            await writer.drain()
-            await asyncio.sleep(0.3)  # the headers are in; the body is still on its way
-            process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.5)
-            writer.write(body)
-            await writer.drain()
-            answer = await asyncio.wait_for(reader.read(), 30)
-            writer.close()
+            headers = (f"POST /api/v1/conversations/{conversation}/messages HTTP/1.1\r\n"
+                       f"Host: clone\r\nAuthorization: Bearer {token}\r\n"
+                       f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                       "Connection: close\r\n\r\n")
+            # The headers are in; the body is still on its way when the stop comes.
+            answer, exit_code = await sent_across_a_stop(
+                process, port, headers.encode(), body, late=0.5, answer_within=30)
             assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
-            assert await asyncio.wait_for(process.wait(), 30) == 0
+            assert exit_code == 0
     finally:
         listener.close()
 
