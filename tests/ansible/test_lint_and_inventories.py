@@ -33,22 +33,6 @@ def test_site_playbook_syntax(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_playbooks_run_over_mitogen() -> None:
-    # ansible.cfg names the strategy, and the shim resolves to Mitogen's (not the fallback
-    # to plain linear that a controller without mitogen gets, with a warning).
-    config = _run(str(BIN / "ansible-config"), "dump", "--only-changed")
-    assert re.search(r"^DEFAULT_STRATEGY\(.*\) = mitogen_linear$", config.stdout, re.M), \
-        config.stdout
-    shim = _run(str(BIN / "python"), "-c", (
-        "import importlib.util as u; "
-        "s = u.spec_from_file_location('shim', 'playbooks/strategy_plugins/mitogen_linear.py'); "
-        "m = u.module_from_spec(s); s.loader.exec_module(m); "
-        "print(m.StrategyModule.__module__, [c.__module__ for c in m.StrategyModule.__mro__])"))
-    assert shim.returncode == 0, shim.stderr
-    assert shim.stdout.startswith("ansible_mitogen."), shim.stdout
-    assert "ansible.plugins.strategy.linear" in shim.stdout, shim.stdout
-
-
 def test_production_example_defines_every_vault_variable_it_names(tmp_path: Path) -> None:
     password = tmp_path / "pass"
     password.write_text(EXAMPLE_VAULT_PASSWORD)
