@@ -7,8 +7,8 @@ load) serves the role's console template and library, and scrapes, every second:
   socket at its stand-in (replica synced 2 s ago), after a few chat turns (one of them
   failed by Claude: a 503) and a 404;
 - Debian's node-exporter on this machine, whose textfile folder holds a restore drill
-  result written by the backup tool's own renderer (``render_metrics`` of
-  roles/litestream/files/usr/local/libexec/digitalme-backup).
+  result written by the drills' own renderer (``render_metrics`` of
+  tools/drill_report.py).
 
 The page must render every tile and graph from those metrics, log no error, fetch nothing
 but Prometheus, and its screenshot goes to artifacts/dashboard.png.
@@ -17,15 +17,12 @@ but Prometheus, and its screenshot goes to artifacts/dashboard.png.
 from __future__ import annotations
 
 import asyncio
-import importlib.machinery
-import importlib.util
 import os
 import re
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from types import ModuleType
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -43,13 +40,13 @@ from tests.support.process import (
     running_service_async,
     service_env,
 )
+from tools.drill_report import render_metrics
 
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / ".cache/prometheus-tools"
 ROLE_FILES = REPO / "roles/monitoring/files/etc/prometheus"
-BACKUP_TOOL = REPO / "roles/litestream/files/usr/local/libexec/digitalme-backup"
 # The app's DIGITALME_METRICS_TOKEN: Prometheus sends it from a file, as the role's
 # scrape of the app does (authorization.credentials_file).
 METRICS_TOKEN = "dashboard-metrics-token-" + "0" * 24
@@ -67,16 +64,6 @@ def tool(name: str) -> Path:
     if not path.is_file():
         pytest.fail(f"{path} is missing: run scripts/bootstrap.sh", pytrace=False)
     return path
-
-
-def backup_tool() -> ModuleType:
-    """The backup tool (a script without .py) as a module, for its metrics renderer."""
-    loader = importlib.machinery.SourceFileLoader("digitalme_backup_tool", str(BACKUP_TOOL))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
 
 
 class Daemon:
@@ -107,7 +94,7 @@ def textfile_dir(tmp_path: Path) -> Path:
               "last_success_epoch": finished, "replica_age_seconds": 4.0,
               "behind_seconds": 0.0, "restored_bytes": 118784,
               "rows": {"messages": 12, "conversations": 3}}
-    (folder / "digitalme_backup.prom").write_text(backup_tool().render_metrics(result))
+    (folder / "digitalme_backup.prom").write_text(render_metrics(result))
     return folder
 
 

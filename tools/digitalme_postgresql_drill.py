@@ -1,8 +1,10 @@
 #!/usr/bin/python3
 """The restore drill of DigitalMe's PostgreSQL backups (pgBackRest).
 
-Installed by the postgresql role as /usr/local/libexec/digitalme-postgresql-drill (Python 3
-standard library only; psql and pg_ctl from the server's own packages); it reads its
+Installed by the postgresql role as /usr/local/libexec/digitalme-postgresql-drill, a link
+to /usr/local/lib/digitalme-tools/digitalme_postgresql_drill.py beside
+tools/drill_report.py, which it imports (Python 3 standard library only; psql and pg_ctl
+from the server's own packages); it reads its
 settings from /etc/digitalme-postgresql-drill.json (written by the role, no secret) and
 runs as ``postgres`` (digitalme-backup-drill.service). What it does:
 
@@ -21,8 +23,8 @@ runs as ``postgres`` (digitalme-backup-drill.service). What it does:
 4. The server stopped, the scratch folder removed; the result written to
    ``<workdir>/result.json`` and, in the same metric names as the SQLite drill's
    (digitalme_backup_drill_*), to ``digitalme_backup.prom`` in node-exporter's textfile
-   folder, so that the same alerts watch both. Exit status 1 on any failure, with the
-   reason on stderr (the journal).
+   folder, by tools/drill_report.py for both drills, so that the same alerts watch both.
+   Exit status 1 on any failure, with the reason on stderr (the journal).
 
 See docs/scale-out.md (Backups and point-in-time recovery).
 """
@@ -31,54 +33,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import shutil
-import signal
-import subprocess
 import sys
 import time
-import traceback
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from drill_report import METRICS, Failure, iso, run, run_drill, tail, to_epoch
+
 SETTINGS_FILE = "/etc/digitalme-postgresql-drill.json"
-RESULT_FILE = "result.json"
-METRICS_FILE = "digitalme_backup.prom"
-
-
-class Failure(Exception):
-    """A restore or a check failed; the message says which and why."""
-
-
-def iso(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
-
-
-def to_epoch(value: str | None) -> float | None:
-    """The app's timestamps: ISO 8601 text (naive means UTC)."""
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
-
-
-def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,  # noqa: S603
-                              check=False)
-    except subprocess.TimeoutExpired:
-        raise Failure(f"{argv[0]} did not finish within {timeout:.0f}s") from None
-
-
-def tail(text: str, lines: int = 6) -> str:
-    return " | ".join(text.strip().splitlines()[-lines:])
+# The SQLite drill's gauges, but for the replica's age (pgBackRest's archive has no
+# per-change timestamps to read it from): behind_seconds is what the alerts watch.
+DRILL_METRICS = tuple(m for m in METRICS if m.key != "replica_age_seconds")
 
 
 class Server:
@@ -227,119 +192,26 @@ def checks(settings: dict[str, Any], scratch: Path, result: dict[str, Any]) -> N
             f"(pgbackrest --stanza={settings['stanza']} check; journalctl -u postgresql@*)")
 
 
-# --------------------------------------------------------------------------- outputs
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """A temporary file in the same folder renamed over path: a reader (node-exporter's
-    textfile collector) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-
-
-def number(value: float | int | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "NaN"
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-METRICS = (
-    ("digitalme_backup_drill_success",
-     "1 if the last restore drill passed, 0 if it failed.", "success"),
-    ("digitalme_backup_drill_duration_seconds",
-     "How long the last restore drill took (restore and checks).", "duration_seconds"),
-    ("digitalme_backup_drill_last_run_timestamp_seconds",
-     "When the last restore drill finished (Unix time).", "finished_epoch"),
-    ("digitalme_backup_drill_last_success_timestamp_seconds",
-     "When a restore drill last passed (Unix time; NaN: never).", "last_success_epoch"),
-    ("digitalme_backup_drill_behind_seconds",
-     "How long before the drill the oldest row missing from the restored copy was "
-     "written (0: the copy held every row of the live database).", "behind_seconds"),
-    ("digitalme_backup_drill_restored_bytes",
-     "Size of the database the last drill restored.", "restored_bytes"),
-)
-
-
-def render_metrics(result: dict[str, Any]) -> str:
-    values = dict(result, success=1 if result["ok"] else 0)
-    lines = []
-    for name, help_text, key in METRICS:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge",
-                  f"{name} {number(values.get(key))}"]
-    rows = result.get("rows") or {}
-    if rows:
-        name = "digitalme_backup_drill_restored_rows"
-        lines += [f"# HELP {name} Rows per table in the database the last drill restored.",
-                  f"# TYPE {name} gauge"]
-        for table, count in sorted(rows.items()):
-            label = str(table).replace("\\", "\\\\").replace('"', '\\"')
-            lines.append(f'{name}{{table="{label}"}} {count}')
-    return "\n".join(lines) + "\n"
-
-
-def previous_success(workdir: Path) -> float | None:
-    try:
-        previous = json.loads((workdir / RESULT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    value = previous.get("last_success_epoch") if isinstance(previous, dict) else None
-    return float(value) if isinstance(value, int | float) else None
-
-
-def stopped(signum: int, _frame: object) -> None:
-    # systemd stops the drill with SIGTERM (TimeoutStartSec, `systemctl stop`): fail it, so
-    # that its result and metrics say so instead of showing the previous run.
-    raise Failure(f"stopped by {signal.Signals(signum).name} before it finished")
+# --------------------------------------------------------------------------- the drill
 
 
 def drill(settings: dict[str, Any]) -> int:
-    signal.signal(signal.SIGTERM, stopped)
-    workdir = Path(settings["workdir"])
-    scratch = workdir / "scratch"
-    started = time.time()
-    result: dict[str, Any] = {"ok": False, "error": None, "stanza": settings["stanza"],
-                              "started_at": iso(started),
-                              "max_behind_seconds": settings["max_behind_seconds"]}
-    last_success = previous_success(workdir)
-    try:
-        if (scratch / "data").exists():  # left by an interrupted drill
-            stop_copy(settings, scratch / "data")
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir(mode=0o700, parents=True)
-        checks(settings, scratch, result)
-        result["ok"] = True
-    except Failure as exc:
-        result["error"] = str(exc)
-    except Exception as exc:  # an unexpected failure must still be reported as a failure
-        traceback.print_exc()
-        result["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    def release(scratch: Path) -> None:
         if (scratch / "data").exists():
             stop_copy(settings, scratch / "data")
-        shutil.rmtree(scratch, ignore_errors=True)
-    finished = time.time()
-    if result["ok"]:
-        last_success = finished
-    result.update(finished_at=iso(finished), finished_epoch=finished,
-                  duration_seconds=round(finished - started, 3),
-                  last_success_at=iso(last_success), last_success_epoch=last_success)
-    write_atomic(workdir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
-    if settings.get("textfile_dir"):
-        write_atomic(Path(settings["textfile_dir"]) / METRICS_FILE, render_metrics(result))
-    if result["ok"]:
-        print(f"restore drill passed in {result['duration_seconds']:.1f}s: "
-              f"{result['restored_bytes']} bytes, {result['rows'].get(settings['table'], 0)} "
-              f"{settings['table']} rows, {result['behind_seconds']:.1f}s behind the live "
-              "database" + (f" ({result['note']})" if result.get("note") else ""))
-        return 0
-    print(f"restore drill FAILED after {result['duration_seconds']:.1f}s: {result['error']}",
-          file=sys.stderr)
-    return 1
+
+    def passed(result: dict[str, Any]) -> str:
+        return (f"{result['restored_bytes']} bytes, "
+                f"{result['rows'].get(settings['table'], 0)} {settings['table']} rows, "
+                f"{result['behind_seconds']:.1f}s behind the live database"
+                + (f" ({result['note']})" if result.get("note") else ""))
+
+    return run_drill(Path(settings["workdir"]),
+                     {"stanza": settings["stanza"],
+                      "max_behind_seconds": settings["max_behind_seconds"]},
+                     lambda scratch, result: checks(settings, scratch, result),
+                     textfile_dir=settings.get("textfile_dir"), summary=passed,
+                     release=release, metrics=DRILL_METRICS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,13 @@
 #!/usr/bin/python3
 """Restores, restore drills and database inspection for DigitalMe's Litestream replica.
 
-Installed by the litestream role as /usr/local/libexec/digitalme-backup (Python 3 standard
-library only); it reads its settings from /etc/digitalme-backup.json (written by the role:
-database, Litestream's configuration and binary, the replica, the drill's settings; no
-secret), and command-line options override them. Run it as the app's user with
-Litestream's secrets: the units do; /usr/local/sbin/digitalme-backup does it for an
-operator. Commands:
+Installed by the litestream role as /usr/local/libexec/digitalme-backup, a link to
+/usr/local/lib/digitalme-tools/digitalme_backup.py beside tools/drill_report.py, which it
+imports (Python 3 standard library only); it reads its settings from
+/etc/digitalme-backup.json (written by the role: database, Litestream's configuration and
+binary, the replica, the drill's settings; no secret), and command-line options override
+them. Run it as the app's user with Litestream's secrets: the units do;
+/usr/local/sbin/digitalme-backup does it for an operator. Commands:
 
 ``restore --output PATH [--timestamp T]``
     Restore the replica's latest state (or its state at T) into PATH, with Litestream's
@@ -29,10 +30,10 @@ operator. Commands:
     does not raise a false alarm, and a row written a moment before the drill (not yet
     synced) does not either, while a replica that stopped receiving changes fails. The
     result goes to ``<workdir>/result.json`` (read by the app's ``backup`` readiness
-    check) and to ``digitalme_backup.prom`` in node-exporter's textfile folder (both
-    written to a temporary file, then renamed). The scratch copy is removed. Exit status 1
-    on any failure, with the reason on stderr (the journal), so that the unit fails and
-    shows in ``systemctl --failed``.
+    check) and to ``digitalme_backup.prom`` in node-exporter's textfile folder, as
+    tools/drill_report.py writes them for both drills. The scratch copy is removed. Exit
+    status 1 on any failure, with the reason on stderr (the journal), so that the unit
+    fails and shows in ``systemctl --failed``.
 
 ``inspect PATH``
     Print a JSON report of one database file: ``integrity`` ("ok" or the problems), row
@@ -47,30 +48,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
-import signal
 import sqlite3
-import subprocess
 import sys
 import time
-import traceback
 import urllib.parse
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from drill_report import Failure, iso, run, run_drill, tail, to_epoch
+
 SETTINGS_FILE = "/etc/digitalme-backup.json"
-RESULT_FILE = "result.json"
-METRICS_FILE = "digitalme_backup.prom"
 # What `litestream restore` says when the replica holds nothing (0.5.17).
 EMPTY_REPLICA = "no matching backup files available"
-
-
-class Failure(Exception):
-    """A restore or a check failed; the message says which and why."""
-
 
 
 # --------------------------------------------------------------------------- databases
@@ -91,31 +82,6 @@ def connect(path: Path, *, live: bool) -> sqlite3.Connection:
     db = sqlite3.connect(uri, uri=True, timeout=10)
     db.execute("PRAGMA busy_timeout = 10000")
     return db
-
-
-def to_epoch(value: Any) -> float | None:
-    """A timestamp column's value as seconds since the epoch: ISO 8601 text (the app's
-    created_at) or a number of seconds."""
-    if value is None:
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    try:
-        parsed = datetime.fromisoformat(str(value))
-    except ValueError:
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
-
-
-def iso(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
 
 
 def _quote_name(name: str) -> str:
@@ -186,23 +152,6 @@ def inspect(path: Path, *, live: bool, table: str, column: str,
 # --------------------------------------------------------------------------- litestream
 
 
-def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    try:
-        # argv: the configured litestream or sftp binary and our own arguments.
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,  # noqa: S603
-                              stdin=subprocess.DEVNULL, check=False)
-    except subprocess.TimeoutExpired:
-        raise Failure(f"`{' '.join(argv[:2])}` did not finish within {timeout:g}s") from None
-    except OSError as exc:
-        raise Failure(f"cannot run {argv[0]}: {exc.strerror}") from None
-
-
-
-def _tail(text: str, lines: int = 6) -> str:
-    kept = [line for line in text.strip().splitlines() if line.strip()]
-    return " / ".join(kept[-lines:])
-
-
 def json_in_output(text: str) -> Any:
     """The JSON document in a litestream command's output: Litestream 0.5.17 prints its log
     lines on stdout too, before the document."""
@@ -226,7 +175,7 @@ def restore_plan(args: argparse.Namespace, output: Path,
         if EMPTY_REPLICA in said and not timestamp:
             return None
         raise Failure(f"litestream could not plan the restore (exit {proc.returncode}): "
-                      f"{_tail(proc.stderr) or _tail(proc.stdout)}")
+                      f"{tail(proc.stderr) or tail(proc.stdout)}")
     try:
         plan = json_in_output(proc.stdout)
     except ValueError:
@@ -276,7 +225,7 @@ def fetch_plan(args: argparse.Namespace, plan: dict[str, Any], into: Path) -> di
                 "-P", str(int(replica.get("port", 22))), destination], args.timeout)
     if proc.returncode != 0:
         raise Failure(f"sftp could not fetch the replica's files from {destination} (exit "
-                      f"{proc.returncode}): {_tail(proc.stderr) or _tail(proc.stdout)}")
+                      f"{proc.returncode}): {tail(proc.stderr) or tail(proc.stdout)}")
     fetched = 0
     for entry in plan["files"]:
         path = into / "ltx" / str(int(entry["level"])) / str(entry["name"])
@@ -330,7 +279,7 @@ def restore(args: argparse.Namespace, output: Path, *, timestamp: str | None = N
         summary["method"] = "litestream restore"
     if proc.returncode != 0:
         raise Failure(f"litestream restore failed (exit {proc.returncode}): "
-                      f"{_tail(proc.stderr) or _tail(proc.stdout)}")
+                      f"{tail(proc.stderr) or tail(proc.stdout)}")
     if not output.exists():
         raise Failure("litestream restore succeeded but wrote no database")
     try:
@@ -342,73 +291,6 @@ def restore(args: argparse.Namespace, output: Path, *, timestamp: str | None = N
     summary["bytes"] = output.stat().st_size
     summary["seconds"] = round(time.monotonic() - started, 3)
     return summary
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a temporary file in the same folder, then rename it over path: a reader
-    (node-exporter's textfile collector, the app) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-
-
-def _number(value: float | int | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "NaN"
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-_METRICS = (
-    ("digitalme_backup_drill_success",
-     "1 if the last restore drill passed, 0 if it failed.", "success"),
-    ("digitalme_backup_drill_duration_seconds",
-     "How long the last restore drill took (restore and checks).", "duration_seconds"),
-    ("digitalme_backup_drill_last_run_timestamp_seconds",
-     "When the last restore drill finished (Unix time).", "finished_epoch"),
-    ("digitalme_backup_drill_last_success_timestamp_seconds",
-     "When a restore drill last passed (Unix time; NaN: never).", "last_success_epoch"),
-    ("digitalme_backup_replica_age_seconds",
-     "Age of the newest change on the replica when the drill ran (grows while nothing is "
-     "written: alert on digitalme_backup_drill_behind_seconds instead).",
-     "replica_age_seconds"),
-    ("digitalme_backup_drill_behind_seconds",
-     "How long before the drill the oldest row missing from the restored copy was "
-     "written (0: the copy held every row of the live database).", "behind_seconds"),
-    ("digitalme_backup_drill_restored_bytes",
-     "Size of the database the last drill restored.", "restored_bytes"),
-)
-
-
-def render_metrics(result: dict[str, Any]) -> str:
-    values = dict(result, success=1 if result["ok"] else 0)
-    lines = []
-    for name, help_text, key in _METRICS:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge",
-                  f"{name} {_number(values.get(key))}"]
-    rows = result.get("rows") or {}
-    if rows:
-        name = "digitalme_backup_drill_restored_rows"
-        lines += [f"# HELP {name} Rows per table in the database the last drill restored.",
-                  f"# TYPE {name} gauge"]
-        for table, count in sorted(rows.items()):
-            label = str(table).replace("\\", "\\\\").replace('"', '\\"')
-            lines.append(f'{name}{{table="{label}"}} {count}')
-    return "\n".join(lines) + "\n"
-
-
-def previous_success(workdir: Path) -> float | None:
-    try:
-        previous = json.loads((workdir / RESULT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    value = previous.get("last_success_epoch") if isinstance(previous, dict) else None
-    return float(value) if isinstance(value, int | float) else None
 
 
 # --------------------------------------------------------------------------- drill
@@ -478,55 +360,16 @@ def drill_checks(args: argparse.Namespace, scratch: Path, result: dict[str, Any]
             "(journalctl -u litestream)")
 
 
-def _stopped(signum: int, _frame: object) -> None:
-    # systemd stops the drill with SIGTERM (TimeoutStartSec, or `systemctl stop`): fail the
-    # drill, so that its result and metrics say so instead of showing the previous run.
-    # subprocess.run kills the running litestream or sftp on the way out.
-    raise Failure(f"stopped by {signal.Signals(signum).name} before it finished (the unit's "
-                  "TimeoutStartSec, or `systemctl stop`)")
-
-
 def cmd_drill(args: argparse.Namespace) -> int:
-    signal.signal(signal.SIGTERM, _stopped)
-    workdir = Path(args.workdir)
-    scratch = workdir / "scratch"
-    started = time.time()
-    result: dict[str, Any] = {"ok": False, "error": None, "db": args.db,
-                              "started_at": iso(started),
-                              "max_behind_seconds": args.max_behind_seconds}
-    last_success = previous_success(workdir)
-    try:
-        shutil.rmtree(scratch, ignore_errors=True)  # a copy left by an interrupted drill
-        scratch.mkdir(mode=0o700, parents=True)
-        drill_checks(args, scratch, result)
-        result["ok"] = True
-    except Failure as exc:
-        result["error"] = str(exc)
-    except Exception as exc:  # an unexpected failure must still be reported as a failure
-        traceback.print_exc()
-        result["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        # From here on a SIGTERM just ends the process: the results are written atomically.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        shutil.rmtree(scratch, ignore_errors=True)
-    finished = time.time()
-    if result["ok"]:
-        last_success = finished
-    result.update(finished_at=iso(finished), finished_epoch=finished,
-                  duration_seconds=round(finished - started, 3),
-                  last_success_at=iso(last_success), last_success_epoch=last_success)
-    write_atomic(workdir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
-    if args.textfile_dir:
-        write_atomic(Path(args.textfile_dir) / METRICS_FILE, render_metrics(result))
-    if result["ok"]:
-        print(f"restore drill passed in {result['duration_seconds']:.1f}s: "
-              f"{result['restored_bytes']} bytes, {result['rows'].get(args.table, 0)} "
-              f"{args.table} rows, {result['behind_seconds']:.1f}s behind the live database, "
-              f"integrity ok")
-        return 0
-    print(f"restore drill FAILED after {result['duration_seconds']:.1f}s: {result['error']}",
-          file=sys.stderr)
-    return 1
+    def passed(result: dict[str, Any]) -> str:
+        return (f"{result['restored_bytes']} bytes, {result['rows'].get(args.table, 0)} "
+                f"{args.table} rows, {result['behind_seconds']:.1f}s behind the live "
+                "database, integrity ok")
+
+    return run_drill(Path(args.workdir),
+                     {"db": args.db, "max_behind_seconds": args.max_behind_seconds},
+                     lambda scratch, result: drill_checks(args, scratch, result),
+                     textfile_dir=args.textfile_dir, summary=passed)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
