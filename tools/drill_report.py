@@ -56,8 +56,9 @@ METRICS = (
     Metric("digitalme_backup_drill_last_success_timestamp_seconds",
            "When a restore drill last passed (Unix time; NaN: never).", "last_success_epoch"),
     Metric("digitalme_backup_replica_age_seconds",
-           "Age of the newest change on the replica when the drill ran (grows while nothing "
-           "is written: alert on digitalme_backup_drill_behind_seconds instead).",
+           "Age of the newest change on the replica when the drill ran (the SQLite drill "
+           "only; grows while nothing is written: alert on "
+           "digitalme_backup_drill_behind_seconds instead).",
            "replica_age_seconds"),
     Metric("digitalme_backup_drill_behind_seconds",
            "How long before the drill the oldest row missing from the restored copy was "

@@ -47,3 +47,15 @@ def test_every_metric_is_in_the_monitoring_guide() -> None:
     assert table.count("\n") > 20  # one row per metric: the registry was read
     # Regenerate with: .venv/bin/python -m digitalme.metrics
     assert table in guide, "docs/operations/monitoring.md's metrics table is out of date"
+
+
+def test_every_textfile_metric_is_in_the_monitoring_guide() -> None:
+    """The drills' and digitalme-deploy's metrics, as their own renderers write them."""
+    from scripts.textfile_metrics import textfile_metrics_markdown
+
+    guide = (Path(__file__).resolve().parents[2] / "docs/operations/monitoring.md").read_text()
+    table = textfile_metrics_markdown()
+    assert "digitalme_backup_drill_restored_rows{table}" in table
+    assert "digitalme_deploys_total{result}" in table
+    # Regenerate with: .venv/bin/python -m scripts.textfile_metrics
+    assert table in guide, "docs/operations/monitoring.md's textfile metrics table is out of date"
