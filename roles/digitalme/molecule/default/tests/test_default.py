@@ -58,7 +58,7 @@ def test_release_is_a_versioned_virtualenv(host):
     assert info["commit"] and info["commit"] == info["release"]["commit"]
     assert host.file(f"{current.linked_to}/.complete").exists
     # The docs travel with the release and are where the unit's Documentation= points.
-    assert host.file("/usr/share/doc/digitalme/operations.md").exists or \
+    assert host.file("/usr/share/doc/digitalme/operations/README.md").exists or \
         host.file("/usr/share/doc/digitalme/configuration.md").exists
 
 
