@@ -17,6 +17,7 @@ target. Prints one JSON line: {"release", "version", "path", "built"}.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -108,21 +109,30 @@ def run(*args: str) -> None:
         raise SystemExit(result.returncode)
 
 
-def main() -> None:
-    source, cache, python_version, machine = (Path(sys.argv[1]), Path(sys.argv[2]),
-                                              sys.argv[3], sys.argv[4])
-    target = sys.argv[5] if len(sys.argv) > 5 else ""
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="wheelhouse.py", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("source", type=Path, help="the repository (pyproject.toml, app/, ...)")
+    parser.add_argument("cache", type=Path, help="where packages and wheels are kept")
+    parser.add_argument("python_version", help="the Python the release runs on (3.11.2)")
+    parser.add_argument("machine", help="the host's machine (x86_64, aarch64)")
+    parser.add_argument("target", nargs="?", default="",
+                        help="more that the release depends on (the container runtime's "
+                             "recipe and base)")
+    args = parser.parse_args(argv)
+    source, cache = args.source, args.cache
     version = project_version(source)
-    release = f"{version}-{release_id(source, python_version, machine, target)}"
-    target = cache / f"{release}.tar"
+    release = f"{version}-{release_id(source, args.python_version, args.machine, args.target)}"
+    package = cache / f"{release}.tar"
     built = False
-    if not target.exists():
+    if not package.exists():
         cache.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{release}.", dir=cache))
         try:
             wheels = work / "wheels"
             pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-            shutil.copytree(dependency_wheels(source, cache, python_version, machine), wheels)
+            shutil.copytree(
+                dependency_wheels(source, cache, args.python_version, args.machine), wheels)
             # The app itself: a pure-Python wheel built from a copy of the sources (a build
             # in place would leave build/ and egg-info behind in the repository).
             with tempfile.TemporaryDirectory() as build:
@@ -139,18 +149,18 @@ def main() -> None:
                 tar.add(wheels, arcname="wheels")
                 tar.add(source / "docs", arcname="docs")
                 tar.add(description, arcname="release.json")
-            os.rename(partial, target)
+            os.rename(partial, package)
             built = True
         finally:
             shutil.rmtree(work, ignore_errors=True)
     # The controller keeps the few newest packages, for rollbacks and other hosts, and the
     # dependency wheels of the newest lock files.
     for old in sorted(cache.glob("*.tar"), key=lambda p: p.stat().st_mtime)[:-KEEP_PACKAGES]:
-        if old != target:
+        if old != package:
             old.unlink()
     for old in sorted(cache.glob("deps-*"), key=lambda p: p.stat().st_mtime)[:-KEEP_PACKAGES]:
         shutil.rmtree(old, ignore_errors=True)
-    print(json.dumps({"release": release, "version": version, "path": str(target),
+    print(json.dumps({"release": release, "version": version, "path": str(package),
                       "built": built}))
 
 

@@ -1,7 +1,8 @@
-"""The programs the roles install on hosts (tools/: digitalme-backup, the PostgreSQL drill,
-the module both drills report through, digitalme-deploy) run on the hosts' own Python:
-Debian 12's python3 is 3.11, so nothing newer, and nothing outside the standard library
-but each other. ruff and strict mypy cover them with the app (tests/unit/test_code_quality.py)."""
+"""The programs of tools/: those the roles install on hosts (digitalme-backup, the
+PostgreSQL drill, the module both drills report through, digitalme-deploy) run on the
+hosts' own Python, and wheelhouse.py on the controller's: Debian 12's python3 is 3.11, so
+nothing newer, and nothing outside the standard library but each other. ruff and strict
+mypy cover them with the app (tests/unit/test_code_quality.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
 PROGRAMS = ("digitalme_backup.py", "digitalme_deploy.py", "digitalme_postgresql_drill.py")
 MODULES = ("drill_report.py",)
+CONTROLLER_PROGRAMS = ("wheelhouse.py",)
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -29,10 +31,11 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_every_tool_is_named_here() -> None:
-    assert sorted(p.name for p in TOOLS.glob("*.py")) == sorted(PROGRAMS + MODULES)
+    assert sorted(p.name for p in TOOLS.glob("*.py")) == sorted(
+        PROGRAMS + MODULES + CONTROLLER_PROGRAMS)
 
 
-@pytest.mark.parametrize("name", PROGRAMS + MODULES)
+@pytest.mark.parametrize("name", PROGRAMS + MODULES + CONTROLLER_PROGRAMS)
 def test_a_tool_imports_only_the_standard_library_and_the_other_tools(name: str) -> None:
     ours = {Path(module).stem for module in MODULES}
     foreign = imported_modules(TOOLS / name) - set(sys.stdlib_module_names) - ours
@@ -59,3 +62,15 @@ def test_the_tools_need_no_python_newer_than_debian_12s() -> None:
     feature_version 3.11."""
     for path in TOOLS.glob("*.py"):
         ast.parse(path.read_text(), filename=str(path), feature_version=(3, 11))
+
+
+def test_the_controllers_program_answers_help_and_refuses_missing_arguments() -> None:
+    program = TOOLS / "wheelhouse.py"
+    assert program.read_text().startswith("#!/usr/bin/env python3\n")
+    helped = subprocess.run([sys.executable, str(program), "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert helped.returncode == 0 and "usage: wheelhouse.py" in helped.stdout, helped.stderr
+    missing = subprocess.run([sys.executable, str(program)], capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 2 and "the following arguments are required" in missing.stderr
+    assert "Traceback" not in missing.stderr
