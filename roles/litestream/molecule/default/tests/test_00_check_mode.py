@@ -3,15 +3,14 @@
 Runs first (file order), before the other tests touch the hosts.
 """
 
-import os
 import re
 
-from conftest import run_playbook
+from verifier import ansible_playbook
 
 
 def test_check_mode_reports_no_change_on_the_converged_hosts():
-    playbook = os.path.join(os.environ["MOLECULE_SCENARIO_DIRECTORY"], "converge.yml")
-    output = run_playbook("--check", "--diff", playbook)
+    returncode, output = ansible_playbook("--check", "--diff")
+    assert returncode == 0, output[-6000:]
     recap = re.findall(
         r"^(\S+)\s+:\s+ok=\d+\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", output, re.M
     )

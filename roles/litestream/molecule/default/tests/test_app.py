@@ -10,13 +10,13 @@ a converge of a host without database or Litestream state brings it back too.
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 import time
 
 import pytest
-from conftest import DB, other_host, record, run_playbook
+from conftest import DB, REPORT
+from verifier import address, ansible_playbook, record
 
 testinfra_hosts = ["app-file", "app-sftp"]
 
@@ -223,7 +223,7 @@ def test_exposure_scores_are_at_most_4(host, name):
     for unit in ("litestream.service", "litestream-restore.service"):
         report = host.check_output(f"systemd-analyze security {unit} --no-pager")
         score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", report).group(1))
-        record(name, f"exposure {unit}", score)
+        record(REPORT, (name, f"exposure {unit}"), score)
         assert score <= 4.0, report
 
 
@@ -240,7 +240,8 @@ def test_replication_starts_when_the_app_creates_the_database(host, name, journa
     started = time.monotonic()
     host.check_output("systemctl start digitalme.service")
     found = restore_until(host, 1, within=30)
-    record(name, "seconds from app start to first replicated row", round(time.monotonic() - started, 2))
+    record(REPORT, (name, "seconds from app start to first replicated row"),
+           round(time.monotonic() - started, 2))
     assert found.get("rows") == 1 and found["integrity"] == "ok", (found, journal())
     db = host.file(DB)
     assert (db.user, db.group) == ("digitalme", "digitalme")
@@ -252,7 +253,7 @@ def test_replication_lag_is_about_the_sync_interval(host, name, journal):
     result = host.run(f"python3 -c '{code}' {DB} 6")
     assert result.rc == 0, result.stderr + journal()
     lags = json.loads(result.stdout)
-    record(name, "replication lag seconds (commit to restorable; sync-interval 1s)",
+    record(REPORT, (name, "replication lag seconds (commit to restorable; sync-interval 1s)"),
            {"median": round(statistics.median(lags), 2), "max": round(max(lags), 2),
             "all": [round(x, 2) for x in lags]})
     assert max(lags) < 5, lags
@@ -278,7 +279,8 @@ def test_no_row_is_lost_when_litestream_is_killed_during_writes(host, name, jour
         time.sleep(0.5)
     committed = count_on_host(host)["rows"]
     found = restore_until(host, committed, within=30)
-    record(name, "rows committed around a SIGKILL / found in the replica", [committed, found.get("rows")])
+    record(REPORT, (name, "rows committed around a SIGKILL / found in the replica"),
+           [committed, found.get("rows")])
     assert found.get("rows") == committed and found["integrity"] == "ok", (committed, found, journal())
 
 
@@ -359,7 +361,8 @@ def test_a_removed_database_comes_back_before_the_app_starts(host, name, journal
     # The restored database replicates again.
     found = restore_until(host, after["rows"], within=30)
     assert found.get("rows") == after["rows"], (found, journal())
-    record(name, "rows after removing the database and starting the app", [before["rows"], after["rows"]])
+    record(REPORT, (name, "rows after removing the database and starting the app"),
+           [before["rows"], after["rows"]])
 
 
 def test_sftp_replica_pins_the_host_key(host, name):
@@ -375,7 +378,7 @@ def test_litestream_keeps_retrying_while_the_target_is_unreachable(host, name, j
     keep restarting it (no start limit) until the target is back."""
     if name != "app-sftp":
         pytest.skip("SFTP replica only")
-    target = other_host("replica").ansible.get_variables()["ansible_host"]
+    target = address("replica")
     host.check_output(f"ip route add blackhole {target}/32")
     try:
         host.check_output("systemctl restart litestream.service")
@@ -405,10 +408,11 @@ def test_a_fresh_host_converge_restores_the_database(host, name, journal):
     host.check_output("systemctl stop digitalme.service litestream.service")
     before = count_on_host(host)
     host.check_output(f"rm -rf {DB} {DB}-wal {DB}-shm /var/lib/digitalme/.digitalme.db-litestream")
-    playbook = os.path.join(os.environ["MOLECULE_SCENARIO_DIRECTORY"], "converge.yml")
     # The installation is unchanged on a rebuilt host (same binary): only the configure
     # part runs, to keep the scenario short. The replica's facts pin its host key.
-    output = run_playbook("--limit", "app-sftp,replica", "--tags", "litestream_configure", playbook)
+    returncode, output = ansible_playbook("--limit", "app-sftp,replica",
+                                          "--tags", "litestream_configure")
+    assert returncode == 0, output[-6000:]
     assert re.search(r"TASK \[litestream : Report whether a database was restored\][^\n]*\nchanged: \[app-sftp\]", output), output[-4000:]
     assert count_on_host(host) == before, journal()
     assert host.service("litestream").is_running, journal()

@@ -4,11 +4,11 @@ litestream itself and systemd-analyze. These checks read what it rendered."""
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
-from conftest import record, run_playbook
+from conftest import REPORT
+from verifier import ansible_playbook, record
 
 testinfra_hosts = ["app-file"]
 
@@ -18,8 +18,9 @@ SECRET = "molecule/S3+secret-0123456789"
 
 @pytest.fixture(scope="module")
 def rendered():
-    playbook = os.path.join(os.environ["MOLECULE_SCENARIO_DIRECTORY"], "render_s3.yml")
-    return run_playbook(playbook)
+    returncode, output = ansible_playbook(playbook="render_s3.yml")
+    assert returncode == 0, output[-6000:]
+    return output
 
 
 def test_s3_configuration_is_accepted_by_litestream(host, rendered):
@@ -56,5 +57,5 @@ def test_s3_units_reach_the_network_and_stay_hardened(host, rendered):
         assert host.run(f"systemd-analyze verify {RENDERED}/{unit}").rc == 0
         report = host.check_output(f"systemd-analyze security --offline=yes {RENDERED}/{unit} --no-pager")
         score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", report).group(1))
-        record("app-file (s3 rendering)", f"exposure {unit}", score)
+        record(REPORT, ("app-file (s3 rendering)", f"exposure {unit}"), score)
         assert score <= 4.0, report

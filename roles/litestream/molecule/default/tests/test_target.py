@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from conftest import other_host
+from verifier import address, other_host
 
 testinfra_hosts = ["replica"]
 
@@ -18,10 +18,6 @@ FOLDER = "/replicas/digitalme"
 KNOWN_HOSTS = "/tmp/litestream-known-hosts"
 SSH_OPTIONS = (f"-o BatchMode=yes -o ConnectTimeout=10 -o StrictHostKeyChecking=yes "
                f"-o UserKnownHostsFile={KNOWN_HOSTS} -o IdentitiesOnly=yes")
-
-
-def address(name: str) -> str:
-    return other_host(name).ansible.get_variables()["ansible_host"]
 
 
 def test_account_is_sftp_only_without_password_or_shell(host):

@@ -10,32 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-import testinfra
 import yaml
 
 REPO = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).parents[4])).parents[1]
-MEASUREMENTS = REPO / "artifacts" / "monitoring-measurements.json"
+REPORT = "monitoring-measurements"  # artifacts/<REPORT>.json (verifier.record)
 RULES = REPO / "roles/monitoring/files/etc/prometheus/rules/digitalme.rules.yml"
 UNITS = ("prometheus", "prometheus-alertmanager", "prometheus-blackbox-exporter")
 PASSWORD = "molecule-scrape-password-not-a-secret"  # group_vars of molecule.yml
 WEBHOOK_LOG = "/var/log/molecule-webhook.jsonl"
-
-
-def record(key: str, value) -> None:
-    """Keep a measurement for the report."""
-    MEASUREMENTS.parent.mkdir(exist_ok=True)
-    data = json.loads(MEASUREMENTS.read_text()) if MEASUREMENTS.exists() else {}
-    data[key] = value
-    MEASUREMENTS.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def other_host(name: str):
-    inventory = os.environ["MOLECULE_INVENTORY_FILE"]
-    return testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}")
-
-
-def address(name: str) -> str:
-    return other_host(name).ansible.get_variables()["ansible_host"]
 
 
 def alert_names() -> set[str]:

@@ -10,17 +10,16 @@ import time
 import pytest
 from conftest import (
     PASSWORD,
+    REPORT,
     UNITS,
     WEBHOOK_LOG,
-    address,
     alert_names,
     api,
     exposure,
     query,
-    record,
     wait_for,
 )
-from verifier import ansible_playbook
+from verifier import address, ansible_playbook, record
 
 testinfra_hosts = ["mon"]
 
@@ -128,7 +127,7 @@ def test_alerts_reach_the_webhook_receiver(host, journal):
         return names if {("TargetDown", "digitalme"), ("Watchdog", None)} <= names else None
 
     wait_for(delivered, 180, what="TargetDown and Watchdog at the webhook")
-    record("webhook_wait_seconds_after_converge", round(time.monotonic() - started, 1))
+    record(REPORT, ("webhook_wait_seconds_after_converge",), round(time.monotonic() - started, 1))
     payload = next(n["payload"] for n in notifications()
                    if any(a["labels"]["alertname"] == "TargetDown" for a in n["payload"]["alerts"]))
     alert = next(a for a in payload["alerts"] if a["labels"]["alertname"] == "TargetDown")
@@ -179,6 +178,6 @@ def test_units_run_hardened(host):
         assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2", unit
         assert int(status["CapEff"], 16) == 0, unit
         scores[unit] = exposure(host, unit)
-        record(f"exposure_{unit}", scores[unit])
+        record(REPORT, (f"exposure_{unit}",), scores[unit])
     print(f"systemd-analyze security: {scores}")
     assert all(score <= 2.5 for score in scores.values()), scores

@@ -9,7 +9,8 @@ import urllib.request
 from base64 import b64encode
 
 import pytest
-from conftest import PASSWORD, address
+from conftest import PASSWORD
+from verifier import address
 
 testinfra_hosts = ["target"]
 

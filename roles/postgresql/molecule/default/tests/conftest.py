@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-import testinfra
+from verifier import other_host
 
 TLS_DIR = "/etc/postgresql/digitalme-tls"
 DATABASE = "digitalme"
@@ -25,20 +25,10 @@ WRONG_PGPASS_ON_HOST = "/root/.pgpass-molecule-wrong"
 UNITS = ("postgresql@*-main", "prometheus-postgres-exporter")
 
 
-def other_host(name: str):
-    """A testinfra host of the scenario other than the one under test."""
-    inventory = os.environ["MOLECULE_INVENTORY_FILE"]
-    return testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}")
-
-
 def app_password() -> str:
     """The scenario's throw-away password (made by the password lookup of molecule.yml)."""
     path = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "postgresql_app_password"
     return path.read_text().split()[0]
-
-
-def db_address() -> str:
-    return other_host("db").ansible.get_variables()["ansible_host"]
 
 
 def install_client_files(host, with_ca: bool = True) -> None:
@@ -76,17 +66,6 @@ def conninfo(address: str, sslmode: str = "verify-full", **extra: str) -> str:
     params = {"host": address, "port": str(PORT), "dbname": DATABASE, "user": USER,
               "sslmode": sslmode, "sslrootcert": CA_ON_CLIENT, **extra}
     return " ".join(f"{key}={value}" for key, value in params.items())
-
-
-def changed_steps(output: str) -> list[str]:
-    """Names of the tasks and handlers an ansible-playbook output reports as changed."""
-    step, changed = None, []
-    for line in output.splitlines():
-        if line.startswith(("TASK [", "RUNNING HANDLER [")):
-            step = line[line.index("[") + 1:line.rindex("]")]
-        elif line.startswith("changed:"):
-            changed.append(step)
-    return changed
 
 
 @pytest.fixture

@@ -10,11 +10,10 @@ from conftest import (
     USER,
     WRONG_PGPASS_ON_HOST,
     conninfo,
-    db_address,
     install_client_files,
-    other_host,
     psql,
 )
+from verifier import address, other_host
 
 testinfra_hosts = ["app"]
 
@@ -32,7 +31,7 @@ def test_the_ca_certificate_reached_the_app_host_through_the_published_fact(host
 
 
 def test_app_connects_with_verify_full_over_tls_with_the_password(host):
-    result = psql(host, conninfo(db_address()), (
+    result = psql(host, conninfo(address("db")), (
         "SELECT current_user, ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"))
     assert result.rc == 0, result.stderr
     user, ssl, version = result.stdout.strip().split("|")
@@ -48,36 +47,36 @@ def test_the_certificate_also_names_the_host(host):
 
 def test_verify_full_refuses_a_name_the_certificate_does_not_hold(host):
     """The check is real: the same server under another name is refused by the client."""
-    result = psql(host, conninfo("not-the-database", hostaddr=db_address()))
+    result = psql(host, conninfo("not-the-database", hostaddr=address("db")))
     assert result.rc != 0
     assert 'does not match host name "not-the-database"' in result.stderr, result.stderr
 
 
 def test_a_connection_without_tls_is_refused_by_pg_hba(host):
-    result = psql(host, conninfo(db_address(), sslmode="disable"))
+    result = psql(host, conninfo(address("db"), sslmode="disable"))
     assert result.rc != 0
     assert "no encryption" in result.stderr and "pg_hba.conf rejects connection" in \
         result.stderr, result.stderr
 
 
 def test_a_wrong_password_is_refused(host):
-    result = psql(host, conninfo(db_address()), passfile=WRONG_PGPASS_ON_HOST)
+    result = psql(host, conninfo(address("db")), passfile=WRONG_PGPASS_ON_HOST)
     assert result.rc != 0
     assert f'password authentication failed for user "{USER}"' in result.stderr, result.stderr
 
 
 def test_the_app_role_cannot_create_roles_or_databases(host):
     for statement in ("CREATE ROLE intruder", "CREATE DATABASE other"):
-        result = psql(host, conninfo(db_address()), statement)
+        result = psql(host, conninfo(address("db")), statement)
         assert result.rc != 0 and "permission denied" in result.stderr, (statement, result.stderr)
     # It owns its database: the app's migrations create its tables.
-    result = psql(host, conninfo(db_address()),
+    result = psql(host, conninfo(address("db")),
                   "CREATE TABLE molecule_probe (id int); DROP TABLE molecule_probe")
     assert result.rc == 0, result.stderr
 
 
 def test_only_the_app_database_is_open_to_it(host):
-    result = psql(host, conninfo(db_address(), dbname="postgres"))
+    result = psql(host, conninfo(address("db"), dbname="postgres"))
     assert result.rc != 0
     assert 'pg_hba.conf rejects connection for host' in result.stderr and \
         'database "postgres", SSL encryption' in result.stderr, result.stderr

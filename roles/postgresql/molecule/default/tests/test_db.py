@@ -6,19 +6,18 @@ import re
 import time
 
 import pytest
+import verifier
 from conftest import (
     DATABASE,
     PORT,
     TLS_DIR,
     USER,
     app_password,
-    changed_steps,
     conninfo,
     install_client_files,
-    other_host,
     psql,
 )
-from verifier import ansible_playbook
+from verifier import ansible_playbook, changed_tasks
 
 testinfra_hosts = ["db"]
 
@@ -91,7 +90,7 @@ def test_pg_hba_conf_is_the_roles_own(host, version):
         "SELECT type, array_to_string(database, ','), array_to_string(user_name, ','), "
         "coalesce(address, ''), coalesce(netmask, ''), auth_method "
         "FROM pg_hba_file_rules ORDER BY line_number")).splitlines()
-    client = other_host("app").ansible.get_variables()["ansible_host"]
+    client = verifier.address("app")
     assert rules == [
         "local|all|postgres|||peer",
         "local|postgres|prometheus|||peer",
@@ -180,12 +179,12 @@ def test_the_exporter_serves_pg_up_on_loopback_only(host, journal):
 def test_a_client_list_change_reloads_without_a_restart(host, address):
     """db's own address added to the clients: it can connect, and the server was reloaded,
     not restarted. Then the scenario's list again: refused again."""
-    client = other_host("app").ansible.get_variables()["ansible_host"]
+    client = verifier.address("app")
     started = sql(host, "SELECT pg_postmaster_start_time()")
     loaded = sql(host, "SELECT pg_conf_load_time()")
     rc, output = ansible_playbook("-e", f'{{"postgresql_app_clients": ["{client}", "{address}"]}}')
     assert rc == 0, output[-4000:]
-    changed = changed_steps(output)
+    changed = changed_tasks(output)
     assert "postgresql : Reload the PostgreSQL cluster" in changed, changed
     assert "postgresql : Restart the PostgreSQL cluster" not in changed, changed
     assert app_password() not in output

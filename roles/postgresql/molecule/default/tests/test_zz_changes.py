@@ -10,18 +10,17 @@ import re
 import secrets
 from pathlib import Path
 
+import verifier
 from conftest import (
     DATABASE,
     PGPASS_ON_HOST,
     TLS_DIR,
     USER,
     app_password,
-    changed_steps,
     conninfo,
-    other_host,
     psql,
 )
-from verifier import ansible_playbook
+from verifier import ansible_playbook, changed_tasks, other_host
 
 testinfra_hosts = ["db"]
 
@@ -42,7 +41,7 @@ def start_time(host) -> str:
 def test_password_rotation_takes_effect_at_the_next_run():
     """The README's rotation: the vault's new value, one run; the old one stops working."""
     app = other_host("app")
-    address = other_host("db").ansible.get_variables()["ansible_host"]
+    address = verifier.address("db")
     new = "rotated-throwaway-" + secrets.token_hex(12)
     rc, output = ansible_playbook("-e", extra_vars_file("password", {
         "postgresql_app_password": new}))
@@ -77,7 +76,7 @@ def test_a_new_listen_address_restarts_and_reissues_the_certificate(host):
         before = start_time(host)
         rc, output = ansible_playbook("-e", f"postgresql_listen_address={moved}")
         assert rc == 0, output[-4000:]
-        changed = changed_steps(output)
+        changed = changed_tasks(output)
         assert "postgresql : Sign the server certificate with the CA" in changed, changed
         assert "postgresql : Restart the PostgreSQL cluster" in changed, changed
         assert start_time(host) != before
@@ -107,7 +106,7 @@ def test_a_certificate_expiring_within_30_days_is_renewed_with_a_reload(host):
     before = start_time(host)
     rc, output = ansible_playbook()
     assert rc == 0, output[-4000:]
-    changed = changed_steps(output)
+    changed = changed_tasks(output)
     assert "postgresql : Sign the server certificate with the CA" in changed, changed
     assert "postgresql : Reload the PostgreSQL cluster" in changed, changed
     assert "postgresql : Restart the PostgreSQL cluster" not in changed, changed
