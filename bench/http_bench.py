@@ -6,7 +6,7 @@
 2. an authenticated ``GET /api/v1/conversations/{id}/messages`` (a conversation of
    ``--history`` turns) on the service, as a ratio to the bare server's ``/health``;
 3. chat turns per second: ``POST /api/v1/conversations/{id}/messages`` (JSON, not
-   streamed) with an instant Claude stand-in (tests/standins/anthropic_api.py, a
+   streamed) with an instant Claude stand-in (standins/anthropic_api.py, a
    subprocess), each turn stored in SQLite twice (message and reply) and checked, on the
    service and on a minimal reference doing the same work with the same libraries
    (bench/chat_reference.py), and their ratio.

@@ -4,7 +4,7 @@ and the cost of a large prune to the writer, in one run on 127.0.0.1.
 Days are compressed into seconds: the service (create_app, served by digitalme.serve in a
 child process, the same code as ``digitalme serve``) runs with the retention and the prune
 interval in seconds (``--retention``, ``--interval``), which the settings' own lower bounds
-forbid in production. Claude and Telegram are the stand-ins (tests/standins/), so every
+forbid in production. Claude and Telegram are the stand-ins (standins/), so every
 Telegram delivery is really answered: its question and reply are stored as messages.
 
 Phases, each ``--duration`` seconds of deliveries at ``--rate`` per second (open loop), a
@@ -60,9 +60,9 @@ if str(REPO) not in sys.path:  # run as a script: make `tests` importable
     sys.path.insert(0, str(REPO))
 
 from digitalme.config import Settings, load_settings  # noqa: E402
-from tests.standins.anthropic_api import run_anthropic_standin  # noqa: E402
-from tests.standins.platform import running  # noqa: E402
-from tests.standins.telegram_api import TelegramStandin  # noqa: E402
+from standins.anthropic_api import run_anthropic_standin  # noqa: E402
+from standins.platform import running  # noqa: E402
+from standins.telegram_api import TelegramStandin  # noqa: E402
 from tests.support.process import SAMPLE_PERSONA, free_port  # noqa: E402
 
 TELEGRAM_TOKEN = "123456:BENCH-token"

@@ -1,4 +1,4 @@
-"""Telegram's Bot API stand-in (tests/standins/telegram_api.py) as a process of its own,
+"""Telegram's Bot API stand-in (standins/telegram_api.py) as a process of its own,
 for the benches: the service's replies must not load the process that generates the load
 and times it. Prints ``telegram-standin listening on URL`` once ready; on SIGTERM it writes
 the message ids its accepted replies answered (``reply_parameters.message_id``, one entry
@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.standins.platform import running  # noqa: E402
-from tests.standins.telegram_api import TelegramStandin  # noqa: E402
+from standins.platform import running  # noqa: E402
+from standins.telegram_api import TelegramStandin  # noqa: E402
 
 
 async def serve(token: str, report: Path) -> None:

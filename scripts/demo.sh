@@ -52,7 +52,7 @@ PY
 
 stop_standin
 echo "demo: starting the Claude stand-in on $controller:$standin_port"
-setsid .venv/bin/python -m tests.standins.anthropic_api --host "$controller" \
+setsid .venv/bin/python -m standins.anthropic_api --host "$controller" \
     --port "$standin_port" --delay 0.1 >"$state/standin.log" 2>&1 < /dev/null &
 echo $! > "$state/standin.pid"
 for _ in $(seq 1 50); do

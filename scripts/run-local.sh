@@ -18,7 +18,7 @@ cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; w
 trap cleanup EXIT INT TERM
 if [[ -z ${ANTHROPIC_API_KEY:-} ]]; then
     port=8765
-    .venv/bin/python -m tests.standins.anthropic_api --host 127.0.0.1 --port "$port" \
+    .venv/bin/python -m standins.anthropic_api --host 127.0.0.1 --port "$port" \
         --delay 0.2 >"$state/standin.log" 2>&1 &
     pids+=($!)
     export ANTHROPIC_API_KEY=local-standin-key ANTHROPIC_BASE_URL=http://127.0.0.1:$port

@@ -2,7 +2,7 @@
 
 ``service`` builds the real application (``create_app``) on a fresh SQLite file, with the
 sample persona imported, one admin and one chat token, and Claude pointed at a local
-stand-in of the Anthropic API (tests/standins/anthropic_api.py) through the real SDK.
+stand-in of the Anthropic API (standins/anthropic_api.py) through the real SDK.
 
 Storage: a test module marked ``pytestmark = pytest.mark.both_engines`` runs each of its
 tests that builds settings (``make_settings``, ``service``, ...) twice, on SQLite and on
@@ -28,7 +28,7 @@ from digitalme.db import Database
 from digitalme.keys import PERSONAS, TOKENS
 from digitalme.persona import load_persona_file
 from digitalme.web import create_app
-from tests.standins.anthropic_api import AnthropicStandin, run_anthropic_standin
+from standins.anthropic_api import AnthropicStandin, run_anthropic_standin
 from tests.support.postgres import Cluster, bin_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """Backup freshness in /health/ready and /metrics: Litestream's control socket and the drill.
 
-Litestream is a stand-in of its 0.5 control socket (tests/standins/litestream_socket.py);
+Litestream is a stand-in of its 0.5 control socket (standins/litestream_socket.py);
 the drill's result is a file written as digitalme-backup-drill.service writes it.
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from digitalme.backup import DrillResult
+from standins.litestream_socket import LitestreamSocketStandin, run_litestream_socket
 from tests.conftest import Service, ServiceFactory
-from tests.standins.litestream_socket import LitestreamSocketStandin, run_litestream_socket
 from tests.support.shapes import shape_problems
 
 

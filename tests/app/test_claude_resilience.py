@@ -8,8 +8,8 @@ import time
 import pytest
 
 from digitalme.keys import CLAUDE, CONVERSATIONS
+from standins.anthropic_api import Error, Hang, Reply, Slow
 from tests.conftest import Service, ServiceFactory
-from tests.standins.anthropic_api import Error, Hang, Reply, Slow
 
 
 async def _post(service: Service, conversation: str, text: str = "hi",

@@ -24,7 +24,7 @@ import yaml
 from digitalme.config import declared_settings
 from digitalme.db import bundled_migrations
 from digitalme.persona import build_prompt, load_persona_file
-from tests.standins.anthropic_api import run_anthropic_standin
+from standins.anthropic_api import run_anthropic_standin
 from tests.support.process import (
     SAMPLE_PERSONA,
     digitalme_command,

@@ -11,8 +11,8 @@ import pytest
 from digitalme.chat import estimate_tokens
 from digitalme.keys import CONVERSATIONS, TOKENS
 from digitalme.persona import build_prompt, load_persona_file
+from standins.anthropic_api import Error, Reply, StreamThenError
 from tests.conftest import SAMPLE_PERSONA, Service, ServiceFactory
-from tests.standins.anthropic_api import Error, Reply, StreamThenError
 
 # Conversations, messages and their usage: stored, so on both engines.
 pytestmark = pytest.mark.both_engines

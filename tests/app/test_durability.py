@@ -22,8 +22,8 @@ import pytest
 
 from digitalme.conversations import ConversationStore
 from digitalme.db import Database
+from standins.anthropic_api import AnthropicStandin, Reply
 from tests.conftest import ServiceFactory
-from tests.standins.anthropic_api import AnthropicStandin, Reply
 from tests.support.process import (
     ServiceProcess,
     prepare_database,

@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.standins.anthropic_api import AnthropicStandin
+from standins.anthropic_api import AnthropicStandin
 from tests.support.process import (
     REPO,
     base_env,

@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.standins.anthropic_api import AnthropicStandin
+from standins.anthropic_api import AnthropicStandin
 from tests.support.process import digitalme_command, prepare_database, run_cli, service_env
 
 RESTARTS = 2

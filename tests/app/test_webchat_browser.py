@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from playwright.async_api import BrowserContext, ConsoleMessage, Page, Route, async_playwright
 
-from tests.standins.anthropic_api import AnthropicStandin, Reply
+from standins.anthropic_api import AnthropicStandin, Reply
 from tests.support.process import (
     ServiceProcess,
     prepare_database,

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import pytest
 
+from standins.alertmanager_webhook import AlertReceiver
+from standins.anthropic_api import AnthropicStandin
 from tests.e2e.deployments import (
     ALERT_RECEIVER_PORT,
     MONITORING_TEST_SETTINGS,
@@ -68,8 +70,6 @@ from tests.e2e.sandboxes import (
     require_root,
     run_tool,
 )
-from tests.standins.alertmanager_webhook import AlertReceiver
-from tests.standins.anthropic_api import AnthropicStandin
 
 
 @pytest.fixture(scope="module")

@@ -265,9 +265,9 @@ class SharedSite:
 
     deployment: Deployment
     loop: Any  # tests.e2e.load.BackgroundLoop
-    anthropic: Any  # tests.standins.anthropic_api.AnthropicStandin
-    telegram: Any  # tests.standins.telegram_api.TelegramStandin
-    # tests.standins.alertmanager_webhook.AlertReceiver: Alertmanager's webhook, listening
+    anthropic: Any  # standins.anthropic_api.AnthropicStandin
+    telegram: Any  # standins.telegram_api.TelegramStandin
+    # standins.alertmanager_webhook.AlertReceiver: Alertmanager's webhook, listening
     # from before the deployment on (a notification that found nobody would raise
     # AlertmanagerNotificationsFailing in whichever module runs next).
     receiver: Any

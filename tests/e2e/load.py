@@ -34,8 +34,8 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from standins.telegram_api import TelegramStandin
 from tests.integrations.payloads import telegram_message
-from tests.standins.telegram_api import TelegramStandin
 
 T = TypeVar("T")
 KINDS = ("health", "chat", "stream", "webhook")

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 
+from standins.anthropic_api import AnthropicStandin
 from tests.e2e.deployments import (
     CLAUDE_KEY,
     DB,
@@ -57,7 +58,6 @@ from tests.e2e.sandboxes import (
     require_root,
     run_tool,
 )
-from tests.standins.anthropic_api import AnthropicStandin
 
 pytestmark = pytest.mark.e2e
 

@@ -5,7 +5,7 @@ It runs on the session's shared deployment of site.yml (tests/e2e/conftest.py
 and the blackbox exporter run beside the app as in the example inventory, and a backup
 target whose node-exporter the app host scrapes over TLS), and adds no deployment of its
 own. Alertmanager's webhook (inventory/sandbox/group_vars) goes to the shared site's
-receiver on the controller (tests/standins/alertmanager_webhook.py), listening from the
+receiver on the controller (standins/alertmanager_webhook.py), listening from the
 deployment on; the app's Claude is the shared Anthropic stand-in, which fails on demand.
 
 **Shortened for the tests** (MONITORING_TEST_SETTINGS in tests/e2e/deployments.py, group
@@ -39,10 +39,10 @@ from urllib.parse import quote
 
 import pytest
 
+from standins.alertmanager_webhook import AlertReceiver, Arrival
+from standins.anthropic_api import Behaviour, Error
 from tests.e2e.deployments import DOMAIN, Deployment, SharedSite, prometheus
 from tests.e2e.sandboxes import REPO
-from tests.standins.alertmanager_webhook import AlertReceiver, Arrival
-from tests.standins.anthropic_api import Behaviour, Error
 
 pytestmark = pytest.mark.e2e
 

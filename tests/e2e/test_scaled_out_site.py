@@ -44,6 +44,9 @@ from urllib.parse import quote
 
 import pytest
 
+from standins.alertmanager_webhook import AlertReceiver
+from standins.anthropic_api import AnthropicStandin
+from standins.telegram_api import TelegramStandin
 from tests.e2e.deployments import (
     ALERT_RECEIVER_PORT,
     CADDY_ROOT,
@@ -68,9 +71,6 @@ from tests.e2e.load import (
     wait_until_answered,
 )
 from tests.e2e.sandboxes import REPO, add_group_vars, run_tool
-from tests.standins.alertmanager_webhook import AlertReceiver
-from tests.standins.anthropic_api import AnthropicStandin
-from tests.standins.telegram_api import TelegramStandin
 
 pytestmark = pytest.mark.e2e
 

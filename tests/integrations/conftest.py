@@ -13,12 +13,12 @@ import pytest
 
 from digitalme.inbox import InboxItem
 from digitalme.keys import INBOX
+from standins.clickup_api import ClickUpStandin
+from standins.github_api import GitHubStandin
+from standins.platform import running
+from standins.slack_api import SlackStandin
+from standins.telegram_api import TelegramStandin
 from tests.conftest import Service, ServiceFactory
-from tests.standins.clickup_api import ClickUpStandin
-from tests.standins.github_api import GitHubStandin
-from tests.standins.platform import running
-from tests.standins.slack_api import SlackStandin
-from tests.standins.telegram_api import TelegramStandin
 
 TELEGRAM_TOKEN = "123456:TEST-telegram-bot-token"
 TELEGRAM_SECRET = "telegram-secret_token-1"

@@ -19,7 +19,7 @@ import anthropic
 import httpx2
 import pytest
 
-from tests.standins.anthropic_api import (
+from standins.anthropic_api import (
     AnthropicStandin,
     Error,
     Hang,
@@ -371,7 +371,7 @@ async def test_hang_until_the_server_closes() -> None:
 def test_standalone_process_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
     env = dict(os.environ)  # already cleaned of SDK variables by tests/conftest.py
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.standins.anthropic_api", "--host", "127.0.0.1",
+        [sys.executable, "-m", "standins.anthropic_api", "--host", "127.0.0.1",
          "--port", "0", "--delay", "0.05"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

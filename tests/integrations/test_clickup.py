@@ -11,6 +11,8 @@ from typing import Any
 from digitalme.activity import DIGEST_HEADER
 from digitalme.chat import estimate_tokens
 from digitalme.keys import ACTIVITY, CHAT, INBOX
+from standins import signing
+from standins.anthropic_api import Reply
 from tests.conftest import Service
 from tests.integrations import payloads
 from tests.integrations.conftest import (
@@ -22,8 +24,6 @@ from tests.integrations.conftest import (
     post,
     wait_settled,
 )
-from tests.standins import signing
-from tests.standins.anthropic_api import Reply
 
 PATH = "/webhooks/clickup"
 CLICKUP_DEADLINE = 7.0

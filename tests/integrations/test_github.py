@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from digitalme.keys import ACTIVITY
+from standins import signing
+from standins.anthropic_api import Slow
 from tests.conftest import Service
 from tests.integrations import payloads
 from tests.integrations.conftest import (
@@ -17,8 +19,6 @@ from tests.integrations.conftest import (
     post,
     wait_settled,
 )
-from tests.standins import signing
-from tests.standins.anthropic_api import Slow
 
 PATH = "/webhooks/github"
 GITHUB_DEADLINE = 10.0

@@ -18,6 +18,9 @@ import aiohttp
 import pytest
 
 from digitalme.keys import INBOX, WORKER
+from standins import signing
+from standins.anthropic_api import AnthropicStandin, Error
+from standins.platform import Fail
 from tests.conftest import Service
 from tests.integrations import payloads
 from tests.integrations.conftest import (
@@ -30,9 +33,6 @@ from tests.integrations.conftest import (
     wait_settled,
     wait_status,
 )
-from tests.standins import signing
-from tests.standins.anthropic_api import AnthropicStandin, Error
-from tests.standins.platform import Fail
 from tests.support import peek
 from tests.support.process import ServiceProcess, prepare_database, run_cli, service_env
 

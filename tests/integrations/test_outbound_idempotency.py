@@ -22,6 +22,9 @@ from digitalme.inbox import InboxItem
 from digitalme.integrations import split_text
 from digitalme.integrations.slack import act as slack_act
 from digitalme.integrations.telegram import act as telegram_act
+from standins import signing
+from standins.anthropic_api import AnthropicStandin, Reply
+from standins.platform import Hold, Lose, PlatformStandin
 from tests.conftest import Service
 from tests.integrations import payloads
 from tests.integrations.conftest import (
@@ -35,9 +38,6 @@ from tests.integrations.conftest import (
     post,
     wait_settled,
 )
-from tests.standins import signing
-from tests.standins.anthropic_api import AnthropicStandin, Reply
-from tests.standins.platform import Hold, Lose, PlatformStandin
 from tests.support.process import ServiceProcess, prepare_database, service_env
 
 # A reply in two parts on both platforms (Slack cuts at 3,900 characters, Telegram 4,096).

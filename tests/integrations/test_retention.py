@@ -14,6 +14,7 @@ import pytest
 
 from digitalme.keys import DATABASE, INBOX, RETENTION
 from digitalme.retention import DAY, Retention, _iso
+from standins import signing
 from tests.conftest import Service
 from tests.integrations import payloads
 from tests.integrations.conftest import (
@@ -25,7 +26,6 @@ from tests.integrations.conftest import (
     post,
     wait_settled,
 )
-from tests.standins import signing
 from tests.support import peek
 
 pytestmark = pytest.mark.both_engines

@@ -13,6 +13,8 @@ import pytest
 from digitalme import inbox as inbox_module
 from digitalme import worker as worker_module
 from digitalme.keys import WORKER
+from standins import signing
+from standins.anthropic_api import Error
 from tests.conftest import Service
 from tests.integrations import payloads
 from tests.integrations.conftest import (
@@ -22,8 +24,6 @@ from tests.integrations.conftest import (
     post,
     wait_settled,
 )
-from tests.standins import signing
-from tests.standins.anthropic_api import Error
 from tests.support import peek
 
 pytestmark = pytest.mark.parametrize("db_engine", ["postgresql"], indirect=True)

@@ -8,6 +8,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from standins import signing
+from standins.anthropic_api import Slow
+from standins.platform import Fail
 from tests.conftest import Service
 from tests.integrations import payloads
 from tests.integrations.conftest import (
@@ -19,9 +22,6 @@ from tests.integrations.conftest import (
     post,
     wait_settled,
 )
-from tests.standins import signing
-from tests.standins.anthropic_api import Slow
-from tests.standins.platform import Fail
 
 EVENTS = "/webhooks/slack/events"
 COMMANDS = "/webhooks/slack/commands"

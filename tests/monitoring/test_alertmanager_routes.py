@@ -4,7 +4,7 @@ The role's template (roles/monitoring/templates/etc/prometheus/alertmanager.yml.
 rendered by Ansible with the role's defaults and an owner who wants e-mail, Telegram and a
 webhook; checked with amtool as the role's `validate:` does; then Debian's Alertmanager
 (unpacked by scripts/bootstrap.sh) runs it on loopback against stand-ins: an SMTP server
-that requires the login (aiosmtpd), the Telegram Bot API (tests/standins/telegram_api.py)
+that requires the login (aiosmtpd), the Telegram Bot API (standins/telegram_api.py)
 and a webhook receiver. Alerts posted to Alertmanager's API must arrive at all three, the
 SMTP password being read from its file (smtp_auth_password_file), and a host that is down
 must hold back its other alerts (inhibition).
@@ -30,8 +30,8 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
-from tests.standins.alertmanager_webhook import AlertReceiver
-from tests.standins.telegram_api import TelegramStandin
+from standins.alertmanager_webhook import AlertReceiver
+from standins.telegram_api import TelegramStandin
 from tests.support.process import die_with_parent, free_port
 
 REPO = Path(__file__).resolve().parents[2]

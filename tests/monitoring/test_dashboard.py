@@ -30,8 +30,8 @@ import pytest
 import yaml
 from playwright.async_api import async_playwright
 
-from tests.standins.anthropic_api import AnthropicStandin, Error
-from tests.standins.litestream_socket import run_litestream_socket
+from standins.anthropic_api import AnthropicStandin, Error
+from standins.litestream_socket import run_litestream_socket
 from tests.support.process import (
     die_with_parent,
     free_port,

@@ -309,7 +309,7 @@ async def running_service_async(env: Mapping[str, str], workdir: Path, *,
 
 
 class StandinProcess:
-    """``python -m tests.standins.anthropic_api`` on a free port (it reports its URL)."""
+    """``python -m standins.anthropic_api`` on a free port (it reports its URL)."""
 
     def __init__(self, workdir: Path, *, delay: float = 0.0, host: str = "127.0.0.1",
                  port: int = 0) -> None:
@@ -331,7 +331,7 @@ class StandinProcess:
         env = base_env(self.workdir / "standin-home")
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "tests.standins.anthropic_api", "--host", self.host,
+                [sys.executable, "-m", "standins.anthropic_api", "--host", self.host,
                  "--port", str(self.port), "--delay", str(self.delay), "--log-level",
                  "WARNING"],
                 env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

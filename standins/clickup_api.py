@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.standins.platform import Fail, PlatformStandin, Recorded
+from standins.platform import Fail, PlatformStandin, Recorded
 
 _CREATE = re.compile(r"^/api/v2/list/([^/]+)/task$")
 _TASK = re.compile(r"^/api/v2/task/([^/]+)$")

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.standins.platform import Fail, PlatformStandin, Recorded
+from standins.platform import Fail, PlatformStandin, Recorded
 
 _COMMENTS = re.compile(r"^/repos/([^/]+)/([^/]+)/issues/(\d+)/comments$")
 

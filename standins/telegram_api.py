@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.standins.platform import Fail, PlatformStandin, Recorded
+from standins.platform import Fail, PlatformStandin, Recorded
 
 
 class TelegramStandin(PlatformStandin):

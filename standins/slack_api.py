@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.standins.platform import Fail, PlatformStandin, Recorded
+from standins.platform import Fail, PlatformStandin, Recorded
 
 BOT_ID = "B0CLONE"
 

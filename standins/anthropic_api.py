@@ -101,7 +101,7 @@ merges like the API. Unknown top-level fields are rejected like the API does
 
 Usage from a test::
 
-    from tests.standins.anthropic_api import Error, Reply, run_anthropic_standin
+    from standins.anthropic_api import Error, Reply, run_anthropic_standin
 
     async with run_anthropic_standin() as standin:
         standin.script(Error(status=429, retry_after=0.1), Reply(text="hi"))
@@ -113,7 +113,7 @@ Usage from a test::
 As a process (prints ``anthropic-standin listening on <url>`` once ready; stops
 cleanly on SIGTERM/SIGINT)::
 
-    python -m tests.standins.anthropic_api --host 127.0.0.1 --port 8765 [--delay S]
+    python -m standins.anthropic_api --host 127.0.0.1 --port 8765 [--delay S]
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ __all__ = [
     "run_anthropic_standin",
 ]
 
-log = logging.getLogger("tests.standins.anthropic_api")
+log = logging.getLogger("standins.anthropic_api")
 
 # --------------------------------------------------------------------------- behaviours
 
@@ -1305,7 +1305,7 @@ async def run_anthropic_standin(host: str = "127.0.0.1", port: int = 0, **option
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.standins.anthropic_api",
+        prog="python -m standins.anthropic_api",
         description="Local stand-in for the Anthropic Messages API (tests and demos). Prints "
                     "'anthropic-standin listening on <url>' when ready; stops on SIGTERM/SIGINT.")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (only this one)")
