@@ -124,7 +124,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import re
 import signal
 import sys
@@ -132,10 +131,33 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+
+from standins.anthropic_behaviours import (
+    DEFAULT_MESSAGES,
+    ERROR_STATUSES,
+    Behaviour,
+    Error,
+    Hang,
+    Reply,
+    Slow,
+    StreamThenError,
+    StreamThenHang,
+    error_type_for,
+)
+from standins.anthropic_tokens import (
+    BASE_OVERHEAD,
+    TTL_SECONDS,
+    canonical_json,
+    count_input_tokens,
+    default_reply_text,
+    estimate_tokens,
+    token_units,
+)
+from standins.anthropic_validation import VERSION, Invalid, validate_messages_request
 
 __all__ = [
     "AnthropicStandin",
@@ -153,92 +175,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("standins.anthropic_api")
-
-# --------------------------------------------------------------------------- behaviours
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A successful answer. ``text=None``: the default text (none if ``tool_use`` is set)."""
-
-    text: str | None = None
-    tool_use: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None
-    stop_reason: str | None = None
-    chunks: Sequence[str] | None = None
-    chunk_delay: float = 0.0
-
-
-@dataclass(frozen=True)
-class Error:
-    """An HTTP error answer in the API's error shape."""
-
-    status: int = 500
-    type: str | None = None
-    message: str | None = None
-    retry_after: float | None = None
-    should_retry: bool | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Slow:
-    """Wait ``delay`` seconds, then behave like ``then`` (default ``Reply()``)."""
-
-    delay: float
-    then: Behaviour | None = None
-
-
-@dataclass(frozen=True)
-class StreamThenError:
-    """Stream ``after_chunks`` deltas, then an ``event: error``."""
-
-    after_chunks: int = 2
-    error_type: str = "overloaded_error"
-    message: str = "Overloaded"
-    then: Reply | None = None
-
-
-@dataclass(frozen=True)
-class StreamThenHang:
-    """Stream ``after_chunks`` deltas, then go silent until the client leaves or we close."""
-
-    after_chunks: int = 2
-    then: Reply | None = None
-
-
-@dataclass(frozen=True)
-class Hang:
-    """Accept the request and never answer."""
-
-
-Behaviour = Reply | Error | Slow | StreamThenError | StreamThenHang | Hang
-
-ERROR_TYPES: dict[int, str] = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-ERROR_STATUSES: dict[str, int] = {v: k for k, v in ERROR_TYPES.items()}
-DEFAULT_MESSAGES: dict[str, str] = {
-    "rate_limit_error": "Number of request tokens has exceeded your per-minute rate limit",
-    "overloaded_error": "Overloaded",
-    "api_error": "Internal server error",
-    "timeout_error": "Request timed out",
-}
-
-
-def _error_type(status: int) -> str:
-    if status in ERROR_TYPES:
-        return ERROR_TYPES[status]
-    return "api_error" if status >= 500 else "invalid_request_error"
-
 
 # --------------------------------------------------------------------------- records
 
@@ -271,433 +207,6 @@ class RecordedRequest:
 
 
 SECRET_HEADERS = frozenset({"x-api-key", "authorization", "proxy-authorization", "cookie"})
-
-# --------------------------------------------------------------------------- tokens
-
-
-def estimate_tokens(text: str) -> int:
-    """About four characters a token; at least one for non-empty text."""
-    return math.ceil(len(text) / 4) if text else 0
-
-
-BASE_OVERHEAD = 4
-MESSAGE_OVERHEAD = 3
-IMAGE_TOKENS = 1500
-TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
-
-
-@dataclass
-class _Unit:
-    tokens: int
-    material: str
-    cache_control: Mapping[str, Any] | None
-
-
-def _canonical(obj: Any) -> str:
-    if isinstance(obj, dict):
-        obj = {k: v for k, v in obj.items() if k != "cache_control"}
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _block_tokens(block: Any) -> int:
-    if isinstance(block, str):
-        return estimate_tokens(block)
-    if isinstance(block, dict):
-        kind = block.get("type")
-        if kind == "text" and isinstance(block.get("text"), str):
-            return estimate_tokens(block["text"])
-        if kind == "image":
-            return IMAGE_TOKENS
-        if kind == "tool_result":
-            content = block.get("content")
-            inner = (
-                sum(_block_tokens(b) for b in content)
-                if isinstance(content, list)
-                else _block_tokens(content or "")
-            )
-            return inner + 5
-    return estimate_tokens(_canonical(block))
-
-
-def _units(body: Mapping[str, Any]) -> list[_Unit]:
-    units: list[_Unit] = []
-    for tool in body.get("tools") or []:
-        units.append(_Unit(estimate_tokens(_canonical(tool)), "tool:" + _canonical(tool),
-                           tool.get("cache_control")))
-    system = body.get("system")
-    if isinstance(system, str) and system:
-        units.append(_Unit(estimate_tokens(system), "system:" + system, None))
-    elif isinstance(system, list):
-        for block in system:
-            units.append(_Unit(_block_tokens(block), "system:" + _canonical(block),
-                               block.get("cache_control")))
-    first_message_unit = len(units)
-    for message in body.get("messages") or []:
-        role = message.get("role")
-        content = message.get("content")
-        blocks = [content] if isinstance(content, str) else list(content or [])
-        if not blocks:
-            units.append(_Unit(MESSAGE_OVERHEAD, f"{role}:", None))
-        for j, block in enumerate(blocks):
-            overhead = MESSAGE_OVERHEAD if j == 0 else 0
-            cache_control = block.get("cache_control") if isinstance(block, dict) else None
-            units.append(_Unit(_block_tokens(block) + overhead, f"{role}:" + _canonical(block),
-                               cache_control))
-    top = body.get("cache_control")
-    if isinstance(top, dict) and len(units) > first_message_unit:
-        last = units[-1]
-        if last.cache_control is None:
-            last.cache_control = top
-    return units
-
-
-def count_input_tokens(body: Mapping[str, Any]) -> int:
-    return BASE_OVERHEAD + sum(u.tokens for u in _units(body))
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        return ""
-    return "\n".join(b["text"] for b in content
-                     if isinstance(b, dict) and b.get("type") == "text"
-                     and isinstance(b.get("text"), str))
-
-
-def default_reply_text(body: Mapping[str, Any]) -> str:
-    """The text the stand-in answers with when the script does not say otherwise."""
-    last_user: Any = None
-    for message in body.get("messages") or []:
-        if isinstance(message, dict) and message.get("role") == "user":
-            last_user = message.get("content")
-    text = _text_of(last_user)
-    if not text and isinstance(last_user, list):
-        text = "\n".join(_text_of(b.get("content")) for b in last_user
-                         if isinstance(b, dict) and b.get("type") == "tool_result")
-    return f"Stand-in reply to: {text[:200]}"
-
-
-# --------------------------------------------------------------------------- validation
-
-MESSAGES_FIELDS = frozenset({
-    "model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream",
-    "temperature", "top_p", "top_k", "tools", "tool_choice", "thinking", "service_tier",
-    "container", "cache_control", "diagnostics", "inference_geo", "output_config", "speed",
-})
-COUNT_TOKENS_FIELDS = frozenset({
-    "model", "messages", "system", "tools", "tool_choice", "thinking", "cache_control",
-    "output_config", "speed",
-})
-BLOCK_TYPES = (
-    "text", "image", "document", "search_result", "thinking", "redacted_thinking", "tool_use",
-    "tool_result", "server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
-    "code_execution_tool_result", "bash_code_execution_tool_result",
-    "text_editor_code_execution_tool_result", "tool_search_tool_result", "container_upload",
-)
-ASSISTANT_ONLY = frozenset({"tool_use", "thinking", "redacted_thinking", "server_tool_use"})
-TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-
-class _Invalid(Exception):
-    pass
-
-
-def _check_cache_control(value: Any, path: str, breakpoints: list[int]) -> None:
-    if value is None:
-        return
-    if not isinstance(value, dict) or value.get("type") != "ephemeral":
-        raise _Invalid(f"{path}.cache_control.type: Input should be 'ephemeral'")
-    if "ttl" in value and value["ttl"] not in TTL_SECONDS:
-        raise _Invalid(f"{path}.cache_control.ttl: Input should be '5m' or '1h'")
-    extra = set(value) - {"type", "ttl"}
-    if extra:
-        raise _Invalid(f"{path}.cache_control.{sorted(extra)[0]}: Extra inputs are not permitted")
-    breakpoints.append(1)
-
-
-def _check_text_block(block: Any, path: str, breakpoints: list[int]) -> None:
-    if not isinstance(block, dict):
-        raise _Invalid(f"{path}: Input should be a valid dictionary or object")
-    if block.get("type") != "text":
-        raise _Invalid(f"{path}.type: Input should be 'text'")
-    if not isinstance(block.get("text"), str):
-        raise _Invalid(f"{path}.text: Field required" if "text" not in block
-                       else f"{path}.text: Input should be a valid string")
-    if not block["text"].strip():
-        where = path.split(".")[0]
-        raise _Invalid(f"{where}: text content blocks must contain non-whitespace text")
-    _check_cache_control(block.get("cache_control"), path, breakpoints)
-
-
-def _check_block(block: Any, role: str, path: str, breakpoints: list[int],
-                 allow_empty_text: bool) -> None:
-    if not isinstance(block, dict):
-        raise _Invalid(f"{path}: Input should be a valid dictionary or object")
-    kind = block.get("type")
-    if kind not in BLOCK_TYPES:
-        expected = ", ".join(f"'{t}'" for t in BLOCK_TYPES)
-        raise _Invalid(f"{path}: Input tag '{kind}' found using 'type' does not match any of "
-                       f"the expected tags: {expected}")
-    if role == "user" and kind in ASSISTANT_ONLY:
-        raise _Invalid(f"{path}: `{kind}` blocks can only be in `assistant` messages")
-    if role == "assistant" and kind == "tool_result":
-        raise _Invalid(f"{path}: `tool_result` blocks can only be in `user` messages")
-    _check_cache_control(block.get("cache_control"), path, breakpoints)
-    if kind == "text":
-        if not isinstance(block.get("text"), str):
-            raise _Invalid(f"{path}.text: Field required")
-        if not block["text"].strip() and not allow_empty_text:
-            raise _Invalid("messages: text content blocks must contain non-whitespace text")
-    elif kind in ("image", "document"):
-        source = block.get("source")
-        if not isinstance(source, dict) or not isinstance(source.get("type"), str):
-            raise _Invalid(f"{path}.source: Field required")
-    elif kind == "tool_use":
-        for key, typ, name in (("id", str, "string"), ("name", str, "string"),
-                               ("input", dict, "dictionary")):
-            if not isinstance(block.get(key), typ):
-                raise _Invalid(f"{path}.{key}: Input should be a valid {name}")
-    elif kind == "tool_result":
-        if not isinstance(block.get("tool_use_id"), str):
-            raise _Invalid(f"{path}.tool_use_id: Field required")
-        content = block.get("content")
-        if content is not None and not isinstance(content, str | list):
-            raise _Invalid(f"{path}.content: Input should be a valid string or list")
-        if isinstance(content, list):
-            for k, inner in enumerate(content):
-                _check_block(inner, "user", f"{path}.content.{k}", breakpoints, True)
-        if "is_error" in block and not isinstance(block["is_error"], bool):
-            raise _Invalid(f"{path}.is_error: Input should be a valid boolean")
-    elif kind == "thinking":
-        if not isinstance(block.get("thinking"), str) or not isinstance(block.get("signature"),
-                                                                          str):
-            raise _Invalid(f"{path}: thinking blocks need `thinking` and `signature` strings")
-
-
-def _check_messages(body: Mapping[str, Any], strict_alternation: bool,
-                    breakpoints: list[int]) -> None:
-    if "messages" not in body:
-        raise _Invalid("messages: Field required")
-    messages = body["messages"]
-    if not isinstance(messages, list):
-        raise _Invalid("messages: Input should be a valid list")
-    if not messages:
-        raise _Invalid("messages: at least one message is required")
-    turns: list[tuple[str, list[tuple[int, int, dict[str, Any]]]]] = []  # merged turns
-    for i, message in enumerate(messages):
-        path = f"messages.{i}"
-        if not isinstance(message, dict):
-            raise _Invalid(f"{path}: Input should be a valid dictionary or object")
-        extra = set(message) - {"role", "content"}
-        if extra:
-            raise _Invalid(f"{path}.{sorted(extra)[0]}: Extra inputs are not permitted")
-        role = message.get("role")
-        if role not in ("user", "assistant", "system"):
-            raise _Invalid(f"{path}.role: Input should be 'user' or 'assistant'")
-        if "content" not in message:
-            raise _Invalid(f"{path}.content: Field required")
-        content = message["content"]
-        is_last = i == len(messages) - 1
-        final_assistant = is_last and role == "assistant"
-        if role == "system":
-            if isinstance(content, str):
-                if not content.strip():
-                    raise _Invalid("messages: text content blocks must contain non-whitespace text")
-            elif isinstance(content, list) and content:
-                for j, block in enumerate(content):
-                    _check_text_block(block, f"{path}.content.{j}", breakpoints)
-            else:
-                raise _Invalid(f"{path}.content: Input should be a valid string or list of text "
-                               "blocks")
-            continue
-        if isinstance(content, str):
-            if not content.strip() and not final_assistant:
-                raise _Invalid("messages: text content blocks must contain non-whitespace text")
-            blocks: list[Any] = [{"type": "text", "text": content}]
-        elif isinstance(content, list):
-            if not content and not final_assistant:
-                raise _Invalid(f"{path}: all messages must have non-empty content except for "
-                               "the optional final assistant message")
-            blocks = content
-            for j, block in enumerate(content):
-                _check_block(block, role, f"{path}.content.{j}", breakpoints, final_assistant)
-        else:
-            raise _Invalid(f"{path}.content: Input should be a valid string or list")
-        if final_assistant:
-            tail = _text_of(content) if isinstance(content, list) else content
-            if tail and tail != tail.rstrip():
-                raise _Invalid("messages: final assistant content cannot end with trailing "
-                               "whitespace")
-        indexed = [(i, j, b) for j, b in enumerate(blocks)]
-        if not turns:
-            if role != "user" and strict_alternation:
-                raise _Invalid('messages: first message must use the "user" role')
-            turns.append((role, indexed))
-        elif turns[-1][0] == role:
-            if strict_alternation:
-                raise _Invalid('messages: roles must alternate between "user" and "assistant", '
-                               f'but found multiple "{role}" roles in a row')
-            turns[-1][1].extend(indexed)
-        else:
-            turns.append((role, indexed))
-    _check_tool_pairing(turns)
-
-
-def _check_tool_pairing(turns: list[tuple[str, list[tuple[int, int, dict[str, Any]]]]]) -> None:
-    seen_ids: set[str] = set()
-    for t, (role, blocks) in enumerate(turns):
-        if role == "assistant":
-            ids = [b["id"] for _, _, b in blocks if b.get("type") == "tool_use"]
-            for tool_id in ids:
-                if tool_id in seen_ids:
-                    raise _Invalid(f"messages: `tool_use` ids must be unique: {tool_id}")
-                seen_ids.add(tool_id)
-            if ids and t + 1 < len(turns):
-                answered = {b.get("tool_use_id") for _, _, b in turns[t + 1][1]
-                            if b.get("type") == "tool_result"}
-                missing = [x for x in ids if x not in answered]
-                if missing:
-                    first = turns[t + 1][1][0][0]
-                    raise _Invalid(
-                        f"messages.{first}: `tool_use` ids were found without `tool_result` "
-                        f"blocks immediately after: {', '.join(missing)}. Each `tool_use` block "
-                        "must have a corresponding `tool_result` block in the next message.")
-        else:
-            previous: set[str] = set()
-            if t > 0 and turns[t - 1][0] == "assistant":
-                previous = {b["id"] for _, _, b in turns[t - 1][1] if b.get("type") == "tool_use"}
-            seen_other = False
-            for i, j, b in blocks:
-                if b.get("type") != "tool_result":
-                    seen_other = True
-                    continue
-                if b["tool_use_id"] not in previous:
-                    raise _Invalid(
-                        f"messages.{i}.content.{j}: unexpected `tool_use_id` found in "
-                        f"`tool_result` blocks: {b['tool_use_id']}. Each `tool_result` block "
-                        "must have a corresponding `tool_use` block in the previous message.")
-                if seen_other:
-                    raise _Invalid(f"messages.{i}.content.{j}: `tool_result` blocks must come "
-                                   "first in the content of a `user` message, before any other "
-                                   "content")
-
-
-def _check_system(body: Mapping[str, Any], breakpoints: list[int]) -> None:
-    if "system" not in body:
-        return
-    system = body["system"]
-    if isinstance(system, str):
-        return
-    if not isinstance(system, list):
-        raise _Invalid("system: Input should be a valid string or a list of text blocks")
-    for k, block in enumerate(system):
-        _check_text_block(block, f"system.{k}", breakpoints)
-
-
-def _check_tools(body: Mapping[str, Any], breakpoints: list[int]) -> set[str]:
-    names: set[str] = set()
-    if "tools" in body:
-        tools = body["tools"]
-        if not isinstance(tools, list):
-            raise _Invalid("tools: Input should be a valid list")
-        for k, tool in enumerate(tools):
-            path = f"tools.{k}"
-            if not isinstance(tool, dict):
-                raise _Invalid(f"{path}: Input should be a valid dictionary or object")
-            name = tool.get("name")
-            if not isinstance(name, str):
-                raise _Invalid(f"{path}.name: Field required")
-            kind = tool.get("type")
-            if kind in (None, "custom"):
-                if not TOOL_NAME.match(name):
-                    raise _Invalid(f"{path}.custom.name: String should match pattern "
-                                   "'^[a-zA-Z0-9_-]{1,64}$'")
-                schema = tool.get("input_schema")
-                if not isinstance(schema, dict):
-                    raise _Invalid(f"{path}.custom.input_schema: Field required")
-                if schema.get("type") != "object":
-                    raise _Invalid(f"{path}.custom.input_schema.type: Input should be 'object'")
-                if "description" in tool and not isinstance(tool["description"], str):
-                    raise _Invalid(f"{path}.custom.description: Input should be a valid string")
-            if name in names:
-                raise _Invalid("tools: Tool names must be unique.")
-            names.add(name)
-            _check_cache_control(tool.get("cache_control"), path, breakpoints)
-    if "tool_choice" in body:
-        choice = body["tool_choice"]
-        if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool",
-                                                                      "none"):
-            raise _Invalid("tool_choice: Input tag found using 'type' does not match any of the "
-                           "expected tags: 'auto', 'any', 'tool', 'none'")
-        if choice["type"] in ("any", "tool") and not names:
-            raise _Invalid("tool_choice: may only be specified while providing tools")
-        if choice["type"] == "tool" and choice.get("name") not in names:
-            raise _Invalid(f"tool_choice.name: tool '{choice.get('name')}' not found in tools")
-    return names
-
-
-def _check_common(body: Any, allowed: frozenset[str] | None) -> None:
-    if not isinstance(body, dict):
-        raise _Invalid("Input should be a valid dictionary or object")
-    if allowed is not None:
-        extra = sorted(set(body) - allowed)
-        if extra:
-            raise _Invalid(f"{extra[0]}: Extra inputs are not permitted")
-    model = body.get("model")
-    if "model" not in body:
-        raise _Invalid("model: Field required")
-    if not isinstance(model, str) or not model:
-        raise _Invalid("model: Input should be a valid string")
-
-
-def validate_messages_request(body: Any, *, strict_alternation: bool = True,
-                              strict_fields: bool = True, count_tokens: bool = False,
-                              ) -> tuple[str | None, set[str]]:
-    """Validate a request body. Returns (error message or None, declared tool names)."""
-    fields = COUNT_TOKENS_FIELDS if count_tokens else MESSAGES_FIELDS
-    breakpoints: list[int] = []
-    try:
-        _check_common(body, fields if strict_fields else None)
-        if not count_tokens:
-            if "max_tokens" not in body:
-                raise _Invalid("max_tokens: Field required")
-            mt = body["max_tokens"]
-            if isinstance(mt, bool) or not isinstance(mt, int):
-                raise _Invalid("max_tokens: Input should be a valid integer")
-            if mt < 0:
-                raise _Invalid("max_tokens: Input should be greater than or equal to 0")
-            if "stream" in body and not isinstance(body["stream"], bool):
-                raise _Invalid("stream: Input should be a valid boolean")
-            stops = body.get("stop_sequences")
-            if stops is not None and (not isinstance(stops, list)
-                                      or not all(isinstance(s, str) and s for s in stops)):
-                raise _Invalid("stop_sequences: Input should be a list of non-empty strings")
-            for name, low, high in (("temperature", 0.0, 1.0), ("top_p", 0.0, 1.0)):
-                if name in body:
-                    value = body[name]
-                    if isinstance(value, bool) or not isinstance(value, int | float):
-                        raise _Invalid(f"{name}: Input should be a valid number")
-                    if not low <= value <= high:
-                        raise _Invalid(f"{name}: range: {low}-{high}")
-            if "metadata" in body:
-                meta = body["metadata"]
-                if not isinstance(meta, dict) or set(meta) - {"user_id"}:
-                    raise _Invalid("metadata: only `user_id` is permitted")
-        _check_system(body, breakpoints)
-        names = _check_tools(body, breakpoints)
-        _check_messages(body, strict_alternation, breakpoints)
-        top = body.get("cache_control")
-        if top is not None:
-            _check_cache_control(top, "cache_control", breakpoints)
-        if len(breakpoints) > 4:
-            raise _Invalid("A maximum of 4 blocks with cache_control may be provided. "
-                           f"Found {len(breakpoints)}.")
-    except _Invalid as exc:
-        return str(exc), set()
-    return None, names
-
 
 # --------------------------------------------------------------------------- ids
 
@@ -938,7 +447,7 @@ class AnthropicStandin:
                                  headers={"request-id": request_id, **(headers or {})})
 
     def _scripted_error(self, err: Error) -> web.Response:
-        error_type = err.type or _error_type(err.status)
+        error_type = err.type or error_type_for(err.status)
         message = err.message or DEFAULT_MESSAGES.get(error_type, error_type.replace("_", " "))
         headers = dict(err.headers)
         if err.retry_after is not None:
@@ -1099,7 +608,7 @@ class AnthropicStandin:
         assert isinstance(reply, Reply)
         try:
             message = self._build_message(body, reply, tool_names)
-        except _Invalid as exc:
+        except Invalid as exc:
             return self._finish(rec, self._error_response(400, "invalid_request_error", str(exc)),
                                 "script_error")
 
@@ -1117,7 +626,7 @@ class AnthropicStandin:
     # ---------------------------------------------------------------- replies
 
     def _usage(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        units = _units(body)
+        units = token_units(body)
         prefix: list[int] = []
         running = 0
         for u in units:
@@ -1177,7 +686,7 @@ class AnthropicStandin:
                 name = call.get("name")
                 if name not in tool_names:
                     declared = ", ".join(sorted(tool_names)) or "none"
-                    raise _Invalid(f"[stand-in script] Reply(tool_use=...) names tool {name!r} "
+                    raise Invalid(f"[stand-in script] Reply(tool_use=...) names tool {name!r} "
                                    f"but the request declares tools: {declared}")
         if reply.chunks is not None:
             text: str | None = "".join(reply.chunks)
@@ -1211,7 +720,7 @@ class AnthropicStandin:
         usage = self._usage(body)
         usage["output_tokens"] = 0 if max_tokens == 0 else max(1, sum(
             estimate_tokens(b["text"]) if b["type"] == "text"
-            else estimate_tokens(_canonical(b["input"])) + 10 for b in content))
+            else estimate_tokens(canonical_json(b["input"])) + 10 for b in content))
         return {
             "id": msg_id, "type": "message", "role": "assistant", "model": body["model"],
             "content": content, "stop_reason": reply.stop_reason or stop_reason,
