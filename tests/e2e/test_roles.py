@@ -19,9 +19,7 @@ import pytest
 from tests.e2e.sandboxes import REPO, SUITES, require_root, tool_env
 
 ROLES = sorted(
-    path.parents[2].name for path in REPO.glob("roles/*/molecule/default/molecule.yml")
-    if path.parents[2].name != "sandbox_sample"
-)
+    path.parents[2].name for path in REPO.glob("roles/*/molecule/default/molecule.yml"))
 
 
 def test_every_deployment_role_has_a_scenario() -> None:

@@ -272,7 +272,7 @@ def test_molecule_test_of_the_sample_scenario_passes():
     started = time.monotonic()
     proc = subprocess.run(
         ["molecule", "test"],
-        cwd=REPO / "roles" / "sandbox_sample",
+        cwd=REPO / "sandbox" / "roles" / "sandbox_sample",
         env=dict(tool_env(), NO_COLOR="1", ANSIBLE_FORCE_COLOR="0"),
         capture_output=True,
         text=True,
@@ -286,7 +286,7 @@ def test_molecule_test_of_the_sample_scenario_passes():
     output = proc.stdout + proc.stderr
     for step in ("create", "converge", "idempotence", "verify", "destroy"):
         assert f"{step}: Executed: Successful" in output, step
-    print(f"molecule test of roles/sandbox_sample: {time.monotonic() - started:.0f}s")
+    print(f"molecule test of sandbox/roles/sandbox_sample: {time.monotonic() - started:.0f}s")
     name = f"mol-sandbox-sample-bookworm-{hashlib.sha1(str(REPO).encode()).hexdigest()[:6]}"
     assert "Take the sandbox down" in output
     status = json.loads(run_tool("status", "--json").stdout)
