@@ -25,7 +25,7 @@ import ssl
 import statistics
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -206,13 +206,14 @@ class SteadyLoad:
         return [o.key for o in self.outcomes if o.kind == kind and o.status in (200, 201)]
 
 
-def wait_until_answered(telegram: TelegramStandin, load: SteadyLoad,
-                        timeout: float = 300, resent: int = 0) -> None:
+def wait_until_answered(telegram: TelegramStandin, load: SteadyLoad, timeout: float = 300,
+                        resent: Callable[[], int] = lambda: 0) -> int:
     """Every delivery ``load`` had acknowledged is answered (a reply sent to the Telegram
-    stand-in), exactly once; fails the test after ``timeout`` seconds. ``resent``: how many
-    replies the service logged sending again unchecked (a part in flight when a host died:
-    Telegram cannot be asked whether it arrived, docs/channels.md), each of which may show
-    twice."""
+    stand-in), exactly once; fails the test after ``timeout`` seconds. ``resent`` reads how
+    many replies the service logged sending again unchecked (a part in flight when a host
+    died: Telegram cannot be asked whether it arrived, docs/channels.md), each of which may
+    show twice; it is read once every delivery is answered, since a takeover sends them
+    late. Returns that count."""
     wanted = {int(key) for key in load.acknowledged("webhook")}
     deadline = time.monotonic() + timeout
     while True:
@@ -227,8 +228,11 @@ def wait_until_answered(telegram: TelegramStandin, load: SteadyLoad,
     missing = wanted - set(replies)
     twice = {update: n for update, n in replies.items() if n > 1}
     assert not missing, f"{len(missing)} of {len(wanted)} acknowledged deliveries unanswered"
-    assert sum(n - 1 for n in twice.values()) <= resent and all(n == 2 for n in twice.values()), \
-        f"answered more than once: {twice} ({resent} sent again unchecked)"
+    sent_again = resent()
+    assert sum(n - 1 for n in twice.values()) <= sent_again \
+        and all(n == 2 for n in twice.values()), \
+        f"answered more than once: {twice} ({sent_again} sent again unchecked)"
+    return sent_again
 
 
 class _Failed(Exception):

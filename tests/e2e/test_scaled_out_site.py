@@ -488,10 +488,11 @@ def test_an_app_host_dying_fails_no_request_but_its_own_in_flight(scale_out: Sca
     # A reply part in flight on app2 when it died is sent again by app (Telegram cannot be
     # asked whether it arrived: docs/channels.md), saying so in its log; only those may
     # show twice.
-    resent = len(scale_out.on("app", f"journalctl -u digitalme -o cat --no-pager {since} "
-                                     "| grep -F 'sending again what may have arrived already'",
-                              check=False).stdout.splitlines())
-    wait_until_answered(scale_out.telegram, load, timeout=180, resent=resent)
+    def sent_again() -> int:
+        return len(scale_out.on("app", f"journalctl -u digitalme -o cat --no-pager {since} "
+                                       "| grep -F 'sending again what may have arrived already'",
+                                check=False).stdout.splitlines())
+    resent = wait_until_answered(scale_out.telegram, load, timeout=180, resent=sent_again)
     print(f"failover: {len(load.outcomes)} requests, {len(failed)} failed (all in flight "
           f"on app2 when it died), {len(after)} served by the survivor after it, "
           f"{len(wanted)} deliveries answered ({resent} sent again unchecked); chat turns/s "
