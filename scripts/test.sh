@@ -8,8 +8,8 @@ mkdir -p artifacts
 set +e
 # Three workers by default (PYTEST_WORKERS=0 runs in this process): on 2 cores, two workers
 # left the CPU idle about a third of the time (waiting on hosts: boots, services, timers);
-# a third fills most of it (whole suite 39-41 min on three; 52 on two, measured before every
-# play ran over Mitogen; issue 12). Modules that share a
+# a third fills most of it (whole suite 39-46 min on three, runs of 2026-12-07; 52 on two,
+# measured before every play ran over Mitogen; issue 12). Modules that share a
 # sandbox stay on one worker (tests/conftest.py: pytest_xdist_make_scheduler).
 # --durations: where the time goes, in every run (the 40-minute budget, issue 12).
 .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-3}" --dist loadscope --durations=30 "$@"
