@@ -27,7 +27,8 @@ from .config import (
     settings_reference_markdown,
     unknown_variables,
 )
-from .db import Database, DatabaseError, database_for, first_line
+from .db import Database, database_for
+from .engine import DatabaseError, first_line
 from .inbox import STATUSES
 from .loglines import LineFormatter, LineHandler
 from .persona import PersonaError, PersonaStore, build_prompt, load_persona_file

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .db import Connection, Database, Row
+from .db import Database
+from .engine import Connection, Row
 from .models import message_answer
 from .usage import Usage
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .conversations import now_iso
-from .db import Database, DatabaseError
+from .db import Database
+from .engine import DatabaseError
 from .llm import Claude
 from .persona import PersonaStore
 

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .conversations import now_iso
-from .db import Connection, Database
+from .db import Database
+from .engine import Connection
 
 STATUSES = ("pending", "processing", "done", "failed", "ignored")
 

@@ -20,7 +20,8 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from .db import Connection, Database
+from .db import Database
+from .engine import Connection
 from .models import MAX_WEIGHT, MIN_WEIGHT, Persona
 
 MAX_PERSONA_BYTES = 256 * 1024

@@ -38,7 +38,7 @@ from psycopg.rows import RowMaker
 from psycopg.types.string import TextLoader
 
 from .committer import GroupCommitter
-from .db import DatabaseError, Migration, Row, first_line
+from .engine import DatabaseError, Migration, Row, first_line
 
 if TYPE_CHECKING:
     from psycopg._cursor_base import BaseCursor

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .config import Settings
-from .db import Connection, Database
+from .db import Database
+from .engine import Connection
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from .committer import GroupCommitter
-from .db import DatabaseError, Migration, Row
+from .engine import DatabaseError, Migration, Row
 
 T = TypeVar("T")
 

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import DatabaseUrl
-from .db import Database, DatabaseError, first_line
+from .db import Database
+from .engine import DatabaseError, first_line
 
 Target = Path | DatabaseUrl
 _SKIPPED = ("schema_migrations",)
