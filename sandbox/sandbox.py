@@ -59,7 +59,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -355,8 +355,8 @@ def _image_recipe_script() -> str:
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C
 printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
 rm -f /etc/apt/sources.list
-apt-get -q update
-apt-get -q -y -o Dpkg::Options::=--force-confold dist-upgrade
+apt-get -q -o Acquire::Retries=3 update
+apt-get -q -y -o Acquire::Retries=3 -o Dpkg::Options::=--force-confold dist-upgrade
 update-ca-certificates >/dev/null
 apt-get clean
 rm -f /usr/sbin/policy-rc.d
@@ -471,8 +471,6 @@ def build_image(sources: AptSources, key: str) -> Path:
     shutil.rmtree(build_dir, ignore_errors=True)
     root = build_dir / "rootfs"
     root.mkdir(parents=True)
-    debs = CACHE / "debootstrap-debs"
-    debs.mkdir(parents=True, exist_ok=True)
     build_log = images / f"build-{sources.suite}.log"
     log(
         f"building the base image with debootstrap ({sources.suite}, {sources.mirror}); "
@@ -482,23 +480,7 @@ def build_image(sources: AptSources, key: str) -> Path:
     if sources.upstream_proxy:
         env["http_proxy"] = sources.upstream_proxy
     with open(build_log, "w") as out:
-        steps: list[tuple[str, list[str], float]] = [
-            (
-                "debootstrap",
-                [
-                    "debootstrap",
-                    "--variant=minbase",
-                    f"--include={','.join(BASE_PACKAGES)}",
-                    f"--cache-dir={debs}",
-                    sources.suite,
-                    str(root),
-                    sources.mirror,
-                ],
-                900,
-            ),
-        ]
-        for step, argv, timeout in steps:
-            _logged_step(step, argv, timeout, out, env)
+        _debootstrap(root, BASE_PACKAGES, sources, out, env)
         _configure_image(root, sources)
         resolv = root / "etc/resolv.conf"  # the chroot's apt resolves the mirror like we do
         resolv.unlink(missing_ok=True)
@@ -564,9 +546,46 @@ def _logged_step(step: str, argv: list[str], timeout: float, out: Any, env: dict
     if proc.returncode != 0:
         out.flush()
         tail = "\n".join(Path(out.name).read_text().splitlines()[-25:])
-        raise SandboxError(
+        raise StepFailed(
             f"image step '{step}' failed (exit {proc.returncode}); {out.name} ends:\n{tail}"
         )
+
+
+class StepFailed(SandboxError):
+    """An image step that ran to its end and failed (not one that timed out)."""
+
+
+DEBOOTSTRAP_ATTEMPTS = 3
+
+
+def _debootstrap(
+    root: Path, packages: Iterable[str], sources: AptSources, out: Any, env: dict[str, str]
+) -> None:
+    """A minimal Debian tree in `root`, tried again from an empty `root` when a run fails:
+    a download from the mirror fails now and then (debootstrap does not retry one), and
+    the shared package cache keeps what earlier attempts fetched."""
+    debs = CACHE / "debootstrap-debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "debootstrap",
+        "--variant=minbase",
+        f"--include={','.join(packages)}",
+        f"--cache-dir={debs}",
+        sources.suite,
+        str(root),
+        sources.mirror,
+    ]
+    for attempt in range(1, DEBOOTSTRAP_ATTEMPTS + 1):
+        try:
+            _logged_step(f"debootstrap, attempt {attempt}", argv, 900, out, env)
+            return
+        except StepFailed:
+            if attempt == DEBOOTSTRAP_ATTEMPTS:
+                raise
+        log(f"debootstrap failed (attempt {attempt} of {DEBOOTSTRAP_ATTEMPTS}); trying again")
+        shutil.rmtree(root)
+        root.mkdir()
+        time.sleep(5 * attempt)
 
 
 def _gc_images(keep: Path) -> None:
@@ -612,8 +631,8 @@ def _container_base_recipe_script() -> str:
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C
 printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
 rm -f /etc/apt/sources.list
-apt-get -q update
-apt-get -q -y -o Dpkg::Options::=--force-confold dist-upgrade
+apt-get -q -o Acquire::Retries=3 update
+apt-get -q -y -o Acquire::Retries=3 -o Dpkg::Options::=--force-confold dist-upgrade
 apt-get clean
 rm -f /usr/sbin/policy-rc.d
 # Slim, as Debian's own -slim images: no docs (but the licences), manuals or translations.
@@ -696,20 +715,13 @@ def build_container_base(sources: AptSources, key: str) -> Path:
     shutil.rmtree(build_dir, ignore_errors=True)
     root = build_dir / "rootfs"
     root.mkdir(parents=True)
-    debs = CACHE / "debootstrap-debs"
-    debs.mkdir(parents=True, exist_ok=True)
     build_log = bases / "build.log"
     log(f"building the container base with debootstrap ({sources.suite}); log: {build_log}")
     env = dict(os.environ, LC_ALL="C")
     if sources.upstream_proxy:
         env["http_proxy"] = sources.upstream_proxy
     with open(build_log, "w") as out:
-        _logged_step(
-            "debootstrap",
-            ["debootstrap", "--variant=minbase", f"--include={','.join(CONTAINER_BASE_PACKAGES)}",
-             f"--cache-dir={debs}", sources.suite, str(root), sources.mirror],
-            900, out, env,
-        )
+        _debootstrap(root, CONTAINER_BASE_PACKAGES, sources, out, env)
         (root / "etc/apt/sources.list.d").mkdir(parents=True, exist_ok=True)
         (root / "etc/apt/sources.list.d/debian.sources").write_text(sources.sources_file())
         resolv = root / "etc/resolv.conf"
