@@ -19,7 +19,7 @@ validation (in pydantic-core, compiled).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, get_args, get_type_hints
+from typing import Annotated, Any, Literal, NamedTuple, Protocol, get_args, get_type_hints
 
 from pydantic import (
     BaseModel,
@@ -34,9 +34,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
-
-if TYPE_CHECKING:
-    from .conversations import Message as MessageRecord
 
 Scope = Literal["chat", "admin"]
 SCOPES: tuple[str, ...] = get_args(Scope)
@@ -242,6 +239,28 @@ class Usage(Answer):
     output_tokens: int | None
     cache_read_tokens: int | None
     cache_write_tokens: int | None
+
+
+class MessageRecord(Protocol):
+    """What the answers below read of a stored message (conversations.Message, which
+    renders itself with them: this module does not import it)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def conversation_id(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def created_at(self) -> str: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def stop_reason(self) -> str | None: ...
+    @property
+    def cost_usd(self) -> float | None: ...
 
 
 class UserMessage(Answer):
