@@ -309,6 +309,14 @@ def test_the_monitoring_host_watches_the_scaled_out_site(scale_out: ScaleOut) ->
     wait_for(lambda: [r for r in prometheus(scale_out.deployment, "/api/v1/query?query=" + quote(
         'digitalme_backup_drill_success{host="db"} == 1'), host="db")["result"]], 60,
         "the drill's success on the monitoring host")
+    # WAL archiving is watched (WALArchivingFailing reads both series): the segments the
+    # drill restored were archived (failures before the stanza existed may be counted).
+    archiver = {sample["metric"]["__name__"]: float(sample["value"][1]) for sample in wait_for(
+        lambda: prometheus(scale_out.deployment, "/api/v1/query?query=" + quote(
+            '{__name__=~"pg_stat_archiver_(archived|failed)_count", host="db"}'),
+            host="db")["result"], 60, "pg_stat_archiver on the monitoring host")}
+    assert archiver.get("pg_stat_archiver_archived_count", 0) > 0, archiver
+    assert "pg_stat_archiver_failed_count" in archiver, archiver
     # Nothing fires on a healthy site (rules' `for:` shortened to 10 s here): in particular
     # no LitestreamDown or BackupDrillNeverRan for app hosts that keep no SQLite database.
     time.sleep(30)

@@ -166,8 +166,10 @@ async def test_email_telegram_and_webhook_receive_alerts_and_down_hosts_inhibit(
                 {"alertname": "TargetDown", "host": "replica", "job": "node-extra",
                  "severity": "warning"},
                 {"alertname": "LitestreamDown", "host": "app", "severity": "critical"},
+                {"alertname": "PostgreSQLDown", "host": "db", "severity": "critical"},
+                {"alertname": "WALArchivingFailing", "host": "db", "severity": "critical"},
             ])
-            for name in ("HostDown", "LitestreamDown"):
+            for name in ("HostDown", "LitestreamDown", "PostgreSQLDown"):
                 assert await asyncio.to_thread(
                     webhook.wait_for, "firing", alertname=name, timeout=30), webhook.summary()
             await wait(lambda: len(telegram.sent) >= 2 and len(mailbox.messages) >= 2,
@@ -179,7 +181,13 @@ async def test_email_telegram_and_webhook_receive_alerts_and_down_hosts_inhibit(
                 target_down = (await listed.json())[0]
             assert target_down["status"]["state"] == "suppressed"
             assert target_down["status"]["inhibitedBy"], target_down
+            # So is a consequence whose cause fires on the same host.
+            async with session.get(f"{url}/api/v2/alerts",
+                                   params={"filter": 'alertname="WALArchivingFailing"'}) as listed:
+                archiving = (await listed.json())[0]
+            assert archiving["status"]["state"] == "suppressed", archiving
         assert webhook.find("firing", alertname="TargetDown") is None, webhook.summary()
+        assert webhook.find("firing", alertname="WALArchivingFailing") is None, webhook.summary()
 
         texts = [message["text"] for message in telegram.sent]
         assert {str(message["chat_id"]) for message in telegram.sent} == {"424242"}
