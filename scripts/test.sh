@@ -6,13 +6,13 @@ cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 mkdir -p artifacts
 set +e
-# Three workers by default (PYTEST_WORKERS=0 runs in this process): on 2 cores, two workers
-# left the CPU idle about a third of the time (waiting on hosts: boots, services, timers);
-# a third fills most of it (whole suite 39-46 min on three, runs of 2026-12-07; 52 on two,
-# measured before every play ran over Mitogen; issue 12). Modules that share a
-# sandbox stay on one worker (tests/conftest.py: pytest_xdist_make_scheduler).
+# Four workers by default (PYTEST_WORKERS=0 runs in this process): on 2 cores the workers
+# mostly wait on hosts (boots, services, timers, alerts), so more of them fill the CPU: the
+# whole suite took 37:50 on four, 44 on three (clean clones, 2026-12-07; CPU idle about 16%
+# either way) and 52 on two before every play ran over Mitogen (issue 12). Modules that
+# share a sandbox stay on one worker (tests/conftest.py: pytest_xdist_make_scheduler).
 # --durations: where the time goes, in every run (the 40-minute budget, issue 12).
-.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-3}" --dist loadscope --durations=30 "$@"
+.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-4}" --dist loadscope --durations=30 "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then
