@@ -8,7 +8,7 @@ mkdir -p artifacts
 set +e
 # Four workers by default (PYTEST_WORKERS=0 runs in this process): on 2 cores the workers
 # mostly wait on hosts (boots, services, timers, alerts), so more of them fill the CPU: the
-# whole suite took 37:50 on four, 44 on three (clean clones, 2026-12-07; CPU idle about 16%
+# whole suite took 37:50 and 42:37 on four, 44 on three (clean clones, 2026-12-07; CPU idle 16-18%
 # either way) and 52 on two before every play ran over Mitogen (issue 12). Modules that
 # share a sandbox stay on one worker (tests/conftest.py: pytest_xdist_make_scheduler).
 # --durations: where the time goes, in every run (the 40-minute budget, issue 12).

@@ -237,7 +237,7 @@ def artifacts() -> Path:
     return ARTIFACTS
 
 
-# --- workers (pytest-xdist, `scripts/test.sh` runs three) -------------------------------------
+# --- workers (pytest-xdist, `scripts/test.sh` runs four) --------------------------------------
 # An end-to-end module's tests share its sandbox and run in order, so a module goes to one
 # worker whole; the modules on the shared site.yml deployment (tests/e2e/deployments.py) go
 # to one worker together, which makes that deployment once. Each role's Molecule scenario
