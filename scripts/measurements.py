@@ -289,13 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         copied = record(args.artifacts)
         print(f"recorded: {', '.join(copied) or 'nothing (no artifacts)'}")
         return 0
-    stale = [path for path, (text, new) in rendered_docs().items() if text != new]
+    stale = {path: new for path, (text, new) in rendered_docs().items() if text != new}
     if args.command == "check":
         for path in stale:
             print(f"{path.relative_to(REPO)}: a measured block differs from docs/measured/ "
                   "(run: python -m scripts.measurements write)", file=sys.stderr)
         return 1 if stale else 0
-    for path, (_, new) in rendered_docs().items():
+    for path, new in stale.items():
         path.write_text(new)
     print(f"wrote: {', '.join(str(p.relative_to(REPO)) for p in stale) or 'nothing changed'}")
     return 0
