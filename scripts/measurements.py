@@ -142,6 +142,14 @@ FIGURES: dict[str, tuple[Figure, ...]] = {
         _s("site_rerun_seconds", "`site.yml` again, nothing to change"),
         _s("site_fresh_host_seconds", "`site.yml` on a fresh host, restoring from the replica"),
     ),
+    "compose": (
+        _s("engine_install_seconds", "`apt-get install docker.io docker-compose` on the host"),
+        _s("up_build_seconds", "`docker-compose up --build -d` (images built, nothing cached)"),
+        _s("up_to_ready_seconds", "from `up --build` to `/health/ready` through Caddy"),
+        _s("replica_visible_seconds",
+           "a chat turn acknowledged to it restoring from the replica volume"),
+        _s("restart_to_ready_seconds", "`down`, then `up -d` to `/health/ready` again"),
+    ),
     "scale-out": (
         _s("site-fresh_seconds",
            "fresh `site.yml`: database, load balancer and monitoring host, two app hosts"),
