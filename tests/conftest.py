@@ -249,6 +249,9 @@ def artifacts() -> Path:
 # same shared sandbox at once.
 E2E_DIR = "tests/e2e/"
 SHARED_SITE_MODULES = ("test_site", "test_monitoring", "test_upgrade")
+# Modules whose deployment is parametrized (a scenario, a Debian release): each parameter
+# is a scope of its own, so they run on different workers at once.
+PER_PARAMETER_MODULES = ("test_roles", "test_compose")
 
 
 def worker_scope(nodeid: str) -> str:
@@ -259,7 +262,7 @@ def worker_scope(nodeid: str) -> str:
     module = Path(path).stem
     if module in SHARED_SITE_MODULES:
         return "e2e:shared-site"
-    if module == "test_roles" and "[" in rest:
+    if module in PER_PARAMETER_MODULES and "[" in rest:
         return f"e2e:{module}[{rest.split('[', 1)[1]}"
     return f"e2e:{module}"
 

