@@ -6,6 +6,7 @@ test:
 
 lint:
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 
 # Sandbox hosts (sandbox/sandbox.py, docs/sandbox.md): HOSTS="app replica" or

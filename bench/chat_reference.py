@@ -42,7 +42,8 @@ async def token_id(request: web.Request) -> int | None:
         return None
     digest = hashlib.sha256(secret.strip().encode()).hexdigest()
     rows = await request.app[DB].execute_fetchall(
-        "SELECT id FROM api_tokens WHERE token_sha256 = ? AND revoked_at IS NULL", (digest,))
+        "SELECT id FROM api_tokens WHERE token_sha256 = ? AND revoked_at IS NULL", (digest,)
+    )
     return next((int(row[0]) for row in rows), None)
 
 
@@ -55,7 +56,8 @@ async def create_conversation(request: web.Request) -> web.Response:
     await db.execute(
         "INSERT INTO conversations (id, channel, external_id, token_id, created_at,"
         " updated_at) VALUES (?, 'api', ?, ?, ?, ?)",
-        (conversation_id, conversation_id, owner, stamp, stamp))
+        (conversation_id, conversation_id, owner, stamp, stamp),
+    )
     await db.commit()
     return web.json_response({"id": conversation_id}, status=201)
 
@@ -68,23 +70,40 @@ async def post_message(request: web.Request) -> web.Response:
     db = request.app[DB]
     cursor = await db.execute(
         "INSERT INTO messages (conversation_id, role, text, created_at) VALUES (?, 'user', ?, ?)",
-        (conversation_id, text, now()))
+        (conversation_id, text, now()),
+    )
     user_id = cursor.lastrowid
     await db.commit()
     reply = await request.app[CLAUDE].messages.create(
-        model=os.environ.get("DIGITALME_MODEL", "claude-test"), max_tokens=1024,
-        system=[{"type": "text", "text": request.app[PROMPT],
-                 "cache_control": {"type": "ephemeral"}}],
-        messages=[{"role": "user", "content": text}])
+        model=os.environ.get("DIGITALME_MODEL", "claude-test"),
+        max_tokens=1024,
+        system=[
+            {"type": "text", "text": request.app[PROMPT], "cache_control": {"type": "ephemeral"}}
+        ],
+        messages=[{"role": "user", "content": text}],
+    )
     answer = "".join(block.text for block in reply.content if block.type == "text")
     cursor = await db.execute(
         "INSERT INTO messages (conversation_id, role, text, created_at, model, input_tokens,"
         " output_tokens, stop_reason) VALUES (?, 'assistant', ?, ?, ?, ?, ?, ?)",
-        (conversation_id, answer, now(), reply.model, reply.usage.input_tokens,
-         reply.usage.output_tokens, reply.stop_reason))
+        (
+            conversation_id,
+            answer,
+            now(),
+            reply.model,
+            reply.usage.input_tokens,
+            reply.usage.output_tokens,
+            reply.stop_reason,
+        ),
+    )
     await db.commit()
-    return web.json_response({"message": {"id": user_id, "text": text},
-                              "reply": {"id": cursor.lastrowid, "text": answer}}, status=201)
+    return web.json_response(
+        {
+            "message": {"id": user_id, "text": text},
+            "reply": {"id": cursor.lastrowid, "text": answer},
+        },
+        status=201,
+    )
 
 
 def make_app(db_path: Path, prompt: str) -> web.Application:
@@ -94,8 +113,12 @@ def make_app(db_path: Path, prompt: str) -> web.Application:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         db = await aiosqlite.connect(db_path)
         db.row_factory = sqlite3.Row
-        for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=5000",
-                       "foreign_keys=ON"):
+        for pragma in (
+            "journal_mode=WAL",
+            "synchronous=FULL",
+            "busy_timeout=5000",
+            "foreign_keys=ON",
+        ):
             await db.execute_fetchall(f"PRAGMA {pragma}")
         app[DB] = db
         app[CLAUDE] = anthropic.AsyncAnthropic(max_retries=0)  # ANTHROPIC_* from the env
@@ -114,11 +137,20 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--db", type=Path, required=True, help="a migrated DigitalMe database")
-    parser.add_argument("--persona-prompt", type=Path, required=True,
-                        help="file with the system prompt (DigitalMe's, built once)")
+    parser.add_argument(
+        "--persona-prompt",
+        type=Path,
+        required=True,
+        help="file with the system prompt (DigitalMe's, built once)",
+    )
     args = parser.parse_args()
-    web.run_app(make_app(args.db, args.persona_prompt.read_text()), host=args.host,
-                port=args.port, print=None, access_log=None)
+    web.run_app(
+        make_app(args.db, args.persona_prompt.read_text()),
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+    )
 
 
 if __name__ == "__main__":

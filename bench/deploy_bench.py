@@ -36,16 +36,18 @@ from tests.support.process import StandinProcess
 
 HOSTS = ("app:digitalme,monitoring", "replica:backup_targets")
 STANDIN_PORT = 8765  # digitalme_anthropic_base_url in inventory/sandbox/group_vars
-STRATEGIES = {"mitogen": "mitogen_linear", "mitogen-shipped": "mitogen_linear",
-              "linear": "linear"}
+STRATEGIES = {"mitogen": "mitogen_linear", "mitogen-shipped": "mitogen_linear", "linear": "linear"}
 # Mitogen's own plugin folder instead of ansible.cfg's: its mitogen_linear, not the shim's.
-SHIPPED_PLUGINS = Path(importlib.util.find_spec("ansible_mitogen").origin or "").parent \
-    / "plugins" / "strategy"
+SHIPPED_PLUGINS = (
+    Path(importlib.util.find_spec("ansible_mitogen").origin or "").parent / "plugins" / "strategy"
+)
 
 
 def recap(output: str) -> dict[str, dict[str, int]]:
-    return {host: {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", counters)}
-            for host, counters in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", output, re.MULTILINE)}
+    return {
+        host: {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", counters)}
+        for host, counters in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", output, re.MULTILINE)
+    }
 
 
 def site_yml(sandbox: Sandbox, strategy: str, *args: str, unchanged: bool) -> float:
@@ -60,23 +62,35 @@ def site_yml(sandbox: Sandbox, strategy: str, *args: str, unchanged: bool) -> fl
     result = sandbox.ansible_playbook("playbooks/site.yml", *args, check=False, timeout=3600)
     seconds = time.monotonic() - started
     counts = recap(result.stdout)
-    failed = result.returncode != 0 or not counts or any(
-        c["failed"] or c["unreachable"] for c in counts.values())
+    failed = (
+        result.returncode != 0
+        or not counts
+        or any(c["failed"] or c["unreachable"] for c in counts.values())
+    )
     changed = unchanged and any(c["changed"] for c in counts.values())
     if failed or changed:
-        sys.exit(f"deploy_bench: site.yml {' '.join(args)} with {strategy} "
-                 f"{'failed' if failed else 'changed something'}: {counts}\n"
-                 f"{result.stdout[-4000:]}\n{result.stderr[-2000:]}")
+        sys.exit(
+            f"deploy_bench: site.yml {' '.join(args)} with {strategy} "
+            f"{'failed' if failed else 'changed something'}: {counts}\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
+        )
     return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="rounds of no-change runs: linear, Mitogen as shipped, ours "
-                             "(default 2)")
-    parser.add_argument("--suite", choices=("bookworm", "trixie"), default="bookworm",
-                        help="the hosts' Debian release (default bookworm)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="rounds of no-change runs: linear, Mitogen as shipped, ours (default 2)",
+    )
+    parser.add_argument(
+        "--suite",
+        choices=("bookworm", "trixie"),
+        default="bookworm",
+        help="the hosts' Debian release (default bookworm)",
+    )
     parser.add_argument("--name", default="bench-deploy", help="the sandbox's name")
     parser.add_argument("--keep", action="store_true", help="keep the sandbox afterwards")
     parser.add_argument("--json", action="store_true", help="also print one JSON line")
@@ -98,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             for strategy in times:
                 seconds = site_yml(sandbox, strategy, unchanged=True)
                 times[strategy].append(seconds)
-                print(f"round {round_}: no-change site.yml ({strategy}): {seconds:.1f} s",
-                      flush=True)
+                print(
+                    f"round {round_}: no-change site.yml ({strategy}): {seconds:.1f} s", flush=True
+                )
         check = site_yml(sandbox, "mitogen", "--check", "--diff", unchanged=True)
         print(f"--check --diff (mitogen): {check:.1f} s")
     finally:
@@ -109,16 +124,25 @@ def main(argv: list[str] | None = None) -> int:
     medians = {strategy: statistics.median(runs) for strategy, runs in times.items()}
     ratio = medians["linear"] / medians["mitogen"]
     shipped_ratio = medians["mitogen-shipped"] / medians["mitogen"]
-    print(f"no-change site.yml: linear {medians['linear']:.1f} s, Mitogen as shipped "
-          f"{medians['mitogen-shipped']:.1f} s, ours {medians['mitogen']:.1f} s (medians): "
-          f"ours is {ratio:.2f}x faster than linear, {shipped_ratio:.2f}x than Mitogen as "
-          f"shipped; load average now {os.getloadavg()[0]:.1f}")
+    print(
+        f"no-change site.yml: linear {medians['linear']:.1f} s, Mitogen as shipped "
+        f"{medians['mitogen-shipped']:.1f} s, ours {medians['mitogen']:.1f} s (medians): "
+        f"ours is {ratio:.2f}x faster than linear, {shipped_ratio:.2f}x than Mitogen as "
+        f"shipped; load average now {os.getloadavg()[0]:.1f}"
+    )
     if args.json:
-        print(json.dumps({"fresh_mitogen_seconds": round(fresh, 1),
-                          "no_change_seconds": times, "check_mitogen_seconds": round(check, 1),
-                          "ratio_linear_over_mitogen": round(ratio, 2),
-                          "ratio_shipped_over_mitogen": round(shipped_ratio, 2),
-                          "repo": str(REPO)}))
+        print(
+            json.dumps(
+                {
+                    "fresh_mitogen_seconds": round(fresh, 1),
+                    "no_change_seconds": times,
+                    "check_mitogen_seconds": round(check, 1),
+                    "ratio_linear_over_mitogen": round(ratio, 2),
+                    "ratio_shipped_over_mitogen": round(shipped_ratio, 2),
+                    "repo": str(REPO),
+                }
+            )
+        )
     return 0
 
 

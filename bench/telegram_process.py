@@ -32,8 +32,7 @@ async def serve(token: str, report: Path) -> None:
     async with running(TelegramStandin(token)) as telegram:
         print(f"telegram-standin listening on {telegram.base_url}", flush=True)
         await stop.wait()
-        replies = [body.get("reply_parameters", {}).get("message_id")
-                   for body in telegram.sent]
+        replies = [body.get("reply_parameters", {}).get("message_id") for body in telegram.sent]
     await asyncio.to_thread(report.write_text, json.dumps(replies))
 
 

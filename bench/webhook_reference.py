@@ -36,7 +36,8 @@ async def store(request: web.Request, channel: str, delivery_id: str, raw: bytes
     await db.execute(
         "INSERT INTO deliveries (channel, delivery_id, payload) VALUES (?, ?, ?)"
         " ON CONFLICT (channel, delivery_id) DO NOTHING",
-        (channel, delivery_id, raw.decode()))
+        (channel, delivery_id, raw.decode()),
+    )
     await db.commit()
 
 
@@ -67,9 +68,11 @@ def make_app(db_path: Path, telegram_secret: str, github_secret: str) -> web.App
         db = await aiosqlite.connect(db_path)
         for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=5000"):
             await db.execute_fetchall(f"PRAGMA {pragma}")
-        await db.execute("CREATE TABLE IF NOT EXISTS deliveries (id INTEGER PRIMARY KEY,"
-                         " channel TEXT NOT NULL, delivery_id TEXT NOT NULL,"
-                         " payload TEXT NOT NULL, UNIQUE (channel, delivery_id))")
+        await db.execute(
+            "CREATE TABLE IF NOT EXISTS deliveries (id INTEGER PRIMARY KEY,"
+            " channel TEXT NOT NULL, delivery_id TEXT NOT NULL,"
+            " payload TEXT NOT NULL, UNIQUE (channel, delivery_id))"
+        )
         await db.commit()
         app[DB] = db
         yield
@@ -87,9 +90,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--db", type=Path, required=True)
     args = parser.parse_args()
-    web.run_app(make_app(args.db, os.environ["BENCH_TELEGRAM_SECRET"],
-                         os.environ["BENCH_GITHUB_SECRET"]),
-                host=args.host, port=args.port, print=None, access_log=None)
+    web.run_app(
+        make_app(args.db, os.environ["BENCH_TELEGRAM_SECRET"], os.environ["BENCH_GITHUB_SECRET"]),
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+    )
 
 
 if __name__ == "__main__":

@@ -259,8 +259,9 @@ class AptSources:
         ).stdout.strip()
         match = re.match(r"^P='(.*)'$", proxy)
         upstream = match.group(1) if match and match.group(1) not in ("", "DIRECT") else None
-        return cls(suite=suite, entries=tuple(entries), mirror=mirror, hosts=hosts,
-                   upstream_proxy=upstream)
+        return cls(
+            suite=suite, entries=tuple(entries), mirror=mirror, hosts=hosts, upstream_proxy=upstream
+        )
 
     def sources_file(self) -> str:
         """The hosts' /etc/apt/sources.list.d/debian.sources (deb822): one stanza per mirror,
@@ -306,7 +307,7 @@ def _entries_for_suite(found: list[AptSource], suite: str, own: str) -> list[Apt
     if own not in {_codename(e.suite) for e in found}:
         own = _codename(found[0].suite)
     return [
-        dataclasses.replace(e, suite=suite + e.suite[len(own):])
+        dataclasses.replace(e, suite=suite + e.suite[len(own) :])
         for e in found
         if _codename(e.suite) == own
     ]
@@ -341,8 +342,14 @@ def _parse_sources(text: str, deb822: bool) -> list[AptSource]:
             words = re.sub(r"\[[^]]*\]", "", line).split()
             if len(words) >= 3 and words[0] == "deb":
                 keyring = re.search(r"signed-by=(\S+)", options.group(1)) if options else None
-                found.append(AptSource(words[1], words[2], tuple(words[3:]) or ("main",),
-                                       keyring.group(1) if keyring else ""))
+                found.append(
+                    AptSource(
+                        words[1],
+                        words[2],
+                        tuple(words[3:]) or ("main",),
+                        keyring.group(1) if keyring else "",
+                    )
+                )
     return found
 
 
@@ -701,8 +708,10 @@ def ensure_container_base(rebuild: bool = False) -> Path:
             log(f"cached container base {candidate.name} is {problem}: not using it")
     folder = build_container_base(sources, key)
     for old in bases.iterdir():
-        if old != folder and old.is_dir() and not (
-            old.name.startswith(".build-") and _pid_alive(int(old.name.rsplit("-", 1)[1]))
+        if (
+            old != folder
+            and old.is_dir()
+            and not (old.name.startswith(".build-") and _pid_alive(int(old.name.rsplit("-", 1)[1])))
         ):
             shutil.rmtree(old, ignore_errors=True)
     return folder / "rootfs.tar"
@@ -733,9 +742,21 @@ def build_container_base(sources: AptSources, key: str) -> Path:
         )
         _logged_step(
             "finish the container base (apt update, upgrade, clean)",
-            ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
-             "/bin/sh", "-c", chroot, _container_base_recipe_script()],
-            900, out, env,
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--pid",
+                "--fork",
+                "/bin/sh",
+                "-c",
+                chroot,
+                _container_base_recipe_script(),
+            ],
+            900,
+            out,
+            env,
         )
         missing = [m for m in CONTAINER_BASE_MARKERS if not (root / m).exists()]
         if missing:
@@ -743,17 +764,35 @@ def build_container_base(sources: AptSources, key: str) -> Path:
         # One archive, sorted and with numeric owners: the same tree gives the same bytes.
         _logged_step(
             "archive the root file system",
-            ["tar", "--sort=name", "--numeric-owner", "--xattrs", "-C", str(root),
-             "--exclude=./dev/*", "--exclude=./proc/*", "--exclude=./sys/*",
-             "-cf", str(build_dir / "rootfs.tar"), "."],
-            300, out, env,
+            [
+                "tar",
+                "--sort=name",
+                "--numeric-owner",
+                "--xattrs",
+                "-C",
+                str(root),
+                "--exclude=./dev/*",
+                "--exclude=./proc/*",
+                "--exclude=./sys/*",
+                "-cf",
+                str(build_dir / "rootfs.tar"),
+                ".",
+            ],
+            300,
+            out,
+            env,
         )
     shutil.rmtree(root)
     seconds = time.monotonic() - started
-    meta = {"key": key, "built_at": time.time(), "build_seconds": round(seconds, 1),
-            "suite": sources.suite, "packages": list(CONTAINER_BASE_PACKAGES),
-            "markers": list(CONTAINER_BASE_MARKERS),
-            "bytes": (build_dir / "rootfs.tar").stat().st_size}
+    meta = {
+        "key": key,
+        "built_at": time.time(),
+        "build_seconds": round(seconds, 1),
+        "suite": sources.suite,
+        "packages": list(CONTAINER_BASE_PACKAGES),
+        "markers": list(CONTAINER_BASE_MARKERS),
+        "bytes": (build_dir / "rootfs.tar").stat().st_size,
+    }
     (build_dir / "image.json").write_text(json.dumps(meta, indent=2) + "\n")
     final = bases / f"{key}.{time.strftime('%Y%m%d%H%M%S')}"
     os.replace(build_dir, final)
@@ -928,9 +967,15 @@ def _cgroup_procs_files(relative: str, controllers: bool = False) -> list[str]:
     return [str(_make_cgroup(root, relative) / "cgroup.procs") for root in roots]
 
 
-def _spawn_in_cgroup(argv: list[str], log_path: Path | str, mode: str,
-                     cgroup: str, *, env: dict[str, str] | None = None,
-                     controllers: bool = False) -> subprocess.Popen[bytes]:
+def _spawn_in_cgroup(
+    argv: list[str],
+    log_path: Path | str,
+    mode: str,
+    cgroup: str,
+    *,
+    env: dict[str, str] | None = None,
+    controllers: bool = False,
+) -> subprocess.Popen[bytes]:
     """Start a long-lived child in its own session, inside the sandbox's cgroup (so that
     `down` finds and kills it), with its output appended to (or replacing) log_path.
     controllers: in its own cgroup of every cgroup v1 resource controller too (a
@@ -1400,7 +1445,7 @@ def _tail(path: Path, lines: int) -> str:
 
 
 def _split_spec(spec: str) -> tuple[str, str, str]:
-    """"app@containers:digitalme,monitoring" -> ("app", "containers", "digitalme,monitoring")."""
+    """ "app@containers:digitalme,monitoring" -> ("app", "containers", "digitalme,monitoring")."""
     host, _, group_text = spec.partition(":")
     name, _, kind = host.partition("@")
     if "@" in host and kind not in HOST_KINDS:
@@ -1625,7 +1670,7 @@ def _prepare_container_kind(paths: dict[str, Path], root: Path) -> None:
         "Type=oneshot\n"
         "RemainAfterExit=yes\n"
         "ExecStart=/bin/sh -ec 'for d in /sys/fs/cgroup/*/; do "
-        "mount -o remount,bind,rw \"$$d\"; done'\n"
+        'mount -o remount,bind,rw "$$d"; done\'\n'
         "\n"
         "[Install]\n"
         "WantedBy=sysinit.target\n"
@@ -1685,8 +1730,7 @@ def start_host(state: dict[str, Any], host: str) -> None:
     # A container-kind host gets its own cgroup in every v1 controller too: the cgroup
     # namespace nspawn gives the guest is rooted there, so what its engines create (and
     # what the guest may write once it remounts them) stays below it.
-    proc = _spawn_in_cgroup(argv, paths["console"], "w", cgroup, env=env,
-                            controllers=containers)
+    proc = _spawn_in_cgroup(argv, paths["console"], "w", cgroup, env=env, controllers=containers)
     record["nspawn"] = {"pid": proc.pid, "start": _proc_start(proc.pid), "cgroup": cgroup}
     record["started_at"] = time.time()
     save_state(state)
@@ -2015,8 +2059,11 @@ def sandbox_up(
             stop_hosts(state, gone)
         stale = [h for h in state["hosts"] if not host_is_healthy(state, h)]
         # A host asked for as another kind is booted fresh as that kind.
-        rekinded = [h for h in state["hosts"]
-                    if h not in stale and state["hosts"][h].get("kind", "plain") != kinds[h]]
+        rekinded = [
+            h
+            for h in state["hosts"]
+            if h not in stale and state["hosts"][h].get("kind", "plain") != kinds[h]
+        ]
         # A host that died (or was killed) comes back fresh under its name and address.
         reused = {h: state["hosts"][h]["index"] for h in stale + rekinded}
         if stale:
@@ -2200,8 +2247,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         for name, record in sorted(state["hosts"].items(), key=lambda item: item[1]["index"]):
             alive = "running" if host_is_healthy(state, name) else "NOT HEALTHY"
             kind = "" if record.get("kind", "plain") == "plain" else f" ({record['kind']} kind)"
-            print(f"  {name:<16} {record['address']:<15} {','.join(record['groups']):<24} "
-                  f"{alive}{kind}")
+            print(
+                f"  {name:<16} {record['address']:<15} {','.join(record['groups']):<24} "
+                f"{alive}{kind}"
+            )
     return 0
 
 
@@ -2304,8 +2353,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ssh = sub.add_parser("ssh", help="ssh into a host (pinned host key)")
     ssh.add_argument("--name", default=DEFAULT_NAME, help=name_help)
-    ssh.add_argument("--user", default="root",
-                     help="log in as this user (after the base role, root may not: use admin)")
+    ssh.add_argument(
+        "--user",
+        default="root",
+        help="log in as this user (after the base role, root may not: use admin)",
+    )
     ssh.add_argument("host")
     ssh.add_argument("command", nargs=argparse.REMAINDER)
     ssh.set_defaults(func=cmd_ssh)

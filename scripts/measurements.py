@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
 MEASURED = REPO / "docs" / "measured"
 BLOCK = re.compile(
-    r"(<!-- measured: (?P<source>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /measured -->)", re.DOTALL)
+    r"(<!-- measured: (?P<source>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /measured -->)", re.DOTALL
+)
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,10 @@ FIGURES: dict[str, tuple[Figure, ...]] = {
     "site": (
         _s("site_fresh_seconds", "`site.yml` on fresh hosts (app with monitoring, SFTP target)"),
         _s("site_rerun_seconds", "`site.yml` again, nothing to change (`changed=0`)"),
-        _s("package_install_floor_seconds",
-           "`apt-get install` of the same packages on a bare host (the floor)"),
+        _s(
+            "package_install_floor_seconds",
+            "`apt-get install` of the same packages on a bare host (the floor)",
+        ),
         Figure("site_fresh_over_floor", "fresh `site.yml` over the floor", "ratio"),
         _s("replica_visible_seconds", "a chat turn acknowledged to it being on the SFTP target"),
         Figure("exposure_{}", "`systemd-analyze security` exposure of `{}`", "score"),
@@ -66,8 +69,10 @@ FIGURES: dict[str, tuple[Figure, ...]] = {
         _s("deploy_previous_release_seconds", "`site.yml` deploying the previous commit"),
         _s("upgrade_play_seconds", "`upgrade.yml` to the checkout, under load: the play"),
         _s("upgrade_deploy_seconds", "of which the deploy (lock to passed gate)"),
-        _s("upgrade_restart_seconds",
-           "the restart (`systemctl restart` until the new process accepted)"),
+        _s(
+            "upgrade_restart_seconds",
+            "the restart (`systemctl restart` until the new process accepted)",
+        ),
         _s("upgrade_gate_seconds", "the health gate (readiness and a smoke chat turn)"),
         _n("upgrade_requests_during", "requests during the play"),
         _n("upgrade_requests_failed", "of which failed"),
@@ -77,8 +82,10 @@ FIGURES: dict[str, tuple[Figure, ...]] = {
         _s("upgrade_p99_before_seconds", "p99 latency before the play"),
         _s("upgrade_p99_during_seconds", "p99 latency during the play"),
         _s("upgrade_nothing_new_seconds", "`upgrade.yml` with nothing new (`changed=0`)"),
-        _s("automatic_rollback_seconds",
-           "automatic rollback of a release that never became ready (back to ready)"),
+        _s(
+            "automatic_rollback_seconds",
+            "automatic rollback of a release that never became ready (back to ready)",
+        ),
         _s("rollback_code_play_seconds", "`rollback.yml`, code only: the play"),
         _s("rollback_code_seconds", "`rollback.yml`, code only: the deploy tool"),
         _s("rollback_data_play_seconds", "`rollback.yml`, code and data: the play"),
@@ -90,8 +97,10 @@ FIGURES: dict[str, tuple[Figure, ...]] = {
     ),
     "recovery": (
         _s("site_fresh_seconds", "`site.yml` on fresh hosts (app, SFTP target)"),
-        _n("sigkill_acknowledged_writes_restored",
-           "acknowledged writes restored after Litestream's SIGKILL"),
+        _n(
+            "sigkill_acknowledged_writes_restored",
+            "acknowledged writes restored after Litestream's SIGKILL",
+        ),
         Figure("database_bytes", "database size", "bytes"),
         _n("acknowledged_before_loss", "writes acknowledged before the loss (20 s of writes)"),
         _n("lost_tail_writes", "lost tail writes"),
@@ -105,8 +114,10 @@ FIGURES: dict[str, tuple[Figure, ...]] = {
         Figure("rto_over_raw_copy", "RTO over the raw copy", "ratio"),
         Figure("restore_over_raw_copy", "restore over the raw copy", "ratio"),
         _s("drill_seconds", "restore drill on the recovered host"),
-        _s("new_replica_synced_seconds",
-           "a corrupted replica replaced: `backup.yml` to the new replica synced"),
+        _s(
+            "new_replica_synced_seconds",
+            "a corrupted replica replaced: `backup.yml` to the new replica synced",
+        ),
     ),
     "s3": (
         _s("site_fresh_seconds", "`site.yml` on a fresh app host replicating to S3"),
@@ -120,16 +131,23 @@ FIGURES: dict[str, tuple[Figure, ...]] = {
         _s("proxy_again_seconds", "`proxy.yml` again, nothing to change"),
         _n("requests_during_renewal", "requests during a renewal (all verified, none failed)"),
         _s("proxy_tls_alpn_seconds", "`proxy.yml` switching to TLS-ALPN-01 alone"),
-        _s("proxy_tls_alpn_fresh_seconds",
-           "`proxy.yml` getting a first certificate over TLS-ALPN-01, port 80 closed"),
-        _s("proxy_blocked_seconds",
-           "`proxy.yml` failing with both challenge ports closed (to the CA's error)"),
+        _s(
+            "proxy_tls_alpn_fresh_seconds",
+            "`proxy.yml` getting a first certificate over TLS-ALPN-01, port 80 closed",
+        ),
+        _s(
+            "proxy_blocked_seconds",
+            "`proxy.yml` failing with both challenge ports closed (to the CA's error)",
+        ),
         _s("proxy_unblocked_seconds", "`proxy.yml` once the ports are open again"),
     ),
     "container": (
         _s("site_fresh_seconds", "`site.yml` on fresh hosts, container runtime (app, replica)"),
-        Figure("exposure_digitalme_unit", "`systemd-analyze security` exposure of "
-               "`digitalme.service` (the container's unit)", "score"),
+        Figure(
+            "exposure_digitalme_unit",
+            "`systemd-analyze security` exposure of `digitalme.service` (the container's unit)",
+            "score",
+        ),
         Figure("image_megabytes", "the release's image", "MB"),
         _s("image_build_no_cache_seconds", "building the image again without cache"),
         _s("replica_visible_seconds", "a chat turn acknowledged to it being on the replica host"),
@@ -143,40 +161,59 @@ FIGURES: dict[str, tuple[Figure, ...]] = {
         _s("site_fresh_host_seconds", "`site.yml` on a fresh host, restoring from the replica"),
     ),
     "compose": (
-        _s("{}_engine_install_seconds",
-           "{}: `apt-get install` of Docker Engine and Compose on the host"),
+        _s(
+            "{}_engine_install_seconds",
+            "{}: `apt-get install` of Docker Engine and Compose on the host",
+        ),
         _s("{}_up_build_seconds", "{}: `compose up --build -d` (images built, nothing cached)"),
         _s("{}_up_to_ready_seconds", "{}: from `up --build` to `/health/ready` through Caddy"),
-        _s("{}_replica_visible_seconds",
-           "{}: a chat turn acknowledged to it restoring from the replica volume"),
+        _s(
+            "{}_replica_visible_seconds",
+            "{}: a chat turn acknowledged to it restoring from the replica volume",
+        ),
         _s("{}_restart_to_ready_seconds", "{}: `down`, then `up -d` to `/health/ready` again"),
     ),
     "scale-out": (
-        _s("site-fresh_seconds",
-           "fresh `site.yml`: database, load balancer and monitoring host, two app hosts"),
+        _s(
+            "site-fresh_seconds",
+            "fresh `site.yml`: database, load balancer and monitoring host, two app hosts",
+        ),
         _s("site-second_seconds", "second `site.yml`, nothing to change (`changed=0`)"),
         _s("failover_kill_seconds", "the kill of an app host (`sandbox.py kill`, a power cut)"),
-        Figure("failover_turns_per_second_two_hosts",
-               "chat turns through the load balancer, two app hosts", "rate"),
+        Figure(
+            "failover_turns_per_second_two_hosts",
+            "chat turns through the load balancer, two app hosts",
+            "rate",
+        ),
         Figure("failover_turns_per_second_one_host", "the same after one is killed", "rate"),
         _n("failover_requests", "requests under load across the kill"),
         _n("failover_failed_in_flight", "of which failed (in flight on the killed host)"),
-        _s("restore-refused_seconds",
-           "`restore-database.yml` refusing a target the backups cannot reach"),
+        _s(
+            "restore-refused_seconds",
+            "`restore-database.yml` refusing a target the backups cannot reach",
+        ),
         _s("restore-database_seconds", "`restore-database.yml` to a point in time"),
         _s("restore-undo_seconds", "undoing it"),
-        _s("database_recovery_seconds",
-           "the database host lost: `site.yml` on it and a bare app host, restore included"),
-        _n("database_recovery_messages_lost",
-           "chat turns lost (written after the last archived WAL segment)"),
+        _s(
+            "database_recovery_seconds",
+            "the database host lost: `site.yml` on it and a bare app host, restore included",
+        ),
+        _n(
+            "database_recovery_messages_lost",
+            "chat turns lost (written after the last archived WAL segment)",
+        ),
         _s("site-recovery_seconds", "of which `site.yml`"),
     ),
     "trixie": (
-        _s("trixie-site-fresh_seconds",
-           "`site.yml` on fresh Debian 13 hosts (app with monitoring, replica)"),
+        _s(
+            "trixie-site-fresh_seconds",
+            "`site.yml` on fresh Debian 13 hosts (app with monitoring, replica)",
+        ),
         _s("trixie-site-rerun_seconds", "`site.yml` again, nothing to change"),
-        _s("remote_litestream_down_alert_seconds",
-           "Litestream stopped on the app host to the monitoring host's alert"),
+        _s(
+            "remote_litestream_down_alert_seconds",
+            "Litestream stopped on the app host to the monitoring host's alert",
+        ),
     ),
 }
 
@@ -190,7 +227,7 @@ def describe(source: str, key: str) -> tuple[int, str, str] | None:
             continue
         head, tail = figure.key.split("{}")
         if key.startswith(head) and key.endswith(tail) and len(key) > len(head) + len(tail):
-            name = key[len(head):len(key) - len(tail)]
+            name = key[len(head) : len(key) - len(tail)]
             return order, figure.what.format(name), figure.unit
     return None
 
@@ -221,13 +258,18 @@ def render(source: str, measured: dict[str, object]) -> str:
     figures: dict[str, float] = measured["figures"]  # type: ignore[assignment]
     missing = undescribed(source, figures)
     if missing:
-        raise ValueError(f"{source}: figures not described in scripts/measurements.py: "
-                         f"{', '.join(missing)}")
+        raise ValueError(
+            f"{source}: figures not described in scripts/measurements.py: {', '.join(missing)}"
+        )
     rows = sorted((describe(source, key), key) for key in figures)  # type: ignore[type-var]
-    lines = [f"Recorded {measured['recorded']} at commit `{measured['commit']}` by the "
-             f"README's test command (`docs/measured/{source}.json`, from "
-             f"`artifacts/{source}-timings.json`):", "",
-             "| Figure | Value | Key |", "| --- | --- | --- |"]
+    lines = [
+        f"Recorded {measured['recorded']} at commit `{measured['commit']}` by the "
+        f"README's test command (`docs/measured/{source}.json`, from "
+        f"`artifacts/{source}-timings.json`):",
+        "",
+        "| Figure | Value | Key |",
+        "| --- | --- | --- |",
+    ]
     for (_, what, unit), key in rows:
         lines.append(f"| {what} | {value_text(figures[key], unit)} | `{key}` |")
     return "\n".join(lines) + "\n"
@@ -239,8 +281,9 @@ def load(source: str) -> dict[str, object]:
 
 
 def docs_with_blocks() -> list[Path]:
-    return sorted(path for path in (REPO / "docs").rglob("*.md")
-                  if "<!-- measured: " in path.read_text())
+    return sorted(
+        path for path in (REPO / "docs").rglob("*.md") if "<!-- measured: " in path.read_text()
+    )
 
 
 def rendered_docs() -> dict[Path, tuple[str, str]]:
@@ -248,8 +291,9 @@ def rendered_docs() -> dict[Path, tuple[str, str]]:
     result = {}
     for path in docs_with_blocks():
         text = path.read_text()
-        new = BLOCK.sub(lambda m: m[1] + "\n" + render(m["source"], load(m["source"])) + "\n"
-                        + m[4], text)
+        new = BLOCK.sub(
+            lambda m: m[1] + "\n" + render(m["source"], load(m["source"])) + "\n" + m[4], text
+        )
         result[path] = (text, new)
     return result
 
@@ -262,7 +306,10 @@ def record(artifacts: Path) -> list[str]:
     for checkout in (artifacts.resolve().parent, REPO):
         commit = subprocess.run(  # noqa: S603
             ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],  # noqa: S607
-            capture_output=True, text=True, check=False).stdout.strip()
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
         if commit:
             break
     MEASURED.mkdir(exist_ok=True)
@@ -271,15 +318,20 @@ def record(artifacts: Path) -> list[str]:
         path = artifacts / f"{source}-timings.json"
         if not path.exists():
             continue
-        figures = {k: v for k, v in json.loads(path.read_text()).items()
-                   if isinstance(v, int | float)}
+        figures = {
+            k: v for k, v in json.loads(path.read_text()).items() if isinstance(v, int | float)
+        }
         missing = undescribed(source, figures)
         if missing:
-            raise SystemExit(f"{path}: describe these figures in scripts/measurements.py "
-                             f"first: {', '.join(missing)}")
+            raise SystemExit(
+                f"{path}: describe these figures in scripts/measurements.py "
+                f"first: {', '.join(missing)}"
+            )
         recorded = time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))
-        (MEASURED / f"{source}.json").write_text(json.dumps(
-            {"recorded": recorded, "commit": commit, "figures": figures}, indent=2) + "\n")
+        (MEASURED / f"{source}.json").write_text(
+            json.dumps({"recorded": recorded, "commit": commit, "figures": figures}, indent=2)
+            + "\n"
+        )
         copied.append(source)
     return copied
 
@@ -287,10 +339,15 @@ def record(artifacts: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    recording = commands.add_parser("record", help="copy artifacts/*-timings.json into "
-                                    "docs/measured/ (after a full test run)")
-    recording.add_argument("--artifacts", type=Path, default=ARTIFACTS,
-                           help="the run's artifacts folder (default: artifacts/)")
+    recording = commands.add_parser(
+        "record", help="copy artifacts/*-timings.json into docs/measured/ (after a full test run)"
+    )
+    recording.add_argument(
+        "--artifacts",
+        type=Path,
+        default=ARTIFACTS,
+        help="the run's artifacts folder (default: artifacts/)",
+    )
     commands.add_parser("write", help="render the docs' measured blocks from docs/measured/")
     commands.add_parser("check", help="exit 1 when a block differs from its copy")
     args = parser.parse_args(argv)
@@ -301,8 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     stale = {path: new for path, (text, new) in rendered_docs().items() if text != new}
     if args.command == "check":
         for path in stale:
-            print(f"{path.relative_to(REPO)}: a measured block differs from docs/measured/ "
-                  "(run: python -m scripts.measurements write)", file=sys.stderr)
+            print(
+                f"{path.relative_to(REPO)}: a measured block differs from docs/measured/ "
+                "(run: python -m scripts.measurements write)",
+                file=sys.stderr,
+            )
         return 1 if stale else 0
     for path, new in stale.items():
         path.write_text(new)

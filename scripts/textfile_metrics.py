@@ -14,8 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tools import digitalme_deploy, drill_report
 
 _SAMPLE_DRILL = {"ok": True, "rows": {"messages": 1}}
-_SAMPLE_DEPLOY = {"result": "success", "finished_at": "2026-12-07T00:00:00+00:00",
-                  "kind": "deploy"}
+_SAMPLE_DEPLOY = {"result": "success", "finished_at": "2026-12-07T00:00:00+00:00", "kind": "deploy"}
 
 
 def textfile_metrics_markdown() -> str:
@@ -30,8 +29,9 @@ def textfile_metrics_markdown() -> str:
             labels = sorted({key for sample in family.samples for key in sample.labels})
             suffix = "{" + ",".join(labels) + "}" if labels else ""
             name = f"{family.name}_total" if family.type == "counter" else family.name
-            lines.append(f"| `{name}{suffix}` | {family.type} | {writer} | "
-                         f"{family.documentation} |")
+            lines.append(
+                f"| `{name}{suffix}` | {family.type} | {writer} | {family.documentation} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -88,20 +88,33 @@ class AlertReceiver:
     def arrivals(self) -> list[Arrival]:
         with self._changed:
             notifications = list(self.notifications)
-        return [Arrival(received_at, alert["status"], alert["labels"], alert["annotations"],
-                        alert["startsAt"], alert["endsAt"])
-                for received_at, payload in notifications for alert in payload["alerts"]]
+        return [
+            Arrival(
+                received_at,
+                alert["status"],
+                alert["labels"],
+                alert["annotations"],
+                alert["startsAt"],
+                alert["endsAt"],
+            )
+            for received_at, payload in notifications
+            for alert in payload["alerts"]
+        ]
 
     def find(self, status: str, *, after: float = 0.0, **labels: str) -> Arrival | None:
         """The first alert with this status and these labels that arrived after ``after``."""
         for arrival in self.arrivals():
-            if (arrival.status == status and arrival.received_at >= after
-                    and all(arrival.labels.get(k) == v for k, v in labels.items())):
+            if (
+                arrival.status == status
+                and arrival.received_at >= after
+                and all(arrival.labels.get(k) == v for k, v in labels.items())
+            ):
                 return arrival
         return None
 
-    def wait_for(self, status: str, *, after: float = 0.0, timeout: float = 120.0,
-                 **labels: str) -> Arrival | None:
+    def wait_for(
+        self, status: str, *, after: float = 0.0, timeout: float = 120.0, **labels: str
+    ) -> Arrival | None:
         """Wait until :meth:`find` finds one (None on timeout)."""
         deadline = time.monotonic() + timeout
         with self._changed:  # an RLock: find() takes it again
@@ -114,7 +127,11 @@ class AlertReceiver:
 
     def summary(self) -> str:
         """What arrived, one line per alert, for failure messages."""
-        return "\n".join(
-            f"{time.strftime('%H:%M:%S', time.localtime(a.received_at))} {a.status:8} "
-            f"{a.labels.get('alertname')} {json.dumps(a.labels, sort_keys=True)}"
-            for a in self.arrivals()) or "(nothing arrived)"
+        return (
+            "\n".join(
+                f"{time.strftime('%H:%M:%S', time.localtime(a.received_at))} {a.status:8} "
+                f"{a.labels.get('alertname')} {json.dumps(a.labels, sort_keys=True)}"
+                for a in self.arrivals()
+            )
+            or "(nothing arrived)"
+        )

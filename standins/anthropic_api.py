@@ -264,7 +264,8 @@ class AnthropicStandin:
         hashes = {hashlib.sha256(k.encode()).hexdigest() for k in api_keys or ()}
         hashes |= {h.lower() for h in api_key_sha256s or ()}
         self._accepted_key_hashes: frozenset[str] | None = (
-            frozenset(hashes) if api_keys is not None or api_key_sha256s is not None else None)
+            frozenset(hashes) if api_keys is not None or api_key_sha256s is not None else None
+        )
         self.strict_alternation = strict_alternation
         self.strict_fields = strict_fields
         self.min_cache_tokens = min_cache_tokens
@@ -334,8 +335,9 @@ class AnthropicStandin:
         """Wait until at least ``count`` requests have arrived (of any kind)."""
         assert self._arrived is not None, "stand-in not started"
         async with self._arrived:
-            await asyncio.wait_for(self._arrived.wait_for(lambda: len(self.requests) >= count),
-                                   timeout)
+            await asyncio.wait_for(
+                self._arrived.wait_for(lambda: len(self.requests) >= count), timeout
+            )
         return list(self.requests)
 
     def _label(self, behaviour: Behaviour) -> str:
@@ -365,8 +367,9 @@ class AnthropicStandin:
         return f"http://{host}:{self.port}"
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=32 * 1024 * 1024,
-                              middlewares=[self._error_middleware])
+        app = web.Application(
+            client_max_size=32 * 1024 * 1024, middlewares=[self._error_middleware]
+        )
         app.router.add_post("/v1/messages", self._handle_messages)
         app.router.add_post("/v1/messages/count_tokens", self._handle_count_tokens)
         return app
@@ -375,8 +378,13 @@ class AnthropicStandin:
         """Listen on exactly ``host:port`` (port 0: any free port). Returns the base URL."""
         self._closing = asyncio.Event()
         self._arrived = asyncio.Condition()
-        self._runner = web.AppRunner(self.make_app(), handle_signals=False, access_log=None,
-                                     handler_cancellation=True, shutdown_timeout=2.0)
+        self._runner = web.AppRunner(
+            self.make_app(),
+            handle_signals=False,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=2.0,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -424,13 +432,15 @@ class AnthropicStandin:
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
-            return self._error_response(413, "request_too_large",
-                                        "Request exceeds the maximum allowed number of bytes.")
+            return self._error_response(
+                413, "request_too_large", "Request exceeds the maximum allowed number of bytes."
+            )
         except web.HTTPNotFound:
             return self._error_response(404, "not_found_error", "Not Found")
         except web.HTTPMethodNotAllowed:
-            return self._error_response(405, "invalid_request_error",
-                                        f"Method {request.method} not allowed")
+            return self._error_response(
+                405, "invalid_request_error", f"Method {request.method} not allowed"
+            )
 
     def _request_id(self) -> str:
         with self._lock:
@@ -438,13 +448,18 @@ class AnthropicStandin:
             n = self._counter
         return _make_id("req_", f"req:{n}")
 
-    def _error_response(self, status: int, error_type: str, message: str,
-                        headers: Mapping[str, str] | None = None) -> web.Response:
+    def _error_response(
+        self, status: int, error_type: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> web.Response:
         request_id = self._request_id()
-        body = {"type": "error", "error": {"type": error_type, "message": message},
-                "request_id": request_id}
-        return web.json_response(body, status=status,
-                                 headers={"request-id": request_id, **(headers or {})})
+        body = {
+            "type": "error",
+            "error": {"type": error_type, "message": message},
+            "request_id": request_id,
+        }
+        return web.json_response(
+            body, status=status, headers={"request-id": request_id, **(headers or {})}
+        )
 
     def _scripted_error(self, err: Error) -> web.Response:
         error_type = err.type or error_type_for(err.status)
@@ -459,8 +474,9 @@ class AnthropicStandin:
 
     async def _record(self, request: web.Request) -> tuple[RecordedRequest, bytes]:
         raw = await request.read()
-        headers = {k.lower(): v for k, v in request.headers.items()
-                   if k.lower() not in SECRET_HEADERS}
+        headers = {
+            k.lower(): v for k, v in request.headers.items() if k.lower() not in SECRET_HEADERS
+        }
         key, scheme = None, None
         if request.headers.get("x-api-key"):
             key, scheme = request.headers["x-api-key"], "x-api-key"
@@ -473,46 +489,72 @@ class AnthropicStandin:
         except ValueError:
             body = None
         rec = RecordedRequest(
-            method=request.method, path=request.path, query=dict(request.query), headers=headers,
+            method=request.method,
+            path=request.path,
+            query=dict(request.query),
+            headers=headers,
             api_key_present=key is not None,
             api_key_sha256=hashlib.sha256(key.encode()).hexdigest() if key is not None else None,
-            auth_scheme=scheme, body=body, time=time.time())
+            auth_scheme=scheme,
+            body=body,
+            time=time.time(),
+        )
         assert self._arrived is not None
         async with self._arrived:
             self.requests.append(rec)
             self._arrived.notify_all()
         return rec, raw
 
-    def _precheck(self, request: web.Request, rec: RecordedRequest, raw: bytes,
-                  ) -> web.Response | None:
+    def _precheck(
+        self,
+        request: web.Request,
+        rec: RecordedRequest,
+        raw: bytes,
+    ) -> web.Response | None:
         """Authentication, version header and JSON parsing, in that order."""
         if not rec.api_key_present:
-            return self._error_response(401, "authentication_error",
-                                        "x-api-key header is required")
-        if (self._accepted_key_hashes is not None
-                and rec.api_key_sha256 not in self._accepted_key_hashes):
+            return self._error_response(401, "authentication_error", "x-api-key header is required")
+        if (
+            self._accepted_key_hashes is not None
+            and rec.api_key_sha256 not in self._accepted_key_hashes
+        ):
             return self._error_response(401, "authentication_error", "invalid x-api-key")
         version = request.headers.get("anthropic-version")
         if not version:
-            return self._error_response(400, "invalid_request_error",
-                                        "anthropic-version: header is required")
+            return self._error_response(
+                400, "invalid_request_error", "anthropic-version: header is required"
+            )
         if not VERSION.match(version):
-            return self._error_response(400, "invalid_request_error",
-                                        f"anthropic-version: invalid version {version!r}")
+            return self._error_response(
+                400, "invalid_request_error", f"anthropic-version: invalid version {version!r}"
+            )
         if rec.body is None:
             what = "empty body" if not raw else "invalid JSON"
-            return self._error_response(400, "invalid_request_error",
-                                        f"There was an issue with the request body: {what}")
+            return self._error_response(
+                400, "invalid_request_error", f"There was an issue with the request body: {what}"
+            )
         return None
 
-    def _finish(self, rec: RecordedRequest, response: web.StreamResponse, outcome: str,
-                ) -> web.StreamResponse:
+    def _finish(
+        self,
+        rec: RecordedRequest,
+        response: web.StreamResponse,
+        outcome: str,
+    ) -> web.StreamResponse:
         rec.status = response.status
         rec.outcome = rec.outcome or outcome
         model = rec.body.get("model") if isinstance(rec.body, dict) else None
-        log.info("%s %s -> %s %s model=%s stream=%s key=%s behaviour=%s", rec.method,
-                 rec.path, rec.status, rec.outcome, model, rec.stream,
-                 "present" if rec.api_key_present else "missing", rec.behaviour or "-")
+        log.info(
+            "%s %s -> %s %s model=%s stream=%s key=%s behaviour=%s",
+            rec.method,
+            rec.path,
+            rec.status,
+            rec.outcome,
+            model,
+            rec.stream,
+            "present" if rec.api_key_present else "missing",
+            rec.behaviour or "-",
+        )
         return response
 
     # ---------------------------------------------------------------- handlers
@@ -525,11 +567,15 @@ class AnthropicStandin:
                 return self._finish(rec, early, "rejected")
             beta = request.query.get("beta") == "true"
             error, _ = validate_messages_request(
-                rec.body, strict_alternation=self.strict_alternation,
-                strict_fields=self.strict_fields and not beta, count_tokens=True)
+                rec.body,
+                strict_alternation=self.strict_alternation,
+                strict_fields=self.strict_fields and not beta,
+                count_tokens=True,
+            )
             if error is not None:
-                return self._finish(rec, self._error_response(400, "invalid_request_error", error),
-                                    "rejected")
+                return self._finish(
+                    rec, self._error_response(400, "invalid_request_error", error), "rejected"
+                )
             behaviour = self._next_behaviour(consume=False)
             if behaviour is not None:
                 rec.behaviour = self._label(behaviour)
@@ -542,8 +588,9 @@ class AnthropicStandin:
             if isinstance(behaviour, Error | StreamThenError):
                 return self._finish(rec, self._scripted_error(self._as_error(behaviour)), "error")
             request_id = self._request_id()
-            response = web.json_response({"input_tokens": count_input_tokens(rec.body)},
-                                         headers={"request-id": request_id})
+            response = web.json_response(
+                {"input_tokens": count_input_tokens(rec.body)}, headers={"request-id": request_id}
+            )
             return self._finish(rec, response, "replied")
         except asyncio.CancelledError:
             rec.outcome = rec.outcome or "disconnected"
@@ -553,8 +600,11 @@ class AnthropicStandin:
     def _as_error(behaviour: Error | StreamThenError) -> Error:
         if isinstance(behaviour, Error):
             return behaviour
-        return Error(status=ERROR_STATUSES.get(behaviour.error_type, 500),
-                     type=behaviour.error_type, message=behaviour.message)
+        return Error(
+            status=ERROR_STATUSES.get(behaviour.error_type, 500),
+            type=behaviour.error_type,
+            message=behaviour.message,
+        )
 
     async def _handle_messages(self, request: web.Request) -> web.StreamResponse:
         rec, raw = await self._record(request)
@@ -569,23 +619,36 @@ class AnthropicStandin:
             log.info("%s %s -> %s", rec.method, rec.path, rec.outcome)
             raise
 
-    async def _messages(self, request: web.Request, rec: RecordedRequest, raw: bytes,
-                        ) -> web.StreamResponse:
+    async def _messages(
+        self,
+        request: web.Request,
+        rec: RecordedRequest,
+        raw: bytes,
+    ) -> web.StreamResponse:
         early = self._precheck(request, rec, raw)
         if early is not None:
             return self._finish(rec, early, "rejected")
         body: dict[str, Any] = rec.body
         beta = request.query.get("beta") == "true"
         error, tool_names = validate_messages_request(
-            body, strict_alternation=self.strict_alternation,
-            strict_fields=self.strict_fields and not beta)
-        if error is None and self.known_models is not None and body["model"] not in \
-                self.known_models:
-            return self._finish(rec, self._error_response(404, "not_found_error",
-                                                          f"model: {body['model']}"), "rejected")
+            body,
+            strict_alternation=self.strict_alternation,
+            strict_fields=self.strict_fields and not beta,
+        )
+        if (
+            error is None
+            and self.known_models is not None
+            and body["model"] not in self.known_models
+        ):
+            return self._finish(
+                rec,
+                self._error_response(404, "not_found_error", f"model: {body['model']}"),
+                "rejected",
+            )
         if error is not None:
-            return self._finish(rec, self._error_response(400, "invalid_request_error", error),
-                                "rejected")
+            return self._finish(
+                rec, self._error_response(400, "invalid_request_error", error), "rejected"
+            )
 
         behaviour: Behaviour | None = self._next_behaviour(consume=True)
         rec.behaviour = self._label(behaviour) if behaviour is not None else "default"
@@ -609,8 +672,9 @@ class AnthropicStandin:
         try:
             message = self._build_message(body, reply, tool_names)
         except Invalid as exc:
-            return self._finish(rec, self._error_response(400, "invalid_request_error", str(exc)),
-                                "script_error")
+            return self._finish(
+                rec, self._error_response(400, "invalid_request_error", str(exc)), "script_error"
+            )
 
         with self._lock:
             delay = self._delay
@@ -618,8 +682,9 @@ class AnthropicStandin:
             return self._drop(request, rec)
         if not rec.stream:
             request_id = self._request_id()
-            return self._finish(rec, web.json_response(message, headers={"request-id": request_id}),
-                                "replied")
+            return self._finish(
+                rec, web.json_response(message, headers={"request-id": request_id}), "replied"
+            )
         cut = behaviour if isinstance(behaviour, StreamThenError | StreamThenHang) else None
         return await self._stream(request, rec, message, reply, cut)
 
@@ -655,7 +720,7 @@ class AnthropicStandin:
                     self._cache[key] = (now + entry[1], entry[1])
                     break
             previous = read
-            for i, key, ttl in keys[hit + 1:]:
+            for i, key, ttl in keys[hit + 1 :]:
                 if prefix[i] < self.min_cache_tokens:
                     continue
                 created[ttl] += prefix[i] - previous
@@ -666,28 +731,37 @@ class AnthropicStandin:
             "input_tokens": total - read - creation,
             "cache_creation_input_tokens": creation,
             "cache_read_input_tokens": read,
-            "cache_creation": {"ephemeral_5m_input_tokens": created["5m"],
-                               "ephemeral_1h_input_tokens": created["1h"]},
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": created["5m"],
+                "ephemeral_1h_input_tokens": created["1h"],
+            },
             "output_tokens": 0,
             "service_tier": "standard",
         }
 
-    def _build_message(self, body: Mapping[str, Any], reply: Reply, tool_names: set[str],
-                       ) -> dict[str, Any]:
+    def _build_message(
+        self,
+        body: Mapping[str, Any],
+        reply: Reply,
+        tool_names: set[str],
+    ) -> dict[str, Any]:
         with self._lock:
             self._counter += 1
             n = self._counter
         msg_id = _make_id("msg_", f"msg:{n}")
         calls: list[Mapping[str, Any]] = []
         if reply.tool_use is not None:
-            calls = [reply.tool_use] if isinstance(reply.tool_use, Mapping) else list(
-                reply.tool_use)
+            calls = (
+                [reply.tool_use] if isinstance(reply.tool_use, Mapping) else list(reply.tool_use)
+            )
             for call in calls:
                 name = call.get("name")
                 if name not in tool_names:
                     declared = ", ".join(sorted(tool_names)) or "none"
-                    raise Invalid(f"[stand-in script] Reply(tool_use=...) names tool {name!r} "
-                                   f"but the request declares tools: {declared}")
+                    raise Invalid(
+                        f"[stand-in script] Reply(tool_use=...) names tool {name!r} "
+                        f"but the request declares tools: {declared}"
+                    )
         if reply.chunks is not None:
             text: str | None = "".join(reply.chunks)
         elif reply.text is not None:
@@ -714,49 +788,91 @@ class AnthropicStandin:
         if text:
             content.append({"type": "text", "text": text})
         for k, call in enumerate(calls):
-            content.append({"type": "tool_use",
-                            "id": str(call.get("id") or _make_id("toolu_", f"toolu:{n}:{k}")),
-                            "name": call["name"], "input": dict(call.get("input") or {})})
+            content.append(
+                {
+                    "type": "tool_use",
+                    "id": str(call.get("id") or _make_id("toolu_", f"toolu:{n}:{k}")),
+                    "name": call["name"],
+                    "input": dict(call.get("input") or {}),
+                }
+            )
         usage = self._usage(body)
-        usage["output_tokens"] = 0 if max_tokens == 0 else max(1, sum(
-            estimate_tokens(b["text"]) if b["type"] == "text"
-            else estimate_tokens(canonical_json(b["input"])) + 10 for b in content))
+        usage["output_tokens"] = (
+            0
+            if max_tokens == 0
+            else max(
+                1,
+                sum(
+                    estimate_tokens(b["text"])
+                    if b["type"] == "text"
+                    else estimate_tokens(canonical_json(b["input"])) + 10
+                    for b in content
+                ),
+            )
+        )
         return {
-            "id": msg_id, "type": "message", "role": "assistant", "model": body["model"],
-            "content": content, "stop_reason": reply.stop_reason or stop_reason,
-            "stop_sequence": stop_sequence, "usage": usage,
+            "id": msg_id,
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": content,
+            "stop_reason": reply.stop_reason or stop_reason,
+            "stop_sequence": stop_sequence,
+            "usage": usage,
         }
 
-    async def _stream(self, request: web.Request, rec: RecordedRequest, message: dict[str, Any],
-                      reply: Reply, cut: StreamThenError | StreamThenHang | None,
-                      ) -> web.StreamResponse:
+    async def _stream(
+        self,
+        request: web.Request,
+        rec: RecordedRequest,
+        message: dict[str, Any],
+        reply: Reply,
+        cut: StreamThenError | StreamThenHang | None,
+    ) -> web.StreamResponse:
         request_id = self._request_id()
-        response = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-            "request-id": request_id})
+        response = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "request-id": request_id,
+            },
+        )
         await response.prepare(request)
         rec.status, rec.outcome = 200, "streaming"
         usage = message["usage"]
-        start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
-                 "usage": {**usage, "output_tokens": 1 if usage["output_tokens"] else 0}}
+        start = {
+            **message,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {**usage, "output_tokens": 1 if usage["output_tokens"] else 0},
+        }
         await response.write(_sse("message_start", {"type": "message_start", "message": start}))
         sent = 0
         pinged = False
         for index, block in enumerate(message["content"]):
             if block["type"] == "text":
                 first = {"type": "text", "text": ""}
-                pieces = list(reply.chunks) if reply.chunks is not None else _split_text(
-                    block["text"])
+                pieces = (
+                    list(reply.chunks) if reply.chunks is not None else _split_text(block["text"])
+                )
                 if "".join(pieces) != block["text"]:  # truncated by max_tokens / stop sequence
                     pieces = _split_text(block["text"])
                 deltas = [{"type": "text_delta", "text": p} for p in pieces]
             else:
                 first = {**block, "input": {}}
                 encoded = json.dumps(block["input"], separators=(",", ":"), ensure_ascii=False)
-                deltas = [{"type": "input_json_delta", "partial_json": p}
-                          for p in ["", *[encoded[i:i + 10] for i in range(0, len(encoded), 10)]]]
-            await response.write(_sse("content_block_start", {
-                "type": "content_block_start", "index": index, "content_block": first}))
+                deltas = [
+                    {"type": "input_json_delta", "partial_json": p}
+                    for p in ["", *[encoded[i : i + 10] for i in range(0, len(encoded), 10)]]
+                ]
+            await response.write(
+                _sse(
+                    "content_block_start",
+                    {"type": "content_block_start", "index": index, "content_block": first},
+                )
+            )
             if not pinged:
                 await response.write(_sse("ping", {"type": "ping"}))
                 pinged = True
@@ -765,41 +881,68 @@ class AnthropicStandin:
                     return await self._cut_stream(request, rec, response, cut)
                 if reply.chunk_delay and sent and not await self._pause(reply.chunk_delay):
                     return self._drop(request, rec)
-                await response.write(_sse("content_block_delta", {
-                    "type": "content_block_delta", "index": index, "delta": delta}))
+                await response.write(
+                    _sse(
+                        "content_block_delta",
+                        {"type": "content_block_delta", "index": index, "delta": delta},
+                    )
+                )
                 sent += 1
-            await response.write(_sse("content_block_stop",
-                                      {"type": "content_block_stop", "index": index}))
+            await response.write(
+                _sse("content_block_stop", {"type": "content_block_stop", "index": index})
+            )
         if cut is not None:
             return await self._cut_stream(request, rec, response, cut)
         if not pinged:
             await response.write(_sse("ping", {"type": "ping"}))
-        await response.write(_sse("message_delta", {
-            "type": "message_delta",
-            "delta": {"stop_reason": message["stop_reason"],
-                      "stop_sequence": message["stop_sequence"]},
-            "usage": {"output_tokens": usage["output_tokens"]}}))
+        await response.write(
+            _sse(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {
+                        "stop_reason": message["stop_reason"],
+                        "stop_sequence": message["stop_sequence"],
+                    },
+                    "usage": {"output_tokens": usage["output_tokens"]},
+                },
+            )
+        )
         await response.write(_sse("message_stop", {"type": "message_stop"}))
         await response.write_eof()
         rec.outcome = "streamed"
         return self._finish(rec, response, "streamed")
 
-    async def _cut_stream(self, request: web.Request, rec: RecordedRequest,
-                          response: web.StreamResponse, cut: StreamThenError | StreamThenHang,
-                          ) -> web.StreamResponse:
+    async def _cut_stream(
+        self,
+        request: web.Request,
+        rec: RecordedRequest,
+        response: web.StreamResponse,
+        cut: StreamThenError | StreamThenHang,
+    ) -> web.StreamResponse:
         if isinstance(cut, StreamThenHang):
             return await self._hang(request, rec)
         rec.outcome = "stream_error"
-        await response.write(_sse("error", {
-            "type": "error", "error": {"type": cut.error_type, "message": cut.message},
-            "request_id": response.headers.get("request-id")}))
+        await response.write(
+            _sse(
+                "error",
+                {
+                    "type": "error",
+                    "error": {"type": cut.error_type, "message": cut.message},
+                    "request_id": response.headers.get("request-id"),
+                },
+            )
+        )
         await response.write_eof()
         return self._finish(rec, response, "stream_error")
 
 
 @contextlib.asynccontextmanager
-async def run_anthropic_standin(host: str = "127.0.0.1", port: int = 0, **options: Any,
-                                ) -> AsyncIterator[AnthropicStandin]:
+async def run_anthropic_standin(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    **options: Any,
+) -> AsyncIterator[AnthropicStandin]:
     """Run a stand-in on ``host:port`` for the duration of the block."""
     standin = AnthropicStandin(**options)
     await standin.start(host, port)
@@ -816,26 +959,42 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m standins.anthropic_api",
         description="Local stand-in for the Anthropic Messages API (tests and demos). Prints "
-                    "'anthropic-standin listening on <url>' when ready; stops on SIGTERM/SIGINT.")
+        "'anthropic-standin listening on <url>' when ready; stops on SIGTERM/SIGINT.",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (only this one)")
     parser.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
-    parser.add_argument("--delay", type=float, default=0.0,
-                        help="seconds to wait before every successful answer")
-    parser.add_argument("--api-key-sha256", action="append", default=None, metavar="HEX",
-                        help="accept only keys with this sha256 (repeatable; default: any key)")
-    parser.add_argument("--min-cache-tokens", type=int, default=0,
-                        help="smallest prefix the simulated prompt cache stores")
-    parser.add_argument("--lenient-roles", action="store_true",
-                        help="merge consecutive same-role messages like the API instead of "
-                             "rejecting them")
+    parser.add_argument(
+        "--delay", type=float, default=0.0, help="seconds to wait before every successful answer"
+    )
+    parser.add_argument(
+        "--api-key-sha256",
+        action="append",
+        default=None,
+        metavar="HEX",
+        help="accept only keys with this sha256 (repeatable; default: any key)",
+    )
+    parser.add_argument(
+        "--min-cache-tokens",
+        type=int,
+        default=0,
+        help="smallest prefix the simulated prompt cache stores",
+    )
+    parser.add_argument(
+        "--lenient-roles",
+        action="store_true",
+        help="merge consecutive same-role messages like the API instead of rejecting them",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (stderr)")
     return parser.parse_args(argv)
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    standin = AnthropicStandin(api_key_sha256s=args.api_key_sha256, delay=args.delay,
-                               min_cache_tokens=args.min_cache_tokens,
-                               strict_alternation=not args.lenient_roles)
+    standin = AnthropicStandin(
+        api_key_sha256s=args.api_key_sha256,
+        delay=args.delay,
+        min_cache_tokens=args.min_cache_tokens,
+        strict_alternation=not args.lenient_roles,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -849,8 +1008,11 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     asyncio.run(_serve(args))
     return 0
 

@@ -58,15 +58,25 @@ def _block_tokens(block: Any) -> int:
 def token_units(body: Mapping[str, Any]) -> list[_Unit]:
     units: list[_Unit] = []
     for tool in body.get("tools") or []:
-        units.append(_Unit(estimate_tokens(canonical_json(tool)), "tool:" + canonical_json(tool),
-                           tool.get("cache_control")))
+        units.append(
+            _Unit(
+                estimate_tokens(canonical_json(tool)),
+                "tool:" + canonical_json(tool),
+                tool.get("cache_control"),
+            )
+        )
     system = body.get("system")
     if isinstance(system, str) and system:
         units.append(_Unit(estimate_tokens(system), "system:" + system, None))
     elif isinstance(system, list):
         for block in system:
-            units.append(_Unit(_block_tokens(block), "system:" + canonical_json(block),
-                               block.get("cache_control")))
+            units.append(
+                _Unit(
+                    _block_tokens(block),
+                    "system:" + canonical_json(block),
+                    block.get("cache_control"),
+                )
+            )
     first_message_unit = len(units)
     for message in body.get("messages") or []:
         role = message.get("role")
@@ -77,8 +87,13 @@ def token_units(body: Mapping[str, Any]) -> list[_Unit]:
         for j, block in enumerate(blocks):
             overhead = MESSAGE_OVERHEAD if j == 0 else 0
             cache_control = block.get("cache_control") if isinstance(block, dict) else None
-            units.append(_Unit(_block_tokens(block) + overhead, f"{role}:" + canonical_json(block),
-                               cache_control))
+            units.append(
+                _Unit(
+                    _block_tokens(block) + overhead,
+                    f"{role}:" + canonical_json(block),
+                    cache_control,
+                )
+            )
     top = body.get("cache_control")
     if isinstance(top, dict) and len(units) > first_message_unit:
         last = units[-1]
@@ -96,9 +111,11 @@ def text_of(content: Any) -> str:
         return content
     if not isinstance(content, list):
         return ""
-    return "\n".join(b["text"] for b in content
-                     if isinstance(b, dict) and b.get("type") == "text"
-                     and isinstance(b.get("text"), str))
+    return "\n".join(
+        b["text"]
+        for b in content
+        if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+    )
 
 
 def default_reply_text(body: Mapping[str, Any]) -> str:
@@ -109,6 +126,9 @@ def default_reply_text(body: Mapping[str, Any]) -> str:
             last_user = message.get("content")
     text = text_of(last_user)
     if not text and isinstance(last_user, list):
-        text = "\n".join(text_of(b.get("content")) for b in last_user
-                         if isinstance(b, dict) and b.get("type") == "tool_result")
+        text = "\n".join(
+            text_of(b.get("content"))
+            for b in last_user
+            if isinstance(b, dict) and b.get("type") == "tool_result"
+        )
     return f"Stand-in reply to: {text[:200]}"

@@ -10,20 +10,60 @@ from typing import Any
 
 from standins.anthropic_tokens import TTL_SECONDS, text_of
 
-MESSAGES_FIELDS = frozenset({
-    "model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream",
-    "temperature", "top_p", "top_k", "tools", "tool_choice", "thinking", "service_tier",
-    "container", "cache_control", "diagnostics", "inference_geo", "output_config", "speed",
-})
-COUNT_TOKENS_FIELDS = frozenset({
-    "model", "messages", "system", "tools", "tool_choice", "thinking", "cache_control",
-    "output_config", "speed",
-})
+MESSAGES_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "system",
+        "metadata",
+        "stop_sequences",
+        "stream",
+        "temperature",
+        "top_p",
+        "top_k",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "service_tier",
+        "container",
+        "cache_control",
+        "diagnostics",
+        "inference_geo",
+        "output_config",
+        "speed",
+    }
+)
+COUNT_TOKENS_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "cache_control",
+        "output_config",
+        "speed",
+    }
+)
 BLOCK_TYPES = (
-    "text", "image", "document", "search_result", "thinking", "redacted_thinking", "tool_use",
-    "tool_result", "server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
-    "code_execution_tool_result", "bash_code_execution_tool_result",
-    "text_editor_code_execution_tool_result", "tool_search_tool_result", "container_upload",
+    "text",
+    "image",
+    "document",
+    "search_result",
+    "thinking",
+    "redacted_thinking",
+    "tool_use",
+    "tool_result",
+    "server_tool_use",
+    "web_search_tool_result",
+    "web_fetch_tool_result",
+    "code_execution_tool_result",
+    "bash_code_execution_tool_result",
+    "text_editor_code_execution_tool_result",
+    "tool_search_tool_result",
+    "container_upload",
 )
 ASSISTANT_ONLY = frozenset({"tool_use", "thinking", "redacted_thinking", "server_tool_use"})
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -53,23 +93,29 @@ def _check_text_block(block: Any, path: str, breakpoints: list[int]) -> None:
     if block.get("type") != "text":
         raise Invalid(f"{path}.type: Input should be 'text'")
     if not isinstance(block.get("text"), str):
-        raise Invalid(f"{path}.text: Field required" if "text" not in block
-                       else f"{path}.text: Input should be a valid string")
+        raise Invalid(
+            f"{path}.text: Field required"
+            if "text" not in block
+            else f"{path}.text: Input should be a valid string"
+        )
     if not block["text"].strip():
         where = path.split(".")[0]
         raise Invalid(f"{where}: text content blocks must contain non-whitespace text")
     _check_cache_control(block.get("cache_control"), path, breakpoints)
 
 
-def _check_block(block: Any, role: str, path: str, breakpoints: list[int],
-                 allow_empty_text: bool) -> None:
+def _check_block(
+    block: Any, role: str, path: str, breakpoints: list[int], allow_empty_text: bool
+) -> None:
     if not isinstance(block, dict):
         raise Invalid(f"{path}: Input should be a valid dictionary or object")
     kind = block.get("type")
     if kind not in BLOCK_TYPES:
         expected = ", ".join(f"'{t}'" for t in BLOCK_TYPES)
-        raise Invalid(f"{path}: Input tag '{kind}' found using 'type' does not match any of "
-                       f"the expected tags: {expected}")
+        raise Invalid(
+            f"{path}: Input tag '{kind}' found using 'type' does not match any of "
+            f"the expected tags: {expected}"
+        )
     if role == "user" and kind in ASSISTANT_ONLY:
         raise Invalid(f"{path}: `{kind}` blocks can only be in `assistant` messages")
     if role == "assistant" and kind == "tool_result":
@@ -85,8 +131,11 @@ def _check_block(block: Any, role: str, path: str, breakpoints: list[int],
         if not isinstance(source, dict) or not isinstance(source.get("type"), str):
             raise Invalid(f"{path}.source: Field required")
     elif kind == "tool_use":
-        for key, typ, name in (("id", str, "string"), ("name", str, "string"),
-                               ("input", dict, "dictionary")):
+        for key, typ, name in (
+            ("id", str, "string"),
+            ("name", str, "string"),
+            ("input", dict, "dictionary"),
+        ):
             if not isinstance(block.get(key), typ):
                 raise Invalid(f"{path}.{key}: Input should be a valid {name}")
     elif kind == "tool_result":
@@ -101,13 +150,15 @@ def _check_block(block: Any, role: str, path: str, breakpoints: list[int],
         if "is_error" in block and not isinstance(block["is_error"], bool):
             raise Invalid(f"{path}.is_error: Input should be a valid boolean")
     elif kind == "thinking":
-        if not isinstance(block.get("thinking"), str) or not isinstance(block.get("signature"),
-                                                                          str):
+        if not isinstance(block.get("thinking"), str) or not isinstance(
+            block.get("signature"), str
+        ):
             raise Invalid(f"{path}: thinking blocks need `thinking` and `signature` strings")
 
 
-def _check_messages(body: Mapping[str, Any], strict_alternation: bool,
-                    breakpoints: list[int]) -> None:
+def _check_messages(
+    body: Mapping[str, Any], strict_alternation: bool, breakpoints: list[int]
+) -> None:
     if "messages" not in body:
         raise Invalid("messages: Field required")
     messages = body["messages"]
@@ -139,8 +190,9 @@ def _check_messages(body: Mapping[str, Any], strict_alternation: bool,
                 for j, block in enumerate(content):
                     _check_text_block(block, f"{path}.content.{j}", breakpoints)
             else:
-                raise Invalid(f"{path}.content: Input should be a valid string or list of text "
-                               "blocks")
+                raise Invalid(
+                    f"{path}.content: Input should be a valid string or list of text blocks"
+                )
             continue
         if isinstance(content, str):
             if not content.strip() and not final_assistant:
@@ -148,8 +200,10 @@ def _check_messages(body: Mapping[str, Any], strict_alternation: bool,
             blocks: list[Any] = [{"type": "text", "text": content}]
         elif isinstance(content, list):
             if not content and not final_assistant:
-                raise Invalid(f"{path}: all messages must have non-empty content except for "
-                               "the optional final assistant message")
+                raise Invalid(
+                    f"{path}: all messages must have non-empty content except for "
+                    "the optional final assistant message"
+                )
             blocks = content
             for j, block in enumerate(content):
                 _check_block(block, role, f"{path}.content.{j}", breakpoints, final_assistant)
@@ -158,8 +212,9 @@ def _check_messages(body: Mapping[str, Any], strict_alternation: bool,
         if final_assistant:
             tail = text_of(content) if isinstance(content, list) else content
             if tail and tail != tail.rstrip():
-                raise Invalid("messages: final assistant content cannot end with trailing "
-                               "whitespace")
+                raise Invalid(
+                    "messages: final assistant content cannot end with trailing whitespace"
+                )
         indexed = [(i, j, b) for j, b in enumerate(blocks)]
         if not turns:
             if role != "user" and strict_alternation:
@@ -167,8 +222,10 @@ def _check_messages(body: Mapping[str, Any], strict_alternation: bool,
             turns.append((role, indexed))
         elif turns[-1][0] == role:
             if strict_alternation:
-                raise Invalid('messages: roles must alternate between "user" and "assistant", '
-                               f'but found multiple "{role}" roles in a row')
+                raise Invalid(
+                    'messages: roles must alternate between "user" and "assistant", '
+                    f'but found multiple "{role}" roles in a row'
+                )
             turns[-1][1].extend(indexed)
         else:
             turns.append((role, indexed))
@@ -185,15 +242,19 @@ def _check_tool_pairing(turns: list[tuple[str, list[tuple[int, int, dict[str, An
                     raise Invalid(f"messages: `tool_use` ids must be unique: {tool_id}")
                 seen_ids.add(tool_id)
             if ids and t + 1 < len(turns):
-                answered = {b.get("tool_use_id") for _, _, b in turns[t + 1][1]
-                            if b.get("type") == "tool_result"}
+                answered = {
+                    b.get("tool_use_id")
+                    for _, _, b in turns[t + 1][1]
+                    if b.get("type") == "tool_result"
+                }
                 missing = [x for x in ids if x not in answered]
                 if missing:
                     first = turns[t + 1][1][0][0]
                     raise Invalid(
                         f"messages.{first}: `tool_use` ids were found without `tool_result` "
                         f"blocks immediately after: {', '.join(missing)}. Each `tool_use` block "
-                        "must have a corresponding `tool_result` block in the next message.")
+                        "must have a corresponding `tool_result` block in the next message."
+                    )
         else:
             previous: set[str] = set()
             if t > 0 and turns[t - 1][0] == "assistant":
@@ -207,11 +268,14 @@ def _check_tool_pairing(turns: list[tuple[str, list[tuple[int, int, dict[str, An
                     raise Invalid(
                         f"messages.{i}.content.{j}: unexpected `tool_use_id` found in "
                         f"`tool_result` blocks: {b['tool_use_id']}. Each `tool_result` block "
-                        "must have a corresponding `tool_use` block in the previous message.")
+                        "must have a corresponding `tool_use` block in the previous message."
+                    )
                 if seen_other:
-                    raise Invalid(f"messages.{i}.content.{j}: `tool_result` blocks must come "
-                                   "first in the content of a `user` message, before any other "
-                                   "content")
+                    raise Invalid(
+                        f"messages.{i}.content.{j}: `tool_result` blocks must come "
+                        "first in the content of a `user` message, before any other "
+                        "content"
+                    )
 
 
 def _check_system(body: Mapping[str, Any], breakpoints: list[int]) -> None:
@@ -242,8 +306,9 @@ def _check_tools(body: Mapping[str, Any], breakpoints: list[int]) -> set[str]:
             kind = tool.get("type")
             if kind in (None, "custom"):
                 if not TOOL_NAME.match(name):
-                    raise Invalid(f"{path}.custom.name: String should match pattern "
-                                   "'^[a-zA-Z0-9_-]{1,64}$'")
+                    raise Invalid(
+                        f"{path}.custom.name: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'"
+                    )
                 schema = tool.get("input_schema")
                 if not isinstance(schema, dict):
                     raise Invalid(f"{path}.custom.input_schema: Field required")
@@ -257,10 +322,16 @@ def _check_tools(body: Mapping[str, Any], breakpoints: list[int]) -> set[str]:
             _check_cache_control(tool.get("cache_control"), path, breakpoints)
     if "tool_choice" in body:
         choice = body["tool_choice"]
-        if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool",
-                                                                      "none"):
-            raise Invalid("tool_choice: Input tag found using 'type' does not match any of the "
-                           "expected tags: 'auto', 'any', 'tool', 'none'")
+        if not isinstance(choice, dict) or choice.get("type") not in (
+            "auto",
+            "any",
+            "tool",
+            "none",
+        ):
+            raise Invalid(
+                "tool_choice: Input tag found using 'type' does not match any of the "
+                "expected tags: 'auto', 'any', 'tool', 'none'"
+            )
         if choice["type"] in ("any", "tool") and not names:
             raise Invalid("tool_choice: may only be specified while providing tools")
         if choice["type"] == "tool" and choice.get("name") not in names:
@@ -282,9 +353,13 @@ def _check_common(body: Any, allowed: frozenset[str] | None) -> None:
         raise Invalid("model: Input should be a valid string")
 
 
-def validate_messages_request(body: Any, *, strict_alternation: bool = True,
-                              strict_fields: bool = True, count_tokens: bool = False,
-                              ) -> tuple[str | None, set[str]]:
+def validate_messages_request(
+    body: Any,
+    *,
+    strict_alternation: bool = True,
+    strict_fields: bool = True,
+    count_tokens: bool = False,
+) -> tuple[str | None, set[str]]:
     """Validate a request body. Returns (error message or None, declared tool names)."""
     fields = COUNT_TOKENS_FIELDS if count_tokens else MESSAGES_FIELDS
     breakpoints: list[int] = []
@@ -301,8 +376,9 @@ def validate_messages_request(body: Any, *, strict_alternation: bool = True,
             if "stream" in body and not isinstance(body["stream"], bool):
                 raise Invalid("stream: Input should be a valid boolean")
             stops = body.get("stop_sequences")
-            if stops is not None and (not isinstance(stops, list)
-                                      or not all(isinstance(s, str) and s for s in stops)):
+            if stops is not None and (
+                not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops)
+            ):
                 raise Invalid("stop_sequences: Input should be a list of non-empty strings")
             for name, low, high in (("temperature", 0.0, 1.0), ("top_p", 0.0, 1.0)):
                 if name in body:
@@ -322,8 +398,10 @@ def validate_messages_request(body: Any, *, strict_alternation: bool = True,
         if top is not None:
             _check_cache_control(top, "cache_control", breakpoints)
         if len(breakpoints) > 4:
-            raise Invalid("A maximum of 4 blocks with cache_control may be provided. "
-                           f"Found {len(breakpoints)}.")
+            raise Invalid(
+                "A maximum of 4 blocks with cache_control may be provided. "
+                f"Found {len(breakpoints)}."
+            )
     except Invalid as exc:
         return str(exc), set()
     return None, names

@@ -32,10 +32,10 @@ class GitHubStandin(PlatformStandin):
         return [r.body for r in self.requests if r.method == "POST" and r.status == 201]
 
     def failure(self, fail: Fail) -> web.Response:
-        headers = {"Retry-After": f"{fail.retry_after:g}"} if fail.retry_after is not None \
-            else {}
-        return web.json_response({"message": f"scripted {fail.status}"}, status=fail.status,
-                                 headers=headers)
+        headers = {"Retry-After": f"{fail.retry_after:g}"} if fail.retry_after is not None else {}
+        return web.json_response(
+            {"message": f"scripted {fail.status}"}, status=fail.status, headers=headers
+        )
 
     async def answer(self, request: web.Request, rec: Recorded) -> web.Response:
         if request.headers.get("Authorization") != f"token {self.token}":
@@ -52,15 +52,23 @@ class GitHubStandin(PlatformStandin):
             return web.json_response({"message": "Not Found"}, status=404)
         body = rec.body if isinstance(rec.body, dict) else {}
         if not str(body.get("body", "")).strip():
-            return web.json_response({"message": "Validation Failed",
-                                      "errors": [{"field": "body", "code": "missing_field"}]},
-                                     status=422)
+            return web.json_response(
+                {
+                    "message": "Validation Failed",
+                    "errors": [{"field": "body", "code": "missing_field"}],
+                },
+                status=422,
+            )
         self._next_id += 1
         owner, repo, number = match.groups()
-        comment = {"id": self._next_id, "body": body["body"], "user": {"login": self.login},
-                   "created_at": "2099-01-01T00:00:00Z",
-                   "html_url": f"https://github.test/{owner}/{repo}/issues/{number}"
-                               f"#issuecomment-{self._next_id}"}
+        comment = {
+            "id": self._next_id,
+            "body": body["body"],
+            "user": {"login": self.login},
+            "created_at": "2099-01-01T00:00:00Z",
+            "html_url": f"https://github.test/{owner}/{repo}/issues/{number}"
+            f"#issuecomment-{self._next_id}",
+        }
         thread.append(comment)
         if self.lose_answers:
             self.lose_answers -= 1

@@ -43,8 +43,12 @@ class LitestreamSocketStandin:
     def __init__(self, socket_path: Path, db_path: Path) -> None:
         self.socket_path = socket_path
         self.databases: list[dict[str, Any]] = [
-            {"path": os.path.abspath(db_path), "status": "replicating",
-             "last_sync_at": go_time(datetime.now(UTC))}]
+            {
+                "path": os.path.abspath(db_path),
+                "status": "replicating",
+                "last_sync_at": go_time(datetime.now(UTC)),
+            }
+        ]
         self.requests: list[str] = []
         self._release = asyncio.Event()
         self._release.set()
@@ -52,7 +56,8 @@ class LitestreamSocketStandin:
 
     def synced(self, seconds_ago: float) -> None:
         self.databases[0]["last_sync_at"] = go_time(
-            datetime.now(UTC) - timedelta(seconds=seconds_ago))
+            datetime.now(UTC) - timedelta(seconds=seconds_ago)
+        )
 
     def never_synced(self) -> None:
         self.databases[0]["last_sync_at"] = GO_ZERO_TIME
@@ -71,10 +76,15 @@ class LitestreamSocketStandin:
     async def _info(self, request: web.Request) -> web.Response:
         self.requests.append(request.path)
         await self._release.wait()
-        return web.json_response({
-            "version": "0.5.17", "pid": os.getpid(),
-            "uptime_seconds": int((datetime.now(UTC) - self._started).total_seconds()),
-            "started_at": go_time(self._started), "database_count": len(self.databases)})
+        return web.json_response(
+            {
+                "version": "0.5.17",
+                "pid": os.getpid(),
+                "uptime_seconds": int((datetime.now(UTC) - self._started).total_seconds()),
+                "started_at": go_time(self._started),
+                "database_count": len(self.databases),
+            }
+        )
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -84,8 +94,10 @@ class LitestreamSocketStandin:
 
 
 @asynccontextmanager
-async def run_litestream_socket(socket_path: Path, db_path: Path,
-                                ) -> AsyncIterator[LitestreamSocketStandin]:
+async def run_litestream_socket(
+    socket_path: Path,
+    db_path: Path,
+) -> AsyncIterator[LitestreamSocketStandin]:
     standin = LitestreamSocketStandin(socket_path, db_path)
     runner = web.AppRunner(standin.app(), shutdown_timeout=0.1)
     await runner.setup()

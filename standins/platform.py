@@ -105,8 +105,9 @@ class PlatformStandin:
         while not condition():
             if time.monotonic() > deadline:
                 seen = [(r.method, r.path, r.status) for r in self.requests]
-                raise TimeoutError(f"{self.name} stand-in: condition not met in {timeout}s; "
-                                   f"requests: {seen}")
+                raise TimeoutError(
+                    f"{self.name} stand-in: condition not met in {timeout}s; requests: {seen}"
+                )
             await asyncio.sleep(0.02)
 
     # --- serving -------------------------------------------------------------------------
@@ -140,16 +141,20 @@ class PlatformStandin:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
-        rec = Recorded(request.method, request.path, dict(request.query),
-                       dict(request.headers), _parse(request.content_type, raw))
+        rec = Recorded(
+            request.method,
+            request.path,
+            dict(request.query),
+            dict(request.headers),
+            _parse(request.content_type, raw),
+        )
         self.requests.append(rec)
         behaviour = self._sticky or (self._script.popleft() if self._script else None)
         if isinstance(behaviour, Hold):
             await behaviour.release.wait()
             behaviour = None
         if isinstance(behaviour, Lose):
-            lost = await self.answer(request, rec) if behaviour.accept \
-                else self.failure(Fail(503))
+            lost = await self.answer(request, rec) if behaviour.accept else self.failure(Fail(503))
             rec.status = lost.status
             await behaviour.release.wait()
             return lost
@@ -161,8 +166,7 @@ class PlatformStandin:
         return response
 
     def failure(self, fail: Fail) -> web.Response:
-        headers = {"Retry-After": f"{fail.retry_after:g}"} if fail.retry_after is not None \
-            else {}
+        headers = {"Retry-After": f"{fail.retry_after:g}"} if fail.retry_after is not None else {}
         body = fail.body if fail.body is not None else {"error": f"scripted {fail.status}"}
         return web.json_response(body, status=fail.status, headers=headers)
 

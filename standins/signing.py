@@ -27,43 +27,69 @@ def _hmac_hex(secret: str, data: bytes) -> str:
 
 
 def telegram(secret: str, update: dict[str, Any]) -> tuple[dict[str, str], bytes]:
-    return ({"Content-Type": "application/json", "X-Telegram-Bot-Api-Secret-Token": secret},
-            json.dumps(update).encode())
+    return (
+        {"Content-Type": "application/json", "X-Telegram-Bot-Api-Secret-Token": secret},
+        json.dumps(update).encode(),
+    )
 
 
 def slack_signature(secret: str, timestamp: str, body: bytes) -> str:
     return "v0=" + _hmac_hex(secret, b"v0:" + timestamp.encode() + b":" + body)
 
 
-def slack_event(secret: str, payload: dict[str, Any], *, timestamp: float | None = None,
-                retry_num: int | None = None) -> tuple[dict[str, str], bytes]:
+def slack_event(
+    secret: str,
+    payload: dict[str, Any],
+    *,
+    timestamp: float | None = None,
+    retry_num: int | None = None,
+) -> tuple[dict[str, str], bytes]:
     body = json.dumps(payload).encode()
     ts = str(int(timestamp if timestamp is not None else time.time()))
-    headers = {"Content-Type": "application/json", "X-Slack-Request-Timestamp": ts,
-               "X-Slack-Signature": slack_signature(secret, ts, body)}
+    headers = {
+        "Content-Type": "application/json",
+        "X-Slack-Request-Timestamp": ts,
+        "X-Slack-Signature": slack_signature(secret, ts, body),
+    }
     if retry_num is not None:
         headers["X-Slack-Retry-Num"] = str(retry_num)
         headers["X-Slack-Retry-Reason"] = "http_timeout"
     return headers, body
 
 
-def slack_command(secret: str, fields: dict[str, str], *, timestamp: float | None = None,
-                  ) -> tuple[dict[str, str], bytes]:
+def slack_command(
+    secret: str,
+    fields: dict[str, str],
+    *,
+    timestamp: float | None = None,
+) -> tuple[dict[str, str], bytes]:
     body = urllib.parse.urlencode(fields).encode()
     ts = str(int(timestamp if timestamp is not None else time.time()))
-    return ({"Content-Type": "application/x-www-form-urlencoded",
-             "X-Slack-Request-Timestamp": ts,
-             "X-Slack-Signature": slack_signature(secret, ts, body)}, body)
+    return (
+        {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "X-Slack-Request-Timestamp": ts,
+            "X-Slack-Signature": slack_signature(secret, ts, body),
+        },
+        body,
+    )
 
 
-def github(secret: str, event: str, payload: dict[str, Any], *,
-           delivery: str | None = None) -> tuple[dict[str, str], bytes]:
+def github(
+    secret: str, event: str, payload: dict[str, Any], *, delivery: str | None = None
+) -> tuple[dict[str, str], bytes]:
     body = json.dumps(payload).encode()
-    return ({"Content-Type": "application/json", "X-GitHub-Event": event,
-             "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
-             "X-GitHub-Hook-ID": "123456",
-             "User-Agent": "GitHub-Hookshot/test",
-             "X-Hub-Signature-256": "sha256=" + _hmac_hex(secret, body)}, body)
+    return (
+        {
+            "Content-Type": "application/json",
+            "X-GitHub-Event": event,
+            "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
+            "X-GitHub-Hook-ID": "123456",
+            "User-Agent": "GitHub-Hookshot/test",
+            "X-Hub-Signature-256": "sha256=" + _hmac_hex(secret, body),
+        },
+        body,
+    )
 
 
 def clickup(secret: str, payload: dict[str, Any]) -> tuple[dict[str, str], bytes]:

@@ -47,14 +47,16 @@ class SlackStandin(PlatformStandin):
     @property
     def posted(self) -> list[dict[str, Any]]:
         """chat.postMessage bodies Slack accepted."""
-        return [r.body for r in self.requests
-                if r.path == "/api/chat.postMessage" and r.status == 200]
+        return [
+            r.body for r in self.requests if r.path == "/api/chat.postMessage" and r.status == 200
+        ]
 
     @property
     def responses(self) -> list[dict[str, Any]]:
         """Bodies posted to response_urls and accepted."""
-        return [r.body for r in self.requests
-                if r.path.startswith("/response/") and r.status == 200]
+        return [
+            r.body for r in self.requests if r.path.startswith("/response/") and r.status == 200
+        ]
 
     @property
     def lookups(self) -> list[Recorded]:
@@ -62,11 +64,9 @@ class SlackStandin(PlatformStandin):
         return [r for r in self.requests if r.path == "/api/conversations.replies"]
 
     def failure(self, fail: Fail) -> web.Response:
-        headers = {"Retry-After": f"{fail.retry_after:g}"} if fail.retry_after is not None \
-            else {}
+        headers = {"Retry-After": f"{fail.retry_after:g}"} if fail.retry_after is not None else {}
         error = "ratelimited" if fail.status == 429 else "internal_error"
-        return web.json_response({"ok": False, "error": error}, status=fail.status,
-                                 headers=headers)
+        return web.json_response({"ok": False, "error": error}, status=fail.status, headers=headers)
 
     def _next_ts(self) -> str:
         self._last_ts = max(time.time(), self._last_ts + 0.000001)
@@ -89,42 +89,72 @@ class SlackStandin(PlatformStandin):
             return web.json_response({"ok": False, "error": "no_text"})
         metadata = body.get("metadata")
         if metadata is not None and not (
-                isinstance(metadata, dict) and isinstance(metadata.get("event_type"), str)
-                and isinstance(metadata.get("event_payload"), dict)):
+            isinstance(metadata, dict)
+            and isinstance(metadata.get("event_type"), str)
+            and isinstance(metadata.get("event_payload"), dict)
+        ):
             return web.json_response({"ok": False, "error": "invalid_metadata_format"})
         ts = self._next_ts()
-        message = {"type": "message", "bot_id": BOT_ID, "text": body["text"], "ts": ts,
-                   "thread_ts": body.get("thread_ts")}
+        message = {
+            "type": "message",
+            "bot_id": BOT_ID,
+            "text": body["text"],
+            "ts": ts,
+            "thread_ts": body.get("thread_ts"),
+        }
         if metadata is not None:
             message["metadata"] = metadata
         if body.get("thread_ts"):
             self.threads.setdefault((body["channel"], body["thread_ts"]), []).append(message)
         shown = {k: v for k, v in message.items() if k != "metadata"}
-        return web.json_response({"ok": True, "channel": body["channel"], "ts": ts,
-                                  "message": shown})
+        return web.json_response(
+            {"ok": True, "channel": body["channel"], "ts": ts, "message": shown}
+        )
 
     def _replies(self, params: dict[str, Any]) -> web.Response:
         if not self.history_scope:
-            return web.json_response({"ok": False, "error": "missing_scope",
-                                      "needed": "im:history", "provided": "chat:write"})
+            return web.json_response(
+                {
+                    "ok": False,
+                    "error": "missing_scope",
+                    "needed": "im:history",
+                    "provided": "chat:write",
+                }
+            )
         channel, parent = params.get("channel"), params.get("ts")
         if not channel or not parent:
             return web.json_response({"ok": False, "error": "invalid_arguments"})
         replies = self.threads.get((channel, parent), [])
-        thread = [{"type": "message", "user": "U0ADA", "text": "(the thread's parent)",
-                   "ts": parent, "thread_ts": parent, "reply_count": len(replies)},
-                  *replies]
+        thread = [
+            {
+                "type": "message",
+                "user": "U0ADA",
+                "text": "(the thread's parent)",
+                "ts": parent,
+                "thread_ts": parent,
+                "reply_count": len(replies),
+            },
+            *replies,
+        ]
         if params.get("oldest"):
             oldest = float(params["oldest"])
             inclusive = _truthy(params.get("inclusive"))
-            thread = [m for m in thread
-                      if float(m["ts"]) > oldest or (inclusive and float(m["ts"]) == oldest)]
+            thread = [
+                m
+                for m in thread
+                if float(m["ts"]) > oldest or (inclusive and float(m["ts"]) == oldest)
+            ]
         if not _truthy(params.get("include_all_metadata")):
             thread = [{k: v for k, v in m.items() if k != "metadata"} for m in thread]
         start = int(params.get("cursor") or 0)
         limit = int(params.get("limit") or 1000)
-        page = thread[start:start + limit]
+        page = thread[start : start + limit]
         more = start + limit < len(thread)
-        return web.json_response({"ok": True, "messages": page, "has_more": more,
-                                  "response_metadata": {
-                                      "next_cursor": str(start + limit) if more else ""}})
+        return web.json_response(
+            {
+                "ok": True,
+                "messages": page,
+                "has_more": more,
+                "response_metadata": {"next_cursor": str(start + limit) if more else ""},
+            }
+        )

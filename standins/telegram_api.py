@@ -23,12 +23,16 @@ class TelegramStandin(PlatformStandin):
     @property
     def sent(self) -> list[dict[str, Any]]:
         """Bodies of sendMessage calls Telegram accepted."""
-        return [r.body for r in self.requests
-                if r.path.endswith("/sendMessage") and r.status == 200]
+        return [
+            r.body for r in self.requests if r.path.endswith("/sendMessage") and r.status == 200
+        ]
 
     def failure(self, fail: Fail) -> web.Response:
-        body: dict[str, Any] = {"ok": False, "error_code": fail.status,
-                                "description": f"scripted {fail.status}"}
+        body: dict[str, Any] = {
+            "ok": False,
+            "error_code": fail.status,
+            "description": f"scripted {fail.status}",
+        }
         headers = {}
         if fail.retry_after is not None:
             body["parameters"] = {"retry_after": fail.retry_after}
@@ -39,29 +43,55 @@ class TelegramStandin(PlatformStandin):
     async def answer(self, request: web.Request, rec: Recorded) -> web.Response:
         prefix, _, method = request.path.lstrip("/").partition("/")
         if prefix != f"bot{self.token}":
-            return web.json_response({"ok": False, "error_code": 401,
-                                      "description": "Unauthorized"}, status=401)
+            return web.json_response(
+                {"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401
+            )
         body = rec.body if isinstance(rec.body, dict) else {}
         if method == "sendMessage":
             if "chat_id" not in body or not str(body.get("text", "")).strip():
-                return web.json_response({"ok": False, "error_code": 400,
-                                          "description": "Bad Request: message text is empty"},
-                                         status=400)
+                return web.json_response(
+                    {
+                        "ok": False,
+                        "error_code": 400,
+                        "description": "Bad Request: message text is empty",
+                    },
+                    status=400,
+                )
             if len(body["text"]) > 4096:
-                return web.json_response({"ok": False, "error_code": 400,
-                                          "description": "Bad Request: message is too long"},
-                                         status=400)
+                return web.json_response(
+                    {
+                        "ok": False,
+                        "error_code": 400,
+                        "description": "Bad Request: message is too long",
+                    },
+                    status=400,
+                )
             self._next_message_id += 1
-            return web.json_response({"ok": True, "result": {
-                "message_id": self._next_message_id, "chat": {"id": body["chat_id"]},
-                "date": 1700000000, "text": body["text"]}})
+            return web.json_response(
+                {
+                    "ok": True,
+                    "result": {
+                        "message_id": self._next_message_id,
+                        "chat": {"id": body["chat_id"]},
+                        "date": 1700000000,
+                        "text": body["text"],
+                    },
+                }
+            )
         if method == "setWebhook":
             self.webhook = body
-            return web.json_response({"ok": True, "result": True,
-                                      "description": "Webhook was set"})
+            return web.json_response({"ok": True, "result": True, "description": "Webhook was set"})
         if method == "getWebhookInfo":
-            return web.json_response({"ok": True, "result": {
-                "url": self.webhook.get("url", ""), "pending_update_count": 0,
-                "allowed_updates": self.webhook.get("allowed_updates", [])}})
-        return web.json_response({"ok": False, "error_code": 404, "description": "Not Found"},
-                                 status=404)
+            return web.json_response(
+                {
+                    "ok": True,
+                    "result": {
+                        "url": self.webhook.get("url", ""),
+                        "pending_update_count": 0,
+                        "allowed_updates": self.webhook.get("allowed_updates", []),
+                    },
+                }
+            )
+        return web.json_response(
+            {"ok": False, "error_code": 404, "description": "Not Found"}, status=404
+        )

@@ -40,11 +40,23 @@ TEST_METRICS_TOKEN = "test-metrics-token-" + "m" * 24
 # Variables the SDK (or httpx2) reads even when given explicit settings, and our own:
 # a developer's shell must not leak into tests.
 _LEAKY_ENV = (
-    "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL",
-    "ANTHROPIC_CUSTOM_HEADERS", "ANTHROPIC_PROFILE", "ANTHROPIC_LOG",
-    "ANTHROPIC_FEDERATION_RULE_ID", "ANTHROPIC_ORGANIZATION_ID", "ANTHROPIC_IDENTITY_TOKEN",
-    "ANTHROPIC_IDENTITY_TOKEN_FILE", "CREDENTIALS_DIRECTORY",
-    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_AUTH_TOKEN",
+    "ANTHROPIC_BASE_URL",
+    "ANTHROPIC_CUSTOM_HEADERS",
+    "ANTHROPIC_PROFILE",
+    "ANTHROPIC_LOG",
+    "ANTHROPIC_FEDERATION_RULE_ID",
+    "ANTHROPIC_ORGANIZATION_ID",
+    "ANTHROPIC_IDENTITY_TOKEN",
+    "ANTHROPIC_IDENTITY_TOKEN_FILE",
+    "CREDENTIALS_DIRECTORY",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
 )
 
 
@@ -69,8 +81,9 @@ MIGRATED_TEMPLATE = "digitalme_migrated"
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "db_engine" in metafunc.fixturenames \
-            and metafunc.definition.get_closest_marker("both_engines"):
+    if "db_engine" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_engines"
+    ):
         metafunc.parametrize("db_engine", ENGINES, indirect=True)
 
 
@@ -87,8 +100,9 @@ def postgres_cluster() -> Iterator[Cluster]:
     template database."""
     found = bin_dir()
     if found is None:
-        pytest.skip("PostgreSQL is not installed: scripts/bootstrap.sh installs Debian's "
-                    "postgresql package")
+        pytest.skip(
+            "PostgreSQL is not installed: scripts/bootstrap.sh installs Debian's postgresql package"
+        )
     cluster = Cluster(found)
     cluster.start()
     try:
@@ -129,24 +143,30 @@ def database_url(db_engine: str, request: pytest.FixtureRequest) -> DatabaseUrl 
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path, standin: AnthropicStandin, database_url: DatabaseUrl | None,
-                  ) -> Callable[..., Settings]:
+def make_settings(
+    tmp_path: Path,
+    standin: AnthropicStandin,
+    database_url: DatabaseUrl | None,
+) -> Callable[..., Settings]:
     """Settings for a test: fresh database, the stand-in as Claude, fast failure modes."""
     on_postgres = {"DIGITALME_DATABASE_URL": database_url.conninfo} if database_url else {}
 
     def make(**overrides: Any) -> Settings:
-        base = load_settings({
-            **on_postgres,
-            "DIGITALME_DB_PATH": str(tmp_path / "digitalme.db"),
-            "DIGITALME_ENV": "test",
-            "ANTHROPIC_API_KEY": TEST_API_KEY,
-            "ANTHROPIC_BASE_URL": standin.base_url,
-            "DIGITALME_MODEL": "claude-test",
-            "DIGITALME_CLAUDE_MAX_RETRIES": "0",
-            "DIGITALME_CLAUDE_TIMEOUT_SECONDS": "5",
-            "DIGITALME_METRICS_TOKEN": TEST_METRICS_TOKEN,
-        })
+        base = load_settings(
+            {
+                **on_postgres,
+                "DIGITALME_DB_PATH": str(tmp_path / "digitalme.db"),
+                "DIGITALME_ENV": "test",
+                "ANTHROPIC_API_KEY": TEST_API_KEY,
+                "ANTHROPIC_BASE_URL": standin.base_url,
+                "DIGITALME_MODEL": "claude-test",
+                "DIGITALME_CLAUDE_MAX_RETRIES": "0",
+                "DIGITALME_CLAUDE_TIMEOUT_SECONDS": "5",
+                "DIGITALME_METRICS_TOKEN": TEST_METRICS_TOKEN,
+            }
+        )
         return replace(base, **overrides)
+
     return make
 
 
@@ -173,8 +193,9 @@ class Service:
 
     async def metrics_text(self) -> str:
         """GET /metrics as the scraper does (with DIGITALME_METRICS_TOKEN)."""
-        response = await self.client.get("/metrics", headers={
-            "Authorization": f"Bearer {self.settings.metrics_token}"})
+        response = await self.client.get(
+            "/metrics", headers={"Authorization": f"Bearer {self.settings.metrics_token}"}
+        )
         assert response.status == 200, await response.text()
         return await response.text()
 
@@ -184,11 +205,17 @@ class Service:
         conversation_id: str = (await response.json())["id"]
         return conversation_id
 
-    async def say(self, conversation_id: str, text: str, token: str | None = None,
-                  ) -> dict[str, Any]:
+    async def say(
+        self,
+        conversation_id: str,
+        text: str,
+        token: str | None = None,
+    ) -> dict[str, Any]:
         response = await self.client.post(
             f"/api/v1/conversations/{conversation_id}/messages",
-            json={"text": text}, headers=self.auth(token))
+            json={"text": text},
+            headers=self.auth(token),
+        )
         assert response.status == 201, await response.text()
         body: dict[str, Any] = await response.json()
         return body
@@ -208,9 +235,12 @@ async def migrate(target: Path | DatabaseUrl) -> None:
 
 
 @pytest.fixture
-async def make_service(database_url: DatabaseUrl | None, aiohttp_client: Any,
-                       make_settings: Callable[..., Settings],
-                       standin: AnthropicStandin) -> ServiceFactory:
+async def make_service(
+    database_url: DatabaseUrl | None,
+    aiohttp_client: Any,
+    make_settings: Callable[..., Settings],
+    standin: AnthropicStandin,
+) -> ServiceFactory:
     # database_url first: set up before the client, so torn down after the app is closed.
     async def make(*, persona: bool = True, **overrides: Any) -> Service:
         settings = make_settings(**overrides)
@@ -223,6 +253,7 @@ async def make_service(database_url: DatabaseUrl | None, aiohttp_client: Any,
         admin, _ = await app[TOKENS].create("test-admin", "admin")
         chat, _ = await app[TOKENS].create("test-chat", "chat")
         return Service(client, standin, settings, admin, chat)
+
     return make
 
 

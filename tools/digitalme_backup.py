@@ -89,8 +89,12 @@ def _quote_name(name: str) -> str:
 
 
 def _has_table(db: sqlite3.Connection, table: str) -> bool:
-    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                      (table,)).fetchone() is not None
+    return (
+        db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+        ).fetchone()
+        is not None
+    )
 
 
 def newest_value(db: sqlite3.Connection, table: str, column: str) -> Any:
@@ -105,8 +109,7 @@ def newest_row(db: sqlite3.Connection, table: str, column: str) -> float | None:
     return to_epoch(newest_value(db, table, column))
 
 
-def oldest_row_after(db: sqlite3.Connection, table: str, column: str,
-                     after: Any) -> float | None:
+def oldest_row_after(db: sqlite3.Connection, table: str, column: str, after: Any) -> float | None:
     """Epoch seconds of the oldest row of table newer than after (a value as stored, from
     the same column of a copy; None: every row counts); None if there is none. Values are
     compared as SQLite stores them, so the column's own format decides, not a parser."""
@@ -116,23 +119,31 @@ def oldest_row_after(db: sqlite3.Connection, table: str, column: str,
     if after is None:
         (value,) = db.execute(f"SELECT min({column_sql}) FROM {table_sql}").fetchone()
     else:
-        (value,) = db.execute(f"SELECT min({column_sql}) FROM {table_sql} "
-                              f"WHERE {column_sql} > ?", (after,)).fetchone()
+        (value,) = db.execute(
+            f"SELECT min({column_sql}) FROM {table_sql} WHERE {column_sql} > ?", (after,)
+        ).fetchone()
     return to_epoch(value)
 
 
-def inspect(path: Path, *, live: bool, table: str, column: str,
-            full_check: bool = True) -> dict[str, Any]:
+def inspect(
+    path: Path, *, live: bool, table: str, column: str, full_check: bool = True
+) -> dict[str, Any]:
     db = connect(path, live=live)
     try:
         pragma = "integrity_check" if full_check else "quick_check"
         problems = [row[0] for row in db.execute(f"PRAGMA {pragma}(20)")]
         # Litestream's own bookkeeping tables (_litestream_seq, _litestream_lock) left out.
-        names = [name for (name,) in db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-            "AND name NOT LIKE '\\_litestream\\_%' ESCAPE '\\' ORDER BY name")]
-        rows = {name: db.execute(f"SELECT count(*) FROM {_quote_name(name)}").fetchone()[0]
-                for name in names}
+        names = [
+            name
+            for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+                "AND name NOT LIKE '\\_litestream\\_%' ESCAPE '\\' ORDER BY name"
+            )
+        ]
+        rows = {
+            name: db.execute(f"SELECT count(*) FROM {_quote_name(name)}").fetchone()[0]
+            for name in names
+        }
         newest_stored = newest_value(db, table, column)
     finally:
         db.close()
@@ -163,25 +174,37 @@ def json_in_output(text: str) -> Any:
     raise ValueError("no JSON document in the output")
 
 
-def restore_plan(args: argparse.Namespace, output: Path,
-                 timestamp: str | None) -> dict[str, Any] | None:
+def restore_plan(
+    args: argparse.Namespace, output: Path, timestamp: str | None
+) -> dict[str, Any] | None:
     """Litestream's plan for restoring into output (the files it would fetch), or None when
     the replica holds no backup."""
-    argv = [args.litestream, "restore", "-config", args.config, "-dry-run", "-json",
-            *(["-timestamp", timestamp] if timestamp else []), "-o", str(output), args.db]
+    argv = [
+        args.litestream,
+        "restore",
+        "-config",
+        args.config,
+        "-dry-run",
+        "-json",
+        *(["-timestamp", timestamp] if timestamp else []),
+        "-o",
+        str(output),
+        args.db,
+    ]
     proc = run(argv, min(args.timeout, 600))
     if proc.returncode != 0:
         said = f"{proc.stderr}\n{proc.stdout}"
         if EMPTY_REPLICA in said and not timestamp:
             return None
-        raise Failure(f"litestream could not plan the restore (exit {proc.returncode}): "
-                      f"{tail(proc.stderr) or tail(proc.stdout)}")
+        raise Failure(
+            f"litestream could not plan the restore (exit {proc.returncode}): "
+            f"{tail(proc.stderr) or tail(proc.stdout)}"
+        )
     try:
         plan = json_in_output(proc.stdout)
     except ValueError:
         raise Failure("litestream restore -dry-run did not print its plan as JSON") from None
-    if not isinstance(plan, dict) or not isinstance(plan.get("files"), list) \
-            or not plan["files"]:
+    if not isinstance(plan, dict) or not isinstance(plan.get("files"), list) or not plan["files"]:
         raise Failure("litestream restore -dry-run printed an unexpected plan")
     return plan
 
@@ -201,8 +224,10 @@ def fetch_plan(args: argparse.Namespace, plan: dict[str, Any], into: Path) -> di
     replica = args.replica
     key = Path(os.environ.get("CREDENTIALS_DIRECTORY", "/nonexistent")) / args.sftp_key_name
     if not key.exists():
-        raise Failure(f"the SFTP key is not available at {key} (run this through the "
-                      "units or /usr/local/sbin/digitalme-backup, which hand it over)")
+        raise Failure(
+            f"the SFTP key is not available at {key} (run this through the "
+            "units or /usr/local/sbin/digitalme-backup, which hand it over)"
+        )
     destination, known_host = _sftp_destination(replica)
     known_hosts = into / "known_hosts"
     known_hosts.write_text(known_host, encoding="utf-8")
@@ -217,29 +242,64 @@ def fetch_plan(args: argparse.Namespace, plan: dict[str, Any], into: Path) -> di
     batch = into / "batch"
     batch.write_text("\n".join(commands) + "\n", encoding="utf-8")
     started = time.monotonic()
-    proc = run([args.sftp, "-q", "-b", str(batch), "-F", "/dev/null",
-                "-o", f"IdentityFile={key}", "-o", "IdentitiesOnly=yes",
-                "-o", f"UserKnownHostsFile={known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
-                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
-                "-o", "ConnectTimeout=30", "-o", "ServerAliveInterval=15",
-                "-P", str(int(replica.get("port", 22))), destination], args.timeout)
+    proc = run(
+        [
+            args.sftp,
+            "-q",
+            "-b",
+            str(batch),
+            "-F",
+            "/dev/null",
+            "-o",
+            f"IdentityFile={key}",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            f"UserKnownHostsFile={known_hosts}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=30",
+            "-o",
+            "ServerAliveInterval=15",
+            "-P",
+            str(int(replica.get("port", 22))),
+            destination,
+        ],
+        args.timeout,
+    )
     if proc.returncode != 0:
-        raise Failure(f"sftp could not fetch the replica's files from {destination} (exit "
-                      f"{proc.returncode}): {tail(proc.stderr) or tail(proc.stdout)}")
+        raise Failure(
+            f"sftp could not fetch the replica's files from {destination} (exit "
+            f"{proc.returncode}): {tail(proc.stderr) or tail(proc.stdout)}"
+        )
     fetched = 0
     for entry in plan["files"]:
         path = into / "ltx" / str(int(entry["level"])) / str(entry["name"])
         size = path.stat().st_size if path.exists() else -1
         if size != int(entry["size"]):
-            raise Failure(f"{path.name} (level {entry['level']}) came back with {size} bytes, "
-                          f"the replica lists {entry['size']}")
+            raise Failure(
+                f"{path.name} (level {entry['level']}) came back with {size} bytes, "
+                f"the replica lists {entry['size']}"
+            )
         fetched += size
-    return {"fetched_files": len(plan["files"]), "fetched_bytes": fetched,
-            "fetch_seconds": round(time.monotonic() - started, 3)}
+    return {
+        "fetched_files": len(plan["files"]),
+        "fetched_bytes": fetched,
+        "fetch_seconds": round(time.monotonic() - started, 3),
+    }
 
 
-def restore(args: argparse.Namespace, output: Path, *, timestamp: str | None = None,
-            ) -> dict[str, Any] | None:
+def restore(
+    args: argparse.Namespace,
+    output: Path,
+    *,
+    timestamp: str | None = None,
+) -> dict[str, Any] | None:
     """Restore into output (which must not exist); a summary, or None if the replica is
     empty. Litestream checks the whole database after the restore (-integrity-check full)."""
     started = time.monotonic()
@@ -250,12 +310,16 @@ def restore(args: argparse.Namespace, output: Path, *, timestamp: str | None = N
         "txid": plan.get("max_txid"),
         "plan_files": len(plan["files"]),
         "plan_bytes": sum(int(f.get("size", 0)) for f in plan["files"]),
-        "newest_change_epoch": max((s for s in (to_epoch(f.get("timestamp"))
-                                                for f in plan["files"]) if s is not None),
-                                   default=None),
+        "newest_change_epoch": max(
+            (s for s in (to_epoch(f.get("timestamp")) for f in plan["files"]) if s is not None),
+            default=None,
+        ),
     }
-    use_sftp = args.replica.get("type") == "sftp" and not args.litestream_sftp \
+    use_sftp = (
+        args.replica.get("type") == "sftp"
+        and not args.litestream_sftp
         and shutil.which(args.sftp) is not None
+    )
     if use_sftp:
         fetch_dir = output.parent / f".{output.name}.fetch"
         shutil.rmtree(fetch_dir, ignore_errors=True)
@@ -263,23 +327,44 @@ def restore(args: argparse.Namespace, output: Path, *, timestamp: str | None = N
         try:
             summary.update(fetch_plan(args, plan, fetch_dir))
             applied = time.monotonic()
-            argv = [args.litestream, "restore", "-integrity-check", "full", "-json",
-                    "-txid", str(plan["max_txid"]), "-o", str(output),
-                    f"file://{fetch_dir}"]
+            argv = [
+                args.litestream,
+                "restore",
+                "-integrity-check",
+                "full",
+                "-json",
+                "-txid",
+                str(plan["max_txid"]),
+                "-o",
+                str(output),
+                f"file://{fetch_dir}",
+            ]
             proc = run(argv, args.timeout)
             summary["apply_seconds"] = round(time.monotonic() - applied, 3)
         finally:
             shutil.rmtree(fetch_dir, ignore_errors=True)
         summary["method"] = "sftp fetch, then litestream restore from the local copy"
     else:
-        argv = [args.litestream, "restore", "-config", args.config, "-integrity-check", "full",
-                "-json", *(["-timestamp", timestamp] if timestamp else []),
-                "-o", str(output), args.db]
+        argv = [
+            args.litestream,
+            "restore",
+            "-config",
+            args.config,
+            "-integrity-check",
+            "full",
+            "-json",
+            *(["-timestamp", timestamp] if timestamp else []),
+            "-o",
+            str(output),
+            args.db,
+        ]
         proc = run(argv, args.timeout)
         summary["method"] = "litestream restore"
     if proc.returncode != 0:
-        raise Failure(f"litestream restore failed (exit {proc.returncode}): "
-                      f"{tail(proc.stderr) or tail(proc.stdout)}")
+        raise Failure(
+            f"litestream restore failed (exit {proc.returncode}): "
+            f"{tail(proc.stderr) or tail(proc.stdout)}"
+        )
     if not output.exists():
         raise Failure("litestream restore succeeded but wrote no database")
     try:
@@ -306,8 +391,7 @@ def drill_checks(args: argparse.Namespace, scratch: Path, result: dict[str, Any]
         finally:
             live_db.close()
     except (OSError, sqlite3.Error) as exc:
-        raise Failure(f"cannot read the newest row of the live database {db_path}: "
-                      f"{exc}") from None
+        raise Failure(f"cannot read the newest row of the live database {db_path}: {exc}") from None
 
     # Every row written more than max_behind_seconds before this moment must be in the copy.
     reference = time.time()
@@ -316,17 +400,20 @@ def drill_checks(args: argparse.Namespace, scratch: Path, result: dict[str, Any]
     if summary is None:
         raise Failure("the replica holds no backup")
     result["restored_txid"] = summary.get("txid")
-    result["restore"] = {k: summary[k] for k in ("method", "plan_files", "plan_bytes",
-                                                   "fetch_seconds", "apply_seconds", "seconds")
-                         if k in summary}
+    result["restore"] = {
+        k: summary[k]
+        for k in ("method", "plan_files", "plan_bytes", "fetch_seconds", "apply_seconds", "seconds")
+        if k in summary
+    }
     report = inspect(restored, live=False, table=args.table, column=args.time_column)
     result["restored_bytes"] = report["bytes"]
     result["rows"] = report["rows"]
     result["integrity"] = report["integrity"]
     result["restored_newest_row_at"] = report["newest_row_at"]
     if report["integrity"] != "ok":
-        raise Failure(f"the restored copy fails PRAGMA integrity_check: "
-                      f"{'; '.join(report['integrity'][:5])}")
+        raise Failure(
+            f"the restored copy fails PRAGMA integrity_check: {'; '.join(report['integrity'][:5])}"
+        )
     if not report["rows"]:
         raise Failure("the restored copy has no tables")
 
@@ -343,33 +430,41 @@ def drill_checks(args: argparse.Namespace, scratch: Path, result: dict[str, Any]
         finally:
             live_db.close()
     except (OSError, sqlite3.Error) as exc:
-        raise Failure(f"cannot compare the live database {db_path} with the copy: "
-                      f"{exc}") from None
+        raise Failure(f"cannot compare the live database {db_path} with the copy: {exc}") from None
     # How long before the restore the oldest row missing from the copy was written: the
     # replica's lag as the drill saw it (0 when the copy holds every row).
     behind = 0.0 if missing is None else max(0.0, reference - missing)
     result["oldest_missing_row_at"] = iso(missing)
     result["behind_seconds"] = round(behind, 3)
     if behind > args.max_behind_seconds:
-        held = (f"its newest is {iso(to_epoch(copy_newest))}" if copy_newest is not None
-                else "the restored copy has none")
+        held = (
+            f"its newest is {iso(to_epoch(copy_newest))}"
+            if copy_newest is not None
+            else "the restored copy has none"
+        )
         raise Failure(
             f"the replica is stale: the restored copy lacks {args.table} rows written "
             f"{behind:.0f}s before the drill started (from {iso(missing)} on; {held}), "
             f"more than {args.max_behind_seconds:g}s; is Litestream replicating? "
-            "(journalctl -u litestream)")
+            "(journalctl -u litestream)"
+        )
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
     def passed(result: dict[str, Any]) -> str:
-        return (f"{result['restored_bytes']} bytes, {result['rows'].get(args.table, 0)} "
-                f"{args.table} rows, {result['behind_seconds']:.1f}s behind the live "
-                "database, integrity ok")
+        return (
+            f"{result['restored_bytes']} bytes, {result['rows'].get(args.table, 0)} "
+            f"{args.table} rows, {result['behind_seconds']:.1f}s behind the live "
+            "database, integrity ok"
+        )
 
-    return run_drill(Path(args.workdir),
-                     {"db": args.db, "max_behind_seconds": args.max_behind_seconds},
-                     lambda scratch, result: drill_checks(args, scratch, result),
-                     textfile_dir=args.textfile_dir, summary=passed)
+    return run_drill(
+        Path(args.workdir),
+        {"db": args.db, "max_behind_seconds": args.max_behind_seconds},
+        lambda scratch, result: drill_checks(args, scratch, result),
+        textfile_dir=args.textfile_dir,
+        summary=passed,
+    )
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -391,16 +486,24 @@ def cmd_restore(args: argparse.Namespace) -> int:
             return 0
         print(f"restore FAILED: the replica holds no backup ({EMPTY_REPLICA})", file=sys.stderr)
         return 1
-    print(f"restored {summary['bytes']} bytes (txid {summary['txid']}) into {output} in "
-          f"{summary['seconds']:.1f}s: {summary['method']}", file=sys.stderr)
+    print(
+        f"restored {summary['bytes']} bytes (txid {summary['txid']}) into {output} in "
+        f"{summary['seconds']:.1f}s: {summary['method']}",
+        file=sys.stderr,
+    )
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     try:
-        report = inspect(Path(args.path), live=args.live, table=args.table,
-                         column=args.time_column, full_check=not args.quick)
+        report = inspect(
+            Path(args.path),
+            live=args.live,
+            table=args.table,
+            column=args.time_column,
+            full_check=not args.quick,
+        )
     except (OSError, sqlite3.Error) as exc:
         print(f"cannot inspect {args.path}: {exc}", file=sys.stderr)
         return 2
@@ -419,9 +522,11 @@ DEFAULTS: dict[str, Any] = {
     "timeout_seconds": 3600,
     "table": "messages",
     "time_column": "created_at",
-    "drill": {"workdir": "/var/lib/digitalme/backup-drill",
-              "textfile_dir": "/var/lib/prometheus/node-exporter",
-              "max_behind_seconds": 60},
+    "drill": {
+        "workdir": "/var/lib/digitalme/backup-drill",
+        "textfile_dir": "/var/lib/prometheus/node-exporter",
+        "max_behind_seconds": 60,
+    },
 }
 
 
@@ -442,33 +547,46 @@ def load_settings(path: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="digitalme-backup",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--settings", default=SETTINGS_FILE,
-                        help=f"JSON settings written by the role (default {SETTINGS_FILE})")
+    parser = argparse.ArgumentParser(prog="digitalme-backup", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--settings",
+        default=SETTINGS_FILE,
+        help=f"JSON settings written by the role (default {SETTINGS_FILE})",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {name: sub.add_parser(name) for name in ("restore", "drill", "inspect")}
     for command in commands.values():
         command.add_argument("--table", help="table whose newest row is compared (messages)")
-        command.add_argument("--time-column",
-                             help="its timestamp column: ISO 8601 text or Unix seconds")
+        command.add_argument(
+            "--time-column", help="its timestamp column: ISO 8601 text or Unix seconds"
+        )
     for name in ("restore", "drill"):
         command = commands[name]
         command.add_argument("--db", help="the live database Litestream replicates")
         command.add_argument("--config", help="Litestream's configuration")
         command.add_argument("--litestream", help="the litestream binary")
-        command.add_argument("--timeout", type=float,
-                             help="longest a litestream or sftp command may take (seconds)")
-        command.add_argument("--litestream-sftp", action="store_true",
-                             help="let Litestream read an SFTP replica itself (slow), "
-                                  "instead of fetching the plan's files with sftp first")
+        command.add_argument(
+            "--timeout", type=float, help="longest a litestream or sftp command may take (seconds)"
+        )
+        command.add_argument(
+            "--litestream-sftp",
+            action="store_true",
+            help="let Litestream read an SFTP replica itself (slow), "
+            "instead of fetching the plan's files with sftp first",
+        )
     restore_cmd = commands["restore"]
     restore_cmd.add_argument("--output", required=True, help="where to write the database")
     restore_cmd.add_argument("--timestamp", help="point in time (RFC 3339, UTC)")
-    restore_cmd.add_argument("--if-db-not-exists", action="store_true",
-                             help="succeed without doing anything when the output exists")
-    restore_cmd.add_argument("--if-replica-exists", action="store_true",
-                             help="succeed without a database when the replica is empty")
+    restore_cmd.add_argument(
+        "--if-db-not-exists",
+        action="store_true",
+        help="succeed without doing anything when the output exists",
+    )
+    restore_cmd.add_argument(
+        "--if-replica-exists",
+        action="store_true",
+        help="succeed without a database when the replica is empty",
+    )
     restore_cmd.set_defaults(func=cmd_restore)
     drill = commands["drill"]
     drill.add_argument("--workdir", help="folder for the scratch copy and result.json")
@@ -477,22 +595,28 @@ def main(argv: list[str] | None = None) -> int:
     drill.set_defaults(func=cmd_drill)
     inspect_cmd = commands["inspect"]
     inspect_cmd.add_argument("path")
-    inspect_cmd.add_argument("--live", action="store_true",
-                             help="a database in use: read it through its WAL, read-only")
-    inspect_cmd.add_argument("--quick", action="store_true",
-                             help="PRAGMA quick_check instead of integrity_check")
+    inspect_cmd.add_argument(
+        "--live", action="store_true", help="a database in use: read it through its WAL, read-only"
+    )
+    inspect_cmd.add_argument(
+        "--quick", action="store_true", help="PRAGMA quick_check instead of integrity_check"
+    )
     inspect_cmd.set_defaults(func=cmd_inspect)
     args = parser.parse_args(argv)
 
     settings = load_settings(args.settings)
     drill_settings = settings["drill"]
-    for name, value in (("table", settings["table"]), ("time_column", settings["time_column"]),
-                        ("db", settings["db"]), ("config", settings["config"]),
-                        ("litestream", settings["litestream"]),
-                        ("timeout", float(settings["timeout_seconds"])),
-                        ("workdir", drill_settings["workdir"]),
-                        ("textfile_dir", drill_settings["textfile_dir"]),
-                        ("max_behind_seconds", float(drill_settings["max_behind_seconds"]))):
+    for name, value in (
+        ("table", settings["table"]),
+        ("time_column", settings["time_column"]),
+        ("db", settings["db"]),
+        ("config", settings["config"]),
+        ("litestream", settings["litestream"]),
+        ("timeout", float(settings["timeout_seconds"])),
+        ("workdir", drill_settings["workdir"]),
+        ("textfile_dir", drill_settings["textfile_dir"]),
+        ("max_behind_seconds", float(drill_settings["max_behind_seconds"])),
+    ):
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     args.replica = settings["replica"]

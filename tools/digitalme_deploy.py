@@ -189,18 +189,28 @@ def write_atomic(path: Path, text: str, mode: int = 0o640, group: str | None = N
     os.replace(temporary, path)
 
 
-def run(argv: list[str], *, timeout: float = 600, check: bool = False,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: list[str], *, timeout: float = 600, check: bool = False, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,  # noqa: S603
-                                check=False, env=env, stdin=subprocess.DEVNULL)
+        result = subprocess.run(  # noqa: S603
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired as exc:
         raise Failure(f"`{' '.join(argv)}` did not finish within {timeout:g}s") from exc
     except OSError as exc:
         raise Failure(f"cannot run {argv[0]}: {exc.strerror}") from exc
     if check and result.returncode != 0:
-        raise Failure(f"`{' '.join(argv)}` failed (exit {result.returncode}): "
-                      f"{(result.stderr or result.stdout).strip()}")
+        raise Failure(
+            f"`{' '.join(argv)}` failed (exit {result.returncode}): "
+            f"{(result.stderr or result.stdout).strip()}"
+        )
     return result
 
 
@@ -220,10 +230,26 @@ JOURNAL_NOISE = (" aiohttp.access: ", " httpx2: HTTP Request: ", " httpx: HTTP R
 
 def journal(unit: str, since: float, lines: int = 60) -> str:
     """The unit's journal since a moment, without access-log lines: the last ``lines``."""
-    result = run(["journalctl", "--unit", unit, "--since", f"@{int(since)}", "--lines",
-                  "5000", "--no-pager", "--output", "short-iso"], check=False)
-    kept = [line for line in result.stdout.splitlines()
-            if not any(noise in line for noise in JOURNAL_NOISE)]
+    result = run(
+        [
+            "journalctl",
+            "--unit",
+            unit,
+            "--since",
+            f"@{int(since)}",
+            "--lines",
+            "5000",
+            "--no-pager",
+            "--output",
+            "short-iso",
+        ],
+        check=False,
+    )
+    kept = [
+        line
+        for line in result.stdout.splitlines()
+        if not any(noise in line for noise in JOURNAL_NOISE)
+    ]
     return "\n".join(kept[-lines:]) or "(the journal has nothing for it)"
 
 
@@ -246,8 +272,7 @@ def current_release(settings: Settings) -> str | None:
 def installed_releases(settings: Settings) -> list[str]:
     if not settings.releases_dir.is_dir():
         return []
-    return sorted(p.name for p in settings.releases_dir.iterdir()
-                  if (p / ".complete").exists())
+    return sorted(p.name for p in settings.releases_dir.iterdir() if (p / ".complete").exists())
 
 
 def release_dir(settings: Settings, release: str) -> Path:
@@ -255,8 +280,10 @@ def release_dir(settings: Settings, release: str) -> Path:
     path = settings.releases_dir / release
     if not (path / ".complete").exists():
         installed = ", ".join(installed_releases(settings)) or "none"
-        raise Failure(f"release {release} is not installed on this host (installed: "
-                      f"{installed}); the digitalme role installs releases")
+        raise Failure(
+            f"release {release} is not installed on this host (installed: "
+            f"{installed}); the digitalme role installs releases"
+        )
     return path
 
 
@@ -272,8 +299,11 @@ def release_migrations(settings: Settings, release: str) -> dict[int, str]:
     if not (folder / "venv").is_dir():
         for wheel in (folder / "wheels").glob("digitalme-*.whl"):
             with zipfile.ZipFile(wheel) as archive:
-                names += [Path(name).name for name in archive.namelist()
-                          if name.startswith("digitalme/migrations/")]
+                names += [
+                    Path(name).name
+                    for name in archive.namelist()
+                    if name.startswith("digitalme/migrations/")
+                ]
     for name in names:
         match = MIGRATION_FILE.match(name)
         if match:
@@ -315,8 +345,12 @@ def _open(path: Path, *, immutable: bool) -> sqlite3.Connection:
 
 
 def applied_migrations(db: sqlite3.Connection) -> list[int]:
-    if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_migrations'"
-                  ).fetchone() is None:
+    if (
+        db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_migrations'"
+        ).fetchone()
+        is None
+    ):
         return []
     return sorted(row[0] for row in db.execute("SELECT version FROM schema_migrations"))
 
@@ -353,13 +387,20 @@ def internal_snapshot(path: str, destination: str) -> dict[str, Any]:
         raise Failure(f"the snapshot of {path} fails its check: {integrity}")
     os.chmod(partial, 0o600)  # the whole database: its owner alone
     os.replace(partial, target)
-    return {"path": str(target), "bytes": target.stat().st_size, "applied": applied,
-            "highest_rowids": highest, "seconds": round(time.monotonic() - started, 3)}
+    return {
+        "path": str(target),
+        "bytes": target.stat().st_size,
+        "applied": applied,
+        "highest_rowids": highest,
+        "seconds": round(time.monotonic() - started, 3),
+    }
 
 
 def _max_rowid(db: sqlite3.Connection, table: str) -> int:
-    if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
-                  (table,)).fetchone() is None:
+    if (
+        db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone()
+        is None
+    ):
         return 0
     return int(db.execute(f'SELECT coalesce(max(rowid), 0) FROM "{table}"').fetchone()[0])
 
@@ -374,8 +415,11 @@ def internal_newer_rows(path: str, highest_json: str) -> dict[str, int]:
             if _max_rowid(db, table) == 0:
                 counts[table] = 0
                 continue
-            counts[table] = int(db.execute(f'SELECT count(*) FROM "{table}" WHERE rowid > ?',
-                                           (int(highest.get(table, 0)),)).fetchone()[0])
+            counts[table] = int(
+                db.execute(
+                    f'SELECT count(*) FROM "{table}" WHERE rowid > ?', (int(highest.get(table, 0)),)
+                ).fetchone()[0]
+            )
         return counts
     finally:
         db.close()
@@ -394,8 +438,10 @@ def database_schema(settings: Settings, release: str | None = None) -> list[int]
         env = dict(os.environ, DIGITALME_RELEASE_DIR=str(settings.releases_dir / release))
         result = run([settings.admin_command, "migrate", "--status"], timeout=120, env=env)
         if result.returncode != 0:
-            raise Failure("cannot read the schema of the PostgreSQL database: "
-                          f"{(result.stderr or result.stdout).strip()}")
+            raise Failure(
+                "cannot read the schema of the PostgreSQL database: "
+                f"{(result.stderr or result.stdout).strip()}"
+            )
         return list(json.loads(result.stdout)["applied"])
     if not settings.db_path.exists():
         return None
@@ -426,8 +472,9 @@ def describe_holder(holder: dict[str, Any]) -> str:
 def acquire_lock(settings: Settings, holder: str, wait: float) -> str:
     settings.lock_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     token = secrets.token_hex(8)
-    document = json.dumps({"token": token, "holder": holder, "since": now_iso(),
-                           "pid": os.getpid()})
+    document = json.dumps(
+        {"token": token, "holder": holder, "since": now_iso(), "pid": os.getpid()}
+    )
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -442,7 +489,8 @@ def acquire_lock(settings: Settings, holder: str, wait: float) -> str:
                     "Wait for it to finish (or give the playbook -e digitalme_deploy_lock_wait"
                     "_seconds=300). If that run is gone (interrupted, its controller lost), "
                     "break the lock: `sudo digitalme-deploy lock break` on the host, or run "
-                    "the playbook with -e digitalme_deploy_break_lock=true.") from None
+                    "the playbook with -e digitalme_deploy_break_lock=true."
+                ) from None
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             continue
         with os.fdopen(fd, "w") as handle:
@@ -463,13 +511,16 @@ def check_lock(settings: Settings, token: str) -> None:
     current = lock_holder(settings)
     if current is None or current.get("token") != token:
         held = describe_holder(current) if current else "nobody"
-        raise Failure(f"this run no longer holds the deploy lock (held by {held}); "
-                      "someone broke it: stopping rather than interleaving with another run")
+        raise Failure(
+            f"this run no longer holds the deploy lock (held by {held}); "
+            "someone broke it: stopping rather than interleaving with another run"
+        )
 
 
 @contextlib.contextmanager
-def locked(settings: Settings, token: str | None, by: str, what: str,
-           wait: float = 0) -> Iterator[None]:
+def locked(
+    settings: Settings, token: str | None, by: str, what: str, wait: float = 0
+) -> Iterator[None]:
     """Under the caller's lock (the playbook's), or one taken for this command alone."""
     if token:
         check_lock(settings, token)
@@ -551,8 +602,10 @@ def metrics_text(record: dict[str, Any], records: list[dict[str, Any]]) -> str:
         f'commit="{label(record.get("commit"))}"}} 1',
         "# HELP digitalme_deploys_total Deploys and rollbacks recorded on this host, by result.",
         "# TYPE digitalme_deploys_total counter",
-        *(f'digitalme_deploys_total{{result="{label(result)}"}} {count}'
-          for result, count in sorted(results.items())),
+        *(
+            f'digitalme_deploys_total{{result="{label(result)}"}} {count}'
+            for result, count in sorted(results.items())
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -565,22 +618,36 @@ def save_record(settings: Settings, record: dict[str, Any]) -> None:
     with settings.history_file.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record, sort_keys=True) + "\n")
     # /info shows it: readable by the service's group.
-    write_atomic(settings.last_file, json.dumps(record, indent=2, sort_keys=True) + "\n",
-                 mode=0o640, group=settings.group)
+    write_atomic(
+        settings.last_file,
+        json.dumps(record, indent=2, sort_keys=True) + "\n",
+        mode=0o640,
+        group=settings.group,
+    )
     if settings.textfile_dir and Path(settings.textfile_dir).is_dir():
-        write_atomic(Path(settings.textfile_dir) / "digitalme_deploy.prom",
-                     metrics_text(record, history(settings)), mode=0o644)
+        write_atomic(
+            Path(settings.textfile_dir) / "digitalme_deploy.prom",
+            metrics_text(record, history(settings)),
+            mode=0o644,
+        )
     settings.pending_file.unlink(missing_ok=True)
 
 
-def new_record(settings: Settings, kind: str, to_release: str, by: str,
-               commit: str | None = None) -> dict[str, Any]:
+def new_record(
+    settings: Settings, kind: str, to_release: str, by: str, commit: str | None = None
+) -> dict[str, Any]:
     started = datetime.now(UTC)
-    return {"id": started.strftime("%Y%m%dT%H%M%S.%fZ"), "kind": kind,
-            "from_release": current_release(settings), "to_release": to_release,
-            "commit": commit or release_info(settings, to_release).get("commit"),
-            "by": by, "started_at": started.isoformat(timespec="milliseconds"),
-            "migrations": [], "snapshot": None}
+    return {
+        "id": started.strftime("%Y%m%dT%H%M%S.%fZ"),
+        "kind": kind,
+        "from_release": current_release(settings),
+        "to_release": to_release,
+        "commit": commit or release_info(settings, to_release).get("commit"),
+        "by": by,
+        "started_at": started.isoformat(timespec="milliseconds"),
+        "migrations": [],
+        "snapshot": None,
+    }
 
 
 def pending_record(settings: Settings, release: str) -> dict[str, Any] | None:
@@ -603,8 +670,11 @@ def ensure_socket(settings: Settings) -> None:
     if state.get("ActiveState") == "failed":
         systemctl("reset-failed", settings.socket)
     if unit_state(settings.service).get("ActiveState") in ("active", "activating"):
-        print(f"{settings.socket} is not listening yet: stopping {settings.service} once so "
-              "that the socket can take its port", file=sys.stderr)
+        print(
+            f"{settings.socket} is not listening yet: stopping {settings.service} once so "
+            "that the socket can take its port",
+            file=sys.stderr,
+        )
         systemctl("stop", settings.service)
     systemctl("start", settings.socket)
 
@@ -635,11 +705,15 @@ def wait_ready(settings: Settings, restarts_before: int, deadline: float) -> Non
     last = "no answer yet"
     while True:
         state = unit_state(settings.service)
-        if state.get("ActiveState") == "failed" or \
-                int(state.get("NRestarts", "0") or 0) > restarts_before or \
-                state.get("SubState") == "auto-restart":
-            raise Failure(f"the service exited ({state.get('ActiveState')}/"
-                          f"{state.get('SubState')}, result {state.get('Result')})")
+        if (
+            state.get("ActiveState") == "failed"
+            or int(state.get("NRestarts", "0") or 0) > restarts_before
+            or state.get("SubState") == "auto-restart"
+        ):
+            raise Failure(
+                f"the service exited ({state.get('ActiveState')}/"
+                f"{state.get('SubState')}, result {state.get('Result')})"
+            )
         status, body = get(f"{settings.app_url}/health/ready", timeout=5)
         if status == 200:
             return
@@ -653,8 +727,18 @@ def smoke_test(settings: Settings, release: str, deadline: float) -> None:
     """One chat turn through the running service, with the release's own command."""
     env = dict(os.environ, DIGITALME_RELEASE_DIR=str(settings.releases_dir / release))
     timeout = max(5.0, deadline - time.monotonic())
-    result = run([settings.admin_command, "smoke-test", "--url", settings.app_url,
-                  "--timeout", f"{timeout:.0f}"], timeout=timeout + 30, env=env)
+    result = run(
+        [
+            settings.admin_command,
+            "smoke-test",
+            "--url",
+            settings.app_url,
+            "--timeout",
+            f"{timeout:.0f}",
+        ],
+        timeout=timeout + 30,
+        env=env,
+    )
     if result.returncode != 0:
         raise Failure(f"the smoke chat turn failed: {(result.stderr or result.stdout).strip()}")
 
@@ -684,9 +768,13 @@ def plan(settings: Settings, release: str) -> dict[str, Any]:
     try:
         release_dir(settings, release)
     except Failure:
-        return {"release": release, "current": current_release(settings),
-                "pending_migrations": None, "changes": True,
-                "reasons": [f"release {release} is not installed yet"]}
+        return {
+            "release": release,
+            "current": current_release(settings),
+            "pending_migrations": None,
+            "changes": True,
+            "reasons": [f"release {release} is not installed yet"],
+        }
     current = current_release(settings)
     applied = database_schema(settings, release)
     pending = sorted(set(release_migrations(settings, release)) - set(applied or []))
@@ -695,19 +783,28 @@ def plan(settings: Settings, release: str) -> dict[str, Any]:
     if current != release:
         reasons.append(f"release {current or 'none'} -> {release}")
     last = last_success(settings)
-    if last is None or last.get("to_release") != release or \
-            last.get("fingerprint") != fingerprint(settings):
+    if (
+        last is None
+        or last.get("to_release") != release
+        or last.get("fingerprint") != fingerprint(settings)
+    ):
         reasons.append("settings, secrets or units changed since the service started")
     if unit_state(settings.service).get("ActiveState") != "active":
         reasons.append(f"{settings.service} is not running")
-    return {"release": release, "current": current, "pending_migrations": pending,
-            "changes": bool(reasons), "reasons": reasons}
+    return {
+        "release": release,
+        "current": current,
+        "pending_migrations": pending,
+        "changes": bool(reasons),
+        "reasons": reasons,
+    }
 
 
 def prepare(settings: Settings, release: str, by: str, commit: str | None) -> dict[str, Any]:
     release_dir(settings, release)
-    record = new_record(settings, "upgrade" if current_release(settings) else "install",
-                        release, by, commit)
+    record = new_record(
+        settings, "upgrade" if current_release(settings) else "install", release, by, commit
+    )
     shipped = release_migrations(settings, release)
     applied = database_schema(settings, release)
     pending = sorted(set(shipped) - set(applied or []))
@@ -719,15 +816,21 @@ def prepare(settings: Settings, release: str, by: str, commit: str | None) -> di
         if applied is not None and settings.database_engine != "postgresql":
             record["litestream"] = sync_replica(settings)
             record["snapshot"] = as_service_user(
-                settings, "snapshot", str(settings.db_path),
-                str(settings.snapshot_dir / f"{record['id']}.db"))
+                settings,
+                "snapshot",
+                str(settings.db_path),
+                str(settings.snapshot_dir / f"{record['id']}.db"),
+            )
         migrate(settings, release, pending, shipped, record)
         changed = True
     record["migrations"] = [shipped[v] for v in pending]
     write_atomic(settings.pending_file, json.dumps(record, indent=2) + "\n", mode=0o600)
-    return {"changed": changed, "migrations": record["migrations"],
-            "snapshot": (record["snapshot"] or {}).get("path"),
-            "litestream": record.get("litestream")}
+    return {
+        "changed": changed,
+        "migrations": record["migrations"],
+        "snapshot": (record["snapshot"] or {}).get("path"),
+        "litestream": record.get("litestream"),
+    }
 
 
 def sync_replica(settings: Settings) -> dict[str, Any] | None:
@@ -738,10 +841,20 @@ def sync_replica(settings: Settings) -> dict[str, Any] | None:
     if not Path(settings.litestream_socket).exists():
         why = f"its control socket {settings.litestream_socket} does not exist (not running?)"
     else:
-        result = run([settings.litestream_binary, "sync", "-wait", "-json", "-timeout",
-                      f"{settings.sync_timeout_seconds:.0f}", "-socket",
-                      settings.litestream_socket, str(settings.db_path)],
-                     timeout=settings.sync_timeout_seconds + 30)
+        result = run(
+            [
+                settings.litestream_binary,
+                "sync",
+                "-wait",
+                "-json",
+                "-timeout",
+                f"{settings.sync_timeout_seconds:.0f}",
+                "-socket",
+                settings.litestream_socket,
+                str(settings.db_path),
+            ],
+            timeout=settings.sync_timeout_seconds + 30,
+        )
         if result.returncode == 0:
             with contextlib.suppress(ValueError):
                 answer = json.loads(result.stdout)
@@ -752,21 +865,28 @@ def sync_replica(settings: Settings) -> dict[str, Any] | None:
             f"Litestream could not confirm the replica has everything: {why}. Nothing was "
             "changed. Fix replication first (docs/operations/backup-and-recovery.md), or "
             "upgrade on the local snapshot alone with -e digitalme_upgrade_require_replication"
-            "=false.")
+            "=false."
+        )
     print(f"warning: upgrading without a synced replica: {why}", file=sys.stderr)
     return {"error": why}
 
 
-def migrate(settings: Settings, release: str, pending: list[int], shipped: dict[int, str],
-            record: dict[str, Any]) -> None:
+def migrate(
+    settings: Settings,
+    release: str,
+    pending: list[int],
+    shipped: dict[int, str],
+    record: dict[str, Any],
+) -> None:
     unit = settings.migrate_unit.format(release=release)
     started = time.time()
     result = run(["systemctl", "start", unit], timeout=3600)
     if result.returncode == 0:
         return
     names = ", ".join(shipped[v] for v in pending)
-    record.update(result="failed", stage="migrate",
-                  reason=f"migrations {names} failed; nothing was applied")
+    record.update(
+        result="failed", stage="migrate", reason=f"migrations {names} failed; nothing was applied"
+    )
     if record.get("snapshot"):  # the database is unchanged: nothing to go back to
         Path(record["snapshot"]["path"]).unlink(missing_ok=True)
         record["snapshot"] = None
@@ -774,21 +894,29 @@ def migrate(settings: Settings, release: str, pending: list[int], shipped: dict[
     raise Failure(
         f"the migrations of release {release} ({names}) failed; the database is as it was "
         f"and release {record['from_release'] or '(none)'} keeps serving. Journal of {unit}:\n"
-        f"{journal(unit, started)}")
+        f"{journal(unit, started)}"
+    )
 
 
-def switch(settings: Settings, release: str, by: str, commit: str | None, *,
-           smoke: bool) -> dict[str, Any]:
+def switch(
+    settings: Settings, release: str, by: str, commit: str | None, *, smoke: bool
+) -> dict[str, Any]:
     release_dir(settings, release)
     previous = current_release(settings)
     record = pending_record(settings, release) or new_record(
-        settings, "upgrade" if previous else "install", release, by, commit)
+        settings, "upgrade" if previous else "install", release, by, commit
+    )
     state = unit_state(settings.service).get("ActiveState")
     last = last_success(settings)
     print_now = fingerprint(settings)
-    if previous == release and state == "active" and last is not None and \
-            last.get("to_release") == release and last.get("fingerprint") == print_now \
-            and not record["migrations"]:
+    if (
+        previous == release
+        and state == "active"
+        and last is not None
+        and last.get("to_release") == release
+        and last.get("fingerprint") == print_now
+        and not record["migrations"]
+    ):
         settings.pending_file.unlink(missing_ok=True)
         return {"changed": False, "release": release}
     if previous == release:
@@ -798,35 +926,47 @@ def switch(settings: Settings, release: str, by: str, commit: str | None, *,
     restarted = time.time()
     try:
         before = restart_service(settings)
-        record["restart"] = {"at": round(restarted, 3),
-                             "seconds": round(time.time() - restarted, 3)}
+        record["restart"] = {
+            "at": round(restarted, 3),
+            "seconds": round(time.time() - restarted, 3),
+        }
         record["gate_seconds"] = gate(settings, release, before, smoke=smoke)
     except Failure as failed:
         record.update(result="failed", stage="gate", reason=str(failed))
         record["journal"] = journal(settings.service, restarted)
         if previous is None or previous == release:
             save_record(settings, record)
-            raise Failure(f"release {release} failed its health gate: {failed}\n"
-                          f"Journal of {settings.service}:\n{record['journal']}") from None
+            raise Failure(
+                f"release {release} failed its health gate: {failed}\n"
+                f"Journal of {settings.service}:\n{record['journal']}"
+            ) from None
         rolled = roll_back_code(settings, previous)
-        record.update(result="rolled_back", rolled_back_to=previous,
-                      rollback_seconds=rolled)
+        record.update(result="rolled_back", rolled_back_to=previous, rollback_seconds=rolled)
         save_record(settings, record)
         schema = ""
         if record["migrations"]:
-            schema = (f" Its migrations ({', '.join(record['migrations'])}) stay applied: "
-                      f"{previous} runs on them. To put the data back as it was before "
-                      "the upgrade: playbooks/rollback.yml -e rollback_data=true.")
-        raise Failure(f"release {release} failed its health gate: {failed}\n"
-                      f"Rolled back to {previous}, ready again in {rolled:.1f}s.{schema}\n"
-                      f"Journal of {settings.service} since the switch:\n{record['journal']}"
-                      ) from None
+            schema = (
+                f" Its migrations ({', '.join(record['migrations'])}) stay applied: "
+                f"{previous} runs on them. To put the data back as it was before "
+                "the upgrade: playbooks/rollback.yml -e rollback_data=true."
+            )
+        raise Failure(
+            f"release {release} failed its health gate: {failed}\n"
+            f"Rolled back to {previous}, ready again in {rolled:.1f}s.{schema}\n"
+            f"Journal of {settings.service} since the switch:\n{record['journal']}"
+        ) from None
     record["result"] = "success"
     save_record(settings, record)
     pruned = prune(settings)
-    return {"changed": True, "kind": record["kind"], "release": release, "from": previous,
-            "gate_seconds": record["gate_seconds"],
-            "duration_seconds": record["duration_seconds"], "pruned": pruned}
+    return {
+        "changed": True,
+        "kind": record["kind"],
+        "release": release,
+        "from": previous,
+        "gate_seconds": record["gate_seconds"],
+        "duration_seconds": record["duration_seconds"],
+        "pruned": pruned,
+    }
 
 
 def roll_back_code(settings: Settings, release: str) -> float:
@@ -837,8 +977,10 @@ def roll_back_code(settings: Settings, release: str) -> float:
         before = restart_service(settings)
         wait_ready(settings, before, time.monotonic() + settings.gate_timeout_seconds)
     except Failure as failed:
-        raise Failure(f"ROLLING BACK TO {release} FAILED TOO: {failed}\nJournal:\n"
-                      f"{journal(settings.service, time.time() - 120)}") from None
+        raise Failure(
+            f"ROLLING BACK TO {release} FAILED TOO: {failed}\nJournal:\n"
+            f"{journal(settings.service, time.time() - 120)}"
+        ) from None
     return round(time.monotonic() - started, 3)
 
 
@@ -848,28 +990,42 @@ def rollback_target(settings: Settings, requested: str | None) -> str:
         release_dir(settings, requested)
         return requested
     for record in reversed(history(settings)):
-        if record.get("result") == "success" and record.get("to_release") == current \
-                and record.get("from_release") and record["from_release"] != current:
+        if (
+            record.get("result") == "success"
+            and record.get("to_release") == current
+            and record.get("from_release")
+            and record["from_release"] != current
+        ):
             release_dir(settings, record["from_release"])
             return str(record["from_release"])
-    raise Failure(f"no earlier release is recorded for {current}; name one (installed: "
-                  f"{', '.join(installed_releases(settings)) or 'none'})")
+    raise Failure(
+        f"no earlier release is recorded for {current}; name one (installed: "
+        f"{', '.join(installed_releases(settings)) or 'none'})"
+    )
 
 
 def snapshot_for(settings: Settings, target_versions: set[int]) -> dict[str, Any] | None:
     """The newest snapshot of a database whose schema the target release knows."""
     for record in reversed(history(settings)):
         snapshot = record.get("snapshot")
-        if record.get("result") in ("success", "rolled_back") and snapshot and \
-                set(snapshot.get("applied", [])) <= target_versions and \
-                Path(snapshot["path"]).exists():
-            return dict(snapshot, deploy=record["id"], taken_before=record["to_release"],
-                        taken_at=record["started_at"])
+        if (
+            record.get("result") in ("success", "rolled_back")
+            and snapshot
+            and set(snapshot.get("applied", [])) <= target_versions
+            and Path(snapshot["path"]).exists()
+        ):
+            return dict(
+                snapshot,
+                deploy=record["id"],
+                taken_before=record["to_release"],
+                taken_at=record["started_at"],
+            )
     return None
 
 
-def rollback(settings: Settings, requested: str | None, data: str | None,
-             by: str) -> dict[str, Any]:
+def rollback(
+    settings: Settings, requested: str | None, data: str | None, by: str
+) -> dict[str, Any]:
     target = rollback_target(settings, requested)
     current = current_release(settings)
     known = set(release_migrations(settings, target))
@@ -884,15 +1040,20 @@ def rollback(settings: Settings, requested: str | None, data: str | None,
             raise Failure(refusal(settings, target, current, unknown, snapshot))
         record["data"] = data
     elif data == "restore":
-        raise Failure(f"release {target} knows every migration of the database: there is "
-                      "no schema to roll back. Roll back the code alone (no rollback_data).")
+        raise Failure(
+            f"release {target} knows every migration of the database: there is "
+            "no schema to roll back. Roll back the code alone (no rollback_data)."
+        )
     if data == "restore":
         if snapshot is None:
-            raise Failure(f"no snapshot on this host holds a database release {target} "
-                          "knows (they are pruned with old releases); restore from the "
-                          "replica at a point in time instead (playbooks/restore.yml)")
-        record["lost_rows"] = as_service_user(settings, "newer-rows", str(settings.db_path),
-                                              json.dumps(snapshot["highest_rowids"]))
+            raise Failure(
+                f"no snapshot on this host holds a database release {target} "
+                "knows (they are pruned with old releases); restore from the "
+                "replica at a point in time instead (playbooks/restore.yml)"
+            )
+        record["lost_rows"] = as_service_user(
+            settings, "newer-rows", str(settings.db_path), json.dumps(snapshot["highest_rowids"])
+        )
         record["snapshot"] = snapshot
         record["replaced_database"] = restore_snapshot(settings, snapshot, target, record)
     else:
@@ -904,44 +1065,65 @@ def rollback(settings: Settings, requested: str | None, data: str | None,
     except Failure as failed:
         record.update(result="failed", stage="gate", reason=str(failed))
         save_record(settings, record)
-        raise Failure(f"release {target} did not become ready after the rollback: {failed}\n"
-                      f"Journal:\n{journal(settings.service, restarted)}") from None
+        raise Failure(
+            f"release {target} did not become ready after the rollback: {failed}\n"
+            f"Journal:\n{journal(settings.service, restarted)}"
+        ) from None
     record["result"] = "success"
     record["fingerprint"] = fingerprint(settings)
     save_record(settings, record)
-    return {"changed": True, "release": target, "from": current, "data": record["data"],
-            "lost_rows": record.get("lost_rows"), "gate_seconds": record["gate_seconds"],
-            "duration_seconds": record["duration_seconds"]}
+    return {
+        "changed": True,
+        "release": target,
+        "from": current,
+        "data": record["data"],
+        "lost_rows": record.get("lost_rows"),
+        "gate_seconds": record["gate_seconds"],
+        "duration_seconds": record["duration_seconds"],
+    }
 
 
-def refusal(settings: Settings, target: str, current: str | None, unknown: list[int],
-            snapshot: dict[str, Any] | None) -> str:
+def refusal(
+    settings: Settings,
+    target: str,
+    current: str | None,
+    unknown: list[int],
+    snapshot: dict[str, Any] | None,
+) -> str:
     names = release_migrations(settings, current) if current else {}
     listed = ", ".join(names.get(version, f"{version:04d}") for version in unknown)
-    text = (f"release {current} applied migrations ({listed}) that release {target} does not "
-            "know. Say what to do with the data:\n"
-            f"  rollback_data=false: keep it; {target} runs on the newer schema (migrations "
-            "only add, docs/maintenance.md).\n")
+    text = (
+        f"release {current} applied migrations ({listed}) that release {target} does not "
+        "know. Say what to do with the data:\n"
+        f"  rollback_data=false: keep it; {target} runs on the newer schema (migrations "
+        "only add, docs/maintenance.md).\n"
+    )
     if snapshot is None:
-        return text + ("  rollback_data=true: not possible, no snapshot of the data before "
-                       "those migrations is left on this host.")
-    lost = as_service_user(settings, "newer-rows", str(settings.db_path),
-                           json.dumps(snapshot["highest_rowids"]))
+        return text + (
+            "  rollback_data=true: not possible, no snapshot of the data before "
+            "those migrations is left on this host."
+        )
+    lost = as_service_user(
+        settings, "newer-rows", str(settings.db_path), json.dumps(snapshot["highest_rowids"])
+    )
     return text + (
         f"  rollback_data=true: put back the snapshot taken before the upgrade to "
         f"{snapshot['taken_before']} at {snapshot['taken_at']}; this LOSES what was written "
         f"since: {lost['messages']} messages, {lost['conversations']} conversations and "
-        f"{lost['inbox']} webhook deliveries (the replaced database is kept aside).")
+        f"{lost['inbox']} webhook deliveries (the replaced database is kept aside)."
+    )
 
 
-def restore_snapshot(settings: Settings, snapshot: dict[str, Any], target: str,
-                     record: dict[str, Any]) -> str:
+def restore_snapshot(
+    settings: Settings, snapshot: dict[str, Any], target: str, record: dict[str, Any]
+) -> str:
     """Swap the snapshot in with everything that uses the database stopped; the folder the
     replaced files went to."""
     aside = settings.db_path.parent / f"before-rollback-{record['id']}"
     # The socket too: a connection would start the service on a database being swapped.
-    units = [settings.socket, settings.service] + \
-        ([settings.litestream_unit] if settings.litestream_unit else [])
+    units = [settings.socket, settings.service] + (
+        [settings.litestream_unit] if settings.litestream_unit else []
+    )
     systemctl("stop", *units)
     aside.mkdir(mode=0o750)
     if settings.user and os.geteuid() == 0:
@@ -984,13 +1166,25 @@ def prune(settings: Settings) -> list[str]:
         if release not in keep:
             if settings.container_engine and settings.container_image:
                 # Its image too (nothing runs it: the current release is kept).
-                run([settings.container_engine, "image", "rm", "--ignore",
-                     f"{settings.container_image}:{release}"], timeout=120, check=True)
+                run(
+                    [
+                        settings.container_engine,
+                        "image",
+                        "rm",
+                        "--ignore",
+                        f"{settings.container_image}:{release}",
+                    ],
+                    timeout=120,
+                    check=True,
+                )
             shutil.rmtree(settings.releases_dir / release)
             (settings.root / "packages" / f"{release}.tar").unlink(missing_ok=True)
             removed.append(release)
-    wanted = {Path(r["snapshot"]["path"]).name for r in history(settings)
-              if r.get("snapshot") and (r.get("from_release") in keep)}
+    wanted = {
+        Path(r["snapshot"]["path"]).name
+        for r in history(settings)
+        if r.get("snapshot") and (r.get("from_release") in keep)
+    }
     if settings.snapshot_dir.is_dir():
         for path in settings.snapshot_dir.glob("*.db"):
             if path.name not in wanted:
@@ -1001,29 +1195,48 @@ def prune(settings: Settings) -> list[str]:
 def status(settings: Settings) -> dict[str, Any]:
     records = history(settings)
     holder = lock_holder(settings)
-    return {"current": current_release(settings),
-            "installed": installed_releases(settings),
-            "service": unit_state(settings.service).get("ActiveState"),
-            "socket": unit_state(settings.socket).get("ActiveState"),
-            "lock": holder and {k: v for k, v in holder.items() if k != "token"},
-            "last_deploys": [{k: r.get(k) for k in ("id", "kind", "result", "from_release",
-                                                     "to_release", "by", "duration_seconds",
-                                                     "gate_seconds", "reason")}
-                             for r in records[-5:]]}
+    return {
+        "current": current_release(settings),
+        "installed": installed_releases(settings),
+        "service": unit_state(settings.service).get("ActiveState"),
+        "socket": unit_state(settings.socket).get("ActiveState"),
+        "lock": holder and {k: v for k, v in holder.items() if k != "token"},
+        "last_deploys": [
+            {
+                k: r.get(k)
+                for k in (
+                    "id",
+                    "kind",
+                    "result",
+                    "from_release",
+                    "to_release",
+                    "by",
+                    "duration_seconds",
+                    "gate_seconds",
+                    "reason",
+                )
+            }
+            for r in records[-5:]
+        ],
+    }
 
 
 def print_status(report: dict[str, Any]) -> None:
-    print(f"current release: {report['current'] or 'none'} "
-          f"(service {report['service']}, socket {report['socket']})")
+    print(
+        f"current release: {report['current'] or 'none'} "
+        f"(service {report['service']}, socket {report['socket']})"
+    )
     for release in report["installed"]:
         print(f"  {'*' if release == report['current'] else ' '} {release}")
     if report["lock"]:
         print(f"deploy lock: held by {describe_holder(report['lock'])}")
     print("last deploys:" if report["last_deploys"] else "no deploy recorded yet")
     for r in report["last_deploys"]:
-        print(f"  {r['id']}  {r['kind']:<8} {r['result']:<11} {r['from_release'] or '-'} -> "
-              f"{r['to_release']}  by {r['by']}  {r['duration_seconds']}s"
-              + (f"  ({r['reason'].splitlines()[0][:100]})" if r.get("reason") else ""))
+        print(
+            f"  {r['id']}  {r['kind']:<8} {r['result']:<11} {r['from_release'] or '-'} -> "
+            f"{r['to_release']}  by {r['by']}  {r['duration_seconds']}s"
+            + (f"  ({r['reason'].splitlines()[0][:100]})" if r.get("reason") else "")
+        )
 
 
 # --------------------------------------------------------------------------- main
@@ -1036,10 +1249,15 @@ def default_by() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="digitalme-deploy", description=__doc__.split("\n\n")[0],
-        epilog="See docs/operations/upgrades.md (on the host: /usr/share/doc/digitalme).")
-    parser.add_argument("--settings", default=SETTINGS_FILE,
-                        help=f"JSON settings written by the role (default {SETTINGS_FILE})")
+        prog="digitalme-deploy",
+        description=__doc__.split("\n\n")[0],
+        epilog="See docs/operations/upgrades.md (on the host: /usr/share/doc/digitalme).",
+    )
+    parser.add_argument(
+        "--settings",
+        default=SETTINGS_FILE,
+        help=f"JSON settings written by the role (default {SETTINGS_FILE})",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     lock = sub.add_parser("lock", help="take, release, show or break the deploy lock")
@@ -1049,10 +1267,17 @@ def build_parser() -> argparse.ArgumentParser:
     lock.add_argument("--wait", type=float, default=0, help="seconds to wait for it (acquire)")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--lock", metavar="TOKEN",
-                       help="the caller's deploy lock; without it the command takes its own")
-        p.add_argument("--lock-wait", type=float, default=0,
-                       help="without --lock: seconds to wait for another deploy's lock")
+        p.add_argument(
+            "--lock",
+            metavar="TOKEN",
+            help="the caller's deploy lock; without it the command takes its own",
+        )
+        p.add_argument(
+            "--lock-wait",
+            type=float,
+            default=0,
+            help="without --lock: seconds to wait for another deploy's lock",
+        )
         p.add_argument("--by", default=None, help="who deploys (recorded); default user@host")
 
     p = sub.add_parser("plan", help="what prepare and switch would do (read-only)")
@@ -1064,14 +1289,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("switch", help="make the release the running one, behind the gate")
     p.add_argument("release")
     p.add_argument("--commit", help="the source commit (recorded)")
-    p.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=None,
-                   help="a smoke chat turn in the gate (default: the settings' smoke_chat)")
+    p.add_argument(
+        "--smoke",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a smoke chat turn in the gate (default: the settings' smoke_chat)",
+    )
     p.add_argument("--gate-timeout", type=float, help="seconds the gate may take")
     common(p)
     p = sub.add_parser("rollback", help="back to the previous release (or --to RELEASE)")
     p.add_argument("--to", dest="target", help="the release to go back to")
-    p.add_argument("--data", choices=("keep", "restore"),
-                   help="when the schema differs: keep the data, or restore the snapshot")
+    p.add_argument(
+        "--data",
+        choices=("keep", "restore"),
+        help="when the schema differs: keep the data, or restore the snapshot",
+    )
     common(p)
     p = sub.add_parser("status", help="releases, the running one, the last deploys, the lock")
     p.add_argument("--json", action="store_true")
@@ -1086,8 +1318,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "internal":
             handlers: dict[str, Callable[..., Any]] = {
-                "schema": internal_schema, "snapshot": internal_snapshot,
-                "newer-rows": internal_newer_rows}
+                "schema": internal_schema,
+                "snapshot": internal_snapshot,
+                "newer-rows": internal_newer_rows,
+            }
             print(json.dumps(handlers[args.what](*args.arguments)))
             return 0
         settings = Settings.load(args.settings)
@@ -1111,8 +1345,9 @@ def main(argv: list[str] | None = None) -> int:
                 answer = prepare(settings, check_release_name(args.release), by, args.commit)
             elif args.command == "switch":
                 smoke = settings.smoke_chat if args.smoke is None else args.smoke
-                answer = switch(settings, check_release_name(args.release), by, args.commit,
-                                smoke=smoke)
+                answer = switch(
+                    settings, check_release_name(args.release), by, args.commit, smoke=smoke
+                )
             else:
                 answer = rollback(settings, args.target, args.data, by)
         print(json.dumps(answer))
@@ -1139,8 +1374,11 @@ def lock_command(settings: Settings, args: argparse.Namespace) -> int:
     else:
         holder = lock_holder(settings)
         settings.lock_file.unlink(missing_ok=True)
-        print(f"broke the lock held by {describe_holder(holder)}" if holder
-              else "the lock was not held")
+        print(
+            f"broke the lock held by {describe_holder(holder)}"
+            if holder
+            else "the lock was not held"
+        )
     return 0
 
 

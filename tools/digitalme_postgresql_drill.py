@@ -53,12 +53,32 @@ class Server:
         self.socket_dir, self.port, self.database = socket_dir, port, database
 
     def query(self, sql: str, *, timeout: float = 120) -> list[list[str]]:
-        done = run(["psql", "-h", self.socket_dir, "-p", str(self.port), "-d", self.database,
-                    "-X", "-q", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1",
-                    "-c", sql], timeout)
+        done = run(
+            [
+                "psql",
+                "-h",
+                self.socket_dir,
+                "-p",
+                str(self.port),
+                "-d",
+                self.database,
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-F",
+                "\t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ],
+            timeout,
+        )
         if done.returncode != 0:
-            raise Failure(f"psql on {self.socket_dir}:{self.port}/{self.database}: "
-                          f"{tail(done.stderr)}")
+            raise Failure(
+                f"psql on {self.socket_dir}:{self.port}/{self.database}: {tail(done.stderr)}"
+            )
         # One line per row (unaligned, tuples only); a NULL prints as an empty field.
         lines = done.stdout.removesuffix("\n").split("\n") if done.stdout else []
         return [line.split("\t") for line in lines]
@@ -74,12 +94,21 @@ def quote_literal(value: str) -> str:
 
 def restore(settings: dict[str, Any], data: Path) -> float:
     started = time.monotonic()
-    done = run(["pgbackrest", f"--stanza={settings['stanza']}", f"--pg1-path={data}",
-                "--archive-mode=off", "--log-level-console=warn", "restore"],
-               settings["timeout_seconds"])
+    done = run(
+        [
+            "pgbackrest",
+            f"--stanza={settings['stanza']}",
+            f"--pg1-path={data}",
+            "--archive-mode=off",
+            "--log-level-console=warn",
+            "restore",
+        ],
+        settings["timeout_seconds"],
+    )
     if done.returncode != 0:
-        raise Failure(f"pgbackrest restore failed (exit {done.returncode}): "
-                      f"{tail(done.stderr + done.stdout)}")
+        raise Failure(
+            f"pgbackrest restore failed (exit {done.returncode}): {tail(done.stderr + done.stdout)}"
+        )
     return time.monotonic() - started
 
 
@@ -93,21 +122,28 @@ def start_copy(settings: dict[str, Any], scratch: Path, data: Path) -> Server:
     ident = scratch / "pg_ident.conf"
     hba.write_text("local all all peer\n", encoding="utf-8")
     ident.write_text("", encoding="utf-8")
-    conf.write_text("\n".join([
-        "listen_addresses = ''",
-        f"port = {settings['drill_port']}",
-        f"unix_socket_directories = '{socket_dir}'",
-        f"hba_file = '{hba}'",
-        f"ident_file = '{ident}'",
-        "archive_mode = off",
-        "hot_standby = off",
-        "ssl = off",
-        "",
-    ]), encoding="utf-8")
+    conf.write_text(
+        "\n".join(
+            [
+                "listen_addresses = ''",
+                f"port = {settings['drill_port']}",
+                f"unix_socket_directories = '{socket_dir}'",
+                f"hba_file = '{hba}'",
+                f"ident_file = '{ident}'",
+                "archive_mode = off",
+                "hot_standby = off",
+                "ssl = off",
+                "",
+            ]
+        ),
+        encoding="utf-8",
+    )
     pg_ctl = str(Path(settings["bin_dir"]) / "pg_ctl")
     log = scratch / "server.log"
-    done = run([pg_ctl, "-D", str(data), "-o", f"-c config_file={conf}", "-l", str(log),
-                "-s", "start"], 120)
+    done = run(
+        [pg_ctl, "-D", str(data), "-o", f"-c config_file={conf}", "-l", str(log), "-s", "start"],
+        120,
+    )
     server = Server(str(socket_dir), settings["drill_port"], settings["database"])
     deadline = time.monotonic() + settings["timeout_seconds"]
     while True:
@@ -116,19 +152,37 @@ def start_copy(settings: dict[str, Any], scratch: Path, data: Path) -> Server:
                 return server
         except Failure:
             pass
-        if done.returncode != 0 or not (data / "postmaster.pid").exists() \
-                or time.monotonic() > deadline:
-            log_tail = tail(log.read_text(encoding="utf-8", errors="replace"), 8) \
-                if log.exists() else "(no log)"
-            raise Failure(f"the restored copy did not come up (recovery failed or took "
-                          f"too long): {log_tail}")
+        if (
+            done.returncode != 0
+            or not (data / "postmaster.pid").exists()
+            or time.monotonic() > deadline
+        ):
+            log_tail = (
+                tail(log.read_text(encoding="utf-8", errors="replace"), 8)
+                if log.exists()
+                else "(no log)"
+            )
+            raise Failure(
+                f"the restored copy did not come up (recovery failed or took too long): {log_tail}"
+            )
         time.sleep(1)
 
 
 def stop_copy(settings: dict[str, Any], data: Path) -> None:
     if (data / "postmaster.pid").exists():
-        run([str(Path(settings["bin_dir"]) / "pg_ctl"), "-D", str(data), "-m", "immediate",
-             "-s", "-w", "stop"], 120)
+        run(
+            [
+                str(Path(settings["bin_dir"]) / "pg_ctl"),
+                "-D",
+                str(data),
+                "-m",
+                "immediate",
+                "-s",
+                "-w",
+                "stop",
+            ],
+            120,
+        )
 
 
 def checks(settings: dict[str, Any], scratch: Path, result: dict[str, Any]) -> None:
@@ -138,10 +192,12 @@ def checks(settings: dict[str, Any], scratch: Path, result: dict[str, Any]) -> N
     # Read the live database first: a drill that cannot read it fails before restoring. A
     # server set up a moment ago has no app tables yet (the app hosts' migrations make
     # them): then the copy is only read, not compared.
-    has_table = live.query("SELECT to_regclass('public.' || " + quote_literal(
-        quote_ident(table)) + ") IS NOT NULL") == [["t"]]
-    result["live_newest_row_at"] = iso(to_epoch(live.query(newest_sql)[0][0])) \
-        if has_table else None
+    has_table = live.query(
+        "SELECT to_regclass('public.' || " + quote_literal(quote_ident(table)) + ") IS NOT NULL"
+    ) == [["t"]]
+    result["live_newest_row_at"] = (
+        iso(to_epoch(live.query(newest_sql)[0][0])) if has_table else None
+    )
 
     reference = time.time()
     data = scratch / "data"
@@ -149,25 +205,41 @@ def checks(settings: dict[str, Any], scratch: Path, result: dict[str, Any]) -> N
     result["restore_seconds"] = round(restore(settings, data), 3)
     copy = start_copy(settings, scratch, data)
     try:
-        tables = [row[0] for row in copy.query(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")]
+        tables = [
+            row[0]
+            for row in copy.query(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+            )
+        ]
         if has_table and table not in tables:
-            raise Failure(f"the restored copy of {settings['database']} has no table {table} "
-                          f"(tables: {', '.join(tables) or 'none'})")
+            raise Failure(
+                f"the restored copy of {settings['database']} has no table {table} "
+                f"(tables: {', '.join(tables) or 'none'})"
+            )
         # Reading every row of every table: a page the restore got wrong fails here.
-        counts = copy.query(" UNION ALL ".join(
-            f"SELECT {quote_literal(name)}, count(*) FROM {quote_ident(name)}"
-            for name in tables)) if tables else []
+        counts = (
+            copy.query(
+                " UNION ALL ".join(
+                    f"SELECT {quote_literal(name)}, count(*) FROM {quote_ident(name)}"
+                    for name in tables
+                )
+            )
+            if tables
+            else []
+        )
         result["rows"] = {name: int(count) for name, count in counts}
-        result["restored_bytes"] = int(copy.query(
-            "SELECT pg_database_size(current_database())")[0][0])
+        result["restored_bytes"] = int(
+            copy.query("SELECT pg_database_size(current_database())")[0][0]
+        )
         if not has_table:
             result["behind_seconds"] = 0.0
             result["note"] = f"the live database has no table {table} yet: nothing to compare"
             return
         copy_newest = copy.query(newest_sql)[0][0] or None
-        copy_last_id = copy.query(f"SELECT max({quote_ident(id_column)}) FROM "
-                                  f"{quote_ident(table)}")[0][0] or None
+        copy_last_id = (
+            copy.query(f"SELECT max({quote_ident(id_column)}) FROM {quote_ident(table)}")[0][0]
+            or None
+        )
     finally:
         stop_copy(settings, data)
     result["restored_newest_row_at"] = iso(to_epoch(copy_newest))
@@ -175,8 +247,9 @@ def checks(settings: dict[str, Any], scratch: Path, result: dict[str, Any]) -> N
     # The rows the copy lacks: the live ones after its last id (ids come from a sequence,
     # in the order rows were written; their timestamps need not be).
     after = f" WHERE {quote_ident(id_column)} > {int(copy_last_id)}" if copy_last_id else ""
-    missing_rows = live.query(f"SELECT min({quote_ident(column)}) FROM {quote_ident(table)}"
-                              + after)
+    missing_rows = live.query(
+        f"SELECT min({quote_ident(column)}) FROM {quote_ident(table)}" + after
+    )
     missing = to_epoch(missing_rows[0][0] or None)
     # How long before the restore the oldest row missing from the copy was written: the
     # archive's lag as the drill saw it (0 when the copy holds every row).
@@ -189,7 +262,8 @@ def checks(settings: dict[str, Any], scratch: Path, result: dict[str, Any]) -> N
             f"{behind:.0f}s before the drill started (from {iso(missing)} on; its newest "
             f"is {result['restored_newest_row_at']}), more than "
             f"{settings['max_behind_seconds']}s; is WAL archiving working? "
-            f"(pgbackrest --stanza={settings['stanza']} check; journalctl -u postgresql@*)")
+            f"(pgbackrest --stanza={settings['stanza']} check; journalctl -u postgresql@*)"
+        )
 
 
 # --------------------------------------------------------------------------- the drill
@@ -201,35 +275,44 @@ def drill(settings: dict[str, Any]) -> int:
             stop_copy(settings, scratch / "data")
 
     def passed(result: dict[str, Any]) -> str:
-        return (f"{result['restored_bytes']} bytes, "
-                f"{result['rows'].get(settings['table'], 0)} {settings['table']} rows, "
-                f"{result['behind_seconds']:.1f}s behind the live database"
-                + (f" ({result['note']})" if result.get("note") else ""))
+        return (
+            f"{result['restored_bytes']} bytes, "
+            f"{result['rows'].get(settings['table'], 0)} {settings['table']} rows, "
+            f"{result['behind_seconds']:.1f}s behind the live database"
+            + (f" ({result['note']})" if result.get("note") else "")
+        )
 
-    return run_drill(Path(settings["workdir"]),
-                     {"stanza": settings["stanza"],
-                      "max_behind_seconds": settings["max_behind_seconds"]},
-                     lambda scratch, result: checks(settings, scratch, result),
-                     textfile_dir=settings.get("textfile_dir"), summary=passed,
-                     release=release, metrics=DRILL_METRICS)
+    return run_drill(
+        Path(settings["workdir"]),
+        {"stanza": settings["stanza"], "max_behind_seconds": settings["max_behind_seconds"]},
+        lambda scratch, result: checks(settings, scratch, result),
+        textfile_dir=settings.get("textfile_dir"),
+        summary=passed,
+        release=release,
+        metrics=DRILL_METRICS,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="digitalme-postgresql-drill",
         description="Restore the latest PostgreSQL backup (pgBackRest) into a scratch "
-                    "folder, start it, check it against the live database and report "
-                    "(result.json, node-exporter's textfile). Run as postgres.")
-    parser.add_argument("--settings", default=SETTINGS_FILE,
-                        help=f"the role's settings file (default: {SETTINGS_FILE})")
-    parser.add_argument("--max-behind-seconds", type=float,
-                        help="override the settings' max_behind_seconds")
+        "folder, start it, check it against the live database and report "
+        "(result.json, node-exporter's textfile). Run as postgres.",
+    )
+    parser.add_argument(
+        "--settings",
+        default=SETTINGS_FILE,
+        help=f"the role's settings file (default: {SETTINGS_FILE})",
+    )
+    parser.add_argument(
+        "--max-behind-seconds", type=float, help="override the settings' max_behind_seconds"
+    )
     args = parser.parse_args(argv)
     try:
         settings = json.loads(Path(args.settings).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        print(f"digitalme-postgresql-drill: cannot read {args.settings}: {exc}",
-              file=sys.stderr)
+        print(f"digitalme-postgresql-drill: cannot read {args.settings}: {exc}", file=sys.stderr)
         return 2
     if args.max_behind_seconds is not None:
         settings["max_behind_seconds"] = args.max_behind_seconds

@@ -47,27 +47,50 @@ class Metric(NamedTuple):
 
 
 METRICS = (
-    Metric("digitalme_backup_drill_success",
-           "1 if the last restore drill passed, 0 if it failed.", "success"),
-    Metric("digitalme_backup_drill_duration_seconds",
-           "How long the last restore drill took (restore and checks).", "duration_seconds"),
-    Metric("digitalme_backup_drill_last_run_timestamp_seconds",
-           "When the last restore drill finished (Unix time).", "finished_epoch"),
-    Metric("digitalme_backup_drill_last_success_timestamp_seconds",
-           "When a restore drill last passed (Unix time; NaN: never).", "last_success_epoch"),
-    Metric("digitalme_backup_replica_age_seconds",
-           "Age of the newest change on the replica when the drill ran (the SQLite drill "
-           "only; grows while nothing is written: alert on "
-           "digitalme_backup_drill_behind_seconds instead).",
-           "replica_age_seconds"),
-    Metric("digitalme_backup_drill_behind_seconds",
-           "How long before the drill the oldest row missing from the restored copy was "
-           "written (0: the copy held every row of the live database).", "behind_seconds"),
-    Metric("digitalme_backup_drill_restored_bytes",
-           "Size of the database the last drill restored.", "restored_bytes"),
+    Metric(
+        "digitalme_backup_drill_success",
+        "1 if the last restore drill passed, 0 if it failed.",
+        "success",
+    ),
+    Metric(
+        "digitalme_backup_drill_duration_seconds",
+        "How long the last restore drill took (restore and checks).",
+        "duration_seconds",
+    ),
+    Metric(
+        "digitalme_backup_drill_last_run_timestamp_seconds",
+        "When the last restore drill finished (Unix time).",
+        "finished_epoch",
+    ),
+    Metric(
+        "digitalme_backup_drill_last_success_timestamp_seconds",
+        "When a restore drill last passed (Unix time; NaN: never).",
+        "last_success_epoch",
+    ),
+    Metric(
+        "digitalme_backup_replica_age_seconds",
+        "Age of the newest change on the replica when the drill ran (the SQLite drill "
+        "only; grows while nothing is written: alert on "
+        "digitalme_backup_drill_behind_seconds instead).",
+        "replica_age_seconds",
+    ),
+    Metric(
+        "digitalme_backup_drill_behind_seconds",
+        "How long before the drill the oldest row missing from the restored copy was "
+        "written (0: the copy held every row of the live database).",
+        "behind_seconds",
+    ),
+    Metric(
+        "digitalme_backup_drill_restored_bytes",
+        "Size of the database the last drill restored.",
+        "restored_bytes",
+    ),
 )
-ROWS_METRIC = Metric("digitalme_backup_drill_restored_rows",
-                     "Rows per table in the database the last drill restored.", "rows")
+ROWS_METRIC = Metric(
+    "digitalme_backup_drill_restored_rows",
+    "Rows per table in the database the last drill restored.",
+    "rows",
+)
 
 
 # --------------------------------------------------------------------------- values
@@ -106,8 +129,14 @@ def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     captured; a command that cannot start or does not finish in time is a Failure."""
     try:
         # argv: a configured binary and our own arguments.
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,  # noqa: S603
-                              stdin=subprocess.DEVNULL, check=False)
+        return subprocess.run(  # noqa: S603
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         raise Failure(f"`{' '.join(argv[:2])}` did not finish within {timeout:g}s") from None
     except OSError as exc:
@@ -146,8 +175,11 @@ def render_metrics(result: dict[str, Any], metrics: tuple[Metric, ...] = METRICS
     values = dict(result, success=1 if result["ok"] else 0)
     lines = []
     for name, help_text, key in metrics:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge",
-                  f"{name} {number(values.get(key))}"]
+        lines += [
+            f"# HELP {name} {help_text}",
+            f"# TYPE {name} gauge",
+            f"{name} {number(values.get(key))}",
+        ]
     rows = result.get(ROWS_METRIC.key) or {}
     if rows:
         name = ROWS_METRIC.name
@@ -175,15 +207,22 @@ def _stopped(signum: int, _frame: object) -> None:
     # systemd stops the drill with SIGTERM (TimeoutStartSec, or `systemctl stop`): fail the
     # drill, so that its result and metrics say so instead of showing the previous run.
     # subprocess.run kills the running command on the way out.
-    raise Failure(f"stopped by {signal.Signals(signum).name} before it finished (the unit's "
-                  "TimeoutStartSec, or `systemctl stop`)")
+    raise Failure(
+        f"stopped by {signal.Signals(signum).name} before it finished (the unit's "
+        "TimeoutStartSec, or `systemctl stop`)"
+    )
 
 
-def run_drill(workdir: Path, fields: dict[str, Any],
-              checks: Callable[[Path, dict[str, Any]], None], *,
-              textfile_dir: str | None, summary: Callable[[dict[str, Any]], str],
-              release: Callable[[Path], None] | None = None,
-              metrics: tuple[Metric, ...] = METRICS) -> int:
+def run_drill(
+    workdir: Path,
+    fields: dict[str, Any],
+    checks: Callable[[Path, dict[str, Any]], None],
+    *,
+    textfile_dir: str | None,
+    summary: Callable[[dict[str, Any]], str],
+    release: Callable[[Path], None] | None = None,
+    metrics: tuple[Metric, ...] = METRICS,
+) -> int:
     """Run ``checks(scratch, result)`` in ``<workdir>/scratch`` and report (module
     docstring); ``fields`` start the result, ``summary(result)`` says what a passed drill
     found, ``release(scratch)`` lets go of what the checks started there (a server) before
@@ -191,8 +230,7 @@ def run_drill(workdir: Path, fields: dict[str, Any],
     signal.signal(signal.SIGTERM, _stopped)
     scratch = workdir / "scratch"
     started = time.time()
-    result: dict[str, Any] = {"ok": False, "error": None, **fields,
-                              "started_at": iso(started)}
+    result: dict[str, Any] = {"ok": False, "error": None, **fields, "started_at": iso(started)}
     last_success = previous_success(workdir)
     try:
         if release and scratch.exists():  # left by an interrupted drill
@@ -215,16 +253,21 @@ def run_drill(workdir: Path, fields: dict[str, Any],
     finished = time.time()
     if result["ok"]:
         last_success = finished
-    result.update(finished_at=iso(finished), finished_epoch=finished,
-                  duration_seconds=round(finished - started, 3),
-                  last_success_at=iso(last_success), last_success_epoch=last_success)
+    result.update(
+        finished_at=iso(finished),
+        finished_epoch=finished,
+        duration_seconds=round(finished - started, 3),
+        last_success_at=iso(last_success),
+        last_success_epoch=last_success,
+    )
     write_atomic(workdir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     if textfile_dir:
         write_atomic(Path(textfile_dir) / METRICS_FILE, render_metrics(result, metrics))
     if result["ok"]:
-        print(f"restore drill passed in {result['duration_seconds']:.1f}s: "
-              f"{summary(result)}")
+        print(f"restore drill passed in {result['duration_seconds']:.1f}s: {summary(result)}")
         return 0
-    print(f"restore drill FAILED after {result['duration_seconds']:.1f}s: {result['error']}",
-          file=sys.stderr)
+    print(
+        f"restore drill FAILED after {result['duration_seconds']:.1f}s: {result['error']}",
+        file=sys.stderr,
+    )
     return 1

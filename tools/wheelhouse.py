@@ -42,9 +42,14 @@ def release_id(source: Path, python_version: str, machine: str, target: str = ""
         digest.update(f"{target}\0".encode())
     files = [source / "pyproject.toml", source / "requirements" / "app.lock"]
     for folder in ("app", "docs"):
-        files += sorted(p for p in (source / folder).rglob("*")
-                        if p.is_file() and "__pycache__" not in p.parts
-                        and ".egg-info" not in str(p) and not p.name.endswith(".pyc"))
+        files += sorted(
+            p
+            for p in (source / folder).rglob("*")
+            if p.is_file()
+            and "__pycache__" not in p.parts
+            and ".egg-info" not in str(p)
+            and not p.name.endswith(".pyc")
+        )
     for path in files:
         digest.update(str(path.relative_to(source)).encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
@@ -52,8 +57,9 @@ def release_id(source: Path, python_version: str, machine: str, target: str = ""
 
 
 def project_version(source: Path) -> str:
-    match = re.search(r'^version\s*=\s*"([^"]+)"', (source / "pyproject.toml").read_text(),
-                      re.MULTILINE)
+    match = re.search(
+        r'^version\s*=\s*"([^"]+)"', (source / "pyproject.toml").read_text(), re.MULTILINE
+    )
     if not match:
         raise SystemExit("wheelhouse: no version in pyproject.toml")
     return match[1]
@@ -72,9 +78,22 @@ def dependency_wheels(source: Path, cache: Path, python_version: str, machine: s
     try:
         major_minor = ".".join(python_version.split(".")[:2])
         platforms = [f"--platform=manylinux_{tag}_{machine}" for tag in GLIBC_TAGS]
-        run(sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "--quiet",
-            "--dest", str(partial), "--only-binary=:all:", f"--python-version={major_minor}",
-            "--implementation=cp", *platforms, "-r", str(lock))
+        run(
+            sys.executable,
+            "-m",
+            "pip",
+            "--disable-pip-version-check",
+            "download",
+            "--quiet",
+            "--dest",
+            str(partial),
+            "--only-binary=:all:",
+            f"--python-version={major_minor}",
+            "--implementation=cp",
+            *platforms,
+            "-r",
+            str(lock),
+        )
         os.rename(partial, folder)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -86,20 +105,29 @@ def release_description(source: Path, release: str, version: str) -> dict[str, o
     """release.json: what the service shows in /info (DIGITALME_RELEASE_INFO) and the
     deploy record names. The commit is the sources' when they are a git checkout; dirty
     when what goes into the release differs from it."""
+
     def git(*args: str) -> str | None:
         try:
-            found = subprocess.run(["git", "-C", str(source), *args],  # noqa: S603, S607
-                                   capture_output=True, text=True, check=False, timeout=30)
+            found = subprocess.run(  # noqa: S603
+                ["git", "-C", str(source), *args],  # noqa: S607
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=30,
+            )
         except OSError:
             return None
         return found.stdout.strip() if found.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    changes = git("status", "--porcelain", "--", "app", "docs", "pyproject.toml",
-                  "requirements")
-    return {"release": release, "version": version, "commit": commit,
-            "dirty": bool(changes) if commit else None,
-            "built_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    changes = git("status", "--porcelain", "--", "app", "docs", "pyproject.toml", "requirements")
+    return {
+        "release": release,
+        "version": version,
+        "commit": commit,
+        "dirty": bool(changes) if commit else None,
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def run(*args: str) -> None:
@@ -111,14 +139,18 @@ def run(*args: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="wheelhouse.py", description=__doc__.split("\n\n")[0] if __doc__ else None)
+        prog="wheelhouse.py", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
     parser.add_argument("source", type=Path, help="the repository (pyproject.toml, app/, ...)")
     parser.add_argument("cache", type=Path, help="where packages and wheels are kept")
     parser.add_argument("python_version", help="the Python the release runs on (3.11.2)")
     parser.add_argument("machine", help="the host's machine (x86_64, aarch64)")
-    parser.add_argument("target", nargs="?", default="",
-                        help="more that the release depends on (the container runtime's "
-                             "recipe and base)")
+    parser.add_argument(
+        "target",
+        nargs="?",
+        default="",
+        help="more that the release depends on (the container runtime's recipe and base)",
+    )
     args = parser.parse_args(argv)
     source, cache = args.source, args.cache
     version = project_version(source)
@@ -132,18 +164,23 @@ def main(argv: list[str] | None = None) -> None:
             wheels = work / "wheels"
             pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
             shutil.copytree(
-                dependency_wheels(source, cache, args.python_version, args.machine), wheels)
+                dependency_wheels(source, cache, args.python_version, args.machine), wheels
+            )
             # The app itself: a pure-Python wheel built from a copy of the sources (a build
             # in place would leave build/ and egg-info behind in the repository).
             with tempfile.TemporaryDirectory() as build:
-                shutil.copytree(source / "app", Path(build) / "app",
-                                ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+                shutil.copytree(
+                    source / "app",
+                    Path(build) / "app",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+                )
                 for name in ("pyproject.toml", "README.md"):
                     shutil.copy2(source / name, Path(build) / name)
                 run(*pip, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), build)
             description = work / "release.json"
-            description.write_text(json.dumps(release_description(source, release, version),
-                                              indent=2) + "\n")
+            description.write_text(
+                json.dumps(release_description(source, release, version), indent=2) + "\n"
+            )
             partial = work / "package.tar"
             with tarfile.open(partial, "w") as tar:
                 tar.add(wheels, arcname="wheels")
@@ -160,8 +197,9 @@ def main(argv: list[str] | None = None) -> None:
             old.unlink()
     for old in sorted(cache.glob("deps-*"), key=lambda p: p.stat().st_mtime)[:-KEEP_PACKAGES]:
         shutil.rmtree(old, ignore_errors=True)
-    print(json.dumps({"release": release, "version": version, "path": str(package),
-                      "built": built}))
+    print(
+        json.dumps({"release": release, "version": version, "path": str(package), "built": built})
+    )
 
 
 if __name__ == "__main__":

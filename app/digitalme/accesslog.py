@@ -41,8 +41,9 @@ SERVICE_FORMAT = '%a "%r" %s %b %Tfs'
 class AccessLogger(AbstractAccessLogger):
     def __init__(self, logger: logging.Logger, log_format: str) -> None:
         super().__init__(logger, log_format)
-        self._general = (None if log_format == SERVICE_FORMAT
-                         else web_log.AccessLogger(logger, log_format))
+        self._general = (
+            None if log_format == SERVICE_FORMAT else web_log.AccessLogger(logger, log_format)
+        )
         # The fields every record of this logger shares, and the (thread, process) that
         # made them: another thread or a forked child makes its own.
         self._template: dict[str, Any] = {}
@@ -57,8 +58,9 @@ class AccessLogger(AbstractAccessLogger):
         """``LogRecord(logger name, INFO, __file__, 0, message, None, None)``."""
         made_in = (threading.get_ident(), os.getpid())
         if made_in != self._made_in:
-            self._template = dict(vars(logging.LogRecord(
-                self.logger.name, logging.INFO, __file__, 0, "", None, None)))
+            self._template = dict(
+                vars(logging.LogRecord(self.logger.name, logging.INFO, __file__, 0, "", None, None))
+            )
             self._made_in = made_in
             self._start = self._template["created"] - self._template["relativeCreated"] / 1000
         record = logging.LogRecord.__new__(logging.LogRecord)
@@ -82,8 +84,7 @@ class AccessLogger(AbstractAccessLogger):
             # behind Caddy, and load balancers, the peer is always a proxy.
             remote = request.get(CLIENT_ADDRESS) or request.remote or "-"
             version = request.version
-            line = (f"{request.method} {request.path_qs} "
-                    f"HTTP/{version.major}.{version.minor}")
+            line = f"{request.method} {request.path_qs} HTTP/{version.major}.{version.minor}"
             elapsed = f"{time:06f}"
             status, size = response.status, response.body_length
             record = self._record(f'{remote} "{line}" {status} {size} {elapsed}s')

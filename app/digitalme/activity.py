@@ -22,7 +22,8 @@ SOURCE_NAMES = {"github": "GitHub", "clickup": "ClickUp"}
 DIGEST_HEADER = (
     "Recent activity of the person you speak for, from their GitHub and ClickUp "
     "(newest first, times in UTC). Use it as background when it is relevant; do not "
-    "recite it unprompted.")
+    "recite it unprompted."
+)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class ActivityEvent:
         when = self.occurred_at[:16].replace("T", " ")
         summary = " ".join(self.summary.split())
         if len(summary) > SUMMARY_LIMIT:
-            summary = summary[:SUMMARY_LIMIT - 1] + "…"
+            summary = summary[: SUMMARY_LIMIT - 1] + "…"
         actor = f" by {self.actor}" if self.actor else ""
         return f"- {when} {SOURCE_NAMES.get(self.source, self.source)}{actor}: {summary}"
 
@@ -55,8 +56,7 @@ def iso_utc(value: str | None) -> str:
                 moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
                 if moment.tzinfo is None:
                     moment = moment.replace(tzinfo=UTC)
-            return moment.astimezone(UTC).isoformat(timespec="milliseconds") \
-                .replace("+00:00", "Z")
+            return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         except (ValueError, OverflowError, OSError):
             pass
     return now_iso()
@@ -67,22 +67,35 @@ class ActivityStore:
         self.db = db
         self.settings = settings
 
-    async def record(self, source: str, inbox_id: int, kind: str, summary: str, *,
-                     actor: str | None = None, url: str | None = None,
-                     occurred_at: str | None = None) -> None:
+    async def record(
+        self,
+        source: str,
+        inbox_id: int,
+        kind: str,
+        summary: str,
+        *,
+        actor: str | None = None,
+        url: str | None = None,
+        occurred_at: str | None = None,
+    ) -> None:
         """Store an event; recording the same inbox item again does nothing."""
         await self.db.execute(
             "INSERT INTO activity (source, inbox_id, kind, actor, summary, url, occurred_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (inbox_id) DO NOTHING",
-            (source, inbox_id, kind, actor, summary, url, iso_utc(occurred_at)))
+            (source, inbox_id, kind, actor, summary, url, iso_utc(occurred_at)),
+        )
 
     async def recent(self, *, days: int, limit: int) -> list[ActivityEvent]:
-        since = (datetime.now(UTC) - timedelta(days=days)).isoformat(
-            timespec="milliseconds").replace("+00:00", "Z")
+        since = (
+            (datetime.now(UTC) - timedelta(days=days))
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z")
+        )
         rows = await self.db.lookup(  # activity_by_time, newest first, bounded by LIMIT
             "SELECT id, source, kind, actor, summary, url, occurred_at FROM activity"
             " WHERE occurred_at >= ? ORDER BY occurred_at DESC, id DESC LIMIT ?",
-            (since, limit))
+            (since, limit),
+        )
         return [ActivityEvent(**dict(row)) for row in rows]
 
     async def digest(self) -> str | None:
@@ -90,8 +103,7 @@ class ActivityStore:
         s = self.settings
         if s.activity_digest_days == 0:
             return None
-        events = await self.recent(days=s.activity_digest_days,
-                                   limit=s.activity_digest_max_events)
+        events = await self.recent(days=s.activity_digest_days, limit=s.activity_digest_max_events)
         if not events:
             return None
         lines = [DIGEST_HEADER]

@@ -67,11 +67,13 @@ async def _get(socket_path: Path, target: str) -> Any:
     try:
         reader, writer = await asyncio.open_unix_connection(str(socket_path))
     except FileNotFoundError:
-        raise LitestreamError(f"Litestream is not running (no control socket at {socket_path})"
-                              ) from None
+        raise LitestreamError(
+            f"Litestream is not running (no control socket at {socket_path})"
+        ) from None
     except ConnectionRefusedError:
-        raise LitestreamError(f"Litestream is not running ({socket_path} refuses connections)"
-                              ) from None
+        raise LitestreamError(
+            f"Litestream is not running ({socket_path} refuses connections)"
+        ) from None
     except PermissionError:
         raise LitestreamError(f"no permission to connect to {socket_path}") from None
     try:
@@ -89,8 +91,10 @@ async def _get(socket_path: Path, target: str) -> Any:
     if len(parts) < 2 or not parts[0].startswith("HTTP/"):
         raise LitestreamError(f"unexpected answer from Litestream: {status_line[:80]!r}")
     if parts[1] != "200":
-        raise LitestreamError(f"Litestream answered {status_line[:80]!r}: "
-                              f"{body[:200].decode(errors='replace').strip()}")
+        raise LitestreamError(
+            f"Litestream answered {status_line[:80]!r}: "
+            f"{body[:200].decode(errors='replace').strip()}"
+        )
     try:
         return json.loads(body)
     except ValueError:
@@ -123,8 +127,9 @@ def _entry_for(listing: Any, db_path: Path) -> dict[str, Any] | str:
     return f"Litestream does not replicate {wanted} (it replicates: {known or 'nothing'})"
 
 
-async def read_replication(socket_path: Path, db_path: Path, *,
-                           clock: Clock = _utcnow) -> Replication:
+async def read_replication(
+    socket_path: Path, db_path: Path, *, clock: Clock = _utcnow
+) -> Replication:
     try:
         async with asyncio.timeout(SOCKET_TIMEOUT_SECONDS):
             listing = await _get(socket_path, "/list")
@@ -138,8 +143,9 @@ async def read_replication(socket_path: Path, db_path: Path, *,
     status = str(entry.get("status") or "unknown")
     last_sync = _parse_time(entry.get("last_sync_at"))
     if last_sync is None:
-        return Replication(True, f"Litestream is {status} but has not synced to the replica yet",
-                           status)
+        return Replication(
+            True, f"Litestream is {status} but has not synced to the replica yet", status
+        )
     lag = max(0.0, (clock() - last_sync).total_seconds())
     return Replication(True, f"replica synced {lag:.1f}s ago", status, last_sync, lag)
 
@@ -209,20 +215,24 @@ def backup_check(settings: Settings, *, clock: Clock = _utcnow) -> Check:
         notes: list[str] = []
         data: dict[str, Any] = {}
         if settings.litestream_socket is not None:
-            replication = await read_replication(settings.litestream_socket,
-                                                 settings.db_path, clock=clock)
+            replication = await read_replication(
+                settings.litestream_socket, settings.db_path, clock=clock
+            )
             data["replication_lag_seconds"] = (
-                round(replication.lag_seconds, 1) if replication.lag_seconds is not None
-                else None)
-            data["last_sync_at"] = (replication.last_sync_at.isoformat()
-                                    if replication.last_sync_at else None)
+                round(replication.lag_seconds, 1) if replication.lag_seconds is not None else None
+            )
+            data["last_sync_at"] = (
+                replication.last_sync_at.isoformat() if replication.last_sync_at else None
+            )
             data["litestream"] = replication.status or "not answering"
             if replication.lag_seconds is None:
                 problems.append(replication.detail)
             elif replication.lag_seconds > max_lag:
-                problems.append(f"the replica last synced {replication.lag_seconds:.0f}s ago "
-                                f"(more than {max_lag:g}s): is the backup target reachable? "
-                                "`journalctl -u litestream`")
+                problems.append(
+                    f"the replica last synced {replication.lag_seconds:.0f}s ago "
+                    f"(more than {max_lag:g}s): is the backup target reachable? "
+                    "`journalctl -u litestream`"
+                )
             else:
                 notes.append(replication.detail)
         if settings.backup_drill_result is not None:
@@ -235,16 +245,23 @@ def backup_check(settings: Settings, *, clock: Clock = _utcnow) -> Check:
                 problems.append(drill.detail)
             else:
                 age = max(0.0, (clock() - drill.finished_at).total_seconds())
-                data["drill"] = {"ok": drill.ok, "age_hours": round(age / 3600, 2),
-                                 **{k: drill.data[k] for k in _DRILL_FIELDS if k in drill.data}}
+                data["drill"] = {
+                    "ok": drill.ok,
+                    "age_hours": round(age / 3600, 2),
+                    **{k: drill.data[k] for k in _DRILL_FIELDS if k in drill.data},
+                }
                 when = drill.finished_at.isoformat(timespec="seconds")
                 if not drill.ok:
-                    problems.append(f"the last restore drill failed ({when}): {drill.detail}; "
-                                    "`journalctl -u digitalme-backup-drill`")
+                    problems.append(
+                        f"the last restore drill failed ({when}): {drill.detail}; "
+                        "`journalctl -u digitalme-backup-drill`"
+                    )
                 elif age > max_drill_age:
-                    problems.append(f"the last restore drill is {age / 3600:.0f}h old (more "
-                                    f"than {max_drill_age / 3600:g}h): is "
-                                    "digitalme-backup-drill.timer enabled?")
+                    problems.append(
+                        f"the last restore drill is {age / 3600:.0f}h old (more "
+                        f"than {max_drill_age / 3600:g}h): is "
+                        "digitalme-backup-drill.timer enabled?"
+                    )
                 else:
                     notes.append(f"last restore drill ok ({when})")
         return CheckResult(not problems, "; ".join(problems or notes), data)
@@ -252,8 +269,9 @@ def backup_check(settings: Settings, *, clock: Clock = _utcnow) -> Check:
     return check
 
 
-def replication_metrics_refresher(socket_path: Path, db_path: Path, metrics: Metrics, *,
-                                  clock: Clock = _utcnow) -> Callable[[], Awaitable[None]]:
+def replication_metrics_refresher(
+    socket_path: Path, db_path: Path, metrics: Metrics, *, clock: Clock = _utcnow
+) -> Callable[[], Awaitable[None]]:
     """A scrape-time refresher of ``digitalme_backup_litestream_up`` and
     ``digitalme_backup_replication_lag_seconds`` (NaN while Litestream does not say)."""
 
@@ -261,6 +279,7 @@ def replication_metrics_refresher(socket_path: Path, db_path: Path, metrics: Met
         replication = await read_replication(socket_path, db_path, clock=clock)
         metrics.backup_litestream_up.set(1 if replication.answered else 0)
         metrics.backup_replication_lag.set(
-            replication.lag_seconds if replication.lag_seconds is not None else math.nan)
+            replication.lag_seconds if replication.lag_seconds is not None else math.nan
+        )
 
     return refresh

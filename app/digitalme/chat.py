@@ -103,8 +103,14 @@ class Turn:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, conversations: ConversationStore,
-                 personas: PersonaStore, claude: Claude, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        conversations: ConversationStore,
+        personas: PersonaStore,
+        claude: Claude,
+        metrics: Metrics,
+    ) -> None:
         self.settings = settings
         self.conversations = conversations
         self.personas = personas
@@ -112,8 +118,7 @@ class ChatService:
         self.metrics = metrics
         self.context_providers: list[ContextProvider] = []
         self.tools: dict[str, Tool] = {}
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary())
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._detached: set[asyncio.Task[None]] = set()
 
     def add_context_provider(self, provider: ContextProvider) -> None:
@@ -135,9 +140,11 @@ class ChatService:
         prompt = await self.personas.prompt()
         if prompt is None:
             raise PersonaMissing(
-                "no persona has been imported: run `digitalme persona import FILE`")
-        blocks: list[dict[str, Any]] = [{
-            "type": "text", "text": prompt, "cache_control": {"type": "ephemeral"}}]
+                "no persona has been imported: run `digitalme persona import FILE`"
+            )
+        blocks: list[dict[str, Any]] = [
+            {"type": "text", "text": prompt, "cache_control": {"type": "ephemeral"}}
+        ]
         for provider in self.context_providers:
             try:
                 text = await provider()
@@ -161,30 +168,45 @@ class ChatService:
         now = datetime.now(UTC)
         midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
         used = await self.conversations.tokens_used_since(
-            midnight.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+            midnight.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        )
         if used >= budget:
             seconds_left = 86400 - (now - midnight).total_seconds()
             raise BudgetExhausted(retry_after=max(1.0, seconds_left))
 
     # --- a turn --------------------------------------------------------------------------
 
-    async def reply(self, conversation: Conversation, text: str, *,
-                    channel_message_id: str | None = None,
-                    user_message: Message | None = None) -> Turn:
+    async def reply(
+        self,
+        conversation: Conversation,
+        text: str,
+        *,
+        channel_message_id: str | None = None,
+        user_message: Message | None = None,
+    ) -> Turn:
         """Store ``text``, get Claude's answer, store and return both."""
         final: Turn | None = None
-        async for item in self.stream_reply(conversation, text,
-                                            channel_message_id=channel_message_id,
-                                            user_message=user_message, deltas=False):
+        async for item in self.stream_reply(
+            conversation,
+            text,
+            channel_message_id=channel_message_id,
+            user_message=user_message,
+            deltas=False,
+        ):
             if isinstance(item, Turn):
                 final = item
         assert final is not None
         return final
 
-    async def stream_reply(self, conversation: Conversation, text: str, *,
-                           channel_message_id: str | None = None,
-                           user_message: Message | None = None, deltas: bool = True,
-                           ) -> AsyncIterator[TextDelta | Message | Turn]:
+    async def stream_reply(
+        self,
+        conversation: Conversation,
+        text: str,
+        *,
+        channel_message_id: str | None = None,
+        user_message: Message | None = None,
+        deltas: bool = True,
+    ) -> AsyncIterator[TextDelta | Message | Turn]:
         """Yield the stored user :class:`Message`, text deltas, then the :class:`Turn`.
 
         ``deltas=False`` is for callers that only want the turn (the JSON API, channels):
@@ -200,7 +222,8 @@ class ChatService:
             system = await self.system_blocks()
             await self._check_budget()
             user = user_message or await self.conversations.add_message(
-                conversation.id, "user", text, channel_message_id=channel_message_id)
+                conversation.id, "user", text, channel_message_id=channel_message_id
+            )
             yield user
             messages = await self._history(conversation)
             if messages and messages[-1]["role"] != "user":
@@ -228,27 +251,35 @@ class ChatService:
                     texts.append(reply.text)
                 if not reply.tool_uses or _round == MAX_TOOL_ROUNDS:
                     break
-                messages = [*messages, {"role": "assistant", "content": reply.content},
-                            {"role": "user",
-                             "content": await self._run_tools(reply, conversation)}]
+                messages = [
+                    *messages,
+                    {"role": "assistant", "content": reply.content},
+                    {"role": "user", "content": await self._run_tools(reply, conversation)},
+                ]
             assert reply is not None
             answer = "\n\n".join(t.strip() for t in texts if t.strip()) or "…"
             stored = await self.conversations.add_message(
-                conversation.id, "assistant", answer, model=reply.model, usage=usage,
+                conversation.id,
+                "assistant",
+                answer,
+                model=reply.model,
+                usage=usage,
                 cost_usd=round(usage.cost_usd(self.settings), 6),
-                stop_reason=reply.stop_reason)
+                stop_reason=reply.stop_reason,
+            )
             self.metrics.chat_replies.labels(conversation.channel).inc()
             yield Turn(user, stored)
 
-    async def detached(self, turn: AsyncIterator[TextDelta | Message | Turn],
-                       ) -> AsyncIterator[TextDelta | Message | Turn]:
+    async def detached(
+        self,
+        turn: AsyncIterator[TextDelta | Message | Turn],
+    ) -> AsyncIterator[TextDelta | Message | Turn]:
         """Run ``turn`` in its own task and relay what it yields.
 
         If the caller goes away (a browser closes the stream), the turn still completes and
         its reply is stored; :meth:`drain` waits for such turns at shutdown.
         """
-        queue: asyncio.Queue[TextDelta | Message | Turn | BaseException | None] = (
-            asyncio.Queue())
+        queue: asyncio.Queue[TextDelta | Message | Turn | BaseException | None] = asyncio.Queue()
 
         async def pump() -> None:
             try:
@@ -272,8 +303,11 @@ class ChatService:
         if self._detached:
             await asyncio.wait(set(self._detached), timeout=grace_seconds)
 
-    async def _run_tools(self, reply: Reply, conversation: Conversation,
-                         ) -> list[dict[str, Any]]:
+    async def _run_tools(
+        self,
+        reply: Reply,
+        conversation: Conversation,
+    ) -> list[dict[str, Any]]:
         results = []
         for use in reply.tool_uses:
             tool = self.tools.get(use.name)
@@ -285,8 +319,13 @@ class ChatService:
                 except Exception as exc:  # a tool failing must not fail the turn
                     log.warning("tool %s failed: %s", use.name, exc)
                     content, is_error = f"the tool failed: {exc}", True
-            results.append({"type": "tool_result", "tool_use_id": use.id,
-                            "content": content, "is_error": is_error})
-            log.info("tool %s ran (error=%s): %s", use.name, is_error,
-                     json.dumps(use.input)[:200])
+            results.append(
+                {
+                    "type": "tool_result",
+                    "tool_use_id": use.id,
+                    "content": content,
+                    "is_error": is_error,
+                }
+            )
+            log.info("tool %s ran (error=%s): %s", use.name, is_error, json.dumps(use.input)[:200])
         return results

@@ -97,8 +97,9 @@ class GroupCommitter:
         self._loop = loop
         opened: asyncio.Future[None] = loop.create_future()
         self._stopped = loop.create_future()
-        self._thread = threading.Thread(target=self._run, args=(opened,),
-                                        name="digitalme-db-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(opened,), name="digitalme-db-writer", daemon=True
+        )
         self._thread.start()
         try:
             await opened
@@ -179,9 +180,10 @@ class GroupCommitter:
                     # error; PostgreSQL: the connection lost): the jobs before this one
                     # lost their work too.
                     lost = session.lost(exc)
-                    return [(f, None, e or lost) for f, _, e in outcomes] + \
-                        [(p.future, None, exc if p is pending else lost)
-                         for p in batch[len(outcomes):]]
+                    return [(f, None, e or lost) for f, _, e in outcomes] + [
+                        (p.future, None, exc if p is pending else lost)
+                        for p in batch[len(outcomes) :]
+                    ]
                 session.command("ROLLBACK TO job")
                 session.command("RELEASE job")
                 outcomes.append((pending.future, None, exc))

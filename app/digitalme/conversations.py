@@ -56,9 +56,11 @@ class Message:
 
 
 _CONV_COLUMNS = "id, channel, external_id, title, token_id, created_at, updated_at"
-_MSG_COLUMNS = ("id, conversation_id, role, text, created_at, channel_message_id, model,"
-                " input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,"
-                " stop_reason")
+_MSG_COLUMNS = (
+    "id, conversation_id, role, text, created_at, channel_message_id, model,"
+    " input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,"
+    " stop_reason"
+)
 
 
 # Message.to_json, built by the database: the API's list of messages is one JSON text per
@@ -72,7 +74,8 @@ _MSG_JSON = (
     " 'cache_read_tokens', cache_read_tokens, 'cache_write_tokens', cache_write_tokens),"
     " 'cost_usd', cost_usd)"
     " ELSE {json_object}('id', id, 'conversation_id', conversation_id, 'role', role,"
-    " 'text', text, 'created_at', created_at) END")
+    " 'text', text, 'created_at', created_at) END"
+)
 
 
 # Pages of messages kept rendered (messages_json): how many, and how large one may be.
@@ -87,24 +90,32 @@ class ConversationStore:
         self._pages: OrderedDict[tuple[str, int, int, int], str] = OrderedDict()
         self._msg_json = _MSG_JSON.format(json_object=db.json_object)
 
-    async def create(self, channel: str, *, external_id: str | None = None,
-                     title: str | None = None, token_id: int | None = None) -> Conversation:
+    async def create(
+        self,
+        channel: str,
+        *,
+        external_id: str | None = None,
+        title: str | None = None,
+        token_id: int | None = None,
+    ) -> Conversation:
         conversation_id = uuid.uuid4().hex
         now = now_iso()
         row = await self.db.write_returning(
             f"INSERT INTO conversations ({_CONV_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
             f" RETURNING {_CONV_COLUMNS}",
-            (conversation_id, channel, external_id or conversation_id, title, token_id,
-             now, now))
+            (conversation_id, channel, external_id or conversation_id, title, token_id, now, now),
+        )
         assert row is not None  # an INSERT without conflict clause returns its row
         return Conversation(**dict(row))
 
-    async def get_or_create(self, channel: str, external_id: str,
-                            title: str | None = None) -> Conversation:
+    async def get_or_create(
+        self, channel: str, external_id: str, title: str | None = None
+    ) -> Conversation:
         """The conversation of a channel's chat or thread, made on first contact."""
         found = await self.db.lookup_one(
             f"SELECT {_CONV_COLUMNS} FROM conversations WHERE channel = ? AND external_id = ?",
-            (channel, external_id))
+            (channel, external_id),
+        )
         if found is not None:
             return Conversation(**dict(found))
         now = now_iso()
@@ -113,11 +124,14 @@ class ConversationStore:
             conn.execute(
                 f"INSERT INTO conversations ({_CONV_COLUMNS}) VALUES (?, ?, ?, ?, NULL, ?, ?)"
                 " ON CONFLICT (channel, external_id) DO NOTHING",
-                (uuid.uuid4().hex, channel, external_id, title, now, now))
+                (uuid.uuid4().hex, channel, external_id, title, now, now),
+            )
             rows: list[Row] = conn.execute(
-                f"SELECT {_CONV_COLUMNS} FROM conversations"
-                " WHERE channel = ? AND external_id = ?", (channel, external_id)).fetchall()
+                f"SELECT {_CONV_COLUMNS} FROM conversations WHERE channel = ? AND external_id = ?",
+                (channel, external_id),
+            ).fetchall()
             return rows[0]
+
         return Conversation(**dict(await self.db.write(create)))
 
     async def delete(self, conversation_id: str) -> None:
@@ -126,7 +140,8 @@ class ConversationStore:
 
     async def get(self, conversation_id: str) -> Conversation | None:
         row = await self.db.lookup_one(
-            f"SELECT {_CONV_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,))
+            f"SELECT {_CONV_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)
+        )
         return Conversation(**dict(row)) if row else None
 
     async def get_with_newest(self, conversation_id: str) -> tuple[Conversation, int] | None:
@@ -135,34 +150,56 @@ class ConversationStore:
         row = await self.db.lookup_one(
             f"SELECT {_CONV_COLUMNS}, (SELECT MAX(id) FROM messages"
             " WHERE conversation_id = conversations.id)"
-            " FROM conversations WHERE id = ?", (conversation_id,))
+            " FROM conversations WHERE id = ?",
+            (conversation_id,),
+        )
         if row is None:
             return None
-        return (Conversation(row[0], row[1], row[2], row[3], row[4], row[5], row[6]),
-                row[7] or 0)
+        return (Conversation(row[0], row[1], row[2], row[3], row[4], row[5], row[6]), row[7] or 0)
 
     async def list_for(self, *, token_id: int | None, limit: int = 100) -> list[Conversation]:
         """Newest first; only the token's own unless token_id is None (admin)."""
         if token_id is None:
             rows = await self.db.fetchall(
                 f"SELECT {_CONV_COLUMNS} FROM conversations ORDER BY updated_at DESC LIMIT ?",
-                (limit,))
+                (limit,),
+            )
         else:
             rows = await self.db.fetchall(
                 f"SELECT {_CONV_COLUMNS} FROM conversations WHERE token_id = ?"
-                " ORDER BY updated_at DESC LIMIT ?", (token_id, limit))
+                " ORDER BY updated_at DESC LIMIT ?",
+                (token_id, limit),
+            )
         return [Conversation(**dict(row)) for row in rows]
 
-    async def add_message(self, conversation_id: str, role: str, text: str, *,
-                          channel_message_id: str | None = None, model: str | None = None,
-                          usage: Usage | None = None, cost_usd: float | None = None,
-                          stop_reason: str | None = None) -> Message:
+    async def add_message(
+        self,
+        conversation_id: str,
+        role: str,
+        text: str,
+        *,
+        channel_message_id: str | None = None,
+        model: str | None = None,
+        usage: Usage | None = None,
+        cost_usd: float | None = None,
+        stop_reason: str | None = None,
+    ) -> Message:
         now = now_iso()
         u = usage or Usage()
-        values = (conversation_id, role, text, now, channel_message_id, model,
-                  u.input_tokens if usage else None, u.output_tokens if usage else None,
-                  u.cache_read_tokens if usage else None,
-                  u.cache_write_tokens if usage else None, cost_usd, stop_reason)
+        values = (
+            conversation_id,
+            role,
+            text,
+            now,
+            channel_message_id,
+            model,
+            u.input_tokens if usage else None,
+            u.output_tokens if usage else None,
+            u.cache_read_tokens if usage else None,
+            u.cache_write_tokens if usage else None,
+            cost_usd,
+            stop_reason,
+        )
 
         def insert(conn: Connection) -> Row:
             rows: list[Row] = conn.execute(
@@ -170,23 +207,34 @@ class ConversationStore:
                 " channel_message_id, model, input_tokens, output_tokens, cache_read_tokens,"
                 " cache_write_tokens, cost_usd, stop_reason)"
                 f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_MSG_COLUMNS}",
-                values).fetchall()
-            conn.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
-                         (now, conversation_id))
+                values,
+            ).fetchall()
+            conn.execute(
+                "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
+            )
             return rows[0]
+
         return Message(**dict(await self.db.write(insert)))
 
-    async def messages(self, conversation_id: str, *, limit: int = 200,
-                       before_id: int | None = None) -> list[Message]:
+    async def messages(
+        self, conversation_id: str, *, limit: int = 200, before_id: int | None = None
+    ) -> list[Message]:
         """Oldest first: the last ``limit`` messages (before ``before_id`` if given)."""
         rows = await self.db.lookup(  # bounded by its LIMIT, through messages_by_conversation
             f"SELECT {_MSG_COLUMNS} FROM messages WHERE conversation_id = ? AND id < ?"
             " ORDER BY id DESC LIMIT ?",
-            (conversation_id, before_id if before_id is not None else 2**62, limit))
+            (conversation_id, before_id if before_id is not None else 2**62, limit),
+        )
         return [Message(**dict(row)) for row in reversed(rows)]
 
-    async def messages_json(self, conversation_id: str, *, limit: int = 200,
-                            before_id: int | None = None, newest: int | None = None) -> str:
+    async def messages_json(
+        self,
+        conversation_id: str,
+        *,
+        limit: int = 200,
+        before_id: int | None = None,
+        newest: int | None = None,
+    ) -> str:
         """:meth:`messages` as the API shows them: a JSON array of ``Message.to_json()``
         objects, oldest first.
 
@@ -198,7 +246,8 @@ class ConversationStore:
         before = before_id if before_id is not None else 2**62
         if newest is None:
             row = await self.db.lookup_one(
-                "SELECT MAX(id) FROM messages WHERE conversation_id = ?", (conversation_id,))
+                "SELECT MAX(id) FROM messages WHERE conversation_id = ?", (conversation_id,)
+            )
             newest = (row[0] if row else None) or 0
         key = (conversation_id, newest, limit, before)
         page = self._pages.get(key)
@@ -207,7 +256,9 @@ class ConversationStore:
             return page
         rows = await self.db.lookup(
             f"SELECT {self._msg_json} FROM messages WHERE conversation_id = ? AND id < ?"
-            " ORDER BY id DESC LIMIT ?", (conversation_id, before, limit))
+            " ORDER BY id DESC LIMIT ?",
+            (conversation_id, before, limit),
+        )
         page = "[" + ",".join(row[0] for row in reversed(rows)) + "]"
         if len(page) <= PAGE_CACHE_MAX_CHARS:
             self._pages[key] = page
@@ -218,13 +269,16 @@ class ConversationStore:
     async def turns(self, conversation_id: str, *, limit: int) -> list[tuple[str, str]]:
         """Oldest first: (role, text) of the last ``limit`` messages, what Claude is sent."""
         rows = await self.db.lookup(
-            "SELECT role, text FROM messages WHERE conversation_id = ?"
-            " ORDER BY id DESC LIMIT ?", (conversation_id, limit))
+            "SELECT role, text FROM messages WHERE conversation_id = ? ORDER BY id DESC LIMIT ?",
+            (conversation_id, limit),
+        )
         return [(row[0], row[1]) for row in reversed(rows)]
 
     async def tokens_used_since(self, since_iso: str) -> int:
         row = await self.db.fetchone(
             "SELECT COALESCE(SUM(COALESCE(input_tokens,0) + COALESCE(output_tokens,0)"
             " + COALESCE(cache_read_tokens,0) + COALESCE(cache_write_tokens,0)), 0) AS used"
-            " FROM messages WHERE role = 'assistant' AND created_at >= ?", (since_iso,))
+            " FROM messages WHERE role = 'assistant' AND created_at >= ?",
+            (since_iso,),
+        )
         return int(row["used"]) if row else 0

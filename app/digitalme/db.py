@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+
 class Database:
     """The app's database. Open with :meth:`open`, close with :meth:`close`.
 
@@ -63,16 +64,19 @@ class Database:
     :class:`~digitalme.config.DatabaseUrl` is PostgreSQL. :func:`database_for` picks from
     the settings."""
 
-    def __init__(self, target: Path | DatabaseUrl,
-                 migrations: Sequence[Migration] | None = None) -> None:
+    def __init__(
+        self, target: Path | DatabaseUrl, migrations: Sequence[Migration] | None = None
+    ) -> None:
         self.migrations = list(migrations) if migrations is not None else bundled_migrations()
         self.engine: Engine
         if isinstance(target, Path):
             from .sqlite_engine import SqliteEngine
+
             self.path: Path | None = target
             self.engine = SqliteEngine(target)
         else:
             from .postgres_engine import PostgresEngine
+
             self.path = None
             self.engine = PostgresEngine(target)
 
@@ -146,8 +150,7 @@ class Database:
         """One write statement with a RETURNING clause: the row as written, without a
         second read."""
         values = tuple(params)
-        return await self.write(lambda conn: next(iter(conn.execute(sql, values).fetchall()),
-                                                  None))
+        return await self.write(lambda conn: next(iter(conn.execute(sql, values).fetchall()), None))
 
     async def execute(self, sql: str, params: Iterable[Any] = ()) -> int:
         """One write statement; returns the number of rows it changed."""
@@ -179,10 +182,12 @@ class Database:
             if version in known and known[version].checksum_for(self.engine.name) != checksum:
                 raise DatabaseError(
                     f"migration {known[version].label} changed after it was "
-                    "applied to this database; restore the original file")
+                    "applied to this database; restore the original file"
+                )
         return MigrationState(
             pending=[m for m in self.migrations if m.version not in applied],
-            newer=sorted(set(applied) - set(known)))
+            newer=sorted(set(applied) - set(known)),
+        )
 
     async def pending_migrations(self) -> list[Migration]:
         return (await self.migration_state()).pending
@@ -200,10 +205,15 @@ class Database:
         if state.pending:
             raise DatabaseError(
                 f"{self.name} lacks migrations {state.describe_pending()}: run "
-                "`digitalme migrate` first (deployments run it as their own step)")
+                "`digitalme migrate` first (deployments run it as their own step)"
+            )
         if state.newer:
-            log.warning("database %s has migrations %s from a newer release; running on it "
-                        "(migrations only add)", self.name, state.newer)
+            log.warning(
+                "database %s has migrations %s from a newer release; running on it "
+                "(migrations only add)",
+                self.name,
+                state.newer,
+            )
         return state
 
     async def migrate(self) -> list[Migration]:
@@ -218,7 +228,8 @@ class Database:
             names = ", ".join(m.label for m in pending)
             raise DatabaseError(
                 f"migrating to {names} failed: {first_line(exc)}; nothing was applied, the "
-                "database is as it was") from exc
+                "database is as it was"
+            ) from exc
         for migration in applied:
             log.info("applied migration %s", migration.label)
         return applied

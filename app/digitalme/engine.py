@@ -84,8 +84,10 @@ class Engine(Protocol):
 
     async def table_exists(self, name: str) -> bool: ...
 
-    async def apply_migrations(self, migrations: Sequence[Migration],
-                               ) -> list[Migration]:
+    async def apply_migrations(
+        self,
+        migrations: Sequence[Migration],
+    ) -> list[Migration]:
         """Apply those of ``migrations`` the database lacks, recording each in
         schema_migrations, in one transaction; return those applied."""
 

@@ -58,9 +58,13 @@ class Readiness:
         except Exception as exc:
             log.exception("readiness check %s failed", registered.name)
             result = CheckResult(False, f"check failed: {type(exc).__name__}: {exc}")
-        return {"ok": result.ok, "required": registered.required, "detail": result.detail,
-                **result.data,
-                "duration_ms": round((time.monotonic() - started) * 1000, 1)}
+        return {
+            "ok": result.ok,
+            "required": registered.required,
+            "detail": result.detail,
+            **result.data,
+            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        }
 
     async def run(self) -> tuple[bool, dict[str, dict[str, Any]]]:
         results = await asyncio.gather(*(self._run_one(r) for r in self._checks))
@@ -75,10 +79,12 @@ def database_check(db: Database) -> Check:
             await db.execute(
                 "INSERT INTO health_probe (id, checked_at) VALUES (1, ?)"
                 " ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
-                (now_iso(),))
+                (now_iso(),),
+            )
         except Exception as exc:
             return CheckResult(False, f"cannot write to {db.name}: {exc}")
         return CheckResult(True, "writable", {"size_bytes": await db.size_bytes()})
+
     return check
 
 
@@ -89,15 +95,20 @@ def migrations_check(db: Database) -> Check:
         except DatabaseError as exc:
             return CheckResult(False, str(exc))
         if state.pending:
-            return CheckResult(False, f"pending migrations: {state.describe_pending()}; run "
-                                      "`digitalme migrate`")
+            return CheckResult(
+                False, f"pending migrations: {state.describe_pending()}; run `digitalme migrate`"
+            )
         data: dict[str, Any] = {"version": len(db.migrations)}
         if state.newer:
             # A rollback of the code alone: the schema is a newer release's, which only adds.
             data["newer"] = state.newer
-            return CheckResult(True, f"up to date; the database also has migrations "
-                                     f"{state.newer} of a newer release", data)
+            return CheckResult(
+                True,
+                f"up to date; the database also has migrations {state.newer} of a newer release",
+                data,
+            )
         return CheckResult(True, "up to date", data)
+
     return check
 
 
@@ -107,6 +118,7 @@ def persona_check(personas: PersonaStore) -> Check:
         if stored is None:
             return CheckResult(False, "no persona imported: run `digitalme persona import FILE`")
         return CheckResult(True, f"{stored.persona.name}, imported {stored.imported_at}")
+
     return check
 
 
@@ -119,7 +131,7 @@ def claude_check(claude: Claude) -> Check:
         if state == "open":
             # An outage is reported, but does not take the service out of rotation:
             # it still answers quickly with a friendly message.
-            return CheckResult(True, "configured; circuit breaker open (Claude is failing)",
-                               data)
+            return CheckResult(True, "configured; circuit breaker open (Claude is failing)", data)
         return CheckResult(True, "configured", data)
+
     return check

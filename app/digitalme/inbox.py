@@ -37,9 +37,11 @@ from .engine import Connection
 
 STATUSES = ("pending", "processing", "done", "failed", "ignored")
 
-_COLUMNS = ("id, channel, delivery_id, kind, payload, status, attempts, next_attempt_at,"
-            " received_at, updated_at, last_error, user_message_id, reply_message_id,"
-            " parts_sent, result, sending_since")
+_COLUMNS = (
+    "id, channel, delivery_id, kind, payload, status, attempts, next_attempt_at,"
+    " received_at, updated_at, last_error, user_message_id, reply_message_id,"
+    " parts_sent, result, sending_since"
+)
 _ERROR_LIMIT = 2000
 # A worker not seen for this long is gone: its claimed items are taken back. Its heartbeat
 # comes every third of it, so a live worker must miss two to lose its items.
@@ -72,11 +74,19 @@ class InboxItem:
         return json.loads(self.payload)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "channel": self.channel, "delivery_id": self.delivery_id,
-                "kind": self.kind, "status": self.status, "attempts": self.attempts,
-                "next_attempt_at": self.next_attempt_at, "received_at": self.received_at,
-                "updated_at": self.updated_at, "last_error": self.last_error,
-                "result": self.result}
+        return {
+            "id": self.id,
+            "channel": self.channel,
+            "delivery_id": self.delivery_id,
+            "kind": self.kind,
+            "status": self.status,
+            "attempts": self.attempts,
+            "next_attempt_at": self.next_attempt_at,
+            "received_at": self.received_at,
+            "updated_at": self.updated_at,
+            "last_error": self.last_error,
+            "result": self.result,
+        }
 
 
 @dataclass(frozen=True)
@@ -91,24 +101,36 @@ class InboxStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def ingest(self, channel: str, delivery_id: str, kind: str, payload: Any, *,
-                     ignored: bool = False) -> Ingested:
+    async def ingest(
+        self, channel: str, delivery_id: str, kind: str, payload: Any, *, ignored: bool = False
+    ) -> Ingested:
         """Store a delivery (durably) unless one with the same id is already there."""
         now = now_iso()
-        values = (channel, delivery_id, kind, json.dumps(payload, ensure_ascii=False),
-                  "ignored" if ignored else "pending", time.time(), now, now)
+        values = (
+            channel,
+            delivery_id,
+            kind,
+            json.dumps(payload, ensure_ascii=False),
+            "ignored" if ignored else "pending",
+            time.time(),
+            now,
+            now,
+        )
 
         def insert(conn: Connection) -> Ingested:
             inserted = conn.execute(
                 "INSERT INTO inbox (channel, delivery_id, kind, payload, status,"
                 " next_attempt_at, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (channel, delivery_id) DO NOTHING RETURNING id",
-                values).fetchall()
+                values,
+            ).fetchall()
             if inserted:
                 return Ingested(int(inserted[0][0]), duplicate=False)
-            [row] = conn.execute("SELECT id FROM inbox WHERE channel = ? AND delivery_id = ?",
-                                 (channel, delivery_id)).fetchall()
+            [row] = conn.execute(
+                "SELECT id FROM inbox WHERE channel = ? AND delivery_id = ?", (channel, delivery_id)
+            ).fetchall()
             return Ingested(int(row[0]), duplicate=True)
+
         return await self.db.write(insert)
 
     async def get(self, item_id: int) -> InboxItem | None:
@@ -119,22 +141,26 @@ class InboxStore:
         """Newest first, optionally only one status."""
         if status is None:
             rows = await self.db.fetchall(
-                f"SELECT {_COLUMNS} FROM inbox ORDER BY id DESC LIMIT ?", (limit,))
+                f"SELECT {_COLUMNS} FROM inbox ORDER BY id DESC LIMIT ?", (limit,)
+            )
         else:
             rows = await self.db.fetchall(
                 f"SELECT {_COLUMNS} FROM inbox WHERE status = ? ORDER BY id DESC LIMIT ?",
-                (status, limit))
+                (status, limit),
+            )
         return [InboxItem(**dict(row)) for row in rows]
 
     async def counts(self) -> dict[tuple[str, str], int]:
         rows = await self.db.fetchall(
-            "SELECT channel, status, COUNT(*) AS n FROM inbox GROUP BY channel, status")
+            "SELECT channel, status, COUNT(*) AS n FROM inbox GROUP BY channel, status"
+        )
         return {(row["channel"], row["status"]): int(row["n"]) for row in rows}
 
     async def oldest_due_age(self) -> float | None:
         """Seconds the longest-waiting pending item has been due, or None."""
         row = await self.db.lookup_one(  # the first entry of inbox_due
-            "SELECT MIN(next_attempt_at) AS due FROM inbox WHERE status = 'pending'")
+            "SELECT MIN(next_attempt_at) AS due FROM inbox WHERE status = 'pending'"
+        )
         if row is None or row["due"] is None:
             return None
         return max(0.0, time.time() - float(row["due"]))
@@ -142,7 +168,8 @@ class InboxStore:
     async def next_due_in(self) -> float | None:
         """Seconds until the next pending item is due (0 if one is due now), or None."""
         row = await self.db.lookup_one(  # the first entry of inbox_due
-            "SELECT MIN(next_attempt_at) AS due FROM inbox WHERE status = 'pending'")
+            "SELECT MIN(next_attempt_at) AS due FROM inbox WHERE status = 'pending'"
+        )
         if row is None or row["due"] is None:
             return None
         return max(0.0, float(row["due"]) - time.time())
@@ -158,14 +185,22 @@ class InboxStore:
         values: tuple[object, ...] = (time.time(), now_iso())
         whose = ""
         if alive_since is not None:
-            whose = (" AND (claimed_by IS NULL OR claimed_by NOT IN"
-                     " (SELECT id FROM workers WHERE seen_at >= ?))")
+            whose = (
+                " AND (claimed_by IS NULL OR claimed_by NOT IN"
+                " (SELECT id FROM workers WHERE seen_at >= ?))"
+            )
             values += (alive_since,)
-        return await self.db.write(lambda conn: conn.execute(
-            "UPDATE inbox SET status = 'pending', next_attempt_at = ?, updated_at = ?,"
-            " claimed_by = NULL,"
-            " last_error = COALESCE(last_error, 'interrupted (service stopped)')"
-            " WHERE status = 'processing'" + whose, values).rowcount)
+        return await self.db.write(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE inbox SET status = 'pending', next_attempt_at = ?, updated_at = ?,"
+                    " claimed_by = NULL,"
+                    " last_error = COALESCE(last_error, 'interrupted (service stopped)')"
+                    " WHERE status = 'processing'" + whose,
+                    values,
+                ).rowcount
+            )
+        )
 
     async def heartbeat(self, worker_id: str) -> None:
         """Note that ``worker_id`` is alive now (see :meth:`recover`); forget workers gone
@@ -176,17 +211,19 @@ class InboxStore:
             conn.execute(
                 "INSERT INTO workers (id, started_at, seen_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
-                (worker_id, now_iso(), now))
-            conn.execute("DELETE FROM workers WHERE seen_at < ?",
-                         (now - FORGET_WORKERS_SECONDS,))
+                (worker_id, now_iso(), now),
+            )
+            conn.execute("DELETE FROM workers WHERE seen_at < ?", (now - FORGET_WORKERS_SECONDS,))
+
         await self.db.write(beat)
 
     async def leave(self, worker_id: str) -> None:
         """A worker that stopped: it holds nothing any more."""
         await self.db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
 
-    async def claim(self, limit: int, *, exclude: frozenset[int] = frozenset(),
-                    owner: str | None = None) -> list[InboxItem]:
+    async def claim(
+        self, limit: int, *, exclude: frozenset[int] = frozenset(), owner: str | None = None
+    ) -> list[InboxItem]:
         """Take up to ``limit`` due items, longest due first (deliveries in the order they
         came), and mark them processing (each claim counts as an attempt).
 
@@ -206,14 +243,18 @@ class InboxStore:
         # The due rows are chosen once (a materialized CTE): PostgreSQL would otherwise run
         # a locking subquery again for each row it updates, and each run, skipping the rows
         # this very statement had locked, would take the next ones, past the LIMIT.
-        rows = await self.db.write(lambda conn: conn.execute(
-            "WITH due AS MATERIALIZED (SELECT id FROM inbox WHERE status = 'pending'"
-            f" AND next_attempt_at <= ? AND id NOT IN ({skip})"
-            f" ORDER BY next_attempt_at, id LIMIT ?{self.db.skip_locked})"
-            " UPDATE inbox SET status = 'processing', attempts = attempts + 1,"
-            " claimed_by = ?, updated_at = ?"
-            " WHERE status = 'pending' AND id IN (SELECT id FROM due)"
-            f" RETURNING {_COLUMNS}", values).fetchall())
+        rows = await self.db.write(
+            lambda conn: conn.execute(
+                "WITH due AS MATERIALIZED (SELECT id FROM inbox WHERE status = 'pending'"
+                f" AND next_attempt_at <= ? AND id NOT IN ({skip})"
+                f" ORDER BY next_attempt_at, id LIMIT ?{self.db.skip_locked})"
+                " UPDATE inbox SET status = 'processing', attempts = attempts + 1,"
+                " claimed_by = ?, updated_at = ?"
+                " WHERE status = 'pending' AND id IN (SELECT id FROM due)"
+                f" RETURNING {_COLUMNS}",
+                values,
+            ).fetchall()
+        )
         return sorted((InboxItem(**dict(row)) for row in rows), key=lambda i: i.id)
 
     async def release(self, item_ids: list[int]) -> None:
@@ -221,18 +262,23 @@ class InboxStore:
         attempt returned (the worker stopped before their turn came)."""
         marks = ",".join("?" * len(item_ids))
         values = (time.time(), now_iso(), *item_ids)
-        await self.db.write(lambda conn: conn.execute(
-            "UPDATE inbox SET status = 'pending', next_attempt_at = ?, updated_at = ?,"
-            " claimed_by = NULL,"
-            f" attempts = attempts - 1 WHERE status = 'processing' AND id IN ({marks})",
-            values))
+        await self.db.write(
+            lambda conn: conn.execute(
+                "UPDATE inbox SET status = 'pending', next_attempt_at = ?, updated_at = ?,"
+                " claimed_by = NULL,"
+                f" attempts = attempts - 1 WHERE status = 'processing' AND id IN ({marks})",
+                values,
+            )
+        )
 
-    async def _finish(self, item_id: int, status: str, *, result: str | None = None,
-                      error: str | None = None) -> None:
+    async def _finish(
+        self, item_id: int, status: str, *, result: str | None = None, error: str | None = None
+    ) -> None:
         await self.db.execute(
             "UPDATE inbox SET status = ?, updated_at = ?, result = COALESCE(?, result),"
             " last_error = ? WHERE id = ?",
-            (status, now_iso(), result, error[:_ERROR_LIMIT] if error else None, item_id))
+            (status, now_iso(), result, error[:_ERROR_LIMIT] if error else None, item_id),
+        )
 
     async def complete(self, item_id: int, result: str | None = None) -> None:
         await self._finish(item_id, "done", result=result)
@@ -243,15 +289,22 @@ class InboxStore:
     async def fail(self, item_id: int, error: str) -> None:
         await self._finish(item_id, "failed", error=error)
 
-    async def retry_later(self, item_id: int, delay: float, error: str, *,
-                          count_attempt: bool = True) -> None:
+    async def retry_later(
+        self, item_id: int, delay: float, error: str, *, count_attempt: bool = True
+    ) -> None:
         """Back to pending, due in ``delay`` seconds. ``count_attempt=False`` gives the
         attempt back: an outage of Claude delays a delivery but never uses it up."""
         await self.db.execute(
             "UPDATE inbox SET status = 'pending', next_attempt_at = ?, updated_at = ?,"
             " last_error = ?, attempts = attempts - ? WHERE id = ?",
-            (time.time() + delay, now_iso(), error[:_ERROR_LIMIT], 0 if count_attempt else 1,
-             item_id))
+            (
+                time.time() + delay,
+                now_iso(),
+                error[:_ERROR_LIMIT],
+                0 if count_attempt else 1,
+                item_id,
+            ),
+        )
 
     async def retry(self, item_id: int) -> InboxItem | None:
         """Set a failed (or ignored) item back to pending, due now, with fresh attempts;
@@ -259,35 +312,42 @@ class InboxStore:
         await self.db.execute(
             "UPDATE inbox SET status = 'pending', attempts = 0, next_attempt_at = ?,"
             " updated_at = ? WHERE id = ? AND status IN ('failed', 'ignored')",
-            (time.time(), now_iso(), item_id))
+            (time.time(), now_iso(), item_id),
+        )
         return await self.get(item_id)
 
     # --- progress within an item ---------------------------------------------------------
 
     async def set_user_message(self, item_id: int, message_id: int) -> None:
-        await self.db.execute("UPDATE inbox SET user_message_id = ? WHERE id = ?",
-                              (message_id, item_id))
+        await self.db.execute(
+            "UPDATE inbox SET user_message_id = ? WHERE id = ?", (message_id, item_id)
+        )
 
     async def set_reply_message(self, item_id: int, message_id: int) -> None:
-        await self.db.execute("UPDATE inbox SET reply_message_id = ? WHERE id = ?",
-                              (message_id, item_id))
+        await self.db.execute(
+            "UPDATE inbox SET reply_message_id = ? WHERE id = ?", (message_id, item_id)
+        )
 
     async def begin_send(self, item_id: int) -> float:
         """Note, durably, that the send of the next reply part begins now; returns the
         time noted."""
         now = time.time()
-        await self.db.execute("UPDATE inbox SET sending_since = ? WHERE id = ?",
-                              (now, item_id))
+        await self.db.execute("UPDATE inbox SET sending_since = ? WHERE id = ?", (now, item_id))
         return now
 
     async def end_send(self, item_id: int) -> None:
         """The send failed with a definite answer: the part was not sent."""
-        await self.db.execute("UPDATE inbox SET sending_since = NULL WHERE id = ?",
-                              (item_id,))
+        await self.db.execute("UPDATE inbox SET sending_since = NULL WHERE id = ?", (item_id,))
 
-    async def set_parts_sent(self, item_id: int, parts: int, result: str | None = None,
-                             ) -> None:
+    async def set_parts_sent(
+        self,
+        item_id: int,
+        parts: int,
+        result: str | None = None,
+    ) -> None:
         """The platform accepted part ``parts`` (1-based): nothing is in flight."""
         await self.db.execute(
             "UPDATE inbox SET parts_sent = ?, result = COALESCE(?, result),"
-            " sending_since = NULL WHERE id = ?", (parts, result, item_id))
+            " sending_since = NULL WHERE id = ?",
+            (parts, result, item_id),
+        )

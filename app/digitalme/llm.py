@@ -81,8 +81,9 @@ def _reply_from_message(message: Any) -> Reply:
             content.append({"type": "text", "text": block.text})
         elif block.type == "tool_use":
             tool_uses.append(ToolUse(block.id, block.name, dict(block.input or {})))
-            content.append({"type": "tool_use", "id": block.id, "name": block.name,
-                            "input": block.input})
+            content.append(
+                {"type": "tool_use", "id": block.id, "name": block.name, "input": block.input}
+            )
     u = message.usage
     usage = Usage(
         input_tokens=u.input_tokens or 0,
@@ -90,8 +91,9 @@ def _reply_from_message(message: Any) -> Reply:
         cache_read_tokens=u.cache_read_input_tokens or 0,
         cache_write_tokens=u.cache_creation_input_tokens or 0,
     )
-    return Reply("".join(texts), usage, message.model, message.stop_reason, content,
-                 tuple(tool_uses))
+    return Reply(
+        "".join(texts), usage, message.model, message.stop_reason, content, tuple(tool_uses)
+    )
 
 
 def _retry_after_of(exc: anthropic.APIStatusError, default: float) -> float:
@@ -109,8 +111,10 @@ class Claude:
         self.settings = settings
         self.metrics = metrics
         self.breaker = CircuitBreaker(
-            settings.breaker_failure_threshold, settings.breaker_reset_seconds,
-            on_change=self._breaker_changed)
+            settings.breaker_failure_threshold,
+            settings.breaker_reset_seconds,
+            on_change=self._breaker_changed,
+        )
         metrics.breaker_state.set(int(self.breaker.state))
         self._client: anthropic.AsyncAnthropic | None = None
 
@@ -122,8 +126,9 @@ class Claude:
         self.metrics.breaker_state.set(int(state))
         if state == BreakerState.OPEN:
             self.metrics.breaker_opened.inc()
-            log.warning("Claude circuit breaker opened for %.0fs",
-                        self.settings.breaker_reset_seconds)
+            log.warning(
+                "Claude circuit breaker opened for %.0fs", self.settings.breaker_reset_seconds
+            )
         elif state == BreakerState.CLOSED:
             log.info("Claude circuit breaker closed")
 
@@ -135,8 +140,9 @@ class Claude:
         self._client = anthropic.AsyncAnthropic(
             api_key=s.anthropic_api_key,
             base_url=s.anthropic_base_url,
-            timeout=anthropic.Timeout(s.claude_timeout_seconds,
-                                      connect=s.claude_connect_timeout_seconds),
+            timeout=anthropic.Timeout(
+                s.claude_timeout_seconds, connect=s.claude_connect_timeout_seconds
+            ),
             max_retries=s.claude_max_retries,
             # Never export prompts as telemetry, whatever ANTHROPIC_OPEN_TELEMETRY* say.
             open_telemetry=False,
@@ -149,8 +155,12 @@ class Claude:
 
     # --- calls ---------------------------------------------------------------------------
 
-    def _request(self, system: Sequence[dict[str, Any]], messages: Sequence[dict[str, Any]],
-                 tools: Sequence[dict[str, Any]] | None) -> dict[str, Any]:
+    def _request(
+        self,
+        system: Sequence[dict[str, Any]],
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None,
+    ) -> dict[str, Any]:
         request: dict[str, Any] = {
             "model": self.settings.model,
             "max_tokens": self.settings.max_tokens,
@@ -166,7 +176,9 @@ class Claude:
             raise ClaudeUnavailable(
                 "claude_not_configured",
                 "Claude is not configured: set ANTHROPIC_API_KEY (environment or systemd "
-                "credential) and restart the service", retry_after=300)
+                "credential) and restart the service",
+                retry_after=300,
+            )
         try:
             self.breaker.before_call()
         except BreakerOpen as exc:
@@ -174,15 +186,20 @@ class Claude:
             raise ClaudeUnavailable(
                 "claude_unavailable",
                 "I can't reach my brain right now; I'll be back shortly. Please try again "
-                "in a little while.", retry_after=max(1.0, exc.retry_after)) from None
+                "in a little while.",
+                retry_after=max(1.0, exc.retry_after),
+            ) from None
         return self._client
 
     def _failed(self, exc: BaseException) -> Exception:
         """Record a failure and translate it."""
         name = type(exc).__name__
         self.metrics.claude_errors.labels(name).inc()
-        if isinstance(exc, anthropic.APIStatusError) and 400 <= exc.status_code < 500 \
-                and exc.status_code not in (408, 409, 429):
+        if (
+            isinstance(exc, anthropic.APIStatusError)
+            and 400 <= exc.status_code < 500
+            and exc.status_code not in (408, 409, 429)
+        ):
             # Claude refused this request: our bug or bad input, not an outage.
             self.breaker.record_neutral()
             self.metrics.claude_calls.labels("rejected").inc()
@@ -194,20 +211,29 @@ class Claude:
         if isinstance(exc, anthropic.APIStatusError):
             retry_after = _retry_after_of(exc, retry_after)
         log.warning("Claude call failed: %s: %s", name, exc)
-        code = "claude_rate_limited" if isinstance(exc, anthropic.RateLimitError) \
+        code = (
+            "claude_rate_limited"
+            if isinstance(exc, anthropic.RateLimitError)
             else "claude_unavailable"
+        )
         return ClaudeUnavailable(
-            code, "I can't answer right now (my language model is not responding); "
-            "please try again shortly.", retry_after=retry_after)
+            code,
+            "I can't answer right now (my language model is not responding); "
+            "please try again shortly.",
+            retry_after=retry_after,
+        )
 
     def _succeeded(self, reply: Reply, started: float) -> None:
         self.breaker.record_success()
         self.metrics.claude_calls.labels("ok").inc()
         self.metrics.claude_latency.observe(time.monotonic() - started)
         u = reply.usage
-        for kind, value in (("input", u.input_tokens), ("output", u.output_tokens),
-                            ("cache_read", u.cache_read_tokens),
-                            ("cache_write", u.cache_write_tokens)):
+        for kind, value in (
+            ("input", u.input_tokens),
+            ("output", u.output_tokens),
+            ("cache_read", u.cache_read_tokens),
+            ("cache_write", u.cache_write_tokens),
+        ):
             self.metrics.claude_tokens.labels(kind).inc(value)
         self.metrics.claude_cost.inc(u.cost_usd(self.settings))
 
@@ -222,17 +248,19 @@ class Claude:
         s = self.settings
         return 3600 * s.max_tokens / 128_000 <= s.claude_timeout_seconds / 2
 
-    async def create(self, system: Sequence[dict[str, Any]],
-                     messages: Sequence[dict[str, Any]],
-                     tools: Sequence[dict[str, Any]] | None = None) -> Reply:
+    async def create(
+        self,
+        system: Sequence[dict[str, Any]],
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> Reply:
         """The whole answer in one response (see :attr:`answers_whole`); the deadline covers
         it all, SDK retries included."""
         client = self._admit()
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.settings.claude_deadline_seconds):
-                message = await client.messages.create(
-                    **self._request(system, messages, tools))
+                message = await client.messages.create(**self._request(system, messages, tools))
         except _CALL_FAILURES as exc:
             raise self._failed(exc) from exc
         except BaseException:
@@ -242,10 +270,12 @@ class Claude:
         self._succeeded(reply, started)
         return reply
 
-    async def stream(self, system: Sequence[dict[str, Any]],
-                     messages: Sequence[dict[str, Any]],
-                     tools: Sequence[dict[str, Any]] | None = None,
-                     ) -> AsyncIterator[TextDelta | Reply]:
+    async def stream(
+        self,
+        system: Sequence[dict[str, Any]],
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> AsyncIterator[TextDelta | Reply]:
         """Yield text deltas as they come, then the complete :class:`Reply` last."""
         client = self._admit()
         started = time.monotonic()
@@ -255,7 +285,8 @@ class Claude:
                 # Retry-After waits included; after that each chunk has the read timeout.
                 async with asyncio.timeout(self.settings.claude_deadline_seconds):
                     s = await stack.enter_async_context(
-                        client.messages.stream(**self._request(system, messages, tools)))
+                        client.messages.stream(**self._request(system, messages, tools))
+                    )
                 async for event in s:
                     if event.type == "text":
                         yield TextDelta(event.text)

@@ -29,8 +29,7 @@ class LineFormatter(logging.Formatter):
         self._second = -1
         self._stamp = ""
 
-    def formatTime(self, record: logging.LogRecord,
-                   datefmt: str | None = None) -> str:
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None or self.converter is not time.localtime:
             return super().formatTime(record, datefmt)
         second = int(record.created)

@@ -51,32 +51,41 @@ class HttpStats(Collector):
         counted[0] += 1
         timed = self._latency.get((method, route))
         if timed is None:
-            timed = self._latency[(method, route)] = [0.0] * (len(self.buckets) + 2) \
-                + [time.time()]
+            timed = self._latency[(method, route)] = [0.0] * (len(self.buckets) + 2) + [time.time()]
         timed[bisect.bisect_left(self.buckets, seconds)] += 1
         timed[-2] += seconds
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
-            "digitalme_http_requests_total", "HTTP requests answered.",
-            labels=["method", "route", "status"])
+            "digitalme_http_requests_total",
+            "HTTP requests answered.",
+            labels=["method", "route", "status"],
+        )
         for (method, route, status), (count, created) in self._requests.items():
             requests.add_metric([method, route, str(status)], count, created=created)
         yield requests
         latency = HistogramMetricFamily(
-            "digitalme_http_request_duration_seconds", "Time to answer an HTTP request.",
-            labels=["method", "route"])
+            "digitalme_http_request_duration_seconds",
+            "Time to answer an HTTP request.",
+            labels=["method", "route"],
+        )
         bounds = [*(_bound(b) for b in self.buckets), "+Inf"]
         for (method, route), timed in self._latency.items():
             cumulative, total = [], 0.0
-            for bound, count in zip(bounds, timed[:len(bounds)], strict=True):
+            for bound, count in zip(bounds, timed[: len(bounds)], strict=True):
                 total += count
                 cumulative.append((bound, total))
             latency.add_metric([method, route], cumulative, sum_value=timed[-2])
             # The library's histograms carry _created like its counters.
-            latency.samples.append(Sample(
-                "digitalme_http_request_duration_seconds_created",
-                {"method": method, "route": route}, timed[-1], None, None))
+            latency.samples.append(
+                Sample(
+                    "digitalme_http_request_duration_seconds_created",
+                    {"method": method, "route": route},
+                    timed[-1],
+                    None,
+                    None,
+                )
+            )
         yield latency
 
 
@@ -95,88 +104,134 @@ class Metrics:
         self.http = HttpStats()
         registry.register(self.http)
         self.rate_limited = Counter(
-            "digitalme_http_rate_limited_total", "Requests refused by the rate limit.",
-            registry=registry)
+            "digitalme_http_rate_limited_total",
+            "Requests refused by the rate limit.",
+            registry=registry,
+        )
         # Claude
         self.claude_calls = Counter(
-            "digitalme_claude_calls_total", "Calls to Claude by outcome.",
-            ["outcome"], registry=registry)
+            "digitalme_claude_calls_total",
+            "Calls to Claude by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
         self.claude_latency = Histogram(
-            "digitalme_claude_call_duration_seconds", "Time of one Claude call.",
-            buckets=_LATENCY_BUCKETS, registry=registry)
+            "digitalme_claude_call_duration_seconds",
+            "Time of one Claude call.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.claude_errors = Counter(
-            "digitalme_claude_errors_total", "Failed Claude calls by error type.",
-            ["error"], registry=registry)
+            "digitalme_claude_errors_total",
+            "Failed Claude calls by error type.",
+            ["error"],
+            registry=registry,
+        )
         self.claude_tokens = Counter(
-            "digitalme_claude_tokens_total", "Tokens used, by kind.",
-            ["kind"], registry=registry)
+            "digitalme_claude_tokens_total", "Tokens used, by kind.", ["kind"], registry=registry
+        )
         self.claude_cost = Counter(
-            "digitalme_claude_cost_usd_total", "Estimated Claude spend in US dollars.",
-            registry=registry)
+            "digitalme_claude_cost_usd_total",
+            "Estimated Claude spend in US dollars.",
+            registry=registry,
+        )
         self.breaker_state = Gauge(
             "digitalme_claude_breaker_state",
             "Circuit breaker in front of Claude: 0 closed, 1 half-open, 2 open.",
-            registry=registry)
+            registry=registry,
+        )
         self.breaker_opened = Counter(
-            "digitalme_claude_breaker_opened_total", "Times the circuit breaker opened.",
-            registry=registry)
+            "digitalme_claude_breaker_opened_total",
+            "Times the circuit breaker opened.",
+            registry=registry,
+        )
         # Conversations
         self.chat_replies = Counter(
-            "digitalme_chat_replies_total", "Replies stored, by channel.",
-            ["channel"], registry=registry)
+            "digitalme_chat_replies_total",
+            "Replies stored, by channel.",
+            ["channel"],
+            registry=registry,
+        )
         # Channels: webhook deliveries, the inbox and its worker, outbound calls
         self.webhook_deliveries = Counter(
             "digitalme_webhook_deliveries_total",
             "Webhook deliveries by channel and outcome (accepted, duplicate, ignored, "
             "bad_signature, stale_timestamp, malformed, not_configured, too_large, ...).",
-            ["channel", "outcome"], registry=registry)
+            ["channel", "outcome"],
+            registry=registry,
+        )
         self.inbox_items = Gauge(
-            "digitalme_inbox_items", "Deliveries in the inbox by channel and status "
+            "digitalme_inbox_items",
+            "Deliveries in the inbox by channel and status "
             "(pending + processing is the queue depth).",
-            ["channel", "status"], registry=registry)
+            ["channel", "status"],
+            registry=registry,
+        )
         self.inbox_processed = Counter(
             "digitalme_inbox_processed_total",
             "Attempts at inbox items by channel and result (done, ignored, retry, "
-            "deferred, failed).", ["channel", "result"], registry=registry)
+            "deferred, failed).",
+            ["channel", "result"],
+            registry=registry,
+        )
         self.inbox_worker_slots = Gauge(
             "digitalme_inbox_worker_slots",
             "Inbox items the worker lets run at once now: DIGITALME_WORKER_CONCURRENCY, "
-            "fewer while requests keep the event loop busy.", registry=registry)
+            "fewer while requests keep the event loop busy.",
+            registry=registry,
+        )
         self.inbox_attempt_latency = Histogram(
             "digitalme_inbox_attempt_duration_seconds",
             "Time of one attempt at an inbox item (Claude and outbound calls included).",
-            ["channel"], buckets=_LATENCY_BUCKETS, registry=registry)
+            ["channel"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.inbox_completion_latency = Histogram(
             "digitalme_inbox_completion_seconds",
             "Time from a delivery's acknowledgement to its completion (retries included).",
-            ["channel"], buckets=(*_LATENCY_BUCKETS, 300, 900, 3600, 21600, 86400),
-            registry=registry)
+            ["channel"],
+            buckets=(*_LATENCY_BUCKETS, 300, 900, 3600, 21600, 86400),
+            registry=registry,
+        )
         self.outbound_requests = Counter(
             "digitalme_outbound_requests_total",
-            "Outbound calls (retries included) to a platform.", ["service"], registry=registry)
+            "Outbound calls (retries included) to a platform.",
+            ["service"],
+            registry=registry,
+        )
         self.outbound_reconciled = Counter(
             "digitalme_outbound_reconciled_total",
             "Sends that may have arrived already (a crash or a timeout before the answer), "
             "by platform and what asking it found: found (not sent again), not_found (sent), "
             "unknowable (sent again: the platform gives no way to know; it may show twice).",
-            ["service", "result"], registry=registry)
+            ["service", "result"],
+            registry=registry,
+        )
         self.outbound_errors = Counter(
             "digitalme_outbound_errors_total",
             "Failed outbound calls by platform and kind (rate_limited, server_error, "
-            "network, permanent).", ["service", "kind"], registry=registry)
+            "network, permanent).",
+            ["service", "kind"],
+            registry=registry,
+        )
         # Database
         self.db_size = Gauge(
             "digitalme_database_size_bytes",
             "Size of the database: the SQLite file and its WAL, or pg_database_size.",
-            registry=registry)
+            registry=registry,
+        )
         self.retention_deleted = Counter(
             "digitalme_retention_deleted_rows_total",
-            "Rows the retention prune deleted, by table (inbox, activity).", ["table"],
-            registry=registry)
+            "Rows the retention prune deleted, by table (inbox, activity).",
+            ["table"],
+            registry=registry,
+        )
         self.retention_last_run = Gauge(
             "digitalme_retention_last_run_timestamp_seconds",
             "When the retention prune last completed a run (unix time; 0: not yet).",
-            registry=registry)
+            registry=registry,
+        )
         # Backups (Litestream's control socket; the restore drill publishes its own
         # digitalme_backup_drill_* metrics through node-exporter's textfile collector)
         replication = registry if litestream else None
@@ -184,17 +239,22 @@ class Metrics:
             "digitalme_backup_litestream_up",
             "1 when Litestream answers on its control socket for the database, else 0 "
             "(exported only with DIGITALME_LITESTREAM_SOCKET).",
-            registry=replication)
+            registry=replication,
+        )
         self.backup_replication_lag = Gauge(
             "digitalme_backup_replication_lag_seconds",
             "Seconds since Litestream last completed a sync to the replica (NaN when it "
             "does not answer): the most a crash of this host would lose (exported only with "
             "DIGITALME_LITESTREAM_SOCKET).",
-            registry=replication)
+            registry=replication,
+        )
         self.backup_replication_lag.set(math.nan)  # unknown until Litestream is asked
         self.build_info = Gauge(
-            "digitalme_build_info", "Version and commit of the running service.",
-            ["version", "commit", "environment"], registry=registry)
+            "digitalme_build_info",
+            "Version and commit of the running service.",
+            ["version", "commit", "environment"],
+            registry=registry,
+        )
         self._refreshers: list[Callable[[], Awaitable[None]]] = []
         self._webhook_children: dict[tuple[str, str], Any] = {}
 
@@ -203,8 +263,9 @@ class Metrics:
         (``labels()`` takes a lock and checks its arguments on every call)."""
         child = self._webhook_children.get((channel, outcome))
         if child is None:
-            child = self._webhook_children[(channel, outcome)] = \
-                self.webhook_deliveries.labels(channel, outcome)
+            child = self._webhook_children[(channel, outcome)] = self.webhook_deliveries.labels(
+                channel, outcome
+            )
         child.inc()
 
     def on_scrape(self, refresh: Callable[[], Awaitable[None]]) -> None:

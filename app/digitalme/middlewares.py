@@ -36,15 +36,22 @@ OPS_PATHS = frozenset({"/health", "/health/ready", "/info", "/metrics"})
 # deliveries are never rate-limited; failed verifications count against the address.
 WEBHOOK_PREFIX = "/webhooks/"
 WEBHOOK_CHANNELS = frozenset({"telegram", "slack", "github", "clickup"})
-_WEBHOOK_STATUS_OUTCOMES = {400: "malformed", 401: "bad_signature", 404: "not_configured",
-                            405: "wrong_method", 413: "too_large", 429: "rate_limited",
-                            500: "error"}
+_WEBHOOK_STATUS_OUTCOMES = {
+    400: "malformed",
+    401: "bad_signature",
+    404: "not_configured",
+    405: "wrong_method",
+    413: "too_large",
+    429: "rate_limited",
+    500: "error",
+}
 
 SECURITY_HEADERS: dict[str, str] = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
         "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; "
-        "frame-ancestors 'none'"),
+        "frame-ancestors 'none'"
+    ),
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
@@ -62,8 +69,9 @@ def _trusted(address: str, networks: Sequence[Network]) -> bool:
     return any(ip in net for net in networks)
 
 
-def client_address(peer: str, forwarded_for: str | None,
-                   trusted: Sequence[Network]) -> tuple[str, bool]:
+def client_address(
+    peer: str, forwarded_for: str | None, trusted: Sequence[Network]
+) -> tuple[str, bool]:
     """The client's address, and whether the request came through a trusted proxy.
 
     X-Forwarded-For is believed only when the peer is a trusted proxy, and then only up to
@@ -90,8 +98,9 @@ async def request_pipeline(request: web.Request, handler: Handler) -> web.Stream
         try:
             response = await _admit(request, handler)
         except ApiError as exc:
-            response = error_response(exc.status, exc.code, exc.message, headers=exc.headers,
-                                      **exc.extra)
+            response = error_response(
+                exc.status, exc.code, exc.message, headers=exc.headers, **exc.extra
+            )
         except web.HTTPException as exc:
             if exc.status < 400:
                 status = exc.status
@@ -99,8 +108,9 @@ async def request_pipeline(request: web.Request, handler: Handler) -> web.Stream
             response = _http_error(request, exc)
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path)
-            response = error_response(500, "internal_error",
-                                      "something went wrong on our side; it has been logged")
+            response = error_response(
+                500, "internal_error", "something went wrong on our side; it has been logged"
+            )
         status = response.status
         return response
     finally:
@@ -111,9 +121,9 @@ async def request_pipeline(request: web.Request, handler: Handler) -> web.Stream
         if request.path.startswith(WEBHOOK_PREFIX):
             channel = request.path.split("/")[2]
             outcome = request.get(WEBHOOK_OUTCOME) or _WEBHOOK_STATUS_OUTCOMES.get(
-                status, f"http_{status}")
-            metrics.webhook_delivery(channel if channel in WEBHOOK_CHANNELS else "unknown",
-                                     outcome)
+                status, f"http_{status}"
+            )
+            metrics.webhook_delivery(channel if channel in WEBHOOK_CHANNELS else "unknown", outcome)
 
 
 def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
@@ -127,8 +137,9 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
         message = f"the request body is larger than {limit} bytes"
     else:
         message = exc.text or exc.reason
-    return error_response(exc.status, HTTP_CODES.get(exc.status, "http_error"),
-                          message, headers=headers)
+    return error_response(
+        exc.status, HTTP_CODES.get(exc.status, "http_error"), message, headers=headers
+    )
 
 
 def _admit(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
@@ -139,8 +150,9 @@ def _admit(request: web.Request, handler: Handler) -> Awaitable[web.StreamRespon
     if forwarded_for is None:
         address, via_proxy = request.remote or "", False
     else:
-        address, via_proxy = client_address(request.remote or "", forwarded_for,
-                                            settings.trusted_proxies)
+        address, via_proxy = client_address(
+            request.remote or "", forwarded_for, settings.trusted_proxies
+        )
     request[CLIENT_ADDRESS] = address
     request[VIA_PROXY] = via_proxy
     request[REQUEST_TOKEN] = None
@@ -151,8 +163,7 @@ def _admit(request: web.Request, handler: Handler) -> Awaitable[web.StreamRespon
     return _client(request, handler, address)
 
 
-async def _client(request: web.Request, handler: Handler,
-                  address: str) -> web.StreamResponse:
+async def _client(request: web.Request, handler: Handler, address: str) -> web.StreamResponse:
     key = f"address:{address}"
     if request.path.startswith(WEBHOOK_PREFIX):
         limiter = request.app[RATE_LIMITER]
@@ -172,9 +183,12 @@ async def _client(request: web.Request, handler: Handler,
             token = await request.app[TOKENS].authenticate(secret.strip())
         if token is None:
             _limit(request, key)  # failed attempts count against the address
-            raise ApiError(401, "invalid_token",
-                           "the bearer token is not valid (unknown, revoked or malformed)",
-                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            raise ApiError(
+                401,
+                "invalid_token",
+                "the bearer token is not valid (unknown, revoked or malformed)",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
         request[REQUEST_TOKEN] = token
         key = f"token:{token.id}"
         await request.app[TOKENS].touch(token)
@@ -187,9 +201,12 @@ def _limit(request: web.Request, key: str) -> None:
     if wait > 0:
         request.app[METRICS].rate_limited.inc()
         limit = request.app[RATE_LIMITER].per_minute
-        raise ApiError(429, "rate_limited",
-                       f"too many requests (limit {limit} per minute); retry after the "
-                       "Retry-After delay", headers=retry_after_header(wait))
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"too many requests (limit {limit} per minute); retry after the Retry-After delay",
+            headers=retry_after_header(wait),
+        )
 
 
 # istr keys: CIMultiDict takes them as they are (a str key is case-folded on every use).

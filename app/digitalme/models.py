@@ -79,48 +79,70 @@ def _traits_list(value: Any) -> Any:
     return value
 
 
-OptionalText = Annotated[str, StringConstraints(strip_whitespace=True),
-                         BeforeValidator(_none_as_empty, json_schema_input_type=str | None)]
-Texts = Annotated[tuple[Text, ...],
-                  BeforeValidator(_as_list, json_schema_input_type=Text | list[Text] | None)]
+OptionalText = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True),
+    BeforeValidator(_none_as_empty, json_schema_input_type=str | None),
+]
+Texts = Annotated[
+    tuple[Text, ...], BeforeValidator(_as_list, json_schema_input_type=Text | list[Text] | None)
+]
 
 
 class Trait(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     category: Text = Field(
-        description="A grouping, e.g. `communication`, `leadership`, `technical`.")
+        description="A grouping, e.g. `communication`, `leadership`, `technical`."
+    )
     name: Text = Field(
-        description="The trait, e.g. `Direct`. Category and name together must be unique.")
-    description: OptionalText = Field(
-        "", description="What the trait means for this person.")
+        description="The trait, e.g. `Direct`. Category and name together must be unique."
+    )
+    description: OptionalText = Field("", description="What the trait means for this person.")
     weight: float = Field(
-        strict=True, ge=MIN_WEIGHT, le=MAX_WEIGHT,
-        description="How strongly it shows; the prompt lists traits by weight.")
+        strict=True,
+        ge=MIN_WEIGHT,
+        le=MAX_WEIGHT,
+        description="How strongly it shows; the prompt lists traits by weight.",
+    )
     examples: Texts = Field((), description="Phrases the owner would actually say.")
 
 
 class Persona(BaseModel):
     """The owner's profile and weighted traits; written as YAML (docs/persona.md)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"examples": [{
-        "name": "Kim Example", "bio": "Kim runs the platform team at a fictional bank.",
-        "languages": ["English"],
-        "traits": [{"category": "communication", "name": "Concise", "weight": 8}]}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "Kim Example",
+                    "bio": "Kim runs the platform team at a fictional bank.",
+                    "languages": ["English"],
+                    "traits": [{"category": "communication", "name": "Concise", "weight": 8}],
+                }
+            ]
+        },
+    )
 
     name: Text = Field(description="The owner's name, as the clone introduces itself.")
-    bio: Text = Field(description="A short biography: role, history, where they live, "
-                                  "what they care about.")
+    bio: Text = Field(
+        description="A short biography: role, history, where they live, what they care about."
+    )
     languages: Texts = Field(
-        (), description="Languages the clone answers in; the first is the default.")
+        (), description="Languages the clone answers in; the first is the default."
+    )
     values: Texts = Field((), description="Core values, one per item.")
     communication_style: OptionalText = Field(
-        "", description="How the owner writes: length, tone, habits.")
+        "", description="How the owner writes: length, tone, habits."
+    )
     technical_preferences: Texts = Field(
-        (), description="Tools, languages, practices the owner prefers.")
-    traits: Annotated[tuple[Trait, ...], BeforeValidator(
-        _traits_list, json_schema_input_type=list[Trait] | None)] = Field(
-        (), description="Weighted traits, below.")
+        (), description="Tools, languages, practices the owner prefers."
+    )
+    traits: Annotated[
+        tuple[Trait, ...], BeforeValidator(_traits_list, json_schema_input_type=list[Trait] | None)
+    ] = Field((), description="Weighted traits, below.")
 
     @model_validator(mode="after")
     def _traits_are_unique(self) -> Persona:
@@ -129,8 +151,10 @@ class Persona(BaseModel):
             key = (trait.category.lower(), trait.name.lower())
             if key in seen:
                 raise PydanticCustomError(
-                    "duplicate_trait", "trait {category}/{name} is listed twice",
-                    {"category": trait.category, "name": trait.name})
+                    "duplicate_trait",
+                    "trait {category}/{name} is listed twice",
+                    {"category": trait.category, "name": trait.name},
+                )
             seen.add(key)
         return self
 
@@ -149,13 +173,13 @@ def _stripped(value: Any) -> Any:
 class NewConversation(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"title": "Roadmap"}]})
 
-    title: Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)] | None \
-        = None
+    title: Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)] | None = None
 
 
 class NewMessage(BaseModel):
-    model_config = ConfigDict(json_schema_extra={
-        "examples": [{"text": "Should we rewrite the planner in Rust?"}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"text": "Should we rewrite the planner in Rust?"}]}
+    )
 
     text: Text = Field(description="At most DIGITALME_MAX_MESSAGE_CHARS characters.")
 
@@ -165,17 +189,16 @@ class NewMessage(BaseModel):
         """The limit is a setting: validate with ``context={"max_chars": N}``."""
         limit = (info.context or {}).get("max_chars")
         if limit is not None and len(text) > limit:
-            raise PydanticCustomError("string_too_long", "is longer than {max_length} "
-                                      "characters", {"max_length": limit})
+            raise PydanticCustomError(
+                "string_too_long", "is longer than {max_length} characters", {"max_length": limit}
+            )
         return text
 
 
 class NewToken(BaseModel):
-    model_config = ConfigDict(json_schema_extra={
-        "examples": [{"name": "alice", "scope": "chat"}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "alice", "scope": "chat"}]})
 
-    name: Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"\S",
-                                           max_length=100)]
+    name: Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"\S", max_length=100)]
     scope: Annotated[Scope, BeforeValidator(_stripped)]
 
 
@@ -190,16 +213,20 @@ class ConversationsQuery(NamedTuple):
 
 class MessagesQuery(NamedTuple):
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
-    before: Annotated[int, Field(ge=1, le=2**62,
-                                 description="Only messages with a smaller id.")] = 2**62
+    before: Annotated[
+        int, Field(ge=1, le=2**62, description="Only messages with a smaller id.")
+    ] = 2**62
 
 
 def query_parameters(query: type[tuple[Any, ...]]) -> dict[str, dict[str, Any]]:
     """The JSON Schema of each parameter of a query, with its default."""
     hints = get_type_hints(query, include_extras=True)
-    return {name: {**TypeAdapter(hints[name]).json_schema(),
-                   "default": query._field_defaults[name]}  # type: ignore[attr-defined]
-            for name in query._fields}  # type: ignore[attr-defined]
+    names: tuple[str, ...] = query._fields  # type: ignore[attr-defined]
+    defaults: dict[str, Any] = query._field_defaults  # type: ignore[attr-defined]
+    return {
+        name: {**TypeAdapter(hints[name]).json_schema(), "default": defaults[name]}
+        for name in names
+    }
 
 
 # --- answers ------------------------------------------------------------------------------
@@ -285,10 +312,17 @@ class AssistantMessage(Answer):
     @classmethod
     def of(cls, message: MessageRecord) -> AssistantMessage:
         """The record keeps the usage in columns of its own; here it is one object."""
-        return cls(id=message.id, conversation_id=message.conversation_id, role="assistant",
-                   text=message.text, created_at=message.created_at, model=message.model,
-                   stop_reason=message.stop_reason, cost_usd=message.cost_usd,
-                   usage=Usage.model_validate(message))
+        return cls(
+            id=message.id,
+            conversation_id=message.conversation_id,
+            role="assistant",
+            text=message.text,
+            created_at=message.created_at,
+            model=message.model,
+            stop_reason=message.stop_reason,
+            cost_usd=message.cost_usd,
+            usage=Usage.model_validate(message),
+        )
 
 
 Message = Annotated[UserMessage | AssistantMessage, Field(discriminator="role")]

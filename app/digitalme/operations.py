@@ -38,14 +38,22 @@ class Operation:
     errors: Mapping[int, str] = field(default_factory=dict)  # status: when (an Error body)
 
 
-def operation(operation_id: str, summary: str, *, replies: Mapping[int, Reply],
-              body: type[BaseModel] | None = None, body_required: bool = True,
-              query: type[Any] | None = None,
-              errors: Mapping[int, str] | None = None) -> Callable[[Handler], Handler]:
+def operation(
+    operation_id: str,
+    summary: str,
+    *,
+    replies: Mapping[int, Reply],
+    body: type[BaseModel] | None = None,
+    body_required: bool = True,
+    query: type[Any] | None = None,
+    errors: Mapping[int, str] | None = None,
+) -> Callable[[Handler], Handler]:
     def declare(handler: Handler) -> Handler:
         handler.operation = Operation(  # type: ignore[attr-defined]
-            operation_id, summary, replies, body, body_required, query, errors or {})
+            operation_id, summary, replies, body, body_required, query, errors or {}
+        )
         return handler
+
     return declare
 
 

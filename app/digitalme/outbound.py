@@ -53,8 +53,15 @@ class OutboundError(Exception):
     """An outbound call failed; ``service`` names the platform. ``maybe_delivered``: the
     platform gave no definite answer, so it may have carried the request out."""
 
-    def __init__(self, service: str, message: str, *, status: int | None = None,
-                 retry_after: float | None = None, maybe_delivered: bool = False) -> None:
+    def __init__(
+        self,
+        service: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        maybe_delivered: bool = False,
+    ) -> None:
         super().__init__(f"{service}: {message}")
         self.service = service
         self.status = status
@@ -80,15 +87,20 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
-def classify_status(service: str, status: int, headers: Mapping[str, str],
-                    detail: str) -> OutboundError:
+def classify_status(
+    service: str, status: int, headers: Mapping[str, str], detail: str
+) -> OutboundError:
     """The error for an unsuccessful HTTP status."""
     detail = detail[:_ERROR_TEXT_LIMIT]
     if status == 429 or status == 408 or status >= 500:
         # A 5xx may come from a proxy in front of a backend that did the work.
-        return TransientError(service, f"HTTP {status}: {detail}", status=status,
-                              retry_after=parse_retry_after(headers.get("Retry-After")),
-                              maybe_delivered=status >= 500)
+        return TransientError(
+            service,
+            f"HTTP {status}: {detail}",
+            status=status,
+            retry_after=parse_retry_after(headers.get("Retry-After")),
+            maybe_delivered=status >= 500,
+        )
     return PermanentError(service, f"HTTP {status}: {detail}", status=status)
 
 
@@ -113,8 +125,9 @@ class Outbound:
     async def start(self) -> None:
         s = self.settings
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=s.outbound_timeout_seconds,
-                                          connect=s.outbound_connect_timeout_seconds),
+            timeout=aiohttp.ClientTimeout(
+                total=s.outbound_timeout_seconds, connect=s.outbound_connect_timeout_seconds
+            ),
             # Proxies and .netrc from the environment do not apply to the service's calls.
             trust_env=False,
             raise_for_status=False,
@@ -131,9 +144,15 @@ class Outbound:
             raise RuntimeError("the outbound HTTP session is not started")
         return self._session
 
-    async def with_retries(self, service: str, attempt: Callable[[], Awaitable[T]], *,
-                           redact: str | None = None, uncertain: bool = False,
-                           reconcile: Callable[[], Awaitable[T | None]] | None = None) -> T:
+    async def with_retries(
+        self,
+        service: str,
+        attempt: Callable[[], Awaitable[T]],
+        *,
+        redact: str | None = None,
+        uncertain: bool = False,
+        reconcile: Callable[[], Awaitable[T | None]] | None = None,
+    ) -> T:
         """Run ``attempt`` (which raises Transient/PermanentError or aiohttp errors) with
         the retry policy; count every call and every error in the metrics. ``redact`` (a
         token that is part of the URL, as Telegram's is) never appears in an error.
@@ -164,13 +183,23 @@ class Outbound:
                 # Refused or unreachable: the request never left. Anything later (a timeout,
                 # a connection cut) may have reached the platform.
                 error = TransientError(
-                    service, text.replace(redact, "***") if redact else text,
-                    maybe_delivered=not isinstance(exc, aiohttp.ClientConnectorError))
+                    service,
+                    text.replace(redact, "***") if redact else text,
+                    maybe_delivered=not isinstance(exc, aiohttp.ClientConnectorError),
+                )
             maybe = maybe or error.maybe_delivered
             error.maybe_delivered = maybe
-            kind = "permanent" if isinstance(error, PermanentError) else (
-                "rate_limited" if error.status == 429 else
-                "server_error" if error.status else "network")
+            kind = (
+                "permanent"
+                if isinstance(error, PermanentError)
+                else (
+                    "rate_limited"
+                    if error.status == 429
+                    else "server_error"
+                    if error.status
+                    else "network"
+                )
+            )
             self.metrics.outbound_errors.labels(service, kind).inc()
             if isinstance(error, PermanentError) or number > retries:
                 raise error
@@ -181,8 +210,9 @@ class Outbound:
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _reconcile(self, service: str,
-                         reconcile: Callable[[], Awaitable[T | None]] | None) -> T | None:
+    async def _reconcile(
+        self, service: str, reconcile: Callable[[], Awaitable[T | None]] | None
+    ) -> T | None:
         """What an earlier send that may have arrived became, or None to send (again)."""
         result = "unknowable"
         found: T | None = None
@@ -195,21 +225,34 @@ class Outbound:
                 result = "found" if found is not None else "not_found"
         self.metrics.outbound_reconciled.labels(service, result).inc()
         if result == "unknowable":
-            log.warning("%s: sending again what may have arrived already (the platform "
-                        "gives no way to know): it may show twice", service)
+            log.warning(
+                "%s: sending again what may have arrived already (the platform "
+                "gives no way to know): it may show twice",
+                service,
+            )
         elif result == "found":
             log.info("%s: an earlier send had arrived; not sending it again", service)
         return found
 
-    async def request_json(self, service: str, method: str, url: str, *,
-                           json_body: Any = None, headers: Mapping[str, str] | None = None,
-                           redact: str | None = None, uncertain: bool = False) -> Any:
+    async def request_json(
+        self,
+        service: str,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        redact: str | None = None,
+        uncertain: bool = False,
+    ) -> Any:
         """One JSON request with the retry policy; returns the decoded JSON answer.
         ``uncertain``: an earlier attempt may have been carried out (see
         :meth:`with_retries`; there is no way to ask here, so it is sent again)."""
+
         async def attempt() -> Any:
-            async with self.session.request(method, url, json=json_body,
-                                            headers=dict(headers or {})) as response:
+            async with self.session.request(
+                method, url, json=json_body, headers=dict(headers or {})
+            ) as response:
                 raw = await response.read()
                 try:
                     body = json.loads(raw) if raw.strip() else None
@@ -217,15 +260,18 @@ class Outbound:
                     body = None
                 if 200 <= response.status < 300:
                     return body
-                error = classify_status(service, response.status, response.headers,
-                                        _describe(body, raw))
+                error = classify_status(
+                    service, response.status, response.headers, _describe(body, raw)
+                )
                 if error.retry_after is None and isinstance(body, dict):
                     # Telegram says when to come back in the body, not (only) a header.
                     parameters = body.get("parameters")
                     if isinstance(parameters, dict) and isinstance(
-                            parameters.get("retry_after"), int | float):
+                        parameters.get("retry_after"), int | float
+                    ):
                         error.retry_after = float(parameters["retry_after"])
                 raise error
+
         return await self.with_retries(service, attempt, redact=redact, uncertain=uncertain)
 
 

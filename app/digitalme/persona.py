@@ -49,8 +49,10 @@ def _explain(errors: list[ErrorDetails]) -> str:
             unknown.setdefault(error["loc"][:-1], []).append(str(error["loc"][-1]))
     for where, keys in unknown.items():
         if not where:
-            return (f"unknown keys: {', '.join(sorted(keys))} "
-                    f"(allowed: {', '.join(sorted(Persona.model_fields))})")
+            return (
+                f"unknown keys: {', '.join(sorted(keys))} "
+                f"(allowed: {', '.join(sorted(Persona.model_fields))})"
+            )
         return f"{_path(where)} has unknown keys: {', '.join(sorted(keys))}"
     error = errors[0]
     loc, kind, given = error["loc"], error["type"], error["input"]
@@ -70,8 +72,7 @@ def _problem(loc: tuple[int | str, ...], kind: str, given: Any, message: str) ->
     if kind == "missing" or (kind == "string_type" and given is None and not in_list):
         return "is required"
     if in_list and isinstance(given, dict):
-        return ("was read as a mapping: an item containing ': ' must be put in quotes "
-                "in YAML")
+        return "was read as a mapping: an item containing ': ' must be put in quotes in YAML"
     if in_list and kind in ("string_type", "string_pattern_mismatch"):
         return "must be a non-empty text"
     if kind == "string_type":
@@ -150,9 +151,12 @@ def build_prompt(persona: Persona) -> str:
         p.bio,
     ]
     if p.languages:
-        lines += ["", "## Languages",
-                  f"Answer in the language you are addressed in when it is one of: "
-                  f"{', '.join(p.languages)}. Otherwise answer in {p.languages[0]}."]
+        lines += [
+            "",
+            "## Languages",
+            f"Answer in the language you are addressed in when it is one of: "
+            f"{', '.join(p.languages)}. Otherwise answer in {p.languages[0]}.",
+        ]
     if p.values:
         lines += ["", "## Core values", *(f"- {v}" for v in p.values)]
     if p.communication_style:
@@ -160,8 +164,11 @@ def build_prompt(persona: Persona) -> str:
     if p.technical_preferences:
         lines += ["", "## Technical preferences", *(f"- {v}" for v in p.technical_preferences)]
     if p.traits:
-        lines += ["", "## Traits",
-                  "Weighted 0 to 10; the higher the weight, the more strongly it shows."]
+        lines += [
+            "",
+            "## Traits",
+            "Weighted 0 to 10; the higher the weight, the more strongly it shows.",
+        ]
         ordered = sorted(p.traits, key=lambda t: (-t.weight, t.category.lower(), t.name.lower()))
         for t in ordered:
             head = f"- [{t.category}] {t.name} (weight {_format_weight(t.weight)})"
@@ -193,15 +200,18 @@ class PersonaStore:
         turn needs it: it is built again only when the stored persona changed (an import
         from this process, another one or the API), which one indexed read tells."""
         row = await self.db.lookup_one(
-            "SELECT source_sha256, imported_at FROM persona_profile WHERE id = 1")
+            "SELECT source_sha256, imported_at FROM persona_profile WHERE id = 1"
+        )
         if row is None:
             return None
         if self._prompt is None or self._prompt[0] != (row[0], row[1]):
             stored = await self.load()
             if stored is None:
                 return None
-            self._prompt = ((stored.source_sha256, stored.imported_at),
-                            build_prompt(stored.persona))
+            self._prompt = (
+                (stored.source_sha256, stored.imported_at),
+                build_prompt(stored.persona),
+            )
         return self._prompt[1]
 
     async def save(self, persona: Persona, source_sha256: str) -> StoredPersona:
@@ -209,9 +219,17 @@ class PersonaStore:
         del doc["traits"]  # they live in persona_traits
         imported_at = datetime.now(UTC).isoformat(timespec="seconds")
         document = json.dumps(doc, ensure_ascii=False, sort_keys=True)
-        traits = [(i, t.category, t.name, t.description, t.weight,
-                   json.dumps(list(t.examples), ensure_ascii=False))
-                  for i, t in enumerate(persona.traits)]
+        traits = [
+            (
+                i,
+                t.category,
+                t.name,
+                t.description,
+                t.weight,
+                json.dumps(list(t.examples), ensure_ascii=False),
+            )
+            for i, t in enumerate(persona.traits)
+        ]
 
         def replace(conn: Connection) -> None:
             conn.execute("DELETE FROM persona_traits")
@@ -220,29 +238,41 @@ class PersonaStore:
                 " VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET name=excluded.name,"
                 " document=excluded.document, source_sha256=excluded.source_sha256,"
                 " imported_at=excluded.imported_at",
-                (persona.name, document, source_sha256, imported_at))
+                (persona.name, document, source_sha256, imported_at),
+            )
             conn.executemany(
                 "INSERT INTO persona_traits (position, category, name, description, weight,"
-                " examples) VALUES (?, ?, ?, ?, ?, ?)", traits)
+                " examples) VALUES (?, ?, ?, ?, ?, ?)",
+                traits,
+            )
+
         await self.db.write(replace)
         return StoredPersona(persona, source_sha256, imported_at)
 
     async def load(self) -> StoredPersona | None:
         row = await self.db.fetchone(
-            "SELECT document, source_sha256, imported_at FROM persona_profile WHERE id = 1")
+            "SELECT document, source_sha256, imported_at FROM persona_profile WHERE id = 1"
+        )
         if row is None:
             return None
         doc = json.loads(row["document"])
         traits = await self.db.fetchall(
             "SELECT category, name, description, weight, examples FROM persona_traits"
-            " ORDER BY position")
+            " ORDER BY position"
+        )
         doc["traits"] = [
-            {"category": t["category"], "name": t["name"], "description": t["description"],
-             "weight": t["weight"], "examples": json.loads(t["examples"])} for t in traits]
+            {
+                "category": t["category"],
+                "name": t["name"],
+                "description": t["description"],
+                "weight": t["weight"],
+                "examples": json.loads(t["examples"]),
+            }
+            for t in traits
+        ]
         return StoredPersona(persona_from_document(doc), row["source_sha256"], row["imported_at"])
 
 
 def document_sha256(doc: Any) -> str:
     """SHA-256 of a persona given as data (API import), over its canonical JSON."""
-    return hashlib.sha256(
-        json.dumps(doc, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(doc, ensure_ascii=False, sort_keys=True).encode()).hexdigest()

@@ -19,9 +19,22 @@ log = logging.getLogger(__name__)
 
 # What /info shows of each file (the files may hold more).
 RELEASE_FIELDS = ("release", "version", "commit", "dirty", "built_at")
-DEPLOY_FIELDS = ("id", "kind", "result", "from_release", "to_release", "commit", "by",
-                 "started_at", "finished_at", "duration_seconds", "gate_seconds",
-                 "migrations", "snapshot", "reason")
+DEPLOY_FIELDS = (
+    "id",
+    "kind",
+    "result",
+    "from_release",
+    "to_release",
+    "commit",
+    "by",
+    "started_at",
+    "finished_at",
+    "duration_seconds",
+    "gate_seconds",
+    "migrations",
+    "snapshot",
+    "reason",
+)
 
 
 def read_json_object(path: Path | None, fields: tuple[str, ...]) -> dict[str, Any] | None:

@@ -60,8 +60,11 @@ DAY = 86400.0
 
 def _iso(moment: float) -> str:
     """A unix time in the form the tables keep (ISO 8601, UTC, milliseconds)."""
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds") \
+    return (
+        datetime.fromtimestamp(moment, UTC)
+        .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z")
+    )
 
 
 @dataclass(frozen=True)
@@ -76,26 +79,35 @@ class Pruned:
 
 
 def _delete_activity(cutoff: str, limit: int) -> tuple[str, tuple[object, ...]]:
-    return ("DELETE FROM activity WHERE id IN (SELECT id FROM activity WHERE occurred_at < ?"
-            " ORDER BY occurred_at LIMIT ?)", (cutoff, limit))
+    return (
+        "DELETE FROM activity WHERE id IN (SELECT id FROM activity WHERE occurred_at < ?"
+        " ORDER BY occurred_at LIMIT ?)",
+        (cutoff, limit),
+    )
 
 
 def _delete_inbox(status: str, cutoff: str, limit: int) -> tuple[str, tuple[object, ...]]:
     # inbox_finished (status, updated_at) yields the oldest finished rows first; the status
     # is part of the statement, so a row that left it meanwhile is not deleted.
-    return ("DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE status = ?"
-            " AND updated_at < ? AND NOT EXISTS (SELECT 1 FROM activity"
-            " WHERE activity.inbox_id = inbox.id) ORDER BY updated_at LIMIT ?)",
-            (status, cutoff, limit))
+    return (
+        "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE status = ?"
+        " AND updated_at < ? AND NOT EXISTS (SELECT 1 FROM activity"
+        " WHERE activity.inbox_id = inbox.id) ORDER BY updated_at LIMIT ?)",
+        (status, cutoff, limit),
+    )
 
 
-def _deleting(sql: str, params: tuple[object, ...],
-              ) -> Callable[[Connection], tuple[int, float]]:
+def _deleting(
+    sql: str,
+    params: tuple[object, ...],
+) -> Callable[[Connection], tuple[int, float]]:
     """The write job of one batch: (rows deleted, seconds it took in the writer thread)."""
+
     def job(conn: Connection) -> tuple[int, float]:
         started = time.perf_counter()
         count = int(conn.execute(sql, params).rowcount)
         return count, time.perf_counter() - started
+
     return job
 
 
@@ -104,9 +116,15 @@ class Retention:
     them (a run in progress stops between two batches). :meth:`prune` runs once (the
     ``digitalme inbox prune`` command and tests)."""
 
-    def __init__(self, db: Database, settings: Settings, metrics: Metrics, *,
-                 batch_rows: int = BATCH_ROWS,
-                 batch_pause_seconds: float = BATCH_PAUSE_SECONDS) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        batch_rows: int = BATCH_ROWS,
+        batch_pause_seconds: float = BATCH_PAUSE_SECONDS,
+    ) -> None:
         self.db = db
         self.settings = settings
         self.metrics = metrics
@@ -120,8 +138,9 @@ class Retention:
         """Schedule runs: the first a minute after start (or one interval, if shorter),
         then every ``DIGITALME_PRUNE_INTERVAL_MINUTES``."""
         if first_run_delay is None:
-            first_run_delay = min(FIRST_RUN_DELAY_SECONDS,
-                                  self.settings.prune_interval_minutes * 60)
+            first_run_delay = min(
+                FIRST_RUN_DELAY_SECONDS, self.settings.prune_interval_minutes * 60
+            )
         self._task = asyncio.create_task(self._loop(first_run_delay), name="retention")
 
     async def stop(self) -> None:
@@ -140,14 +159,22 @@ class Retention:
             except self.errors as exc:
                 # e.g. the disk full: the next run tries again; nothing is half-deleted
                 # (each batch is its own transaction).
-                log.error("pruning old deliveries and activity failed: %s; trying again in "
-                          "%.0f minutes", exc, self.settings.prune_interval_minutes)
+                log.error(
+                    "pruning old deliveries and activity failed: %s; trying again in %.0f minutes",
+                    exc,
+                    self.settings.prune_interval_minutes,
+                )
                 continue
             if pruned.inbox or pruned.activity:
-                log.info("pruned %d deliveries and %d activity events in %d batches "
-                         "(%.2fs; the longest batch held the writer %.1f ms)", pruned.inbox,
-                         pruned.activity, pruned.batches, pruned.seconds,
-                         pruned.longest_batch_seconds * 1000)
+                log.info(
+                    "pruned %d deliveries and %d activity events in %d batches "
+                    "(%.2fs; the longest batch held the writer %.1f ms)",
+                    pruned.inbox,
+                    pruned.activity,
+                    pruned.batches,
+                    pruned.seconds,
+                    pruned.longest_batch_seconds * 1000,
+                )
 
     def plan(self, now: float) -> list[tuple[str, str, str]]:
         """(table, status or '', cutoff) of each delete a run makes at ``now``, in order:
@@ -160,8 +187,7 @@ class Retention:
             cutoff = _iso(now - s.inbox_retention_days * DAY)
             steps += [("inbox", "done", cutoff), ("inbox", "ignored", cutoff)]
         if s.inbox_failed_retention_days:
-            steps.append(("inbox", "failed",
-                          _iso(now - s.inbox_failed_retention_days * DAY)))
+            steps.append(("inbox", "failed", _iso(now - s.inbox_failed_retention_days * DAY)))
         return steps
 
     async def prune(self, now: float | None = None) -> Pruned:
@@ -173,8 +199,11 @@ class Retention:
         batches, longest = 0, 0.0
         for table, status, cutoff in self.plan(moment):
             while True:
-                sql, params = (_delete_activity(cutoff, self.batch_rows) if table == "activity"
-                               else _delete_inbox(status, cutoff, self.batch_rows))
+                sql, params = (
+                    _delete_activity(cutoff, self.batch_rows)
+                    if table == "activity"
+                    else _delete_inbox(status, cutoff, self.batch_rows)
+                )
                 count, took = await self.db.write(_deleting(sql, params))
                 batches += 1
                 longest = max(longest, took)
@@ -185,6 +214,6 @@ class Retention:
                     break
                 await asyncio.sleep(self.batch_pause_seconds)
         self.metrics.retention_last_run.set(time.time())
-        return Pruned(deleted["inbox"], deleted["activity"], batches,
-                      time.monotonic() - started, longest)
-
+        return Pruned(
+            deleted["inbox"], deleted["activity"], batches, time.monotonic() - started, longest
+        )

@@ -31,18 +31,20 @@ API_ROUTES = [
 
 
 def setup_routes(app: web.Application) -> None:
-    app.add_routes([
-        # operations (no auth, but /metrics wants DIGITALME_METRICS_TOKEN and is refused
-        # through the proxy)
-        web.get("/health", ops.health),
-        web.get("/health/ready", ops.ready),
-        web.get("/info", ops.info),
-        web.get("/metrics", ops.metrics),
-        # web chat
-        web.get("/", webchat.index),
-        web.static("/static", webchat.STATIC_DIR, append_version=False),
-        *API_ROUTES,
-    ])
+    app.add_routes(
+        [
+            # operations (no auth, but /metrics wants DIGITALME_METRICS_TOKEN and is refused
+            # through the proxy)
+            web.get("/health", ops.health),
+            web.get("/health/ready", ops.ready),
+            web.get("/info", ops.info),
+            web.get("/metrics", ops.metrics),
+            # web chat
+            web.get("/", webchat.index),
+            web.static("/static", webchat.STATIC_DIR, append_version=False),
+            *API_ROUTES,
+        ]
+    )
     # platform webhooks (signed; a channel whose secret is not set answers 404)
     for channel in app[CHANNELS]:
         app.add_routes(channel.routes())

@@ -68,12 +68,15 @@ def inherited_socket(environ: dict[str, str] | None = None) -> socket.socket | N
     if count == 0:
         return None
     if count != 1:
-        raise SocketError(f"systemd passed {count} sockets; digitalme.socket must have "
-                          "exactly one ListenStream=")
+        raise SocketError(
+            f"systemd passed {count} sockets; digitalme.socket must have exactly one ListenStream="
+        )
     sock = socket.socket(fileno=SD_LISTEN_FDS_START)
     if sock.type != socket.SOCK_STREAM:
-        raise SocketError("systemd passed a socket that is not a stream socket "
-                          "(digitalme.socket needs ListenStream=)")
+        raise SocketError(
+            "systemd passed a socket that is not a stream socket "
+            "(digitalme.socket needs ListenStream=)"
+        )
     sock.setblocking(False)
     return sock
 
@@ -90,16 +93,25 @@ def notify(state: str) -> None:
         sock.sendall(state.encode())
 
 
-async def serve(app: web.Application, listen: tuple[str, int], *, shutdown_timeout: float,
-                access_log_format: str) -> None:
+async def serve(
+    app: web.Application,
+    listen: tuple[str, int],
+    *,
+    shutdown_timeout: float,
+    access_log_format: str,
+) -> None:
     sock = inherited_socket()
     # First: a stop that arrives while the app starts stops it right after, gracefully.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=FINAL_SHUTDOWN_SECONDS,
-                           access_log_format=access_log_format)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=FINAL_SHUTDOWN_SECONDS,
+        access_log_format=access_log_format,
+    )
     await runner.setup()  # the app's start-up: opens the database, refuses an unmigrated one
     try:
         site: web.BaseSite
@@ -108,8 +120,11 @@ async def serve(app: web.Application, listen: tuple[str, int], *, shutdown_timeo
         else:
             site = web.TCPSite(runner, listen[0], listen[1], backlog=BACKLOG)
         await site.start()
-        log.info("listening on %s%s", site.name,
-                 " (socket passed by systemd)" if sock is not None else "")
+        log.info(
+            "listening on %s%s",
+            site.name,
+            " (socket passed by systemd)" if sock is not None else "",
+        )
         notify("READY=1")
         await stop.wait()
         notify("STOPPING=1")
@@ -155,12 +170,16 @@ async def _requests_answered(runner: web.AppRunner, grace: float) -> None:
         if not waiting and not busy:
             return
         if waiting and now >= started + ACCEPTED_CONNECTION_WAIT_SECONDS:
-            log.warning("stopping: %d connection(s) sent no request in %.0f s; closing them",
-                        waiting, ACCEPTED_CONNECTION_WAIT_SECONDS)
+            log.warning(
+                "stopping: %d connection(s) sent no request in %.0f s; closing them",
+                waiting,
+                ACCEPTED_CONNECTION_WAIT_SECONDS,
+            )
             waiting_for_requests = False
             continue
         if now >= started + grace:
-            log.warning("stopping: %d request(s) still running after %.0f s; cancelling them",
-                        busy, grace)
+            log.warning(
+                "stopping: %d request(s) still running after %.0f s; cancelling them", busy, grace
+            )
             return
         await asyncio.sleep(ACCEPTED_CONNECTION_POLL_SECONDS)

@@ -36,29 +36,35 @@ class SmokeResult:
 async def smoke_test(db: Database, url: str, timeout_seconds: float) -> SmokeResult:
     tokens, conversations = TokenStore(db), ConversationStore(db)
     secret, token = await tokens.create(
-        f"smoke-test {datetime.now(UTC).isoformat(timespec='seconds')}", "chat")
+        f"smoke-test {datetime.now(UTC).isoformat(timespec='seconds')}", "chat"
+    )
     conversation_id = None
     started = time.monotonic()
     try:
         async with aiohttp.ClientSession(
-                base_url=url.rstrip("/") + "/", headers={"Authorization": f"Bearer {secret}"},
-                timeout=aiohttp.ClientTimeout(total=timeout_seconds)) as http:
+            base_url=url.rstrip("/") + "/",
+            headers={"Authorization": f"Bearer {secret}"},
+            timeout=aiohttp.ClientTimeout(total=timeout_seconds),
+        ) as http:
             async with http.post("api/v1/conversations") as response:
                 body = await response.json(content_type=None)
                 if response.status != 201:
-                    raise SmokeTestFailed(f"creating a conversation answered {response.status}"
-                                          f": {body}")
+                    raise SmokeTestFailed(
+                        f"creating a conversation answered {response.status}: {body}"
+                    )
                 conversation_id = body["id"]
-            async with http.post(f"api/v1/conversations/{conversation_id}/messages",
-                                 json={"text": QUESTION}) as response:
+            async with http.post(
+                f"api/v1/conversations/{conversation_id}/messages", json={"text": QUESTION}
+            ) as response:
                 body = await response.json(content_type=None)
                 if response.status != 201:
                     raise SmokeTestFailed(f"the chat turn answered {response.status}: {body}")
         reply = body.get("reply") or {}
         if not str(reply.get("text", "")).strip():
             raise SmokeTestFailed(f"the chat turn came back without a reply: {body}")
-        return SmokeResult(round(time.monotonic() - started, 3), len(reply["text"]),
-                           reply.get("model"))
+        return SmokeResult(
+            round(time.monotonic() - started, 3), len(reply["text"]), reply.get("model")
+        )
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise SmokeTestFailed(f"{url}: {type(exc).__name__}: {exc}") from None
     finally:

@@ -28,7 +28,8 @@ _PRAGMAS = (f"busy_timeout={BUSY_TIMEOUT_MS}", "synchronous=FULL", "foreign_keys
 _SCHEMA_MIGRATIONS = (
     "CREATE TABLE IF NOT EXISTS schema_migrations ("
     " version INTEGER PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL,"
-    " applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))")
+    " applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"
+)
 
 
 async def _pragma(conn: aiosqlite.Connection, pragma: str) -> None:
@@ -175,14 +176,19 @@ class SqliteEngine:
 
     async def table_exists(self, name: str) -> bool:
         rows = await self.fetchall(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+        )
         return bool(rows)
 
     async def apply_migrations(self, migrations: Sequence[Migration]) -> list[Migration]:
         await self.writer.execute(_SCHEMA_MIGRATIONS)
         async with self._write_lock:
-            applied = {row[0] for row in await self.writer.execute_fetchall(
-                "SELECT version FROM schema_migrations")}
+            applied = {
+                row[0]
+                for row in await self.writer.execute_fetchall(
+                    "SELECT version FROM schema_migrations"
+                )
+            }
             pending = [m for m in migrations if m.version not in applied]
             if not pending:
                 return []
@@ -191,10 +197,12 @@ class SqliteEngine:
             script = ["BEGIN IMMEDIATE;"]
             for migration in pending:
                 script += [
-                    migration.sql_for(self.name), ";",
+                    migration.sql_for(self.name),
+                    ";",
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ("
                     f"{migration.version}, '{migration.name}',"
-                    f" '{migration.checksum_for(self.name)}');"]
+                    f" '{migration.checksum_for(self.name)}');",
+                ]
             script.append("COMMIT;")
             try:
                 await self.writer.executescript("\n".join(script))

@@ -67,13 +67,13 @@ class TokenStore:
         row = await self.db.write_returning(
             "INSERT INTO api_tokens (name, scope, token_sha256, prefix, created_at)"
             f" VALUES (?, ?, ?, ?, ?) RETURNING {_COLUMNS}",
-            (name, scope, _digest(secret), prefix, _now()))
+            (name, scope, _digest(secret), prefix, _now()),
+        )
         assert row is not None  # an INSERT without conflict clause returns its row
         return secret, TokenInfo(**dict(row))
 
     async def get(self, token_id: int) -> TokenInfo | None:
-        row = await self.db.fetchone(f"SELECT {_COLUMNS} FROM api_tokens WHERE id = ?",
-                                     (token_id,))
+        row = await self.db.fetchone(f"SELECT {_COLUMNS} FROM api_tokens WHERE id = ?", (token_id,))
         return TokenInfo(**dict(row)) if row else None
 
     async def all(self) -> list[TokenInfo]:
@@ -84,7 +84,8 @@ class TokenStore:
         """Revoke a token; None when there is no such token. Revoking twice is harmless."""
         await self.db.execute(
             "UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-            (_now(), token_id))
+            (_now(), token_id),
+        )
         return await self.get(token_id)
 
     async def delete(self, token_id: int) -> None:
@@ -98,7 +99,8 @@ class TokenStore:
             return None
         row = await self.db.lookup_one(  # the UNIQUE index on token_sha256
             f"SELECT {_COLUMNS} FROM api_tokens WHERE token_sha256 = ? AND revoked_at IS NULL",
-            (_digest(secret),))
+            (_digest(secret),),
+        )
         return TokenInfo(**dict(row)) if row else None
 
     async def touch(self, token: TokenInfo) -> None:
@@ -117,4 +119,5 @@ class TokenStore:
         await self.db.execute(
             "UPDATE api_tokens SET last_used_at = ? WHERE id = ? AND"
             " (last_used_at IS NULL OR last_used_at < ?)",
-            (now, token.id, minute))
+            (now, token.id, minute),
+        )

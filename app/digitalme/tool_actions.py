@@ -21,20 +21,28 @@ class ToolActionLog:
     async def count_today(self, tool: str) -> int:
         row = await self.db.fetchone(
             "SELECT COUNT(*) AS n FROM tool_actions WHERE tool = ? AND created_at >= ?",
-            (tool, start_of_day()))
+            (tool, start_of_day()),
+        )
         return int(row["n"]) if row else 0
 
-    async def find_today(self, tool: str, conversation_id: str, request_sha256: str,
-                         ) -> str | None:
+    async def find_today(
+        self,
+        tool: str,
+        conversation_id: str,
+        request_sha256: str,
+    ) -> str | None:
         row = await self.db.fetchone(
             "SELECT result FROM tool_actions WHERE tool = ? AND conversation_id = ?"
             " AND request_sha256 = ? AND created_at >= ? ORDER BY id DESC LIMIT 1",
-            (tool, conversation_id, request_sha256, start_of_day()))
+            (tool, conversation_id, request_sha256, start_of_day()),
+        )
         return str(row["result"]) if row else None
 
-    async def record(self, tool: str, conversation_id: str, request_sha256: str,
-                     result: str) -> None:
+    async def record(
+        self, tool: str, conversation_id: str, request_sha256: str, result: str
+    ) -> None:
         await self.db.execute(
             "INSERT INTO tool_actions (tool, conversation_id, request_sha256, result,"
             " created_at) VALUES (?, ?, ?, ?, ?)",
-            (tool, conversation_id, request_sha256, result, now_iso()))
+            (tool, conversation_id, request_sha256, result, now_iso()),
+        )

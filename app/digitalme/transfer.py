@@ -81,9 +81,13 @@ def describe(target: Target) -> str:
 
 def _schema(conn: sqlite3.Connection) -> list[Table]:
     """The shared tables, parents first."""
-    names = [row[0] for row in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-        " ORDER BY name")]
+    names = [
+        row[0]
+        for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            " ORDER BY name"
+        )
+    ]
     tables = {}
     for name in names:
         if name in _SKIPPED:
@@ -91,12 +95,15 @@ def _schema(conn: sqlite3.Connection) -> list[Table]:
         info = conn.execute(f'PRAGMA table_info("{name}")').fetchall()
         pk = tuple(r[1] for r in sorted((r for r in info if r[5]), key=lambda r: r[5]))
         tables[name] = Table(
-            name, tuple(r[1] for r in info), pk or tuple(r[1] for r in info),
+            name,
+            tuple(r[1] for r in info),
+            pk or tuple(r[1] for r in info),
             frozenset(r[1] for r in info if str(r[2]).upper() == "REAL"),
-            frozenset(r[2] for r in conn.execute(f'PRAGMA foreign_key_list("{name}")')
-                      if r[2] != name),
-            len(pk) == 1 and any(r[1] == pk[0] and str(r[2]).upper() == "INTEGER"
-                                 for r in info))
+            frozenset(
+                r[2] for r in conn.execute(f'PRAGMA foreign_key_list("{name}")') if r[2] != name
+            ),
+            len(pk) == 1 and any(r[1] == pk[0] and str(r[2]).upper() == "INTEGER" for r in info),
+        )
     ordered: list[Table] = []
     while tables:
         ready = [t for t in tables.values() if not t.parents & set(tables)]
@@ -118,10 +125,12 @@ def _canonical(table: Table, rows: Sequence[Sequence[Any]]) -> Copied:
             if values[i] is not None:
                 values[i] = float(values[i])
         return values
+
     keys = [position[c] for c in table.primary_key]
     digest = hashlib.sha256()
-    for row in sorted((normal(r) for r in rows),
-                      key=lambda r: [(v is None, v) for v in (r[k] for k in keys)]):
+    for row in sorted(
+        (normal(r) for r in rows), key=lambda r: [(v is None, v) for v in (r[k] for k in keys)]
+    ):
         digest.update(json.dumps(row, ensure_ascii=False, default=str).encode())
         digest.update(b"\n")
     return Copied(table.name, len(rows), digest.hexdigest())
@@ -160,8 +169,10 @@ class _PgSide(_Side):
 
     def write(self, table: Table, rows: list[tuple[Any, ...]]) -> None:
         columns = ", ".join(f'"{c}"' for c in table.columns)
-        with self.conn.cursor() as cursor, \
-                cursor.copy(f'COPY "{table.name}" ({columns}) FROM STDIN') as copy:
+        with (
+            self.conn.cursor() as cursor,
+            cursor.copy(f'COPY "{table.name}" ({columns}) FROM STDIN') as copy,
+        ):
             for row in rows:
                 copy.write_row(row)
 
@@ -171,7 +182,8 @@ class _PgSide(_Side):
                 key = table.primary_key[0]
                 self.conn.execute(
                     f"SELECT setval(pg_get_serial_sequence('{table.name}', '{key}'),"
-                    f' COALESCE((SELECT MAX("{key}") FROM "{table.name}"), 0) + 1, false)')
+                    f' COALESCE((SELECT MAX("{key}") FROM "{table.name}"), 0) + 1, false)'
+                )
 
 
 @contextmanager
@@ -196,10 +208,13 @@ def _opened(target: Target, *, read_only: bool) -> Iterator[_Side]:
 
     from .postgres_engine import CONNECT_TIMEOUT_SECONDS
 
-    with psycopg.connect(target.conninfo, password=target.password,
-                         connect_timeout=CONNECT_TIMEOUT_SECONDS, autocommit=True) as pg:
-        pg.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if read_only
-                   else "BEGIN")
+    with psycopg.connect(
+        target.conninfo,
+        password=target.password,
+        connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        autocommit=True,
+    ) as pg:
+        pg.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if read_only else "BEGIN")
         try:
             yield _PgSide(pg)
         finally:
@@ -226,7 +241,8 @@ async def _prepare(source: Target, target: Target) -> None:
             if state.newer:
                 raise DatabaseError(
                     f"{db.name} has migrations {state.newer} of a newer release: copy with "
-                    "that release's digitalme")
+                    "that release's digitalme"
+                )
         finally:
             await db.close()
 
@@ -245,13 +261,13 @@ def copy_data(source: Target, target: Target) -> list[Copied]:
     with sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True) as conn:
         tables = _schema(conn)
     try:
-        with _opened(source, read_only=True) as reader, \
-                _opened(target, read_only=False) as writer:
+        with _opened(source, read_only=True) as reader, _opened(target, read_only=False) as writer:
             for table in tables:
                 if writer.read(table):
                     raise DatabaseError(
                         f"{describe(target)} is not empty (table {table.name} has rows): "
-                        "migrate-data copies into an empty database only")
+                        "migrate-data copies into an empty database only"
+                    )
             copied = []
             for table in tables:
                 rows = reader.read(table)
@@ -264,7 +280,8 @@ def copy_data(source: Target, target: Target) -> list[Copied]:
                     raise DatabaseError(
                         f"table {table.name}: copied {found.rows} rows (sha256 "
                         f"{found.sha256[:12]}), the source has {expected.rows} (sha256 "
-                        f"{expected.sha256[:12]}); nothing was copied")
+                        f"{expected.sha256[:12]}); nothing was copied"
+                    )
             _commit(writer)
     except DatabaseError:
         raise
@@ -272,6 +289,7 @@ def copy_data(source: Target, target: Target) -> list[Copied]:
         errors: tuple[type[Exception], ...] = (sqlite3.Error,)
         try:
             import psycopg
+
             errors += (psycopg.Error,)
         except ImportError:  # pragma: no cover - psycopg is a dependency
             pass

@@ -31,16 +31,24 @@ async def json_object(request: web.Request, *, optional: bool = False) -> dict[s
     except RecursionError:
         raise ApiError(400, "invalid_json", "the request body is nested too deeply") from None
     except json.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_json",
-                       f"the request body is not valid JSON: {exc.msg} at line {exc.lineno}, "
-                       f"column {exc.colno}") from None
+        raise ApiError(
+            400,
+            "invalid_json",
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno}, "
+            f"column {exc.colno}",
+        ) from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "the request body must be a JSON object")
     return body
 
 
-async def read_body(request: web.Request, model: type[Model], *, optional: bool = False,
-                    context: dict[str, Any] | None = None) -> Model:
+async def read_body(
+    request: web.Request,
+    model: type[Model],
+    *,
+    optional: bool = False,
+    context: dict[str, Any] | None = None,
+) -> Model:
     """The body as ``model`` (fields it does not declare are ignored), or a 400."""
     body = await json_object(request, optional=optional)
     try:
@@ -83,8 +91,7 @@ def read_query(request: web.Request, query: type[Query]) -> Query:
         try:
             value = int(raw)
         except ValueError:
-            raise ApiError(400, "invalid_parameter", f"'{name}' must be a whole number") \
-                from None
+            raise ApiError(400, "invalid_parameter", f"'{name}' must be a whole number") from None
         if not low <= value <= high:
             raise ApiError(400, "invalid_parameter", f"'{name}' must be between {low} and {high}")
         values.append(value)
@@ -99,7 +106,9 @@ _declared: dict[type[Any], _Plan] = {}
 
 
 def _declare(query: type[Any]) -> _Plan:
-    plan = tuple((name, p["default"], p["minimum"], p["maximum"])
-                 for name, p in query_parameters(query).items())
+    plan = tuple(
+        (name, p["default"], p["minimum"], p["maximum"])
+        for name, p in query_parameters(query).items()
+    )
     _declared[query] = plan, query()
     return _declared[query]

@@ -86,8 +86,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[RELEASE] = read_json_object(settings.release_info, RELEASE_FIELDS)
         commit = settings.commit or (app[RELEASE] or {}).get("commit") or "unknown"
         app[METRICS].build_info.labels(__version__, str(commit), settings.environment).set(1)
-        log.info("DigitalMe %s (%s, release %s) ready to listen", __version__,
-                 settings.environment, (app[RELEASE] or {}).get("release", "unknown"))
+        log.info(
+            "DigitalMe %s (%s, release %s) ready to listen",
+            __version__,
+            settings.environment,
+            (app[RELEASE] or {}).get("release", "unknown"),
+        )
         yield
         await app[CHAT].drain(SHUTDOWN_GRACE_SECONDS)
     finally:
@@ -105,8 +109,12 @@ async def _channels(app: web.Application) -> AsyncIterator[None]:
         await retention.start()
         for channel in app[CHANNELS]:
             status = channel.status()
-            log.log(logging.INFO if status.ok else logging.WARNING, "channel %s: %s",
-                    channel.name, status.detail)
+            log.log(
+                logging.INFO if status.ok else logging.WARNING,
+                "channel %s: %s",
+                channel.name,
+                status.detail,
+            )
         yield
         await retention.stop()
         await worker.stop()
@@ -117,38 +125,52 @@ async def _channels(app: web.Application) -> AsyncIterator[None]:
 def _inbox_check(inbox: InboxStore, worker: Worker) -> Callable[[], Awaitable[CheckResult]]:
     async def check() -> CheckResult:
         counts = await inbox.counts()
-        by_status = {status: sum(n for (_, s), n in counts.items() if s == status)
-                     for status in ("pending", "processing", "failed")}
+        by_status = {
+            status: sum(n for (_, s), n in counts.items() if s == status)
+            for status in ("pending", "processing", "failed")
+        }
         oldest = await inbox.oldest_due_age()
         data = {**by_status, "oldest_due_seconds": round(oldest, 1) if oldest else 0}
         if not worker.running:
             return CheckResult(False, "the inbox worker is not running", data)
         detail = "worker running"
         if by_status["failed"]:
-            detail += f"; {by_status['failed']} failed (see `digitalme inbox list --status " \
-                      "failed`)"
+            detail += f"; {by_status['failed']} failed (see `digitalme inbox list --status failed`)"
         return CheckResult(True, detail, data)
+
     return check
 
 
-def _wire_channels(app: web.Application, settings: Settings, metrics: Metrics, db: Database,
-                   chat: ChatService, conversations: ConversationStore,
-                   readiness: Readiness) -> None:
+def _wire_channels(
+    app: web.Application,
+    settings: Settings,
+    metrics: Metrics,
+    db: Database,
+    chat: ChatService,
+    conversations: ConversationStore,
+    readiness: Readiness,
+) -> None:
     inbox = InboxStore(db)
     activity = ActivityStore(db, settings)
     outbound = Outbound(settings, metrics)
     worker = Worker(settings, inbox, metrics, processors={})
-    ctx = ChannelContext(settings, metrics, inbox, chat, conversations, activity, outbound,
-                         worker.wake)
+    ctx = ChannelContext(
+        settings, metrics, inbox, chat, conversations, activity, outbound, worker.wake
+    )
     clickup = ClickUpChannel(ctx, ToolActionLog(db))
-    channels: tuple[Channel, ...] = (TelegramChannel(ctx), SlackChannel(ctx),
-                                     GitHubChannel(ctx), clickup)
+    channels: tuple[Channel, ...] = (
+        TelegramChannel(ctx),
+        SlackChannel(ctx),
+        GitHubChannel(ctx),
+        clickup,
+    )
     for channel in channels:
         worker.processors[channel.name] = channel.process
         worker.lanes[channel.name] = channel.lane
         readiness.add(channel.name, channel.check, required=False)
-    readiness.add("inbox", _inbox_check(inbox, worker),
-                  required=any(channel.enabled for channel in channels))
+    readiness.add(
+        "inbox", _inbox_check(inbox, worker), required=any(channel.enabled for channel in channels)
+    )
     chat.add_context_provider(activity.digest)
     if clickup.tool is not None:
         chat.add_tool(clickup.tool)
@@ -156,6 +178,7 @@ def _wire_channels(app: web.Application, settings: Settings, metrics: Metrics, d
     async def refresh_inbox_gauges() -> None:
         for (channel_name, status), count in (await inbox.counts()).items():
             metrics.inbox_items.labels(channel_name, status).set(count)
+
     metrics.on_scrape(refresh_inbox_gauges)
 
     app[INBOX] = inbox
@@ -182,6 +205,7 @@ def create_app(settings: Settings) -> web.Application:
 
     async def refresh_db_size() -> None:
         metrics.db_size.set(await db.size_bytes())
+
     metrics.on_scrape(refresh_db_size)
 
     readiness = Readiness()
@@ -194,8 +218,9 @@ def create_app(settings: Settings) -> web.Application:
         # only instance out of rotation (docs/operations/backup-and-recovery.md).
         readiness.add("backup", backup_check(settings), required=False)
     if settings.litestream_socket is not None:
-        metrics.on_scrape(replication_metrics_refresher(
-            settings.litestream_socket, settings.db_path, metrics))
+        metrics.on_scrape(
+            replication_metrics_refresher(settings.litestream_socket, settings.db_path, metrics)
+        )
 
     app[SETTINGS] = settings
     app[METRICS] = metrics

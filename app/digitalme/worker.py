@@ -97,22 +97,33 @@ Lane = Callable[[InboxItem], str | None]
 
 def retry_delay(settings: Settings, attempts: int) -> float:
     """Backoff before the next attempt, after ``attempts`` attempts."""
-    return float(min(settings.inbox_retry_max_seconds,
-                     settings.inbox_retry_base_seconds * 2 ** max(0, attempts - 1)))
+    return float(
+        min(
+            settings.inbox_retry_max_seconds,
+            settings.inbox_retry_base_seconds * 2 ** max(0, attempts - 1),
+        )
+    )
 
 
 def _age_seconds(received_at: str) -> float:
     try:
-        return max(0.0, time.time()
-                   - datetime.fromisoformat(received_at.replace("Z", "+00:00")).timestamp())
+        return max(
+            0.0,
+            time.time() - datetime.fromisoformat(received_at.replace("Z", "+00:00")).timestamp(),
+        )
     except ValueError:
         return 0.0
 
 
 class Worker:
-    def __init__(self, settings: Settings, inbox: InboxStore, metrics: Metrics,
-                 processors: Mapping[str, Processor],
-                 lanes: Mapping[str, Lane] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        inbox: InboxStore,
+        metrics: Metrics,
+        processors: Mapping[str, Processor],
+        lanes: Mapping[str, Lane] | None = None,
+    ) -> None:
         self.settings = settings
         self.inbox = inbox
         self.metrics = metrics
@@ -157,10 +168,12 @@ class Worker:
         if self.shared:
             await self.inbox.heartbeat(self.id)
         recovered = await self.inbox.recover(
-            alive_since=time.time() - LEASE_SECONDS if self.shared else None)
+            alive_since=time.time() - LEASE_SECONDS if self.shared else None
+        )
         if recovered:
-            log.warning("%d inbox item(s) were interrupted by a stop; processing them again",
-                        recovered)
+            log.warning(
+                "%d inbox item(s) were interrupted by a stop; processing them again", recovered
+            )
         self._stopping = False
         self._loop_task = asyncio.create_task(self._loop(), name="inbox-worker")
         self._probe_task = asyncio.create_task(self._probe(), name="inbox-worker-probe")
@@ -176,12 +189,10 @@ class Worker:
                 await self.inbox.heartbeat(self.id)
                 recovered = await self.inbox.recover(alive_since=time.time() - LEASE_SECONDS)
             except Exception:
-                log.exception("inbox heartbeat failed; trying again in %.0f s",
-                              LEASE_SECONDS / 3)
+                log.exception("inbox heartbeat failed; trying again in %.0f s", LEASE_SECONDS / 3)
                 continue
             if recovered:
-                log.warning("took back %d inbox item(s) of an app process that is gone",
-                            recovered)
+                log.warning("took back %d inbox item(s) of an app process that is gone", recovered)
                 self.wake()
 
     async def stop(self, grace_seconds: float = STOP_GRACE_SECONDS) -> None:
@@ -206,21 +217,27 @@ class Worker:
             for item_id in waiting:
                 self._claimed.pop(item_id, None)
         if self._lane_tasks:
-            _done, pending = await asyncio.wait(set(self._lane_tasks.values()),
-                                                timeout=grace_seconds)
+            _done, pending = await asyncio.wait(
+                set(self._lane_tasks.values()), timeout=grace_seconds
+            )
             for task in pending:
                 task.cancel()
             if pending:
-                log.warning("stopped %d inbox item(s) mid-processing; they will be retried "
-                            "at the next start", len(pending))
+                log.warning(
+                    "stopped %d inbox item(s) mid-processing; they will be retried "
+                    "at the next start",
+                    len(pending),
+                )
                 await asyncio.wait(pending)
         if self.shared:
             # Gone: the other processes take back what it still held at their next beat.
             try:
                 await self.inbox.leave(self.id)
             except Exception:
-                log.exception("could not sign the inbox worker off; its items are taken "
-                              "back once its lease runs out")
+                log.exception(
+                    "could not sign the inbox worker off; its items are taken "
+                    "back once its lease runs out"
+                )
 
     async def _loop(self) -> None:
         while not self._stopping:
@@ -294,8 +311,10 @@ class Worker:
         while True:
             started, answered = loop.time(), self.metrics.http.answered
             await asyncio.sleep(LAG_PROBE_SECONDS)
-            self.adjust(loop.time() - started - LAG_PROBE_SECONDS,
-                        requests=self.metrics.http.answered - answered)
+            self.adjust(
+                loop.time() - started - LAG_PROBE_SECONDS,
+                requests=self.metrics.http.answered - answered,
+            )
 
     def adjust(self, lag: float, *, requests: int) -> None:
         """Fewer items at once (down to none) while the loop runs ``lag`` seconds late with
@@ -303,8 +322,9 @@ class Worker:
         machine, or by the worker alone, is no reason to answer deliveries later)."""
         if lag > LAG_BACK_OFF_SECONDS and requests:
             self.slots //= 2
-        elif (lag < LAG_PROMPT_SECONDS or not requests) \
-                and self.slots < self.settings.worker_concurrency:
+        elif (
+            lag < LAG_PROMPT_SECONDS or not requests
+        ) and self.slots < self.settings.worker_concurrency:
             self.slots += 1
             self._slot_freed.set()
         else:
@@ -333,8 +353,11 @@ class Worker:
         try:
             processor = self.processors.get(channel)
             if processor is None:
-                await self._retry_or_fail(item, f"channel {channel!r} is not configured "
-                                          "in this service; it is kept until it is")
+                await self._retry_or_fail(
+                    item,
+                    f"channel {channel!r} is not configured "
+                    "in this service; it is kept until it is",
+                )
                 return
             outcome = await processor(item)
         except asyncio.CancelledError:
@@ -358,34 +381,52 @@ class Worker:
             else:
                 await self.inbox.complete(item.id, outcome.note)
                 self.metrics.inbox_completion_latency.labels(channel).observe(
-                    _age_seconds(item.received_at))
+                    _age_seconds(item.received_at)
+                )
             self.metrics.inbox_processed.labels(channel, outcome.status).inc()
-            log.info("inbox item %d (%s %s) %s%s", item.id, channel, item.kind,
-                     outcome.status, f": {outcome.note}" if outcome.note else "")
+            log.info(
+                "inbox item %d (%s %s) %s%s",
+                item.id,
+                channel,
+                item.kind,
+                outcome.status,
+                f": {outcome.note}" if outcome.note else "",
+            )
         finally:
-            self.metrics.inbox_attempt_latency.labels(channel).observe(
-                time.monotonic() - started)
+            self.metrics.inbox_attempt_latency.labels(channel).observe(time.monotonic() - started)
 
     async def _defer(self, item: InboxItem, delay: float, error: str) -> None:
         delay = max(delay, self.settings.inbox_retry_base_seconds)
         await self.inbox.retry_later(item.id, delay, error, count_attempt=False)
         self.metrics.inbox_processed.labels(item.channel, "deferred").inc()
-        log.warning("inbox item %d (%s) deferred %.0fs: %s", item.id, item.channel, delay,
-                    error)
+        log.warning("inbox item %d (%s) deferred %.0fs: %s", item.id, item.channel, delay, error)
 
     async def _fail(self, item: InboxItem, error: str) -> None:
         await self.inbox.fail(item.id, error)
         self.metrics.inbox_processed.labels(item.channel, "failed").inc()
-        log.error("inbox item %d (%s %s) failed: %s; `digitalme inbox retry %d` tries again",
-                  item.id, item.channel, item.kind, error, item.id)
+        log.error(
+            "inbox item %d (%s %s) failed: %s; `digitalme inbox retry %d` tries again",
+            item.id,
+            item.channel,
+            item.kind,
+            error,
+            item.id,
+        )
 
-    async def _retry_or_fail(self, item: InboxItem, error: str, *,
-                             retry_after: float | None = None) -> None:
+    async def _retry_or_fail(
+        self, item: InboxItem, error: str, *, retry_after: float | None = None
+    ) -> None:
         if item.attempts >= self.settings.inbox_max_attempts:
             await self._fail(item, f"gave up after {item.attempts} attempts: {error}")
             return
         delay = max(retry_delay(self.settings, item.attempts), retry_after or 0.0)
         await self.inbox.retry_later(item.id, delay, error)
         self.metrics.inbox_processed.labels(item.channel, "retry").inc()
-        log.warning("inbox item %d (%s) attempt %d failed, retrying in %.1fs: %s", item.id,
-                    item.channel, item.attempts, delay, error)
+        log.warning(
+            "inbox item %d (%s) attempt %d failed, retrying in %.1fs: %s",
+            item.id,
+            item.channel,
+            item.attempts,
+            delay,
+            error,
+        )

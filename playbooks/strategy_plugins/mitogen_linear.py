@@ -43,7 +43,8 @@ except ImportError as missing:
 
     Display().warning(
         f"mitogen is not installed ({missing}): running with Ansible's linear strategy, "
-        "which is slower; `pip install -r requirements/deploy.txt` installs it")
+        "which is slower; `pip install -r requirements/deploy.txt` installs it"
+    )
     MITOGEN = False
 else:
     MITOGEN = True
@@ -61,8 +62,9 @@ def remember_per_run() -> None:
     import ansible_mitogen.module_finder as module_finder
     from ansible.utils.collection_loader import AnsibleCollectionConfig
 
-    if AnsibleCollectionConfig.collection_finder is None \
-            or getattr(collections_list.list_collection_dirs, "remembered", False):
+    if AnsibleCollectionConfig.collection_finder is None or getattr(
+        collections_list.list_collection_dirs, "remembered", False
+    ):
         return
     list_all = collections_list.list_collection_dirs
     installed = list(list_all())

@@ -29,14 +29,18 @@ def address(name: str) -> str:
     return value
 
 
-def ansible_playbook(*args: str, playbook: str = "converge.yml",
-                     timeout: float = 900) -> tuple[int, str]:
+def ansible_playbook(
+    *args: str, playbook: str = "converge.yml", timeout: float = 900
+) -> tuple[int, str]:
     """Run a playbook of the scenario (converge.yml by default) with Molecule's inventory
     and settings, as the next run would go: (exit status, output without colours)."""
     path = os.path.join(os.environ["MOLECULE_SCENARIO_DIRECTORY"], playbook)
     proc = subprocess.run(
         ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], *args, path],
-        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
         env=dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", NO_COLOR="1"),
     )
     return proc.returncode, proc.stdout + proc.stderr
@@ -47,7 +51,7 @@ def changed_tasks(output: str) -> list[str]:
     step, changed = None, []
     for line in output.splitlines():
         if line.startswith(("TASK [", "RUNNING HANDLER [")):
-            step = line[line.index("[") + 1:line.rindex("]")]
+            step = line[line.index("[") + 1 : line.rindex("]")]
         elif line.startswith("changed:"):
             changed.append(step)
     return changed

@@ -14,8 +14,7 @@ EXAMPLE_VAULT_PASSWORD = "digitalme-example-vault-password"  # documented, throw
 
 
 def _run(*argv: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          **kwargs)  # type: ignore[call-overload]
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900, **kwargs)  # type: ignore[call-overload]
 
 
 def test_ansible_lint_production_profile_is_clean() -> None:
@@ -27,9 +26,15 @@ def test_ansible_lint_production_profile_is_clean() -> None:
 def test_site_playbook_syntax(tmp_path: Path) -> None:
     password = tmp_path / "pass"
     password.write_text(EXAMPLE_VAULT_PASSWORD)
-    result = _run(str(BIN / "ansible-playbook"), "--syntax-check", "-i",
-                  "inventory/production", "--vault-password-file", str(password),
-                  "playbooks/site.yml")
+    result = _run(
+        str(BIN / "ansible-playbook"),
+        "--syntax-check",
+        "-i",
+        "inventory/production",
+        "--vault-password-file",
+        str(password),
+        "playbooks/site.yml",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -39,8 +44,13 @@ def test_production_example_defines_every_vault_variable_it_names(tmp_path: Path
     main = (REPO / "inventory/production/group_vars/all/main.yml").read_text()
     named = set(re.findall(r"\bvault_[a-z0-9_]+", main))
     assert named, "main.yml should name its secrets as vault_* variables"
-    view = _run(str(BIN / "ansible-vault"), "view", "--vault-password-file", str(password),
-                "inventory/production/group_vars/all/vault.yml")
+    view = _run(
+        str(BIN / "ansible-vault"),
+        "view",
+        "--vault-password-file",
+        str(password),
+        "inventory/production/group_vars/all/vault.yml",
+    )
     assert view.returncode == 0, view.stderr
     defined = set(yaml.safe_load(view.stdout))
     assert named == defined

@@ -19,6 +19,8 @@ def test_readme_table_lists_every_variable_with_its_default() -> None:
         name: default.replace("\\|", "|")
         for name, default in re.findall(r"^\| `(\w+)` \| `((?:[^`])*)` \|", readme, re.M)
     }
-    documented = {name: ('""' if spec["default"] == "" else str(spec["default"]))
-                  for name, spec in options.items()}
+    documented = {
+        name: ('""' if spec["default"] == "" else str(spec["default"]))
+        for name, spec in options.items()
+    }
     assert rows == documented

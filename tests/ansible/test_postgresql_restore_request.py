@@ -35,30 +35,79 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, st
     """Each case's outcome (passed, or failed with the message), from one playbook run."""
     tasks = []
     for name, (timestamp, backup, _) in CASES.items():
-        tasks.append({"name": name, "vars": {"case": name}, "block": [
-            {"ansible.builtin.include_role": {"name": "postgresql",
-                                              "tasks_from": "pitr_request"},
-             "vars": {"postgresql_restore_timestamp": timestamp,
-                      "postgresql_restore_backup": backup}},
-            {"ansible.builtin.set_fact": {
-                "outcomes": "{{ outcomes | combine({case: {'ok': true}}) }}"}},
-        ], "rescue": [
-            {"ansible.builtin.set_fact": {
-                "outcomes": "{{ outcomes | combine({case: {'ok': false, "
-                            "'msg': ansible_failed_result.msg}}) }}"}},
-        ]})
-    tasks.append({"ansible.builtin.copy": {"content": "{{ outcomes | to_json }}",
-                                           "dest": "{{ result_file }}", "mode": "0600"}})
+        tasks.append(
+            {
+                "name": name,
+                "vars": {"case": name},
+                "block": [
+                    {
+                        "ansible.builtin.include_role": {
+                            "name": "postgresql",
+                            "tasks_from": "pitr_request",
+                        },
+                        "vars": {
+                            "postgresql_restore_timestamp": timestamp,
+                            "postgresql_restore_backup": backup,
+                        },
+                    },
+                    {
+                        "ansible.builtin.set_fact": {
+                            "outcomes": "{{ outcomes | combine({case: {'ok': true}}) }}"
+                        }
+                    },
+                ],
+                "rescue": [
+                    {
+                        "ansible.builtin.set_fact": {
+                            "outcomes": "{{ outcomes | combine({case: {'ok': false, "
+                            "'msg': ansible_failed_result.msg}}) }}"
+                        }
+                    },
+                ],
+            }
+        )
+    tasks.append(
+        {
+            "ansible.builtin.copy": {
+                "content": "{{ outcomes | to_json }}",
+                "dest": "{{ result_file }}",
+                "mode": "0600",
+            }
+        }
+    )
     folder = tmp_path_factory.mktemp("pitr-request")
     playbook = folder / "play.yml"
-    playbook.write_text(yaml.safe_dump([{"hosts": "localhost", "gather_facts": False,
-                                         "vars": {"outcomes": {}}, "tasks": tasks}]))
+    playbook.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "hosts": "localhost",
+                    "gather_facts": False,
+                    "vars": {"outcomes": {}},
+                    "tasks": tasks,
+                }
+            ]
+        )
+    )
     result_file = folder / "outcomes.json"
     done = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
-         "-e", f"ansible_python_interpreter={sys.executable}",
-         "-e", f"result_file={result_file}", str(playbook)],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            "-e",
+            f"result_file={result_file}",
+            str(playbook),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     loaded: dict[str, dict[str, str]] = json.loads(result_file.read_text())
     return loaded
@@ -66,7 +115,8 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, st
 
 @pytest.mark.parametrize("name", CASES)
 def test_a_restore_target_is_accepted_or_refused_with_the_forms_named(
-        name: str, outcomes: dict[str, dict[str, str]]) -> None:
+    name: str, outcomes: dict[str, dict[str, str]]
+) -> None:
     timestamp, backup, accepted = CASES[name]
     outcome = outcomes[name]
     assert outcome["ok"] is accepted, outcome

@@ -27,8 +27,11 @@ def test_defaults_and_argument_specs_agree(role: str) -> None:
     options = documented(role)
     assert sorted(set(defaults) - set(options)) == [], "undocumented defaults"
     assert sorted(set(options) - set(defaults)) == [], "documented but not in defaults"
-    differ = {name: (value, options[name].get("default")) for name, value in defaults.items()
-              if options[name].get("default") != value}
+    differ = {
+        name: (value, options[name].get("default"))
+        for name, value in defaults.items()
+        if options[name].get("default") != value
+    }
     assert differ == {}, "defaults/main.yml value vs argument_specs default"
     undescribed = [name for name, spec in options.items() if not spec.get("description")]
     assert undescribed == []

@@ -16,21 +16,26 @@ SHIM = REPO / "playbooks" / "strategy_plugins" / "mitogen_linear.py"
 
 
 def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=env)
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_playbooks_run_over_mitogen() -> None:
     # ansible.cfg names the strategy, and the shim resolves to Mitogen's (not the fallback
     # to plain linear that a controller without mitogen gets, with a warning).
     config = _run(str(BIN / "ansible-config"), "dump", "--only-changed")
-    assert re.search(r"^DEFAULT_STRATEGY\(.*\) = mitogen_linear$", config.stdout, re.M), \
+    assert re.search(r"^DEFAULT_STRATEGY\(.*\) = mitogen_linear$", config.stdout, re.M), (
         config.stdout
-    shim = _run(str(BIN / "python"), "-c", (
-        "import importlib.util as u; "
-        f"s = u.spec_from_file_location('shim', {str(SHIM)!r}); "
-        "m = u.module_from_spec(s); s.loader.exec_module(m); "
-        "print(m.StrategyModule.__module__, [c.__module__ for c in m.StrategyModule.__mro__])"))
+    )
+    shim = _run(
+        str(BIN / "python"),
+        "-c",
+        (
+            "import importlib.util as u; "
+            f"s = u.spec_from_file_location('shim', {str(SHIM)!r}); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); "
+            "print(m.StrategyModule.__module__, [c.__module__ for c in m.StrategyModule.__mro__])"
+        ),
+    )
     assert shim.returncode == 0, shim.stderr
     assert shim.stdout.startswith("ansible_mitogen."), shim.stdout
     assert "ansible.plugins.strategy.linear" in shim.stdout, shim.stdout
@@ -104,9 +109,18 @@ def test_collection_modules_run_over_the_strategy(tmp_path: Path) -> None:
     - ansible.builtin.assert:
         that: info.type == "Ed25519"
 """)
-    argv = (str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
-            "-e", f"ansible_python_interpreter={sys.executable}", "-e", f"dest={tmp_path}",
-            str(playbook))
+    argv = (
+        str(BIN / "ansible-playbook"),
+        "-i",
+        "localhost,",
+        "-c",
+        "local",
+        "-e",
+        f"ansible_python_interpreter={sys.executable}",
+        "-e",
+        f"dest={tmp_path}",
+        str(playbook),
+    )
     first = _run(*argv)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
     assert re.search(r"localhost\s+: ok=3\s+changed=1 .*failed=0", first.stdout), first.stdout

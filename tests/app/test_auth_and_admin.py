@@ -16,14 +16,21 @@ pytestmark = pytest.mark.both_engines
 
 
 async def test_every_api_route_needs_a_token(service: Service) -> None:
-    for method, path in [("GET", "/api/v1/openapi.json"), ("GET", "/api/v1/me"),
-                         ("POST", "/api/v1/conversations"), ("GET", "/api/v1/conversations"),
-                         ("GET", "/api/v1/conversations/x"),
-                         ("GET", "/api/v1/conversations/x/messages"),
-                         ("POST", "/api/v1/conversations/x/messages"),
-                         ("GET", "/api/v1/persona"), ("PUT", "/api/v1/persona"),
-                         ("GET", "/api/v1/persona/prompt"), ("GET", "/api/v1/tokens"),
-                         ("POST", "/api/v1/tokens"), ("DELETE", "/api/v1/tokens/1")]:
+    for method, path in [
+        ("GET", "/api/v1/openapi.json"),
+        ("GET", "/api/v1/me"),
+        ("POST", "/api/v1/conversations"),
+        ("GET", "/api/v1/conversations"),
+        ("GET", "/api/v1/conversations/x"),
+        ("GET", "/api/v1/conversations/x/messages"),
+        ("POST", "/api/v1/conversations/x/messages"),
+        ("GET", "/api/v1/persona"),
+        ("PUT", "/api/v1/persona"),
+        ("GET", "/api/v1/persona/prompt"),
+        ("GET", "/api/v1/tokens"),
+        ("POST", "/api/v1/tokens"),
+        ("DELETE", "/api/v1/tokens/1"),
+    ]:
         response = await service.client.request(method, path)
         assert response.status == 401, (method, path)
         assert (await response.json())["error"] == "unauthorized"
@@ -32,34 +39,42 @@ async def test_every_api_route_needs_a_token(service: Service) -> None:
 
 async def test_invalid_and_revoked_tokens_are_refused(service: Service) -> None:
     for header in ("Bearer dm_not-a-real-token", "Bearer ", "Basic dXNlcjpwYXNz", "dm_x"):
-        response = await service.client.get("/api/v1/conversations",
-                                            headers={"Authorization": header})
+        response = await service.client.get(
+            "/api/v1/conversations", headers={"Authorization": header}
+        )
         assert response.status == 401, header
         assert (await response.json())["error"] == "invalid_token"
-    created = await service.client.post("/api/v1/tokens", json={"name": "temp", "scope": "chat"},
-                                        headers=service.admin)
+    created = await service.client.post(
+        "/api/v1/tokens", json={"name": "temp", "scope": "chat"}, headers=service.admin
+    )
     token = await created.json()
-    assert (await service.client.get("/api/v1/conversations",
-                                     headers=service.auth(token["token"]))).status == 200
-    revoked = await service.client.delete(f"/api/v1/tokens/{token['id']}",
-                                          headers=service.admin)
+    assert (
+        await service.client.get("/api/v1/conversations", headers=service.auth(token["token"]))
+    ).status == 200
+    revoked = await service.client.delete(f"/api/v1/tokens/{token['id']}", headers=service.admin)
     assert (await revoked.json())["revoked_at"]
-    response = await service.client.get("/api/v1/conversations",
-                                        headers=service.auth(token["token"]))
+    response = await service.client.get(
+        "/api/v1/conversations", headers=service.auth(token["token"])
+    )
     assert response.status == 401
 
 
 async def test_chat_token_cannot_administer(service: Service) -> None:
-    for method, path in [("GET", "/api/v1/persona"), ("GET", "/api/v1/tokens"),
-                         ("POST", "/api/v1/tokens"), ("GET", "/api/v1/persona/prompt")]:
+    for method, path in [
+        ("GET", "/api/v1/persona"),
+        ("GET", "/api/v1/tokens"),
+        ("POST", "/api/v1/tokens"),
+        ("GET", "/api/v1/persona/prompt"),
+    ]:
         response = await service.client.request(method, path, headers=service.auth())
         assert response.status == 403, path
         assert "admin" in (await response.json())["message"]
 
 
 async def test_token_management_never_shows_secrets_again(service: Service) -> None:
-    response = await service.client.post("/api/v1/tokens", json={"name": "ci", "scope": "admin"},
-                                         headers=service.admin)
+    response = await service.client.post(
+        "/api/v1/tokens", json={"name": "ci", "scope": "admin"}, headers=service.admin
+    )
     assert response.status == 201
     created = await response.json()
     assert created["token"].startswith("dm_") and len(created["token"]) > 40
@@ -68,8 +83,9 @@ async def test_token_management_never_shows_secrets_again(service: Service) -> N
     names = {t["name"]: t for t in listing["tokens"]}
     assert names["ci"]["scope"] == "admin"
     assert created["token"].startswith(names["ci"]["prefix"])
-    bad = await service.client.post("/api/v1/tokens", json={"name": "x", "scope": "root"},
-                                    headers=service.admin)
+    bad = await service.client.post(
+        "/api/v1/tokens", json={"name": "x", "scope": "root"}, headers=service.admin
+    )
     assert bad.status == 400
     missing = await service.client.delete("/api/v1/tokens/999", headers=service.admin)
     assert missing.status == 404
@@ -77,16 +93,17 @@ async def test_token_management_never_shows_secrets_again(service: Service) -> N
 
 async def test_rate_limit_per_token_with_retry_after(make_service: ServiceFactory) -> None:
     service = await make_service(rate_limit_per_minute=5)
-    statuses = [(await service.client.get("/api/v1/conversations",
-                                          headers=service.auth())).status for _ in range(6)]
+    statuses = [
+        (await service.client.get("/api/v1/conversations", headers=service.auth())).status
+        for _ in range(6)
+    ]
     assert statuses == [200] * 5 + [429]
     response = await service.client.get("/api/v1/conversations", headers=service.auth())
     assert response.status == 429
     assert (await response.json())["error"] == "rate_limited"
     assert 1 <= int(response.headers["Retry-After"]) <= 12
     # Another client (the admin token) has its own allowance; health is never limited.
-    assert (await service.client.get("/api/v1/conversations",
-                                     headers=service.admin)).status == 200
+    assert (await service.client.get("/api/v1/conversations", headers=service.admin)).status == 200
     for _ in range(10):
         assert (await service.client.get("/health")).status == 200
     metrics = await service.metrics_text()
@@ -94,18 +111,25 @@ async def test_rate_limit_per_token_with_retry_after(make_service: ServiceFactor
 
 
 async def test_rate_limit_per_address_for_anonymous_and_bad_tokens(
-        make_service: ServiceFactory) -> None:
+    make_service: ServiceFactory,
+) -> None:
     service = await make_service(rate_limit_per_minute=3)
-    statuses = [(await service.client.get("/api/v1/me", headers={
-        "Authorization": f"Bearer dm_guess{i}"})).status for i in range(5)]
+    statuses = [
+        (
+            await service.client.get("/api/v1/me", headers={"Authorization": f"Bearer dm_guess{i}"})
+        ).status
+        for i in range(5)
+    ]
     assert statuses == [401, 401, 401, 429, 429]
 
 
 async def test_forwarded_clients_are_limited_separately(make_service: ServiceFactory) -> None:
     service = await make_service(rate_limit_per_minute=2)
     for client_ip in ("198.51.100.1", "198.51.100.2"):
-        statuses = [(await service.client.get("/", headers={
-            "X-Forwarded-For": client_ip})).status for _ in range(3)]
+        statuses = [
+            (await service.client.get("/", headers={"X-Forwarded-For": client_ip})).status
+            for _ in range(3)
+        ]
         assert statuses == [200, 200, 429], client_ip
 
 
@@ -118,8 +142,9 @@ async def test_persona_api_round_trip(service: Service) -> None:
     document["traits"][0]["weight"] = 10
     response = await service.client.put("/api/v1/persona", json=document, headers=service.admin)
     assert response.status == 200, await response.text()
-    prompt = await (await service.client.get("/api/v1/persona/prompt",
-                                             headers=service.admin)).text()
+    prompt = await (
+        await service.client.get("/api/v1/persona/prompt", headers=service.admin)
+    ).text()
     assert prompt.startswith("You are the digital clone of Mara L.")
     assert "(weight 10)" in prompt
     me = await (await service.client.get("/api/v1/me", headers=service.auth())).json()
@@ -143,8 +168,7 @@ async def test_openapi_describes_exactly_the_routes(service: Service) -> None:
     assert response.status == 200
     spec = await response.json()
     assert spec == openapi_document()
-    documented = {(method.upper(), path) for path, ops in spec["paths"].items()
-                  for method in ops}
+    documented = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
     routed = set()
     for route in service.app.router.routes():
         info = route.resource.get_info() if route.resource else {}

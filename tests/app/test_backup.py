@@ -35,8 +35,9 @@ def short_dir() -> Iterator[Path]:
 
 @pytest.fixture
 async def litestream(short_dir: Path, tmp_path: Path) -> AsyncIterator[LitestreamSocketStandin]:
-    async with run_litestream_socket(short_dir / "litestream.sock",
-                                     tmp_path / "digitalme.db") as standin:
+    async with run_litestream_socket(
+        short_dir / "litestream.sock", tmp_path / "digitalme.db"
+    ) as standin:
         yield standin
 
 
@@ -53,17 +54,26 @@ async def _metric(service: Service, name: str) -> float:
     return float(match[1])
 
 
-def _drill_result(path: Path, *, ok: bool, hours_ago: float = 1.0, error: str | None = None,
-                  ) -> None:
+def _drill_result(
+    path: Path,
+    *,
+    ok: bool,
+    hours_ago: float = 1.0,
+    error: str | None = None,
+) -> None:
     finished = datetime.now(UTC) - timedelta(hours=hours_ago)
     # In the shape the backup tool writes (DrillResult, checked against the real tool's
     # output in tests/unit/test_backup_drill.py).
     result: DrillResult = {
-        "ok": ok, "error": error,
+        "ok": ok,
+        "error": error,
         "started_at": (finished - timedelta(seconds=12)).isoformat(),
-        "finished_at": finished.isoformat(), "duration_seconds": 12.0,
-        "restored_txid": "00000000000000a1", "behind_seconds": 0.0,
-        "replica_age_seconds": 3.5, "restored_bytes": 4096,
+        "finished_at": finished.isoformat(),
+        "duration_seconds": 12.0,
+        "restored_txid": "00000000000000a1",
+        "behind_seconds": 0.0,
+        "replica_age_seconds": 3.5,
+        "restored_bytes": 4096,
         "rows": {"messages": 10, "conversations": 2},
         "last_success_at": finished.isoformat() if ok else None,
     }
@@ -81,8 +91,9 @@ async def test_no_backup_check_without_backup_settings(service: Service) -> None
     assert "digitalme_backup_" not in text, text
 
 
-async def test_ready_reports_the_replication_lag(make_service: ServiceFactory,
-                                                 litestream: LitestreamSocketStandin) -> None:
+async def test_ready_reports_the_replication_lag(
+    make_service: ServiceFactory, litestream: LitestreamSocketStandin
+) -> None:
     service = await make_service(litestream_socket=litestream.socket_path)
     litestream.synced(0.4)
     status, body = await _ready(service)
@@ -98,9 +109,11 @@ async def test_ready_reports_the_replication_lag(make_service: ServiceFactory,
 
 
 async def test_a_stalled_replica_shows_but_keeps_the_service_in_rotation(
-        make_service: ServiceFactory, litestream: LitestreamSocketStandin) -> None:
-    service = await make_service(litestream_socket=litestream.socket_path,
-                                 backup_max_lag_seconds=30.0)
+    make_service: ServiceFactory, litestream: LitestreamSocketStandin
+) -> None:
+    service = await make_service(
+        litestream_socket=litestream.socket_path, backup_max_lag_seconds=30.0
+    )
     litestream.synced(125)
     status, body = await _ready(service)
     backup = body["checks"]["backup"]
@@ -127,9 +140,11 @@ async def test_litestream_not_running(make_service: ServiceFactory, short_dir: P
     assert math.isnan(await _metric(service, "digitalme_backup_replication_lag_seconds"))
 
 
-async def test_a_socket_left_by_a_killed_litestream(make_service: ServiceFactory,
-                                                    short_dir: Path) -> None:
+async def test_a_socket_left_by_a_killed_litestream(
+    make_service: ServiceFactory, short_dir: Path
+) -> None:
     import socket
+
     path = short_dir / "litestream.sock"
     with socket.socket(socket.AF_UNIX) as leftover:  # bound, never listening: refused
         leftover.bind(str(path))
@@ -138,8 +153,9 @@ async def test_a_socket_left_by_a_killed_litestream(make_service: ServiceFactory
     assert "refuses connections" in body["checks"]["backup"]["detail"]
 
 
-async def test_a_litestream_that_does_not_answer(make_service: ServiceFactory,
-                                                 litestream: LitestreamSocketStandin) -> None:
+async def test_a_litestream_that_does_not_answer(
+    make_service: ServiceFactory, litestream: LitestreamSocketStandin
+) -> None:
     service = await make_service(litestream_socket=litestream.socket_path)
     litestream.hang()
     started = time.monotonic()
@@ -149,8 +165,9 @@ async def test_a_litestream_that_does_not_answer(make_service: ServiceFactory,
     assert body["checks"]["backup"]["detail"] == "Litestream did not answer within 1s"
 
 
-async def test_a_database_that_never_synced(make_service: ServiceFactory,
-                                            litestream: LitestreamSocketStandin) -> None:
+async def test_a_database_that_never_synced(
+    make_service: ServiceFactory, litestream: LitestreamSocketStandin
+) -> None:
     service = await make_service(litestream_socket=litestream.socket_path)
     litestream.never_synced()
     _, body = await _ready(service)
@@ -160,9 +177,10 @@ async def test_a_database_that_never_synced(make_service: ServiceFactory,
     assert backup["replication_lag_seconds"] is None
 
 
-async def test_litestream_replicating_another_database(make_service: ServiceFactory,
-                                                       litestream: LitestreamSocketStandin,
-                                                       ) -> None:
+async def test_litestream_replicating_another_database(
+    make_service: ServiceFactory,
+    litestream: LitestreamSocketStandin,
+) -> None:
     service = await make_service(litestream_socket=litestream.socket_path)
     litestream.databases[0]["path"] = "/srv/other.db"
     _, body = await _ready(service)
@@ -171,12 +189,15 @@ async def test_litestream_replicating_another_database(make_service: ServiceFact
     assert "does not replicate" in detail and "/srv/other.db" in detail
 
 
-async def test_the_last_drill_is_shown(make_service: ServiceFactory,
-                                       litestream: LitestreamSocketStandin, tmp_path: Path,
-                                       ) -> None:
+async def test_the_last_drill_is_shown(
+    make_service: ServiceFactory,
+    litestream: LitestreamSocketStandin,
+    tmp_path: Path,
+) -> None:
     result = tmp_path / "result.json"
-    service = await make_service(litestream_socket=litestream.socket_path,
-                                 backup_drill_result=result)
+    service = await make_service(
+        litestream_socket=litestream.socket_path, backup_drill_result=result
+    )
     _, body = await _ready(service)
     assert body["checks"]["backup"]["ok"] is True  # no drill yet: said, not a failure
     assert body["checks"]["backup"]["drill"] is None
@@ -193,8 +214,10 @@ async def test_the_last_drill_is_shown(make_service: ServiceFactory,
     assert "last restore drill ok" in backup["detail"]
 
 
-async def test_a_failed_drill_fails_the_check(make_service: ServiceFactory, tmp_path: Path,
-                                             ) -> None:
+async def test_a_failed_drill_fails_the_check(
+    make_service: ServiceFactory,
+    tmp_path: Path,
+) -> None:
     result = tmp_path / "result.json"
     service = await make_service(backup_drill_result=result)
     _drill_result(result, ok=False, error="restore failed: decode page 59: lz4: invalid source")
@@ -207,8 +230,10 @@ async def test_a_failed_drill_fails_the_check(make_service: ServiceFactory, tmp_
     assert "replication_lag_seconds" not in backup  # no socket configured
 
 
-async def test_an_old_drill_fails_the_check(make_service: ServiceFactory, tmp_path: Path,
-                                           ) -> None:
+async def test_an_old_drill_fails_the_check(
+    make_service: ServiceFactory,
+    tmp_path: Path,
+) -> None:
     result = tmp_path / "result.json"
     service = await make_service(backup_drill_result=result, backup_drill_max_age_hours=48.0)
     _drill_result(result, ok=True, hours_ago=50)
@@ -220,8 +245,9 @@ async def test_an_old_drill_fails_the_check(make_service: ServiceFactory, tmp_pa
 
 
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"ok": true}'])
-async def test_an_unreadable_drill_result_fails_the_check(make_service: ServiceFactory,
-                                                         tmp_path: Path, content: str) -> None:
+async def test_an_unreadable_drill_result_fails_the_check(
+    make_service: ServiceFactory, tmp_path: Path, content: str
+) -> None:
     result = tmp_path / "result.json"
     result.write_text(content)
     service = await make_service(backup_drill_result=result)

@@ -13,8 +13,14 @@ from tests.support.process import REPO, base_env
 
 def run_bench(tmp_path: Path, module: str, *args: str) -> tuple[str, dict[str, Any]]:
     result = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO, env=base_env(tmp_path / "home"),
-        capture_output=True, text=True, timeout=300, check=False)
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=base_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     figures: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
     return result.stdout, figures
@@ -22,9 +28,24 @@ def run_bench(tmp_path: Path, module: str, *args: str) -> tuple[str, dict[str, A
 
 def test_http_bench_runs_with_tiny_counts(tmp_path: Path) -> None:
     out, figures = run_bench(
-        tmp_path, "bench.http_bench", "--client", "aiohttp", "--requests", "150",
-        "--duration", "5", "--concurrency", "4", "--turns", "12", "--turn-concurrency", "1",
-        "--history", "2", "--json")
+        tmp_path,
+        "bench.http_bench",
+        "--client",
+        "aiohttp",
+        "--requests",
+        "150",
+        "--duration",
+        "5",
+        "--concurrency",
+        "4",
+        "--turns",
+        "12",
+        "--turn-concurrency",
+        "1",
+        "--history",
+        "2",
+        "--json",
+    )
     lines = out.splitlines()
     assert lines[1].split()[:2] == ["count", "errors"]
     assert figures["client"] == "aiohttp"
@@ -44,9 +65,22 @@ def test_http_bench_runs_with_tiny_counts(tmp_path: Path) -> None:
 
 def test_webhook_bench_runs_with_tiny_counts(tmp_path: Path) -> None:
     _, figures = run_bench(
-        tmp_path, "bench.webhook_bench", "--duration", "0.5", "--concurrency", "4",
-        "--rate", "50", "--rate-duration", "1", "--burst", "60", "--drain-timeout", "60",
-        "--json")
+        tmp_path,
+        "bench.webhook_bench",
+        "--duration",
+        "0.5",
+        "--concurrency",
+        "4",
+        "--rate",
+        "50",
+        "--rate-duration",
+        "1",
+        "--burst",
+        "60",
+        "--drain-timeout",
+        "60",
+        "--json",
+    )
     phases = {p["phase"]: p for p in figures["phases"]}
     assert len(phases) == 7
     assert all(p["errors"] == 0 and p["requests"] > 0 for p in phases.values()), phases
@@ -63,8 +97,22 @@ def test_webhook_bench_runs_with_tiny_counts(tmp_path: Path) -> None:
 
 def test_memory_bench_runs_with_tiny_counts(tmp_path: Path) -> None:
     _, figures = run_bench(
-        tmp_path, "bench.memory_bench", "--rounds", "2", "--requests", "40", "--turns", "6",
-        "--conversations", "2", "--deliveries", "20", "--timeout", "60", "--json")
+        tmp_path,
+        "bench.memory_bench",
+        "--rounds",
+        "2",
+        "--requests",
+        "40",
+        "--turns",
+        "6",
+        "--conversations",
+        "2",
+        "--deliveries",
+        "20",
+        "--timeout",
+        "60",
+        "--json",
+    )
     assert [r["round"] for r in figures["rounds"]] == [1, 2]
     for r in figures["rounds"]:
         assert (r["requests"], r["turns"], r["deliveries"], r["errors"]) == (40, 6, 20, 0)
@@ -75,8 +123,22 @@ def test_memory_bench_runs_with_tiny_counts(tmp_path: Path) -> None:
 
 def test_retention_bench_runs_with_tiny_counts(tmp_path: Path) -> None:
     _, figures = run_bench(
-        tmp_path, "bench.retention_bench", "--duration", "6", "--rate", "20", "--retention",
-        "2", "--interval", "1", "--backlog", "2000", "--backlog-interval", "1", "--json")
+        tmp_path,
+        "bench.retention_bench",
+        "--duration",
+        "6",
+        "--rate",
+        "20",
+        "--retention",
+        "2",
+        "--interval",
+        "1",
+        "--backlog",
+        "2000",
+        "--backlog-interval",
+        "1",
+        "--json",
+    )
     off, on = figures["steady"]
     assert (off["phase"], on["phase"]) == ("retention off", "retention on")
     for phase in (off, on):

@@ -12,13 +12,15 @@ from standins.anthropic_api import Error, Hang, Reply, Slow
 from tests.conftest import Service, ServiceFactory
 
 
-async def _post(service: Service, conversation: str, text: str = "hi",
-                stream: bool = False) -> tuple[int, dict[str, str], dict[str, object]]:
+async def _post(
+    service: Service, conversation: str, text: str = "hi", stream: bool = False
+) -> tuple[int, dict[str, str], dict[str, object]]:
     headers = service.auth()
     if stream:
         headers["Accept"] = "text/event-stream"
-    response = await service.client.post(f"/api/v1/conversations/{conversation}/messages",
-                                         json={"text": text}, headers=headers)
+    response = await service.client.post(
+        f"/api/v1/conversations/{conversation}/messages", json={"text": text}, headers=headers
+    )
     body = await response.json() if response.content_type == "application/json" else {}
     return response.status, dict(response.headers), body
 
@@ -85,8 +87,9 @@ async def test_slow_claude_times_out_into_a_quick_503(make_service: ServiceFacto
     assert body["error"] == "claude_unavailable"
 
 
-async def test_deadline_bounds_retries_and_long_retry_after(make_service: ServiceFactory,
-                                                            ) -> None:
+async def test_deadline_bounds_retries_and_long_retry_after(
+    make_service: ServiceFactory,
+) -> None:
     # A Retry-After of an hour must not hold the caller for an hour.
     service = await make_service(claude_max_retries=3, claude_deadline_seconds=1.5)
     service.standin.fail_all(Error(status=429, retry_after=3600))
@@ -109,7 +112,8 @@ async def test_hanging_stream_times_out(make_service: ServiceFactory) -> None:
 
 
 async def test_claude_refusal_is_a_502_and_does_not_open_the_breaker(
-        make_service: ServiceFactory) -> None:
+    make_service: ServiceFactory,
+) -> None:
     service = await make_service(breaker_failure_threshold=1)
     service.standin.script(Error(status=400, message="prompt is too long"))
     conversation = await service.new_conversation()
@@ -149,7 +153,8 @@ WHOLE = {"max_tokens": 64, "claude_timeout_seconds": 5.0}
 
 
 async def test_json_turns_ask_for_the_whole_answer_and_streams_stream(
-        make_service: ServiceFactory) -> None:
+    make_service: ServiceFactory,
+) -> None:
     service = await make_service(**WHOLE)
     conversation = await service.new_conversation()
     body = await service.say(conversation, "one")
@@ -157,14 +162,12 @@ async def test_json_turns_ask_for_the_whole_answer_and_streams_stream(
     assert body["reply"]["usage"]["output_tokens"] > 0 and body["reply"]["cost_usd"] > 0
     status, _, _ = await _post(service, conversation, "two", stream=True)
     assert status == 200
-    assert [r.body.get("stream", False) for r in service.standin.message_requests] == \
-        [False, True]
+    assert [r.body.get("stream", False) for r in service.standin.message_requests] == [False, True]
     metrics = await service.metrics_text()
     assert 'digitalme_claude_calls_total{outcome="ok"} 2.0' in metrics
 
 
-async def test_large_max_tokens_keep_streaming_whole_answers(
-        make_service: ServiceFactory) -> None:
+async def test_large_max_tokens_keep_streaming_whole_answers(make_service: ServiceFactory) -> None:
     # 4096 tokens may take longer than half of a 60 s read timeout: stream, whose chunks
     # keep the connection alive, even for a caller that only wants the whole answer.
     service = await make_service(max_tokens=4096, claude_timeout_seconds=60.0)

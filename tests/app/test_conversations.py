@@ -34,8 +34,9 @@ def _sse_events(raw: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 async def test_create_conversation(service: Service) -> None:
-    response = await service.client.post("/api/v1/conversations", json={"title": "Roadmap"},
-                                         headers=service.auth())
+    response = await service.client.post(
+        "/api/v1/conversations", json={"title": "Roadmap"}, headers=service.auth()
+    )
     assert response.status == 201
     body = await response.json()
     assert body["title"] == "Roadmap"
@@ -45,8 +46,9 @@ async def test_create_conversation(service: Service) -> None:
     assert (await got.json())["id"] == body["id"]
 
 
-async def test_reply_is_stored_with_usage_and_persona_goes_first_cached(service: Service,
-                                                                        ) -> None:
+async def test_reply_is_stored_with_usage_and_persona_goes_first_cached(
+    service: Service,
+) -> None:
     conversation = await service.new_conversation()
     body = await service.say(conversation, "What do you think of microservices?")
     reply = body["reply"]
@@ -63,10 +65,14 @@ async def test_reply_is_stored_with_usage_and_persona_goes_first_cached(service:
     [request] = service.standin.message_requests
     system = request.body["system"]
     persona, _ = load_persona_file(SAMPLE_PERSONA)
-    assert system[0] == {"type": "text", "text": build_prompt(persona),
-                         "cache_control": {"type": "ephemeral"}}
+    assert system[0] == {
+        "type": "text",
+        "text": build_prompt(persona),
+        "cache_control": {"type": "ephemeral"},
+    }
     assert request.body["messages"] == [
-        {"role": "user", "content": "What do you think of microservices?"}]
+        {"role": "user", "content": "What do you think of microservices?"}
+    ]
     assert request.body["model"] == "claude-test"
     assert request.body["max_tokens"] == service.settings.max_tokens
 
@@ -74,8 +80,9 @@ async def test_reply_is_stored_with_usage_and_persona_goes_first_cached(service:
     second = await service.say(conversation, "And monoliths?")
     assert second["reply"]["usage"]["cache_read_tokens"] > 0
 
-    listed = await service.client.get(f"/api/v1/conversations/{conversation}/messages",
-                                      headers=service.auth())
+    listed = await service.client.get(
+        f"/api/v1/conversations/{conversation}/messages", headers=service.auth()
+    )
     messages = (await listed.json())["messages"]
     assert [(m["role"], m["text"]) for m in messages] == [
         ("user", "What do you think of microservices?"),
@@ -115,12 +122,16 @@ async def test_history_respects_the_token_budget(make_service: ServiceFactory) -
 
 
 async def test_a_failed_turn_keeps_the_message_and_the_next_turn_merges_it(
-        make_service: ServiceFactory) -> None:
+    make_service: ServiceFactory,
+) -> None:
     service = await make_service()
     conversation = await service.new_conversation()
     service.standin.script(Error(status=529))
-    failed = await service.client.post(f"/api/v1/conversations/{conversation}/messages",
-                                       json={"text": "First try"}, headers=service.auth())
+    failed = await service.client.post(
+        f"/api/v1/conversations/{conversation}/messages",
+        json={"text": "First try"},
+        headers=service.auth(),
+    )
     assert failed.status == 503
     await service.say(conversation, "Second try")
     sent = service.standin.message_requests[-1].body["messages"]
@@ -133,15 +144,16 @@ async def test_streamed_reply_as_server_sent_events(service: Service) -> None:
     service.standin.script(Reply(chunks=["Hel", "lo, ", "friend."]))
     conversation = await service.new_conversation()
     response = await service.client.post(
-        f"/api/v1/conversations/{conversation}/messages", json={"text": "Hi"},
-        headers={**service.auth(), "Accept": "text/event-stream"})
+        f"/api/v1/conversations/{conversation}/messages",
+        json={"text": "Hi"},
+        headers={**service.auth(), "Accept": "text/event-stream"},
+    )
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/event-stream")
     events = _sse_events(await response.text())
     names = [name for name, _ in events]
     assert names[0] == "message" and names[-1] == "done"
-    assert [data["text"] for name, data in events if name == "delta"] == \
-        ["Hel", "lo, ", "friend."]
+    assert [data["text"] for name, data in events if name == "delta"] == ["Hel", "lo, ", "friend."]
     done = events[-1][1]["reply"]
     assert done["text"] == "Hello, friend."
     assert done["usage"]["output_tokens"] > 0
@@ -153,8 +165,10 @@ async def test_mid_stream_failure_is_an_error_event(service: Service) -> None:
     service.standin.script(StreamThenError(after_chunks=1))
     conversation = await service.new_conversation()
     response = await service.client.post(
-        f"/api/v1/conversations/{conversation}/messages", json={"text": "Hi"},
-        headers={**service.auth(), "Accept": "text/event-stream"})
+        f"/api/v1/conversations/{conversation}/messages",
+        json={"text": "Hi"},
+        headers={**service.auth(), "Accept": "text/event-stream"},
+    )
     assert response.status == 200
     events = _sse_events(await response.text())
     assert events[-1][0] == "error"
@@ -166,18 +180,20 @@ async def test_tokens_see_only_their_own_conversations(service: Service) -> None
     mine = await service.new_conversation()
     other_token, _ = await service.app[TOKENS].create("other", "chat")
     theirs = await service.new_conversation(other_token)
-    response = await service.client.get(f"/api/v1/conversations/{theirs}/messages",
-                                        headers=service.auth())
+    response = await service.client.get(
+        f"/api/v1/conversations/{theirs}/messages", headers=service.auth()
+    )
     assert response.status == 404
-    response = await service.client.post(f"/api/v1/conversations/{theirs}/messages",
-                                         json={"text": "peek"}, headers=service.auth())
+    response = await service.client.post(
+        f"/api/v1/conversations/{theirs}/messages", json={"text": "peek"}, headers=service.auth()
+    )
     assert response.status == 404
-    listed = await (await service.client.get("/api/v1/conversations",
-                                             headers=service.auth())).json()
+    listed = await (
+        await service.client.get("/api/v1/conversations", headers=service.auth())
+    ).json()
     assert [c["id"] for c in listed["conversations"]] == [mine]
     # An admin sees both.
-    listed = await (await service.client.get("/api/v1/conversations",
-                                             headers=service.admin)).json()
+    listed = await (await service.client.get("/api/v1/conversations", headers=service.admin)).json()
     assert {c["id"] for c in listed["conversations"]} == {mine, theirs}
     assert service.standin.message_requests == []
 
@@ -196,14 +212,16 @@ async def test_bad_input_is_a_400_naming_the_problem(service: Service) -> None:
         (b"[" * 100_000, "invalid_json"),
     ]
     for raw, code in cases:
-        response = await service.client.post(url, data=raw, headers={
-            **service.auth(), "Content-Type": "application/json"})
+        response = await service.client.post(
+            url, data=raw, headers={**service.auth(), "Content-Type": "application/json"}
+        )
         body = await response.json()
         assert response.status == 400, (raw[:20], body)
         assert body["error"] == code, (raw[:20], body)
         assert body["message"]
-    body = await (await service.client.post(url, data=b'{"txt": "hi"}', headers=service.auth())
-                  ).json()
+    body = await (
+        await service.client.post(url, data=b'{"txt": "hi"}', headers=service.auth())
+    ).json()
     assert "'text'" in body["message"]
     assert service.standin.message_requests == []
 
@@ -221,8 +239,9 @@ async def test_too_long_message_and_too_large_body(make_service: ServiceFactory)
 
 
 async def test_unknown_conversation_is_404(service: Service) -> None:
-    response = await service.client.post("/api/v1/conversations/nope/messages",
-                                         json={"text": "hi"}, headers=service.auth())
+    response = await service.client.post(
+        "/api/v1/conversations/nope/messages", json={"text": "hi"}, headers=service.auth()
+    )
     assert response.status == 404
     assert (await response.json())["error"] == "conversation_not_found"
 
@@ -231,16 +250,25 @@ async def test_listed_messages_are_exactly_their_json(service: Service) -> None:
     """GET .../messages is built by SQLite; it must say what Message.to_json() says, for
     both roles, any text, missing usage, and pages (limit, before)."""
     conversation = await service.new_conversation()
-    for text in ('plain', 'quotes " and \\\\ backslash', "line\nbreak\ttab",
-                 "unicode: héllo ✓ 日本", "control \u0001 char"):
+    for text in (
+        "plain",
+        'quotes " and \\\\ backslash',
+        "line\nbreak\ttab",
+        "unicode: héllo ✓ 日本",
+        "control \u0001 char",
+    ):
         await service.say(conversation, text)
     store = service.app[CONVERSATIONS]
     await store.add_message(conversation, "assistant", "no usage recorded")  # NULL fields
     stored = await store.messages(conversation, limit=1000)
-    for query, expected in (("", stored), ("?limit=3", stored[-3:]),
-                            (f"?before={stored[4].id}&limit=2", stored[2:4])):
+    for query, expected in (
+        ("", stored),
+        ("?limit=3", stored[-3:]),
+        (f"?before={stored[4].id}&limit=2", stored[2:4]),
+    ):
         response = await service.client.get(
-            f"/api/v1/conversations/{conversation}/messages{query}", headers=service.auth())
+            f"/api/v1/conversations/{conversation}/messages{query}", headers=service.auth()
+        )
         assert response.status == 200
         assert response.content_type == "application/json"
         assert (await response.json())["messages"] == [m.to_json() for m in expected], query
@@ -248,7 +276,8 @@ async def test_listed_messages_are_exactly_their_json(service: Service) -> None:
     for _ in range(2):
         await store.add_message(conversation, "user", "one more")
         response = await service.client.get(
-            f"/api/v1/conversations/{conversation}/messages", headers=service.auth())
+            f"/api/v1/conversations/{conversation}/messages", headers=service.auth()
+        )
         listed = (await response.json())["messages"]
         assert listed == [m.to_json() for m in await store.messages(conversation)]
         assert listed[-1]["text"] == "one more"

@@ -43,8 +43,9 @@ def prepare(tmp_path: Path, standin: AnthropicStandin) -> tuple[dict[str, str], 
     """Environment, persona imported and a chat token created, all through the CLI."""
     env = service_env(tmp_path, anthropic_base_url=standin.base_url)
     prepare_database(env)
-    created = run_cli(["token", "create", "--name", "durability", "--scope", "chat", "--quiet"],
-                      env)
+    created = run_cli(
+        ["token", "create", "--name", "durability", "--scope", "chat", "--quiet"], env
+    )
     assert created.returncode == 0, created.stderr
     return env, created.stdout.strip()
 
@@ -77,8 +78,10 @@ def stored_rows(db_path: Path) -> list[dict[str, Any]]:
         return [dict(row) for row in rows]
 
 
-async def test_acknowledged_turns_survive_kill_9(tmp_path: Path, standin: AnthropicStandin,
-                                                 ) -> None:
+async def test_acknowledged_turns_survive_kill_9(
+    tmp_path: Path,
+    standin: AnthropicStandin,
+) -> None:
     env, token = prepare(tmp_path, standin)
     acked: list[dict[str, Any]] = []
     async with running_service_async(env, tmp_path) as service:
@@ -86,8 +89,9 @@ async def test_acknowledged_turns_survive_kill_9(tmp_path: Path, standin: Anthro
             conversations = [await new_conversation(http) for _ in range(CONVERSATIONS)]
 
             async def say(conversation_id: str, text: str) -> dict[str, Any]:
-                async with http.post(f"/api/v1/conversations/{conversation_id}/messages",
-                                     json={"text": text}) as response:
+                async with http.post(
+                    f"/api/v1/conversations/{conversation_id}/messages", json={"text": text}
+                ) as response:
                     assert response.status == 201, await response.text()
                     turn: dict[str, Any] = await response.json()
                     return turn
@@ -100,8 +104,7 @@ async def test_acknowledged_turns_survive_kill_9(tmp_path: Path, standin: Anthro
             cut = asyncio.create_task(say(conversations[0], "cut off"))
             async with asyncio.timeout(WAIT_SECONDS):
                 while not any(r.outcome is None for r in standin.message_requests):
-                    await standin.wait_for_requests(len(standin.requests) + 1,
-                                                    timeout=WAIT_SECONDS)
+                    await standin.wait_for_requests(len(standin.requests) + 1, timeout=WAIT_SECONDS)
             assert service.kill() == -signal.SIGKILL
             with pytest.raises(aiohttp.ServerDisconnectedError):
                 await cut
@@ -121,14 +124,17 @@ async def test_acknowledged_turns_survive_kill_9(tmp_path: Path, standin: Anthro
                 assert reply["cost_usd"] > 0
             # The cut turn left its user message and nothing else.
             assert [m["text"] for m in after[conversations[0]][-2:]] == [
-                acked[-CONVERSATIONS]["reply"]["text"], "cut off"]
+                acked[-CONVERSATIONS]["reply"]["text"],
+                "cut off",
+            ]
             assert len(by_id) == 2 * TURNS + 1
 
             # The restarted service carries on with the persisted history; the orphaned
             # message and the new one reach Claude as one user turn.
             before = len(standin.message_requests)
-            async with http.post(f"/api/v1/conversations/{conversations[0]}/messages",
-                                 json={"text": "still there?"}) as response:
+            async with http.post(
+                f"/api/v1/conversations/{conversations[0]}/messages", json={"text": "still there?"}
+            ) as response:
                 assert response.status == 201, await response.text()
             sent = standin.message_requests[before].body["messages"]
             assert sent[0] == {"role": "user", "content": "message 0"}
@@ -136,8 +142,9 @@ async def test_acknowledged_turns_survive_kill_9(tmp_path: Path, standin: Anthro
             assert len(sent) == 2 * TURNS // CONVERSATIONS + 1
 
 
-async def test_concurrent_turns_all_get_their_stored_reply(make_service: ServiceFactory,
-                                                           ) -> None:
+async def test_concurrent_turns_all_get_their_stored_reply(
+    make_service: ServiceFactory,
+) -> None:
     """Chat turns alongside other reads (the web chat polls its conversation list) must
     each be answered 201 with the reply that was stored."""
     service = await make_service(rate_limit_per_minute=0)
@@ -147,15 +154,16 @@ async def test_concurrent_turns_all_get_their_stored_reply(make_service: Service
     async def talk(conversation_id: str) -> None:
         for n in range(15):
             response = await service.client.post(
-                f"/api/v1/conversations/{conversation_id}/messages", json={"text": f"m{n}"},
-                headers=service.auth())
+                f"/api/v1/conversations/{conversation_id}/messages",
+                json={"text": f"m{n}"},
+                headers=service.auth(),
+            )
             statuses.append(response.status)
             await response.read()
 
     async def browse(stop: asyncio.Event) -> None:
         while not stop.is_set():
-            response = await service.client.get("/api/v1/conversations",
-                                                headers=service.auth())
+            response = await service.client.get("/api/v1/conversations", headers=service.auth())
             assert response.status == 200
             await response.read()
 
@@ -166,14 +174,16 @@ async def test_concurrent_turns_all_get_their_stored_reply(make_service: Service
     await asyncio.gather(*browsers)
     for conversation_id in conversations:
         response = await service.client.get(
-            f"/api/v1/conversations/{conversation_id}/messages", headers=service.auth())
+            f"/api/v1/conversations/{conversation_id}/messages", headers=service.auth()
+        )
         stored = (await response.json())["messages"]
         assert [m["role"] for m in stored] == ["user", "assistant"] * 15
     assert statuses.count(201) == len(statuses) == 120, sorted(set(statuses))
 
 
-async def test_a_stored_message_is_read_back_while_another_read_is_open(tmp_path: Path,
-                                                                      ) -> None:
+async def test_a_stored_message_is_read_back_while_another_read_is_open(
+    tmp_path: Path,
+) -> None:
     db = Database(tmp_path / "digitalme.db")
     await db.open()
     try:
@@ -198,21 +208,25 @@ async def read_events(response: aiohttp.ClientResponse, until: str) -> list[tupl
     async for raw in response.content:
         line = raw.decode().rstrip("\n")
         if line.startswith("event: "):
-            name = line[len("event: "):]
+            name = line[len("event: ") :]
         elif line.startswith("data: "):
-            events.append((str(name), json.loads(line[len("data: "):])))
+            events.append((str(name), json.loads(line[len("data: ") :])))
             if name == until:
                 return events
     raise AssertionError(f"stream ended before a {until!r} event: {events}")
 
 
-async def start_stream_and_leave(http: aiohttp.ClientSession, conversation_id: str,
-                                 ) -> dict[str, Any]:
+async def start_stream_and_leave(
+    http: aiohttp.ClientSession,
+    conversation_id: str,
+) -> dict[str, Any]:
     """Post with ``Accept: text/event-stream``, read the first delta, hang up. Returns the
     stored user message (the ``message`` event)."""
     response = await http.post(
-        f"/api/v1/conversations/{conversation_id}/messages", json={"text": "tell me slowly"},
-        headers={"Accept": "text/event-stream"})
+        f"/api/v1/conversations/{conversation_id}/messages",
+        json={"text": "tell me slowly"},
+        headers={"Accept": "text/event-stream"},
+    )
     try:
         assert response.status == 200, await response.text()
         events = await read_events(response, until="delta")
@@ -225,7 +239,8 @@ async def start_stream_and_leave(http: aiohttp.ClientSession, conversation_id: s
 
 
 async def test_streamed_reply_is_stored_when_the_client_leaves(
-        tmp_path: Path, standin: AnthropicStandin) -> None:
+    tmp_path: Path, standin: AnthropicStandin
+) -> None:
     env, token = prepare(tmp_path, standin)
     standin.script(Reply(chunks=STREAM_CHUNKS, chunk_delay=CHUNK_DELAY))
     async with running_service_async(env, tmp_path) as service, api(service, token) as http:
@@ -248,7 +263,8 @@ async def test_streamed_reply_is_stored_when_the_client_leaves(
 
 
 async def test_sigterm_lets_a_streamed_reply_finish_before_exiting(
-        tmp_path: Path, standin: AnthropicStandin) -> None:
+    tmp_path: Path, standin: AnthropicStandin
+) -> None:
     env, token = prepare(tmp_path, standin)
     standin.script(Reply(chunks=STREAM_CHUNKS, chunk_delay=CHUNK_DELAY))
     async with running_service_async(env, tmp_path) as service:
@@ -257,8 +273,7 @@ async def test_sigterm_lets_a_streamed_reply_finish_before_exiting(
             await start_stream_and_leave(http, conversation_id)
         # Stopped while the reply is still streaming from Claude: it drains first.
         assert await service.stop_async(grace=30) == 0
-        rows = [r for r in stored_rows(service.db_path)
-                if r["conversation_id"] == conversation_id]
+        rows = [r for r in stored_rows(service.db_path) if r["conversation_id"] == conversation_id]
         assert [r["role"] for r in rows] == ["user", "assistant"]
         assert rows[1]["text"] == "".join(STREAM_CHUNKS).strip()
         assert rows[1]["output_tokens"] > 0 and rows[1]["input_tokens"] > 0

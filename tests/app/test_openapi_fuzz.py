@@ -55,32 +55,68 @@ class FuzzRun:
 
     @property
     def failures(self) -> set[tuple[str, str]]:
-        return {(failure["code"], operation) for failure in self.report["failures"]
-                for operation in failure["operations"]}
+        return {
+            (failure["code"], operation)
+            for failure in self.report["failures"]
+            for operation in failure["operations"]
+        }
 
     def explain(self) -> str:
         return f"schemathesis exited {self.exit_code}:\n{self.output[-12000:]}"
 
 
-async def fuzz(schema_url: str, workdir: Path, *, headers: dict[str, str],
-               checks: str = "all", max_examples: int = MAX_EXAMPLES,
-               protected_token_id: int | None = None) -> FuzzRun:
+async def fuzz(
+    schema_url: str,
+    workdir: Path,
+    *,
+    headers: dict[str, str],
+    checks: str = "all",
+    max_examples: int = MAX_EXAMPLES,
+    protected_token_id: int | None = None,
+) -> FuzzRun:
     """``st run`` as a subprocess (the event loop keeps serving while it runs)."""
     report_path = workdir / "schemathesis.json"
-    args = [str(SCHEMATHESIS), "run", schema_url, "--checks", checks,
-            "--phases", "examples,coverage,fuzzing", "--max-examples", str(max_examples),
-            "--seed", str(SEED), "--workers", "1", "--request-timeout", "10",
-            "--output-truncate", "false", "--no-color",
-            "--report", "json", "--report-json-path", str(report_path)]
+    args = [
+        str(SCHEMATHESIS),
+        "run",
+        schema_url,
+        "--checks",
+        checks,
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--max-examples",
+        str(max_examples),
+        "--seed",
+        str(SEED),
+        "--workers",
+        "1",
+        "--request-timeout",
+        "10",
+        "--output-truncate",
+        "false",
+        "--no-color",
+        "--report",
+        "json",
+        "--report-json-path",
+        str(report_path),
+    ]
     for name, value in headers.items():
         args += ["--header", f"{name}: {value}"]
-    env = {**base_env(workdir / "st-home"), "PYTHONPATH": str(REPO),
-           "SCHEMATHESIS_HOOKS": "tests.support.schemathesis_hooks"}
+    env = {
+        **base_env(workdir / "st-home"),
+        "PYTHONPATH": str(REPO),
+        "SCHEMATHESIS_HOOKS": "tests.support.schemathesis_hooks",
+    }
     if protected_token_id is not None:
         env[PROTECTED_TOKEN_ID_ENV] = str(protected_token_id)
     process = await asyncio.create_subprocess_exec(
-        *args, env=env, cwd=workdir, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        *args,
+        env=env,
+        cwd=workdir,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     try:
         stdout, _ = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT_SECONDS)
     except TimeoutError:
@@ -101,20 +137,22 @@ class AdminService:
 
 
 @pytest.fixture
-async def admin_service(tmp_path: Path, standin: AnthropicStandin,
-                        ) -> AsyncIterator[AdminService]:
+async def admin_service(
+    tmp_path: Path,
+    standin: AnthropicStandin,
+) -> AsyncIterator[AdminService]:
     env = service_env(tmp_path, anthropic_base_url=standin.base_url)
     prepare_database(env)
     for name in ("spare-1", "spare-2"):  # tokens the fuzzer may revoke
-        assert run_cli(["token", "create", "--name", name, "--scope", "chat"], env) \
-            .returncode == 0
-    created = run_cli(["token", "create", "--name", "fuzzer", "--scope", "admin", "--quiet"],
-                      env)
+        assert run_cli(["token", "create", "--name", name, "--scope", "chat"], env).returncode == 0
+    created = run_cli(["token", "create", "--name", "fuzzer", "--scope", "admin", "--quiet"], env)
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip()
     async with running_service_async(env, tmp_path) as service:
-        async with aiohttp.ClientSession(service.base_url) as http, http.get(
-                "/api/v1/me", headers={"Authorization": f"Bearer {token}"}) as response:
+        async with (
+            aiohttp.ClientSession(service.base_url) as http,
+            http.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"}) as response,
+        ):
             me = await response.json()
         yield AdminService(service.base_url, token, token_id=me["token"]["id"])
         # No request reached the error middleware's catch-all (a 500 with a traceback).
@@ -122,10 +160,15 @@ async def admin_service(tmp_path: Path, standin: AnthropicStandin,
 
 
 async def test_api_survives_fuzzing_and_matches_its_document(
-        admin_service: AdminService, tmp_path: Path) -> None:
+    admin_service: AdminService, tmp_path: Path
+) -> None:
     auth = {"Authorization": f"Bearer {admin_service.token}"}
-    run = await fuzz(f"{admin_service.base_url}/api/v1/openapi.json", tmp_path, headers=auth,
-                     protected_token_id=admin_service.token_id)
+    run = await fuzz(
+        f"{admin_service.base_url}/api/v1/openapi.json",
+        tmp_path,
+        headers=auth,
+        protected_token_id=admin_service.token_id,
+    )
     report = run.report
 
     # The run was a real one: every operation tested, nothing errored.
@@ -141,18 +184,26 @@ async def test_api_survives_fuzzing_and_matches_its_document(
         print("known spec mismatches seen:", sorted(run.failures))
 
     # The admin token outlived the run (it was not revoked by a fuzzed DELETE).
-    async with aiohttp.ClientSession(admin_service.base_url, headers=auth) as http, \
-            http.get("/api/v1/me") as response:
+    async with (
+        aiohttp.ClientSession(admin_service.base_url, headers=auth) as http,
+        http.get("/api/v1/me") as response,
+    ):
         assert response.status == 200
 
 
 async def test_a_server_error_fails_the_run(tmp_path: Path) -> None:
     """The harness itself: a stub whose one operation answers 500 must be reported."""
     document = {
-        "openapi": "3.1.0", "info": {"title": "stub", "version": "1"},
-        "paths": {"/boom": {"get": {
-            "parameters": [{"name": "n", "in": "query", "schema": {"type": "integer"}}],
-            "responses": {"200": {"description": "ok"}}}}},
+        "openapi": "3.1.0",
+        "info": {"title": "stub", "version": "1"},
+        "paths": {
+            "/boom": {
+                "get": {
+                    "parameters": [{"name": "n", "in": "query", "schema": {"type": "integer"}}],
+                    "responses": {"200": {"description": "ok"}},
+                }
+            }
+        },
     }
 
     async def schema(request: web.Request) -> web.Response:
@@ -169,8 +220,13 @@ async def test_a_server_error_fails_the_run(tmp_path: Path) -> None:
     await site.start()
     try:
         port = runner.addresses[0][1]
-        run = await fuzz(f"http://127.0.0.1:{port}/openapi.json", tmp_path, headers={},
-                         checks="not_a_server_error", max_examples=5)
+        run = await fuzz(
+            f"http://127.0.0.1:{port}/openapi.json",
+            tmp_path,
+            headers={},
+            checks="not_a_server_error",
+            max_examples=5,
+        )
     finally:
         await runner.cleanup()
     assert run.exit_code == 1

@@ -8,8 +8,12 @@ import pytest
 
 from tests.conftest import Service, ServiceFactory
 
-SECURITY_HEADERS = ("Content-Security-Policy", "X-Content-Type-Options", "X-Frame-Options",
-                    "Referrer-Policy")
+SECURITY_HEADERS = (
+    "Content-Security-Policy",
+    "X-Content-Type-Options",
+    "X-Frame-Options",
+    "Referrer-Policy",
+)
 
 
 async def test_health_answers_without_dependencies(service: Service) -> None:
@@ -29,20 +33,26 @@ async def test_ready_when_everything_is_in_place(service: Service) -> None:
     assert body["checks"]["database"]["size_bytes"] > 0
 
 
-async def test_not_ready_without_claude_key_but_still_serving(make_service: ServiceFactory,
-                                                              ) -> None:
+async def test_not_ready_without_claude_key_but_still_serving(
+    make_service: ServiceFactory,
+) -> None:
     service = await make_service(anthropic_api_key=None)
     response = await service.client.get("/health/ready")
     body = await response.json()
     assert response.status == 503
-    assert body["checks"]["claude"] == {**body["checks"]["claude"], "ok": False,
-                                        "detail": "ANTHROPIC_API_KEY is not set"}
+    assert body["checks"]["claude"] == {
+        **body["checks"]["claude"],
+        "ok": False,
+        "detail": "ANTHROPIC_API_KEY is not set",
+    }
     assert body["checks"]["database"]["ok"] is True
     # The chat endpoint says what to do, quickly, naming the setting.
     conversation = await service.new_conversation()
     response = await service.client.post(
-        f"/api/v1/conversations/{conversation}/messages", json={"text": "hi"},
-        headers=service.auth())
+        f"/api/v1/conversations/{conversation}/messages",
+        json={"text": "hi"},
+        headers=service.auth(),
+    )
     assert response.status == 503
     body = await response.json()
     assert body["error"] == "claude_not_configured"
@@ -75,41 +85,58 @@ async def test_info(service: Service) -> None:
 async def test_metrics_exports_prometheus_text(service: Service) -> None:
     conversation = await service.new_conversation()
     await service.say(conversation, "Hello there")
-    response = await service.client.get("/metrics", headers={
-        "Authorization": f"Bearer {service.settings.metrics_token}"})
+    response = await service.client.get(
+        "/metrics", headers={"Authorization": f"Bearer {service.settings.metrics_token}"}
+    )
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     text = await response.text()
-    for name in ("digitalme_http_requests_total", "digitalme_http_request_duration_seconds",
-                 "digitalme_claude_calls_total", "digitalme_claude_tokens_total",
-                 "digitalme_claude_breaker_state", "digitalme_database_size_bytes",
-                 "digitalme_claude_errors_total", "digitalme_claude_cost_usd_total"):
+    for name in (
+        "digitalme_http_requests_total",
+        "digitalme_http_request_duration_seconds",
+        "digitalme_claude_calls_total",
+        "digitalme_claude_tokens_total",
+        "digitalme_claude_breaker_state",
+        "digitalme_database_size_bytes",
+        "digitalme_claude_errors_total",
+        "digitalme_claude_cost_usd_total",
+    ):
         assert name in text, name
     assert 'digitalme_claude_calls_total{outcome="ok"} 1.0' in text
-    assert ('digitalme_http_requests_total{method="POST",'
-            'route="/api/v1/conversations/{conversation_id}/messages",status="201"} 1.0') in text
-    size = [line for line in text.splitlines()
-            if line.startswith("digitalme_database_size_bytes ")]
+    assert (
+        'digitalme_http_requests_total{method="POST",'
+        'route="/api/v1/conversations/{conversation_id}/messages",status="201"} 1.0'
+    ) in text
+    size = [line for line in text.splitlines() if line.startswith("digitalme_database_size_bytes ")]
     assert float(size[0].split()[1]) > 0
 
 
 async def test_metrics_refused_through_the_proxy(service: Service) -> None:
     # Caddy (a trusted proxy on loopback) always adds X-Forwarded-For: refused even with
     # the token.
-    response = await service.client.get("/metrics", headers={
-        "X-Forwarded-For": "203.0.113.9",
-        "Authorization": f"Bearer {service.settings.metrics_token}"})
+    response = await service.client.get(
+        "/metrics",
+        headers={
+            "X-Forwarded-For": "203.0.113.9",
+            "Authorization": f"Bearer {service.settings.metrics_token}",
+        },
+    )
     assert response.status == 404
 
 
 async def test_metrics_need_the_metrics_token(service: Service) -> None:
     token = service.settings.metrics_token
     assert token is not None
-    for headers in ({}, {"Authorization": f"Bearer {token[:-1]}"},
-                    {"Authorization": f"Bearer {token}x"}, {"Authorization": f"Basic {token}"},
-                    {"Authorization": token}, {"Authorization": "Bearer é"},
-                    # An API token, even an admin's, is not the metrics token.
-                    service.admin):
+    for headers in (
+        {},
+        {"Authorization": f"Bearer {token[:-1]}"},
+        {"Authorization": f"Bearer {token}x"},
+        {"Authorization": f"Basic {token}"},
+        {"Authorization": token},
+        {"Authorization": "Bearer é"},
+        # An API token, even an admin's, is not the metrics token.
+        service.admin,
+    ):
         response = await service.client.get("/metrics", headers=headers)
         assert response.status == 401, headers
         assert response.headers["WWW-Authenticate"] == 'Bearer realm="metrics"'
@@ -118,8 +145,7 @@ async def test_metrics_need_the_metrics_token(service: Service) -> None:
         assert "digitalme_" not in await response.text()
     # Many wrong guesses do not lock the scraper out (/metrics is never rate-limited).
     assert "digitalme_http_requests_total" in await service.metrics_text()
-    response = await service.client.get("/metrics", headers={
-        "Authorization": f"bearer  {token} "})
+    response = await service.client.get("/metrics", headers={"Authorization": f"bearer  {token} "})
     assert response.status == 200  # the scheme is case-insensitive (RFC 7235)
 
 
@@ -128,8 +154,10 @@ async def test_metrics_are_off_without_a_metrics_token(make_service: ServiceFact
     response = await service.client.get("/metrics", headers=service.admin)
     assert response.status == 404
     body = await response.json()
-    assert body == {"error": "metrics_not_configured",
-                    "message": "/metrics is off: DIGITALME_METRICS_TOKEN is not set"}
+    assert body == {
+        "error": "metrics_not_configured",
+        "message": "/metrics is off: DIGITALME_METRICS_TOKEN is not set",
+    }
     assert (await service.client.get("/health")).status == 200
 
 

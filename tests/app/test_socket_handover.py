@@ -31,17 +31,29 @@ WORKERS = 64
 
 
 @contextlib.asynccontextmanager
-async def served_on(listener: socket.socket, env: dict[str, str], log: Path,
-                    ) -> AsyncIterator[asyncio.subprocess.Process]:
+async def served_on(
+    listener: socket.socket,
+    env: dict[str, str],
+    log: Path,
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """``digitalme serve`` on the inherited socket, as systemd starts it (fd 3). bash, not
     sh: dash's redirections take one-digit descriptors only, and a test run has many."""
     fd = listener.fileno()
-    script = (f'export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=digitalme.socket; '
-              f'exec "$@" 3<&{fd}')
+    script = f'export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=digitalme.socket; exec "$@" 3<&{fd}'
     with log.open("ab") as output:
         process = await asyncio.create_subprocess_exec(
-            "bash", "-c", script, "bash", *digitalme_command(), "serve", env=env, pass_fds=(fd,),
-            stdout=output, stderr=output, stdin=asyncio.subprocess.DEVNULL)
+            "bash",
+            "-c",
+            script,
+            "bash",
+            *digitalme_command(),
+            "serve",
+            env=env,
+            pass_fds=(fd,),
+            stdout=output,
+            stderr=output,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
     try:
         yield process
     finally:
@@ -68,9 +80,15 @@ async def wait_until_serving(port: int, log: Path) -> None:
     raise AssertionError(f"the service did not start:\n{log.read_text(errors='replace')}")
 
 
-async def sent_across_a_stop(process: asyncio.subprocess.Process, port: int, before: bytes,
-                             after: bytes, *, late: float, answer_within: float,
-                             ) -> tuple[bytes, int]:
+async def sent_across_a_stop(
+    process: asyncio.subprocess.Process,
+    port: int,
+    before: bytes,
+    after: bytes,
+    *,
+    late: float,
+    answer_within: float,
+) -> tuple[bytes, int]:
     """One connection to the service: ``before`` sent, the stop (SIGTERM) 0.3 s later, and
     ``after`` sent ``late`` seconds after the stop. (What came back within
     ``answer_within`` seconds, until the service closed the connection; the service's exit
@@ -89,11 +107,13 @@ async def sent_across_a_stop(process: asyncio.subprocess.Process, port: int, bef
 
 
 async def test_requests_wait_in_the_kept_socket_while_the_service_restarts(
-        tmp_path: Path, standin: AnthropicStandin) -> None:
+    tmp_path: Path, standin: AnthropicStandin
+) -> None:
     env = service_env(tmp_path, anthropic_base_url=standin.base_url)
     prepare_database(env)
-    token = run_cli(["token", "create", "--name", "load", "--scope", "chat", "--quiet"],
-                    env).stdout.strip()
+    token = run_cli(
+        ["token", "create", "--name", "load", "--scope", "chat", "--quiet"], env
+    ).stdout.strip()
     listener, port = listening_socket(4096)
     log = tmp_path / "serve.log"
     results: list[tuple[str, int, float]] = []  # kind, status (0: failed), seconds
@@ -107,7 +127,8 @@ async def test_requests_wait_in_the_kept_socket_while_the_service_restarts(
                 if chat:
                     response = await http.post(
                         f"/api/v1/conversations/{conversation}/messages",
-                        json={"text": f"turn of worker {worker}"})
+                        json={"text": f"turn of worker {worker}"},
+                    )
                 else:
                     response = await http.get("/health")
                 async with response:
@@ -122,13 +143,14 @@ async def test_requests_wait_in_the_kept_socket_while_the_service_restarts(
             await wait_until_serving(port, log)
             connector = aiohttp.TCPConnector(force_close=True)  # one connection per request
             async with aiohttp.ClientSession(
-                    f"http://127.0.0.1:{port}", connector=connector,
-                    headers={"Authorization": f"Bearer {token}"},
-                    timeout=aiohttp.ClientTimeout(total=60)) as http:
+                f"http://127.0.0.1:{port}",
+                connector=connector,
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=aiohttp.ClientTimeout(total=60),
+            ) as http:
                 async with http.post("/api/v1/conversations") as created:
                     conversation = (await created.json())["id"]
-                workers = [asyncio.create_task(load(i, http, conversation))
-                           for i in range(WORKERS)]
+                workers = [asyncio.create_task(load(i, http, conversation)) for i in range(WORKERS)]
                 current = first
                 gaps = []
                 for _ in range(RESTARTS):
@@ -152,15 +174,18 @@ async def test_requests_wait_in_the_kept_socket_while_the_service_restarts(
     failed = [r for r in results if r[1] not in (200, 201)]
     assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:5]}"
     held = [r for r in results if r[2] > 0.5]
-    print(f"{len(results)} requests, 0 failed, {RESTARTS} restarts (gaps "
-          f"{', '.join(f'{g:.2f}s' for g in gaps)}), {len(held)} held in the backlog "
-          f"(longest {max(r[2] for r in results):.2f}s)")
+    print(
+        f"{len(results)} requests, 0 failed, {RESTARTS} restarts (gaps "
+        f"{', '.join(f'{g:.2f}s' for g in gaps)}), {len(held)} held in the backlog "
+        f"(longest {max(r[2] for r in results):.2f}s)"
+    )
     assert {kind for kind, _, _ in results} == {"chat", "health"}
     assert held, "no request arrived while the service restarted: the test proved nothing"
 
 
 async def test_a_connection_accepted_before_the_stop_gets_its_answer_however_late(
-        tmp_path: Path, standin: AnthropicStandin) -> None:
+    tmp_path: Path, standin: AnthropicStandin
+) -> None:
     """A proxy starved of CPU connects, the stopping process accepts, and the request comes
     a second later (Caddy makes one connection per request and cannot replay a POST): the
     process waits for it and answers it before it exits, instead of closing the connection
@@ -174,9 +199,13 @@ async def test_a_connection_accepted_before_the_stop_gets_its_answer_however_lat
             await wait_until_serving(port, log)
             # Accepted by the service, no request yet; the request comes a second late.
             answer, exit_code = await sent_across_a_stop(
-                process, port, b"",
-                b"GET /health HTTP/1.1\r\nHost: clone\r\nConnection: close\r\n\r\n", late=1.0,
-                answer_within=10)
+                process,
+                port,
+                b"",
+                b"GET /health HTTP/1.1\r\nHost: clone\r\nConnection: close\r\n\r\n",
+                late=1.0,
+                answer_within=10,
+            )
             assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
             assert exit_code == 0
     finally:
@@ -184,51 +213,71 @@ async def test_a_connection_accepted_before_the_stop_gets_its_answer_however_lat
 
 
 async def test_a_request_whose_body_comes_after_the_stop_is_answered(
-        tmp_path: Path, standin: AnthropicStandin) -> None:
+    tmp_path: Path, standin: AnthropicStandin
+) -> None:
     """Caddy sends a proxied request's headers, then its body as it reads it from the
     client: the body of a POST may come after the stop began. The stopping process reads
     it and answers (an end-to-end rollback under load once lost such a chat turn: the
     proxy answered 502)."""
     env = service_env(tmp_path, anthropic_base_url=standin.base_url)
     prepare_database(env)
-    token = run_cli(["token", "create", "--name", "late-body", "--scope", "chat", "--quiet"],
-                    env).stdout.strip()
+    token = run_cli(
+        ["token", "create", "--name", "late-body", "--scope", "chat", "--quiet"], env
+    ).stdout.strip()
     listener, port = listening_socket(16)
     log = tmp_path / "serve.log"
     try:
         async with served_on(listener, env, log) as process:
             await wait_until_serving(port, log)
-            async with aiohttp.ClientSession() as http, http.post(
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
                     f"http://127.0.0.1:{port}/api/v1/conversations",
-                    headers={"Authorization": f"Bearer {token}"}) as created:
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as created,
+            ):
                 conversation = (await created.json())["id"]
             body = b'{"text": "a body that comes late"}'
-            headers = (f"POST /api/v1/conversations/{conversation}/messages HTTP/1.1\r\n"
-                       f"Host: clone\r\nAuthorization: Bearer {token}\r\n"
-                       f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                       "Connection: close\r\n\r\n")
+            headers = (
+                f"POST /api/v1/conversations/{conversation}/messages HTTP/1.1\r\n"
+                f"Host: clone\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            )
             # The headers are in; the body is still on its way when the stop comes.
             answer, exit_code = await sent_across_a_stop(
-                process, port, headers.encode(), body, late=0.5, answer_within=30)
+                process, port, headers.encode(), body, late=0.5, answer_within=30
+            )
             assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
             assert exit_code == 0
     finally:
         listener.close()
 
 
-@pytest.mark.parametrize(("fds", "message"), [
-    ("2", "systemd passed 2 sockets; digitalme.socket must have exactly one ListenStream="),
-])
+@pytest.mark.parametrize(
+    ("fds", "message"),
+    [
+        ("2", "systemd passed 2 sockets; digitalme.socket must have exactly one ListenStream="),
+    ],
+)
 def test_serve_refuses_sockets_it_cannot_use(tmp_path: Path, fds: str, message: str) -> None:
     env = service_env(tmp_path)
     prepare_database(env)
     first, second = socket.socket(), socket.socket()
     try:
-        script = (f'export LISTEN_PID=$$ LISTEN_FDS={fds}; '
-                  f'exec "$@" 3<&{first.fileno()} 4<&{second.fileno()}')
-        result = subprocess.run(["bash", "-c", script, "bash", *digitalme_command(), "serve"],
-                                env=env, pass_fds=(first.fileno(), second.fileno()),
-                                capture_output=True, text=True, timeout=60, check=False)
+        script = (
+            f"export LISTEN_PID=$$ LISTEN_FDS={fds}; "
+            f'exec "$@" 3<&{first.fileno()} 4<&{second.fileno()}'
+        )
+        result = subprocess.run(
+            ["bash", "-c", script, "bash", *digitalme_command(), "serve"],
+            env=env,
+            pass_fds=(first.fileno(), second.fileno()),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     finally:
         first.close()
         second.close()

@@ -33,9 +33,16 @@ pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
 # Keep Chromium off the network: no first-run, sync, updates, field trials or QUIC probes.
 CHROMIUM_ARGS = [
-    "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-default-apps",
-    "--disable-domain-reliability", "--no-default-browser-check", "--metrics-recording-only",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-domain-reliability",
+    "--no-default-browser-check",
+    "--metrics-recording-only",
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 ]
 VIEWPORT = {"width": 1280, "height": 800}
@@ -87,8 +94,14 @@ async def browser(tmp_path: Path, standin: AnthropicStandin) -> AsyncIterator[Br
     args = [*CHROMIUM_ARGS, *(["--no-sandbox"] if os.geteuid() == 0 else [])]
     async with running_service_async(env, tmp_path) as service, async_playwright() as pw:
         context: BrowserContext = await pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
-            args=args, viewport=VIEWPORT, locale="en-GB", timezone_id="UTC")
+            str(tmp_path / "chromium-profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=args,
+            viewport=VIEWPORT,
+            locale="en-GB",
+            timezone_id="UTC",
+        )
         try:
             context.set_default_timeout(TIMEOUT_MS)
             await context.add_init_script(RECORD_CSP)
@@ -151,12 +164,14 @@ async def test_chat_streams_a_reply(browser: Browser, artifacts: Path) -> None:
     # Streaming really streams: part of the answer shows while the reply is still coming
     # (read in one go in the page, so the stream cannot finish in between).
     reply = page.locator("li.message.assistant")
-    during = await (await page.wait_for_function("""() => {
+    during = await (
+        await page.wait_for_function("""() => {
         const text = document.querySelector("li.message.assistant.streaming .text");
         return text && text.textContent.length > 0 && {
             text: text.textContent, status: document.getElementById("chat-status").textContent,
             sendDisabled: document.getElementById("send").disabled};
-    }""")).json_value()
+    }""")
+    ).json_value()
     partial = during["text"]
     assert partial != ANSWER and ANSWER.startswith(partial), partial
     assert during["status"] == "typing…" and during["sendDisabled"] is True
@@ -190,8 +205,7 @@ async def test_chat_streams_a_reply(browser: Browser, artifacts: Path) -> None:
             [stored] = (await response.json())["conversations"]
         async with http.get(f"/api/v1/conversations/{stored['id']}/messages") as response:
             messages = (await response.json())["messages"]
-    assert [(m["role"], m["text"]) for m in messages] == [("user", QUESTION),
-                                                          ("assistant", ANSWER)]
+    assert [(m["role"], m["text"]) for m in messages] == [("user", QUESTION), ("assistant", ANSWER)]
 
     # A reload keeps the token for this tab and shows the history again.
     await page.reload()
@@ -216,5 +230,8 @@ async def test_wrong_token_is_refused(browser: Browser, artifacts: Path) -> None
     assert await page.evaluate("sessionStorage.getItem('digitalme.token')") is None
     await page.screenshot(path=str(artifacts / "webchat-wrong-token.png"))
     # Chromium logs the refused request itself; nothing else may be logged.
-    await browser.assert_clean(allowed_console=(
-        "error: Failed to load resource: the server responded with a status of 401",))
+    await browser.assert_clean(
+        allowed_console=(
+            "error: Failed to load resource: the server responded with a status of 401",
+        )
+    )

@@ -112,21 +112,29 @@ def shared_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedSite
             loop.run(anthropic.start(host=sandbox.controller_address, port=STANDIN_PORT))
             telegram = loop.run(start_telegram(sandbox.controller_address, TELEGRAM_TOKEN))
             receiver = stack.enter_context(
-                AlertReceiver(host=sandbox.controller_address, port=ALERT_RECEIVER_PORT))
+                AlertReceiver(host=sandbox.controller_address, port=ALERT_RECEIVER_PORT)
+            )
             # The floor host is a bare host for a measurement (test_site), not part of the
             # deployment: nothing scrapes it.
-            add_group_vars(inventory, {
-                "digitalme": app_test_settings(telegram.base_url),
-                "monitoring": {**MONITORING_TEST_SETTINGS,
-                               "monitoring_node_hosts": ["app", "replica"]}})
+            add_group_vars(
+                inventory,
+                {
+                    "digitalme": app_test_settings(telegram.base_url),
+                    "monitoring": {
+                        **MONITORING_TEST_SETTINGS,
+                        "monitoring_node_hosts": ["app", "replica"],
+                    },
+                },
+            )
             deployment = Deployment(sandbox, workdir, SITE_TIMINGS)
             started = time.monotonic()
             result = sandbox.ansible_playbook("playbooks/site.yml", "--limit", "app,replica")
             deployment.record("site_fresh_seconds", time.monotonic() - started)
             (REPO / "artifacts" / "site-first-run.log").write_text(result.stdout)
             counts = recap(result.stdout)
-            assert counts["app"]["failed"] == 0 and counts["app"]["changed"] > 0, \
-                result.stdout[-3000:]
+            assert counts["app"]["failed"] == 0 and counts["app"]["changed"] > 0, result.stdout[
+                -3000:
+            ]
             yield SharedSite(deployment, loop, anthropic, telegram, receiver)
         finally:
             run_tool("down", "--name", name, timeout=300, check=False)

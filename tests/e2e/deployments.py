@@ -68,27 +68,49 @@ class Deployment:
             self.ca_file.write_text(self.on_app(f"cat {CADDY_ROOT}").stdout)
         port = "443" if url.startswith("https") else "80"
         return subprocess.run(
-            ["curl", "--silent", "--show-error", "--max-time", f"{max_time:g}", "--noproxy", "*",
-             "--resolve", f"{DOMAIN}:{port}:{self.app.address}", "--cacert", str(self.ca_file),
-             *args, url],
-            capture_output=True, text=True, timeout=max_time + 30)
+            [
+                "curl",
+                "--silent",
+                "--show-error",
+                "--max-time",
+                f"{max_time:g}",
+                "--noproxy",
+                "*",
+                "--resolve",
+                f"{DOMAIN}:{port}:{self.app.address}",
+                "--cacert",
+                str(self.ca_file),
+                *args,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=max_time + 30,
+        )
 
     def chat_token(self, name: str) -> str:
         return self.on_app(
             f"/usr/local/sbin/digitalme token create --name {name} --scope chat --quiet"
         ).stdout.strip()
 
-    def playbook(self, name: str, label: str, *args: str, timeout: float = 3600,
-                 ) -> subprocess.CompletedProcess[str]:
+    def playbook(
+        self,
+        name: str,
+        label: str,
+        *args: str,
+        timeout: float = 3600,
+    ) -> subprocess.CompletedProcess[str]:
         """``playbooks/<name>`` (``args`` after it) on the deployment, whatever its outcome:
         its output kept in artifacts/<log_prefix><label>.log, its duration recorded as
         <label>_seconds."""
         started = time.monotonic()
-        result = self.sandbox.ansible_playbook(f"playbooks/{name}", *args, check=False,
-                                               timeout=timeout)
+        result = self.sandbox.ansible_playbook(
+            f"playbooks/{name}", *args, check=False, timeout=timeout
+        )
         self.record(f"{label}_seconds", time.monotonic() - started)
         (REPO / "artifacts" / f"{self.log_prefix}{label}.log").write_text(
-            result.stdout + result.stderr)
+            result.stdout + result.stderr
+        )
         return result
 
     def record(self, name: str, value: float) -> None:
@@ -97,19 +119,25 @@ class Deployment:
         self.timings_file.write_text(json.dumps(self.timings, indent=2) + "\n")
 
 
-def chat_turn(deployment: Deployment, text: str, token_name: str = "e2e-chat",
-              ) -> dict[str, Any]:
+def chat_turn(
+    deployment: Deployment,
+    text: str,
+    token_name: str = "e2e-chat",
+) -> dict[str, Any]:
     """One chat turn through Caddy, in a new conversation, with a new token: its question and
     the stand-in's reply are stored (two new messages rows in the live database). The API's
     answer, with ``conversation`` (its id)."""
     token = deployment.chat_token(token_name)
     auth = ("--fail", "--header", f"Authorization: Bearer {token}")
-    created = deployment.curl(f"https://{DOMAIN}/api/v1/conversations", *auth,
-                              "--request", "POST")
+    created = deployment.curl(f"https://{DOMAIN}/api/v1/conversations", *auth, "--request", "POST")
     assert created.returncode == 0, created.stderr
     conversation = json.loads(created.stdout)["id"]
-    said = deployment.curl(f"https://{DOMAIN}/api/v1/conversations/{conversation}/messages",
-                           *auth, "--json", json.dumps({"text": text}))
+    said = deployment.curl(
+        f"https://{DOMAIN}/api/v1/conversations/{conversation}/messages",
+        *auth,
+        "--json",
+        json.dumps({"text": text}),
+    )
     assert said.returncode == 0, said.stderr
     return {"conversation": conversation, **json.loads(said.stdout)}
 
@@ -118,7 +146,8 @@ def count_messages(deployment: Deployment, path: str, text: str) -> int:
     """Messages holding ``text`` in a database file on the app host (read-only)."""
     found = deployment.on_app(
         f"sqlite3 -readonly {shlex.quote(path)} "
-        + shlex.quote(f"SELECT count(*) FROM messages WHERE text LIKE '%{text}%'"))
+        + shlex.quote(f"SELECT count(*) FROM messages WHERE text LIKE '%{text}%'")
+    )
     return int(found.stdout)
 
 
@@ -128,8 +157,9 @@ def wait_replicated(deployment: Deployment, text: str, timeout: float = 120) -> 
     deadline = time.monotonic() + timeout
     while True:
         deployment.on_app(f"rm -f {copy}*")
-        restored = deployment.on_app(f"litestream-admin restore -o {copy} {DB}", check=False,
-                                     timeout=300)
+        restored = deployment.on_app(
+            f"litestream-admin restore -o {copy} {DB}", check=False, timeout=300
+        )
         if restored.returncode == 0 and count_messages(deployment, copy, text) == 2:
             deployment.on_app(f"rm -f {copy}*")
             return
@@ -139,10 +169,12 @@ def wait_replicated(deployment: Deployment, text: str, timeout: float = 120) -> 
 
 def run_drill(deployment: Deployment) -> tuple[int, str]:
     """Start a restore drill as the timer does; its exit status and the drill's journal."""
-    ran = deployment.on_app("systemctl start digitalme-backup-drill.service", check=False,
-                            timeout=1200)
+    ran = deployment.on_app(
+        "systemctl start digitalme-backup-drill.service", check=False, timeout=1200
+    )
     journal = deployment.on_app(
-        "journalctl -u digitalme-backup-drill -o cat --no-pager -n 30").stdout
+        "journalctl -u digitalme-backup-drill -o cat --no-pager -n 30"
+    ).stdout
     return ran.returncode, journal
 
 
@@ -194,8 +226,9 @@ def copy_of_checkout(into: Path) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, into / name)
     for name in ("app", "docs", "requirements"):
-        shutil.copytree(REPO / name, into / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copytree(
+            REPO / name, into / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
     return into
 
 
@@ -205,9 +238,11 @@ def site_yml(deployment: Deployment, label: str, *args: str) -> dict[str, dict[s
     unless it succeeded on every host. Returns the recap."""
     result = deployment.playbook("site.yml", label, *args)
     counts = recap(result.stdout)
-    assert result.returncode == 0 and counts and all(
-        c["failed"] == 0 and c["unreachable"] == 0 for c in counts.values()), \
-        result.stdout[-5000:] + result.stderr[-2000:]
+    assert (
+        result.returncode == 0
+        and counts
+        and all(c["failed"] == 0 and c["unreachable"] == 0 for c in counts.values())
+    ), result.stdout[-5000:] + result.stderr[-2000:]
     return counts
 
 
@@ -249,12 +284,16 @@ def app_test_settings(telegram_api_base: str) -> dict[str, object]:
     """The test environment's app settings: Telegram on (its stand-in on the controller),
     no per-client rate limit (the load of test_upgrade comes from one address)."""
     return {
-        "digitalme_settings": {"DIGITALME_RATE_LIMIT_PER_MINUTE": 0,
-                               "DIGITALME_TELEGRAM_API_BASE": telegram_api_base},
-        "digitalme_secrets": {"ANTHROPIC_API_KEY": CLAUDE_KEY,
-                              "DIGITALME_METRICS_TOKEN": METRICS_TOKEN,
-                              "DIGITALME_TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN,
-                              "DIGITALME_TELEGRAM_SECRET_TOKEN": TELEGRAM_SECRET},
+        "digitalme_settings": {
+            "DIGITALME_RATE_LIMIT_PER_MINUTE": 0,
+            "DIGITALME_TELEGRAM_API_BASE": telegram_api_base,
+        },
+        "digitalme_secrets": {
+            "ANTHROPIC_API_KEY": CLAUDE_KEY,
+            "DIGITALME_METRICS_TOKEN": METRICS_TOKEN,
+            "DIGITALME_TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN,
+            "DIGITALME_TELEGRAM_SECRET_TOKEN": TELEGRAM_SECRET,
+        },
     }
 
 
@@ -273,7 +312,10 @@ class SharedSite:
     receiver: Any
     site_log: str = ""
 
-    def playbook(self, name: str, *args: str, check: bool = True,
-                 ) -> subprocess.CompletedProcess[str]:
-        return self.deployment.sandbox.ansible_playbook(f"playbooks/{name}", *args,
-                                                        check=check)
+    def playbook(
+        self,
+        name: str,
+        *args: str,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        return self.deployment.sandbox.ansible_playbook(f"playbooks/{name}", *args, check=check)

@@ -97,15 +97,17 @@ class SteadyLoad:
     target: Target
     chat_token: str
     telegram_secret: str
-    workers: dict[str, int] = field(default_factory=lambda: {"health": 6, "chat": 3,
-                                                             "stream": 1, "webhook": 1})
+    workers: dict[str, int] = field(
+        default_factory=lambda: {"health": 6, "chat": 3, "stream": 1, "webhook": 1}
+    )
     # Seconds a worker of that kind waits between its requests (others go flat out): the
     # app's worker must answer every delivery afterwards, within the test's patience.
     pauses: dict[str, float] = field(default_factory=lambda: {"webhook": 0.1})
     label: str = "load"
     outcomes: list[Outcome] = field(default_factory=list)
-    _updates: Iterator[int] = field(default_factory=lambda: itertools.count(
-        int(time.time() * 1000) % 1_000_000_000))
+    _updates: Iterator[int] = field(
+        default_factory=lambda: itertools.count(int(time.time() * 1000) % 1_000_000_000)
+    )
 
     @contextmanager
     def running(self, loop: BackgroundLoop) -> Iterator[SteadyLoad]:
@@ -114,8 +116,10 @@ class SteadyLoad:
         try:
             # Every worker has had an answer before the caller goes on (a steady state).
             deadline = time.monotonic() + 60
-            while len({o.kind for o in self.outcomes if o.status}) < len(self.workers) \
-                    and not done.done():
+            while (
+                len({o.kind for o in self.outcomes if o.status}) < len(self.workers)
+                and not done.done()
+            ):
                 if time.monotonic() > deadline:
                     raise AssertionError(f"the load never got going: {self.outcomes[-5:]}")
                 time.sleep(0.1)
@@ -128,17 +132,20 @@ class SteadyLoad:
         context = ssl.create_default_context(cafile=str(self.target.ca_file))
         connector = aiohttp.TCPConnector(ssl=context, limit=0)
         async with aiohttp.ClientSession(
-                f"https://{self.target.address}", connector=connector,
-                headers={"Host": self.target.domain},
-                timeout=aiohttp.ClientTimeout(total=120)) as http:
+            f"https://{self.target.address}",
+            connector=connector,
+            headers={"Host": self.target.domain},
+            timeout=aiohttp.ClientTimeout(total=120),
+        ) as http:
             workers = []
             for kind, count in self.workers.items():
                 for index in range(count):
                     workers.append(self._worker(http, kind, index, stop))
             await asyncio.gather(*workers)
 
-    async def _worker(self, http: aiohttp.ClientSession, kind: str, index: int,
-                      stop: asyncio.Event) -> None:
+    async def _worker(
+        self, http: aiohttp.ClientSession, kind: str, index: int, stop: asyncio.Event
+    ) -> None:
         conversation = None
         chat_id = 700_000 + index
         for turn in itertools.count():
@@ -154,42 +161,71 @@ class SteadyLoad:
                 elif kind in ("chat", "stream"):
                     if conversation is None:
                         status, detail = await self._request(
-                            http, "POST", "/api/v1/conversations", token=True)
+                            http, "POST", "/api/v1/conversations", token=True
+                        )
                         if status != 201:
                             raise _Failed(status, detail)
                         conversation = json.loads(detail)["id"]
                         started = time.time()
                     key = f"{self.label} {kind} {index}-{turn}"
                     status, detail = await self._request(
-                        http, "POST", f"/api/v1/conversations/{conversation}/messages",
-                        token=True, body={"text": key},
-                        headers={"Accept": "text/event-stream"} if kind == "stream" else None)
+                        http,
+                        "POST",
+                        f"/api/v1/conversations/{conversation}/messages",
+                        token=True,
+                        body={"text": key},
+                        headers={"Accept": "text/event-stream"} if kind == "stream" else None,
+                    )
                     if kind == "stream" and status == 200 and "event: done" not in detail:
                         # A stream cut short (its process stopped under it) is a failure.
                         status, detail = 0, f"stream ended without its done event: {detail}"
                 else:
                     update = next(self._updates)
                     key = str(update)
-                    body = telegram_message(update, f"{self.label} webhook {index}-{turn}",
-                                            chat_id=chat_id, message_id=update)
+                    body = telegram_message(
+                        update,
+                        f"{self.label} webhook {index}-{turn}",
+                        chat_id=chat_id,
+                        message_id=update,
+                    )
                     status, detail = await self._request(
-                        http, "POST", "/webhooks/telegram", body=body,
-                        headers={"X-Telegram-Bot-Api-Secret-Token": self.telegram_secret})
+                        http,
+                        "POST",
+                        "/webhooks/telegram",
+                        body=body,
+                        headers={"X-Telegram-Bot-Api-Secret-Token": self.telegram_secret},
+                    )
             except _Failed as failed:
                 status, detail = failed.status, failed.detail
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 status, detail = 0, f"{type(exc).__name__}: {exc}"
-            self.outcomes.append(Outcome(kind, status, started, time.time() - started,
-                                         key, "" if status in (200, 201) else detail[:300]))
+            self.outcomes.append(
+                Outcome(
+                    kind,
+                    status,
+                    started,
+                    time.time() - started,
+                    key,
+                    "" if status in (200, 201) else detail[:300],
+                )
+            )
 
-    async def _request(self, http: aiohttp.ClientSession, method: str, path: str, *,
-                       token: bool = False, body: Any = None,
-                       headers: dict[str, str] | None = None) -> tuple[int, str]:
+    async def _request(
+        self,
+        http: aiohttp.ClientSession,
+        method: str,
+        path: str,
+        *,
+        token: bool = False,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, str]:
         all_headers = dict(headers or {})
         if token:
             all_headers["Authorization"] = f"Bearer {self.chat_token}"
-        async with http.request(method, path, json=body, headers=all_headers,
-                                server_hostname=self.target.domain) as response:
+        async with http.request(
+            method, path, json=body, headers=all_headers, server_hostname=self.target.domain
+        ) as response:
             return response.status, await response.text()
 
     # --- what happened -------------------------------------------------------------------
@@ -199,15 +235,22 @@ class SteadyLoad:
         return [o for o in self.outcomes if o.started <= end and o.finished >= start]
 
     def failed(self, outcomes: list[Outcome] | None = None) -> list[Outcome]:
-        return [o for o in (self.outcomes if outcomes is None else outcomes)
-                if o.status not in (200, 201)]
+        return [
+            o
+            for o in (self.outcomes if outcomes is None else outcomes)
+            if o.status not in (200, 201)
+        ]
 
     def acknowledged(self, kind: str) -> list[str]:
         return [o.key for o in self.outcomes if o.kind == kind and o.status in (200, 201)]
 
 
-def wait_until_answered(telegram: TelegramStandin, load: SteadyLoad, timeout: float = 300,
-                        resent: Callable[[], int] = lambda: 0) -> int:
+def wait_until_answered(
+    telegram: TelegramStandin,
+    load: SteadyLoad,
+    timeout: float = 300,
+    resent: Callable[[], int] = lambda: 0,
+) -> int:
     """Every delivery ``load`` had acknowledged is answered (a reply sent to the Telegram
     stand-in), exactly once; fails the test after ``timeout`` seconds. ``resent`` reads how
     many replies the service logged sending again unchecked (a part in flight when a host
@@ -229,9 +272,9 @@ def wait_until_answered(telegram: TelegramStandin, load: SteadyLoad, timeout: fl
     twice = {update: n for update, n in replies.items() if n > 1}
     assert not missing, f"{len(missing)} of {len(wanted)} acknowledged deliveries unanswered"
     sent_again = resent()
-    assert sum(n - 1 for n in twice.values()) <= sent_again \
-        and all(n == 2 for n in twice.values()), \
-        f"answered more than once: {twice} ({sent_again} sent again unchecked)"
+    assert sum(n - 1 for n in twice.values()) <= sent_again and all(
+        n == 2 for n in twice.values()
+    ), f"answered more than once: {twice} ({sent_again} sent again unchecked)"
     return sent_again
 
 

@@ -88,7 +88,11 @@ class SandboxHost:
     ssh_command: tuple[str, ...]
 
     def run(
-        self, command: str, *, check: bool = True, timeout: float = 300,
+        self,
+        command: str,
+        *,
+        check: bool = True,
+        timeout: float = 300,
         login: str = "root",
     ) -> subprocess.CompletedProcess[str]:
         """Run a shell command on the host as root; check=True fails the test with its output.
@@ -208,7 +212,8 @@ class Sandbox:
                 found.append(f"process {proc.name}: {cmdline.strip()}")
         # Every hierarchy: hosts of the containers kind have a cgroup in each controller.
         roots = [Path("/sys/fs/cgroup")] + [
-            p for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir() and not p.is_symlink()]
+            p for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir() and not p.is_symlink()
+        ]
         for root in roots:
             if (root / "dmsb" / self.name).exists():
                 found.append(f"cgroup {root / 'dmsb' / self.name}")
@@ -263,8 +268,9 @@ def module_sandbox_name(module_name: str) -> str:
     return f"e2e-{stem[:26].strip('-')}-{checkout}"
 
 
-def boot_sandbox(name: str, specs: tuple[str, ...], inventory_dir: Path,
-                 suite: str = SUITES[0]) -> Sandbox:
+def boot_sandbox(
+    name: str, specs: tuple[str, ...], inventory_dir: Path, suite: str = SUITES[0]
+) -> Sandbox:
     """Boot (or reconcile) a sandbox of a Debian release (SUITES) and describe it; the
     building block of the fixture."""
     require_root()
@@ -275,8 +281,15 @@ def boot_sandbox(name: str, specs: tuple[str, ...], inventory_dir: Path,
             link.symlink_to(source)
     info = json.loads(
         run_tool(
-            "up", "--json", "--name", name, "--suite", suite,
-            "--inventory", str(inventory_dir / "hosts.yml"), *specs
+            "up",
+            "--json",
+            "--name",
+            name,
+            "--suite",
+            suite,
+            "--inventory",
+            str(inventory_dir / "hosts.yml"),
+            *specs,
         ).stdout
     )
     hosts = {

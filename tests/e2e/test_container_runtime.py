@@ -104,11 +104,17 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         try:
             sandbox = boot_sandbox(name, HOSTS, inventory)
             loop.run(anthropic.start(host=sandbox.controller_address, port=STANDIN_PORT))
-            add_group_vars(inventory, {"digitalme": {
-                "digitalme_runtime": "docker",
-                "digitalme_container_base_archive": base,
-                # The load comes from one address.
-                "digitalme_settings": {"DIGITALME_RATE_LIMIT_PER_MINUTE": 0}}})
+            add_group_vars(
+                inventory,
+                {
+                    "digitalme": {
+                        "digitalme_runtime": "docker",
+                        "digitalme_container_base_archive": base,
+                        # The load comes from one address.
+                        "digitalme_settings": {"DIGITALME_RATE_LIMIT_PER_MINUTE": 0},
+                    }
+                },
+            )
             deployment = Deployment(sandbox, workdir, TIMINGS)
             TIMINGS.unlink(missing_ok=True)
             deployment.timings.clear()
@@ -143,9 +149,13 @@ def test_chat_through_caddy_reaches_the_claude_standin(site: Site) -> None:
 
 def test_the_service_is_one_hardened_container_behind_the_kept_socket(site: Site) -> None:
     deployment = site.deployment
-    assert deployment.on_app("systemctl is-active digitalme.socket digitalme.service "
-                             "litestream caddy prometheus-node-exporter").stdout.split() == \
-        ["active"] * 5
+    assert (
+        deployment.on_app(
+            "systemctl is-active digitalme.socket digitalme.service "
+            "litestream caddy prometheus-node-exporter"
+        ).stdout.split()
+        == ["active"] * 5
+    )
     names = site.podman("ps --format '{{.Names}}'").split()
     assert names == ["digitalme"], names  # one app container: one writer
     container = app_container(site)
@@ -162,8 +172,10 @@ def test_the_service_is_one_hardened_container_behind_the_kept_socket(site: Site
     assert host["Memory"] == 768 * 1024 * 1024 and host["PidsLimit"] == 256
     # What the kernel enforces on the app process, not only what the engine recorded.
     pid = int(site.podman("inspect --format '{{.State.Pid}}' digitalme").strip())
-    status = dict(line.split(":", 1) for line in
-                  deployment.on_app(f"cat /proc/{pid}/status").stdout.splitlines())
+    status = dict(
+        line.split(":", 1)
+        for line in deployment.on_app(f"cat /proc/{pid}/status").stdout.splitlines()
+    )
     assert status["Uid"].split()[0] == uid
     assert status["CapEff"].strip() == "0000000000000000"
     assert status["CapBnd"].strip() == "0000000000000000"
@@ -174,35 +186,50 @@ def test_the_service_is_one_hardened_container_behind_the_kept_socket(site: Site
     pids = re.search(r"^\d+:pids:(.*)$", cgroups, re.MULTILINE)[1]
     assert "digitalme.service" in memory, cgroups  # under the unit (--cgroups split)
     assert deployment.on_app(
-        f"cat /sys/fs/cgroup/memory{memory}/memory.limit_in_bytes").stdout.strip() == \
-        str(768 * 1024 * 1024)
+        f"cat /sys/fs/cgroup/memory{memory}/memory.limit_in_bytes"
+    ).stdout.strip() == str(768 * 1024 * 1024)
     assert deployment.on_app(f"cat /sys/fs/cgroup/pids{pids}/pids.max").stdout.strip() == "256"
     # The socket is systemd's, handed over: the app does not listen on its own.
-    assert "socket passed by systemd" in deployment.on_app(
-        "journalctl -u digitalme --no-pager -o cat | grep 'listening on' | tail -1").stdout
+    assert (
+        "socket passed by systemd"
+        in deployment.on_app(
+            "journalctl -u digitalme --no-pager -o cat | grep 'listening on' | tail -1"
+        ).stdout
+    )
     # Its secret is a file only it can read, in no argument and no environment.
     secret = deployment.on_app(
-        f"{PODMAN} exec digitalme stat -c '%a %u' /run/secrets/ANTHROPIC_API_KEY").stdout.split()
+        f"{PODMAN} exec digitalme stat -c '%a %u' /run/secrets/ANTHROPIC_API_KEY"
+    ).stdout.split()
     assert secret == ["400", uid]
     assert CLAUDE_KEY not in json.dumps(container)
     assert CLAUDE_KEY not in deployment.on_app(f"cat /proc/{pid}/environ | tr '\\0' '\\n'").stdout
     assert CLAUDE_KEY not in deployment.on_app("ps -eo args").stdout
     assert CLAUDE_KEY not in deployment.on_app("journalctl --no-pager -o cat").stdout
-    deployment.record("exposure_digitalme_unit", float(re.search(
-        r"exposure level for \S+: ([\d.]+)",
-        deployment.on_app("systemd-analyze security digitalme.service --no-pager | tail -1")
-        .stdout)[1]))
+    deployment.record(
+        "exposure_digitalme_unit",
+        float(
+            re.search(
+                r"exposure level for \S+: ([\d.]+)",
+                deployment.on_app(
+                    "systemd-analyze security digitalme.service --no-pager | tail -1"
+                ).stdout,
+            )[1]
+        ),
+    )
 
 
 def test_the_image_has_no_pip_and_its_layers_are_reproducible(site: Site) -> None:
     deployment = site.deployment
     release = Path(deployment.on_app("readlink /opt/digitalme/current").stdout.strip()).name
     image = f"{IMAGE}:{release}"
-    probe = ("import importlib.util as u, shutil; "
-             "print(u.find_spec('pip'), u.find_spec('ensurepip'), shutil.which('pip'), "
-             "shutil.which('gcc'), shutil.which('cc'))")
-    found = deployment.on_app(f"{PODMAN} run --rm --network none --entrypoint python3 {image} "
-                              f"-c {shlex.quote(probe)}").stdout.split()
+    probe = (
+        "import importlib.util as u, shutil; "
+        "print(u.find_spec('pip'), u.find_spec('ensurepip'), shutil.which('pip'), "
+        "shutil.which('gcc'), shutil.which('cc'))"
+    )
+    found = deployment.on_app(
+        f"{PODMAN} run --rm --network none --entrypoint python3 {image} -c {shlex.quote(probe)}"
+    ).stdout.split()
     assert found == ["None"] * 5
     inspected = json.loads(site.podman(f"image inspect {image}"))[0]
     assert inspected["Config"]["User"] == "10001:10001"
@@ -213,8 +240,9 @@ def test_the_image_has_no_pip_and_its_layers_are_reproducible(site: Site) -> Non
     deployment.record("image_megabytes", inspected["Size"] / 1e6)
     # The same release built again from nothing gives the same layers.
     context = f"/opt/digitalme/releases/{release}"
-    base = site.podman("image ls --filter reference=localhost/digitalme-base "
-                       "--format '{{.Repository}}:{{.Tag}}'").split()[0]
+    base = site.podman(
+        "image ls --filter reference=localhost/digitalme-base --format '{{.Repository}}:{{.Tag}}'"
+    ).split()[0]
     epoch = inspected["Created"]
     started = time.monotonic()
     rebuilt = deployment.on_app(
@@ -222,7 +250,9 @@ def test_the_image_has_no_pip_and_its_layers_are_reproducible(site: Site) -> Non
         f"--build-arg BASE_IMAGE={base} --build-arg WHEELS=package "
         f"--timestamp $(date -d {shlex.quote(epoch)} +%s) --file /opt/digitalme/Dockerfile "
         f"--tag localhost/digitalme-rebuild:test {context} && {PODMAN} image inspect "
-        "--format '{{json .RootFS.Layers}}' localhost/digitalme-rebuild:test", timeout=600)
+        "--format '{{json .RootFS.Layers}}' localhost/digitalme-rebuild:test",
+        timeout=600,
+    )
     deployment.record("image_build_no_cache_seconds", time.monotonic() - started)
     layers = json.loads(rebuilt.stdout.strip().splitlines()[-1])
     assert layers == inspected["RootFS"]["Layers"]
@@ -233,11 +263,15 @@ def test_the_image_has_no_pip_and_its_layers_are_reproducible(site: Site) -> Non
 def test_only_ssh_http_and_https_are_reachable_and_the_engine_adds_no_rule(site: Site) -> None:
     deployment = site.deployment
     listening = deployment.on_app("ss -Hltn | awk '{print $4}'").stdout.split()
-    ports = {int(a.rsplit(":", 1)[1]) for a in listening} | set(range(1, 1025)) \
+    ports = (
+        {int(a.rsplit(":", 1)[1]) for a in listening}
+        | set(range(1, 1025))
         | {2019, 3000, 5000, 8000, 8080, 8443, 9090, 9100}
+    )
     with ThreadPoolExecutor(max_workers=64) as pool:
-        results = dict(zip(ports, pool.map(lambda p: port_open(deployment.app.address, p), ports),
-                           strict=True))
+        results = dict(
+            zip(ports, pool.map(lambda p: port_open(deployment.app.address, p), ports), strict=True)
+        )
     assert {port for port, is_open in results.items() if is_open} == {22, 80, 443}, listening
     assert 8080 in {int(a.rsplit(":", 1)[1]) for a in listening}  # the socket, on loopback
     # No NAT, no forwarding rule, no table of the engine's: only the base role's firewall.
@@ -257,7 +291,9 @@ def test_writes_reach_the_replica_host(site: Site) -> None:
         restored = deployment.on_app(
             "rm -f /var/lib/digitalme/e2e-restore.db* && litestream-admin restore -o "
             f"/var/lib/digitalme/e2e-restore.db {DB} && "
-            f"sqlite3 /var/lib/digitalme/e2e-restore.db {query}", check=False)
+            f"sqlite3 /var/lib/digitalme/e2e-restore.db {query}",
+            check=False,
+        )
         if restored.returncode == 0 and restored.stdout.strip() == "2":
             break
         assert time.monotonic() < acknowledged + 30, restored.stdout + restored.stderr
@@ -271,15 +307,21 @@ def test_writes_reach_the_replica_host(site: Site) -> None:
 
 
 def test_an_upgrade_under_load_fails_no_request_and_rollback_puts_the_image_back(
-        site: Site, tmp_path: Path) -> None:
+    site: Site, tmp_path: Path
+) -> None:
     deployment = site.deployment
     before = Path(deployment.on_app("readlink /opt/digitalme/current").stdout.strip()).name
     source = copy_of_checkout(tmp_path / "next")
     (source / "docs" / "container-upgrade-probe.md").write_text(f"{uuid.uuid4()}\n")
     token = deployment.chat_token("ctr-load")
     target = Target(deployment.app.address, DOMAIN, deployment.ca_file)
-    load = SteadyLoad(target, chat_token=token, telegram_secret="",
-                      workers={"health": 4, "chat": 3}, label="ctr-upgrade")
+    load = SteadyLoad(
+        target,
+        chat_token=token,
+        telegram_secret="",
+        workers={"health": 4, "chat": 3},
+        label="ctr-upgrade",
+    )
     with load.running(site.loop):
         started = time.time()
         site.playbook("upgrade.yml", "-e", f"digitalme_source_dir={source}", label="upgrade")
@@ -294,15 +336,20 @@ def test_an_upgrade_under_load_fails_no_request_and_rollback_puts_the_image_back
     assert after != before
     assert app_container(site)["Config"]["Image"] == f"{IMAGE}:{after}"
     last = json.loads(deployment.on_app("cat /var/lib/digitalme-deploy/last.json").stdout)
-    assert (last["kind"], last["result"], last["from_release"], last["to_release"]) == \
-        ("upgrade", "success", before, after)
+    assert (last["kind"], last["result"], last["from_release"], last["to_release"]) == (
+        "upgrade",
+        "success",
+        before,
+        after,
+    )
     deployment.record("upgrade_restart_seconds", last["restart"]["seconds"])
     deployment.record("upgrade_gate_seconds", last["gate_seconds"])
     # Every acknowledged chat turn is in the database.
     keys = load.acknowledged("chat")
     stored = deployment.on_app(
         f"sqlite3 {DB} \"SELECT count(*) FROM messages WHERE text LIKE 'ctr-upgrade chat %' "
-        "AND role = 'user'\"").stdout.strip()
+        "AND role = 'user'\""
+    ).stdout.strip()
     assert int(stored) >= len(keys)
     # Back to the previous release: its image runs again, through the same gate.
     site.playbook("rollback.yml", label="rollback")
@@ -323,8 +370,9 @@ def test_a_second_run_changes_nothing(site: Site) -> None:
     result = site.playbook("site.yml", label="site_rerun")
     counts = recap(result.stdout)
     changed = [line for line in result.stdout.splitlines() if line.startswith("changed:")]
-    assert counts["app"]["changed"] == 0 and counts["replica"]["changed"] == 0, \
+    assert counts["app"]["changed"] == 0 and counts["replica"]["changed"] == 0, (
         f"{counts}\n{changed}"
+    )
 
 
 # --- 4. the app host lost ---------------------------------------------------------------------
@@ -341,7 +389,8 @@ def test_a_fresh_host_restores_the_data_from_the_replica(site: Site) -> None:
     deployment.rebooted(sandbox)
     site.playbook("site.yml", "--limit", "app,replica", label="site_fresh_host")
     count = deployment.on_app(
-        f"sqlite3 {DB} \"SELECT count(*) FROM messages WHERE text = '{marker}'\"").stdout
+        f"sqlite3 {DB} \"SELECT count(*) FROM messages WHERE text = '{marker}'\""
+    ).stdout
     assert count.strip() == "1"
     said = chat_turn(deployment, "After the restore", token_name="ctr-after")
     assert said["reply"]["text"] == "Stand-in reply to: After the restore"
@@ -355,21 +404,31 @@ def test_limits_are_enforced_and_cgroups_stay_below_the_hosts_own(site: Site) ->
     image = deployment.on_app("cat /opt/digitalme/current/image.env").stdout.split("=", 1)[1]
     allocate = deployment.on_app(
         f"{PODMAN} run --rm --network none --memory 64m --memory-swap 64m --entrypoint python3 "
-        f"{image.strip()} -c 'bytearray(200 * 1024 * 1024)'", check=False)
+        f"{image.strip()} -c 'bytearray(200 * 1024 * 1024)'",
+        check=False,
+    )
     assert allocate.returncode == 137  # killed by the memory limit
     forks = deployment.on_app(
         f"{PODMAN} run --rm --network none --pids-limit 20 --entrypoint python3 "
-        f"{image.strip()} -c {shlex.quote(FORK_PROBE)}", check=False)
+        f"{image.strip()} -c {shlex.quote(FORK_PROBE)}",
+        check=False,
+    )
     assert "refused" in forks.stdout, forks.stdout + forks.stderr
     # On the machine: the app container's cgroup is below the host's own, in every
     # controller; nothing of it at the top of the machine's hierarchies.
     host_cgroup = Path("/sys/fs/cgroup/memory/dmsb") / site.name / "app"
-    found = subprocess.run(["find", str(host_cgroup), "-type", "d", "-name", "libpod-payload-*"],
-                           capture_output=True, text=True).stdout.split()
+    found = subprocess.run(
+        ["find", str(host_cgroup), "-type", "d", "-name", "libpod-payload-*"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert found, f"no container cgroup below {host_cgroup}"
     for controller in ("memory", "pids", "cpu", "blkio"):
-        top = [p.name for p in Path(f"/sys/fs/cgroup/{controller}").iterdir()
-               if p.is_dir() and ("libpod" in p.name or p.name in ("machine.slice", "docker"))]
+        top = [
+            p.name
+            for p in Path(f"/sys/fs/cgroup/{controller}").iterdir()
+            if p.is_dir() and ("libpod" in p.name or p.name in ("machine.slice", "docker"))
+        ]
         assert top == [], f"{controller}: {top}"
 
 

@@ -81,8 +81,14 @@ class SteadyWriter:
         while not self._stop.is_set():
             started = time.monotonic()
             said = self.deployment.curl(
-                f"https://{DOMAIN}/api/v1/conversations", "--fail", "--request", "POST",
-                "--header", f"Authorization: Bearer {self.token}", max_time=5)
+                f"https://{DOMAIN}/api/v1/conversations",
+                "--fail",
+                "--request",
+                "POST",
+                "--header",
+                f"Authorization: Bearer {self.token}",
+                max_time=5,
+            )
             if said.returncode == 0:
                 self.acknowledged.append(Write(json.loads(said.stdout)["id"], time.monotonic()))
             else:
@@ -103,7 +109,8 @@ class SteadyWriter:
 def conversations_in(deployment: Deployment, path: str) -> set[str]:
     """Conversation ids in a database file on the app host (read-only)."""
     listed = deployment.on_app(
-        f"sqlite3 -readonly {shlex.quote(path)} 'SELECT id FROM conversations'", timeout=120)
+        f"sqlite3 -readonly {shlex.quote(path)} 'SELECT id FROM conversations'", timeout=120
+    )
     return set(listed.stdout.split())
 
 
@@ -128,8 +135,10 @@ def deployment(sandbox_hosts, tmp_path_factory) -> Iterator[Deployment]:
     sandbox = sandbox_hosts(*HOSTS)
     # The steady writer sends ten writes a second from one address: more than the default
     # per-client limit (100 a minute) once it runs longer than a few seconds.
-    add_group_vars(sandbox.inventory, {"digitalme": {
-        "digitalme_settings": {"DIGITALME_RATE_LIMIT_PER_MINUTE": 0}}})
+    add_group_vars(
+        sandbox.inventory,
+        {"digitalme": {"digitalme_settings": {"DIGITALME_RATE_LIMIT_PER_MINUTE": 0}}},
+    )
     workdir = tmp_path_factory.mktemp("recovery")
     standin = StandinProcess(workdir, host=sandbox.controller_address, port=STANDIN_PORT)
     standin.start()
@@ -147,9 +156,11 @@ def test_sigkill_of_litestream_keeps_the_replica_continuous(deployment: Deployme
         time.sleep(3)
         deployment.on_app("systemctl kill --signal=SIGKILL litestream")
         deadline = time.monotonic() + 60
-        while int(deployment.on_app("systemctl show -P NRestarts litestream").stdout) \
-                == restarts or deployment.on_app(
-                    "systemctl is-active litestream", check=False).stdout.strip() != "active":
+        while (
+            int(deployment.on_app("systemctl show -P NRestarts litestream").stdout) == restarts
+            or deployment.on_app("systemctl is-active litestream", check=False).stdout.strip()
+            != "active"
+        ):
             assert time.monotonic() < deadline, "systemd did not restart litestream"
             time.sleep(0.5)
         time.sleep(3)  # writes after the restart, too
@@ -160,8 +171,7 @@ def test_sigkill_of_litestream_keeps_the_replica_continuous(deployment: Deployme
     while True:  # the last writes reach the replica within a sync interval or two
         deployment.on_app(f"rm -f {out}")
         restored = deployment.on_app(f"{BACKUP} restore --output {out}", check=False)
-        missing = wanted - conversations_in(deployment, out) if restored.returncode == 0 \
-            else wanted
+        missing = wanted - conversations_in(deployment, out) if restored.returncode == 0 else wanted
         if not missing:
             break
         assert time.monotonic() < deadline, (len(missing), restored.stderr[-2000:])
@@ -192,16 +202,21 @@ def _sftp_on_app(deployment: Deployment, batch: str, timeout: float = 900) -> fl
     """Run an sftp batch on the app host against the replica host, with Litestream's key
     and the replica's pinned host key; the seconds it took."""
     replica = deployment.sandbox.hosts["replica"]
-    pinned = next(line for line in deployment.sandbox.known_hosts.read_text().splitlines()
-                  if line.startswith(f"{replica.address} "))
-    script = (f"printf '%s\\n' {shlex.quote(pinned)} > /run/e2e-known-hosts && "
-              f"printf {shlex.quote(batch)} > /run/e2e-batch && "
-              "python3 -c 'import subprocess, sys, time; t = time.monotonic(); "
-              "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
-              "print(time.monotonic() - t)' "
-              f"sftp -q -b /run/e2e-batch -i {SFTP_KEY} -o IdentitiesOnly=yes -o BatchMode=yes "
-              "-o StrictHostKeyChecking=yes -o UserKnownHostsFile=/run/e2e-known-hosts "
-              f"litestream@{replica.address}")
+    pinned = next(
+        line
+        for line in deployment.sandbox.known_hosts.read_text().splitlines()
+        if line.startswith(f"{replica.address} ")
+    )
+    script = (
+        f"printf '%s\\n' {shlex.quote(pinned)} > /run/e2e-known-hosts && "
+        f"printf {shlex.quote(batch)} > /run/e2e-batch && "
+        "python3 -c 'import subprocess, sys, time; t = time.monotonic(); "
+        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+        "print(time.monotonic() - t)' "
+        f"sftp -q -b /run/e2e-batch -i {SFTP_KEY} -o IdentitiesOnly=yes -o BatchMode=yes "
+        "-o StrictHostKeyChecking=yes -o UserKnownHostsFile=/run/e2e-known-hosts "
+        f"litestream@{replica.address}"
+    )
     return float(deployment.on_app(script, timeout=timeout).stdout.strip())
 
 
@@ -211,7 +226,8 @@ def test_disaster_a_fresh_host_comes_back_with_every_acknowledged_write(
     # A database of more than 100 MB: old history, written as the app's user in one go.
     rows = BALLAST_MB * 1024 // 4
     deployment.on_app(
-        f"runuser -u digitalme -- sqlite3 -bail -cmd '.timeout 30000' {DB} " + shlex.quote(
+        f"runuser -u digitalme -- sqlite3 -bail -cmd '.timeout 30000' {DB} "
+        + shlex.quote(
             "BEGIN;"
             "INSERT INTO conversations (id, channel, external_id, title, created_at, updated_at)"
             " VALUES ('e2e-history', 'api', 'e2e-history', 'history', "
@@ -220,11 +236,17 @@ def test_disaster_a_fresh_host_comes_back_with_every_acknowledged_write(
             "INSERT INTO messages (conversation_id, role, text, created_at) "
             "SELECT 'e2e-history', CASE i % 2 WHEN 0 THEN 'user' ELSE 'assistant' END, "
             "hex(randomblob(2000)), '2026-01-01T00:00:00+00:00' FROM n;"
-            "COMMIT;"), timeout=600)
+            "COMMIT;"
+        ),
+        timeout=600,
+    )
     # The database's own size (much of it is still in the WAL until Litestream checkpoints).
-    size = int(deployment.on_app(
-        f"sqlite3 -readonly {DB} 'SELECT page_count * page_size FROM pragma_page_count, "
-        "pragma_page_size'").stdout)
+    size = int(
+        deployment.on_app(
+            f"sqlite3 -readonly {DB} 'SELECT page_count * page_size FROM pragma_page_count, "
+            "pragma_page_size'"
+        ).stdout
+    )
     deployment.record("database_bytes", size)
     assert size >= 100 * 1024 * 1024
 
@@ -255,14 +277,16 @@ def test_disaster_a_fresh_host_comes_back_with_every_acknowledged_write(
     # a staging folder) and keeps it.
     checking = time.monotonic()
     restore = deployment.sandbox.ansible_playbook(
-        "playbooks/restore.yml", "--limit", "app", timeout=1800)
+        "playbooks/restore.yml", "--limit", "app", timeout=1800
+    )
     deployment.record("restore_playbook_seconds", time.monotonic() - checking)
     (REPO / "artifacts" / "recovery-restore.log").write_text(restore.stdout)
     assert '"outcome": "kept"' in restore.stdout, restore.stdout[-3000:]
     assert deployment.curl(f"https://{DOMAIN}/health/ready", "--fail").returncode == 0
     restore_unit = deployment.on_app(
         "systemctl show -P ExecMainStartTimestampMonotonic -P ExecMainExitTimestampMonotonic "
-        "litestream-restore").stdout.split()
+        "litestream-restore"
+    ).stdout.split()
     restore_seconds = (int(restore_unit[1]) - int(restore_unit[0])) / 1e6
     deployment.record("restore_seconds", restore_seconds)
     journal = deployment.on_app("journalctl -u litestream-restore -o cat --no-pager").stdout
@@ -280,8 +304,12 @@ def test_disaster_a_fresh_host_comes_back_with_every_acknowledged_write(
     assert integrity.strip() == "ok"
     # The old token came back with the data: the API serves the recovered conversations.
     survivor = before[0].conversation
-    listed = deployment.curl(f"https://{DOMAIN}/api/v1/conversations/{survivor}/messages",
-                             "--fail", "--header", f"Authorization: Bearer {token}")
+    listed = deployment.curl(
+        f"https://{DOMAIN}/api/v1/conversations/{survivor}/messages",
+        "--fail",
+        "--header",
+        f"Authorization: Bearer {token}",
+    )
     assert listed.returncode == 0, listed.stderr
 
     # The floor: the same file, copied raw over the same link (SFTP from the replica host).
@@ -294,9 +322,11 @@ def test_disaster_a_fresh_host_comes_back_with_every_acknowledged_write(
     deployment.record("raw_copy_seconds", copy)
     deployment.record("rto_over_raw_copy", rto / copy)
     deployment.record("restore_over_raw_copy", restore_seconds / copy)
-    print(f"database {size / 2**20:.0f} MiB: RPO {loss.rpo_seconds:.2f}s "
-          f"({len(loss.lost)} of {len(before)} acknowledged writes lost); RTO {rto:.0f}s "
-          f"(restore {restore_seconds:.1f}s) against a raw copy of {copy:.1f}s")
+    print(
+        f"database {size / 2**20:.0f} MiB: RPO {loss.rpo_seconds:.2f}s "
+        f"({len(loss.lost)} of {len(before)} acknowledged writes lost); RTO {rto:.0f}s "
+        f"(restore {restore_seconds:.1f}s) against a raw copy of {copy:.1f}s"
+    )
 
 
 def test_drill_on_a_healthy_host_succeeds_and_reports(deployment: Deployment) -> None:
@@ -315,8 +345,7 @@ def test_drill_on_a_healthy_host_succeeds_and_reports(deployment: Deployment) ->
     assert metric(metrics, "digitalme_backup_replica_age_seconds") is not None
     behind = metric(metrics, "digitalme_backup_drill_behind_seconds")
     assert behind is not None and behind < 60
-    result = json.loads(deployment.on_app(
-        "cat /var/lib/digitalme/backup-drill/result.json").stdout)
+    result = json.loads(deployment.on_app("cat /var/lib/digitalme/backup-drill/result.json").stdout)
     # The ballast is there; the new turn's two rows only if Litestream synced them in time.
     assert result["ok"] is True and result["rows"]["messages"] >= BALLAST_MB * 1024 // 4
     assert result["behind_seconds"] < 60, result
@@ -326,8 +355,10 @@ def test_drill_on_a_healthy_host_succeeds_and_reports(deployment: Deployment) ->
     assert backup["replication_lag_seconds"] < 30, backup
     # The drill never touched the live database.
     assert deployment.on_app(f"stat -c %i {DB}").stdout == inode
-    assert deployment.on_app("systemctl is-active digitalme litestream").stdout.split() \
-        == ["active", "active"]
+    assert deployment.on_app("systemctl is-active digitalme litestream").stdout.split() == [
+        "active",
+        "active",
+    ]
 
 
 def test_a_stalled_litestream_shows_in_readiness_and_metrics(deployment: Deployment) -> None:
@@ -346,12 +377,14 @@ def test_a_stalled_litestream_shows_in_readiness_and_metrics(deployment: Deploym
         time.sleep(3)
         stale = deployment.on_app(
             f"{BACKUP} drill --workdir /var/tmp/e2e-stale-drill --textfile-dir '' "
-            "--max-behind-seconds 2", check=False)
+            "--max-behind-seconds 2",
+            check=False,
+        )
         assert stale.returncode == 1, stale.stdout + stale.stderr
-        assert "the replica is stale: the restored copy lacks messages rows written" \
-            in stale.stderr, stale.stderr
-        result = json.loads(deployment.on_app(
-            "cat /var/tmp/e2e-stale-drill/result.json").stdout)
+        assert (
+            "the replica is stale: the restored copy lacks messages rows written" in stale.stderr
+        ), stale.stderr
+        result = json.loads(deployment.on_app("cat /var/tmp/e2e-stale-drill/result.json").stdout)
         assert result["ok"] is False and result["behind_seconds"] >= 3, result
         deployment.on_app("rm -rf /var/tmp/e2e-stale-drill")
     finally:
@@ -375,7 +408,8 @@ def _corrupt_replica(replica: SandboxHost) -> int:
         "        middle = len(data) // 2\n"
         "        data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])\n"
         "        f.write_bytes(bytes(data)); n += 1\n"
-        "print(n)\n")
+        "print(n)\n"
+    )
     return int(replica.run(f"python3 -c {shlex.quote(script)}", login=ADMIN).stdout)
 
 
@@ -384,8 +418,10 @@ def test_a_drill_against_a_corrupted_replica_fails_loudly(deployment: Deployment
     assert _corrupt_replica(deployment.sandbox.hosts["replica"]) > 0
     returncode, journal = run_drill(deployment)
     assert returncode != 0
-    assert deployment.on_app("systemctl is-failed digitalme-backup-drill", check=False
-                             ).stdout.strip() == "failed"
+    assert (
+        deployment.on_app("systemctl is-failed digitalme-backup-drill", check=False).stdout.strip()
+        == "failed"
+    )
     assert "restore drill FAILED" in journal, journal
     metrics = deployment.on_app(f"curl -fsS {NODE_EXPORTER}").stdout
     assert metric(metrics, "digitalme_backup_drill_success") == 0, metrics[-2000:]
@@ -393,11 +429,12 @@ def test_a_drill_against_a_corrupted_replica_fails_loudly(deployment: Deployment
     assert backup["ok"] is False and "the last restore drill failed" in backup["detail"], backup
     assert backup["drill"]["ok"] is False
     # The live database is untouched and the service still answers.
-    assert deployment.on_app(f"sqlite3 -readonly {DB} 'PRAGMA quick_check'").stdout.strip() \
-        == "ok"
+    assert deployment.on_app(f"sqlite3 -readonly {DB} 'PRAGMA quick_check'").stdout.strip() == "ok"
     assert deployment.curl(f"https://{DOMAIN}/health", "--fail").returncode == 0
-    print("drill against the corrupted replica:",
-          [line for line in journal.splitlines() if "restore drill FAILED" in line])
+    print(
+        "drill against the corrupted replica:",
+        [line for line in journal.splitlines() if "restore drill FAILED" in line],
+    )
 
 
 def test_a_corrupted_replica_is_replaced_by_a_new_one(deployment: Deployment) -> None:
@@ -409,18 +446,23 @@ def test_a_corrupted_replica_is_replaced_by_a_new_one(deployment: Deployment) ->
     replica = deployment.sandbox.hosts["replica"]
     deployment.on_app("systemctl stop litestream")  # already stopped by the test before
     deployment.on_app(f"litestream-admin reset {DB}")
-    replica.run("mv /srv/litestream/replicas/digitalme "
-                "/srv/litestream/replicas/digitalme.corrupt", login=ADMIN)
+    replica.run(
+        "mv /srv/litestream/replicas/digitalme /srv/litestream/replicas/digitalme.corrupt",
+        login=ADMIN,
+    )
     started = time.monotonic()
     converged = deployment.sandbox.ansible_playbook(
-        "playbooks/backup.yml", "--limit", "app,replica")
+        "playbooks/backup.yml", "--limit", "app,replica"
+    )
     assert recap(converged.stdout)["replica"]["failed"] == 0
     assert deployment.on_app("systemctl is-active litestream").stdout.strip() == "active"
     # Replication is fresh again: the readiness probe's own write reaches the new replica.
     deadline = time.monotonic() + 120
     while (backup := readiness_backup(deployment)).get("replication_lag_seconds") is None:
-        assert time.monotonic() < deadline, (backup, deployment.on_app(
-            "journalctl -u litestream -o cat --no-pager -n 40").stdout)
+        assert time.monotonic() < deadline, (
+            backup,
+            deployment.on_app("journalctl -u litestream -o cat --no-pager -n 40").stdout,
+        )
         time.sleep(1)
     deployment.record("new_replica_synced_seconds", time.monotonic() - started)
     returncode, journal = run_drill(deployment)
@@ -429,7 +471,11 @@ def test_a_corrupted_replica_is_replaced_by_a_new_one(deployment: Deployment) ->
     assert metric(metrics, "digitalme_backup_drill_success") == 1
     backup = readiness_backup(deployment)
     assert backup["ok"] is True and backup["drill"]["ok"] is True, backup
-    assert "monitor error" not in deployment.on_app(
-        "journalctl -u litestream -o cat --no-pager --since -2min").stdout
-    assert replica.run("test -d /srv/litestream/replicas/digitalme.corrupt",
-                       login=ADMIN).returncode == 0
+    assert (
+        "monitor error"
+        not in deployment.on_app("journalctl -u litestream -o cat --no-pager --since -2min").stdout
+    )
+    assert (
+        replica.run("test -d /srv/litestream/replicas/digitalme.corrupt", login=ADMIN).returncode
+        == 0
+    )

@@ -24,8 +24,11 @@ from tests.e2e.sandboxes import REPO, SUITES, require_root, tool_env
 SLOWEST_FIRST = ("postgresql", "litestream", "monitoring", "caddy")
 ROLES = sorted(
     (path.parents[2].name for path in REPO.glob("roles/*/molecule/default/molecule.yml")),
-    key=lambda role: (SLOWEST_FIRST.index(role) if role in SLOWEST_FIRST
-                      else len(SLOWEST_FIRST), role))
+    key=lambda role: (
+        SLOWEST_FIRST.index(role) if role in SLOWEST_FIRST else len(SLOWEST_FIRST),
+        role,
+    ),
+)
 
 
 def test_every_deployment_role_has_a_scenario() -> None:
@@ -33,8 +36,10 @@ def test_every_deployment_role_has_a_scenario() -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize(("role", "suite"), [
-    pytest.param(role, suite, id=f"{role}-{suite}") for role in ROLES for suite in SUITES])
+@pytest.mark.parametrize(
+    ("role", "suite"),
+    [pytest.param(role, suite, id=f"{role}-{suite}") for role in ROLES for suite in SUITES],
+)
 def test_molecule_scenario_passes(role: str, suite: str, tmp_path: Path) -> None:
     require_root()
     log = REPO / "artifacts" / f"molecule-{role}-{suite}.log"
@@ -47,8 +52,13 @@ def test_molecule_scenario_passes(role: str, suite: str, tmp_path: Path) -> None
         # Molecule keeps a scenario's state (inventory, known_hosts, instance list) in a
         # folder named after the role's folder: the runs of one role on the two releases,
         # on two workers at once, would share it. Each run gets its own.
-        env=dict(tool_env(), SANDBOX_SUITE=suite, NO_COLOR="1", ANSIBLE_FORCE_COLOR="0",
-                 MOLECULE_EPHEMERAL_DIRECTORY=str(tmp_path / "molecule")),
+        env=dict(
+            tool_env(),
+            SANDBOX_SUITE=suite,
+            NO_COLOR="1",
+            ANSIBLE_FORCE_COLOR="0",
+            MOLECULE_EPHEMERAL_DIRECTORY=str(tmp_path / "molecule"),
+        ),
         capture_output=True,
         text=True,
         timeout=1800,

@@ -79,7 +79,8 @@ class S3Server:
         token = ""
         while True:
             url = f"{self.endpoint}/{BUCKET}?list-type=2&prefix={prefix}" + (
-                f"&continuation-token={urllib.parse.quote(token)}" if token else "")
+                f"&continuation-token={urllib.parse.quote(token)}" if token else ""
+            )
             with urllib.request.urlopen(url, timeout=30) as answer:
                 tree = ET.fromstring(answer.read())
             found += [e.text or "" for e in tree.iter(f"{S3_NS}Key")]
@@ -92,8 +93,11 @@ def start_s3(address: str, workdir: Path) -> S3Server:
     assert MOTO_SERVER.exists(), f"{MOTO_SERVER} is missing: run scripts/bootstrap.sh"
     port = free_port(address)
     log = workdir / "moto.log"
-    process = subprocess.Popen([str(MOTO_SERVER), "-H", address, "-p", str(port)],
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [str(MOTO_SERVER), "-H", address, "-p", str(port)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     server = S3Server(f"http://{address}:{port}", process, log)
     deadline = time.monotonic() + 60
     while True:
@@ -117,13 +121,17 @@ def access_key() -> tuple[str, str]:
 
 def deploy(deployment: Deployment, label: str) -> float:
     result = deployment.playbook("site.yml", label)
-    assert result.returncode == 0 and recap(result.stdout)["app"]["failed"] == 0, \
-        result.stdout[-5000:]
+    assert result.returncode == 0 and recap(result.stdout)["app"]["failed"] == 0, result.stdout[
+        -5000:
+    ]
     return deployment.timings[f"{label}_seconds"]
 
 
-def restore_playbook(deployment: Deployment, label: str, *extra: str,
-                     ) -> subprocess.CompletedProcess[str]:
+def restore_playbook(
+    deployment: Deployment,
+    label: str,
+    *extra: str,
+) -> subprocess.CompletedProcess[str]:
     result = deployment.playbook("restore.yml", label, *extra, timeout=1800)
     assert result.returncode == 0, result.stdout[-5000:]
     return result
@@ -145,16 +153,21 @@ def site(sandbox_hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3
     try:
         standin.start()
         key_id, secret = access_key()
-        add_group_vars(sandbox.inventory, {"digitalme": {
-            "litestream_replica_type": "s3",
-            "litestream_s3_bucket": BUCKET,
-            "litestream_s3_path": PREFIX,
-            "litestream_s3_endpoint": s3.endpoint,
-            "litestream_s3_region": "us-east-1",
-            "litestream_s3_force_path_style": True,
-            "litestream_s3_access_key_id": key_id,
-            "litestream_s3_secret_access_key": secret,
-        }})
+        add_group_vars(
+            sandbox.inventory,
+            {
+                "digitalme": {
+                    "litestream_replica_type": "s3",
+                    "litestream_s3_bucket": BUCKET,
+                    "litestream_s3_path": PREFIX,
+                    "litestream_s3_endpoint": s3.endpoint,
+                    "litestream_s3_region": "us-east-1",
+                    "litestream_s3_force_path_style": True,
+                    "litestream_s3_access_key_id": key_id,
+                    "litestream_s3_secret_access_key": secret,
+                }
+            },
+        )
         TIMINGS.unlink(missing_ok=True)
         deployment = Deployment(sandbox, workdir, TIMINGS, log_prefix="s3-")
         deploy(deployment, "site_fresh")
@@ -182,8 +195,9 @@ def test_writes_reach_the_bucket_and_the_key_stays_secret(site: S3Site) -> None:
     # the shell joins the two quoted halves into the key.
     key = f"'{site.secret[:20]}''{site.secret[20:]}'"
     listed = deployment.on_app(
-        f"grep -rlF {key} /etc /usr/local /var/lib /run 2>/dev/null "
-        "| xargs -r stat -c '%a %U %n'", check=False).stdout
+        f"grep -rlF {key} /etc /usr/local /var/lib /run 2>/dev/null | xargs -r stat -c '%a %U %n'",
+        check=False,
+    ).stdout
     holders = [line.split(" ", 2) for line in listed.splitlines() if line]
     assert holders, "the key is nowhere on the host"
     for mode, owner, path in holders:
@@ -197,13 +211,13 @@ def test_writes_reach_the_bucket_and_the_key_stays_secret(site: S3Site) -> None:
 def test_the_drill_restores_from_the_bucket(site: S3Site) -> None:
     deployment = site.deployment
     chat_turn(deployment, token_name="e2e-s3", text="before the s3 drill")
-    ran = deployment.on_app("systemctl start digitalme-backup-drill.service", check=False,
-                            timeout=1200)
+    ran = deployment.on_app(
+        "systemctl start digitalme-backup-drill.service", check=False, timeout=1200
+    )
     journal = deployment.on_app("journalctl -u digitalme-backup-drill -o cat --no-pager -n 30")
     assert ran.returncode == 0, journal.stdout
     metrics = deployment.on_app(f"curl -fsS {NODE_EXPORTER}").stdout
-    assert re.search(r"^digitalme_backup_drill_success 1$", metrics, re.MULTILINE), \
-        metrics[-2000:]
+    assert re.search(r"^digitalme_backup_drill_success 1$", metrics, re.MULTILINE), metrics[-2000:]
 
 
 def test_a_point_in_time_restore_from_the_bucket(site: S3Site) -> None:
@@ -216,8 +230,14 @@ def test_a_point_in_time_restore_from_the_bucket(site: S3Site) -> None:
     chat_turn(deployment, token_name="e2e-s3", text="said after the point")
     wait_replicated(deployment, "said after the point")
 
-    result = restore_playbook(deployment, "restore_point_in_time", "-e", "restore_force=true",
-                              "-e", f"restore_timestamp={point}")
+    result = restore_playbook(
+        deployment,
+        "restore_point_in_time",
+        "-e",
+        "restore_force=true",
+        "-e",
+        f"restore_timestamp={point}",
+    )
     assert '"outcome": "restored"' in result.stdout, result.stdout[-3000:]
     assert count_messages(deployment, DB, "said before the point") == 2
     assert count_messages(deployment, DB, "said after the point") == 0

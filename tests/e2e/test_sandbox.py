@@ -201,9 +201,14 @@ def test_kill_cuts_a_host_off_and_up_boots_it_fresh(pair):
     assert time.monotonic() - started < 30
     assert not Path(f"/proc/{old_pid}").exists()
     cgroup = state["hosts"]["app"]["nspawn"]["cgroup"]
-    assert not any((root / cgroup).exists() for root in
-                   (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"),
-                    Path("/sys/fs/cgroup")))
+    assert not any(
+        (root / cgroup).exists()
+        for root in (
+            Path("/sys/fs/cgroup/systemd"),
+            Path("/sys/fs/cgroup/unified"),
+            Path("/sys/fs/cgroup"),
+        )
+    )
     status = run_tool("status", "--name", pair.name).stdout
     assert re.search(r"^  app\s.*NOT HEALTHY$", status, re.M), status
     assert app.run("true", check=False, timeout=60).returncode == 255
@@ -224,8 +229,10 @@ def test_kill_cuts_a_host_off_and_up_boots_it_fresh(pair):
 def test_up_on_another_release_boots_every_host_fresh_on_it(pair):
     """All hosts of a sandbox run one Debian release: `up --suite trixie` replaces them with
     Debian 13 hosts (new host keys, the inventory and known_hosts follow), and back."""
-    keys = {h: r["host_key"] for h, r in
-            json.loads((RUN_ROOT / pair.name / "state.json").read_text())["hosts"].items()}
+    keys = {
+        h: r["host_key"]
+        for h, r in json.loads((RUN_ROOT / pair.name / "state.json").read_text())["hosts"].items()
+    }
     for suite, codename, version in (("trixie", "trixie", "13"), ("bookworm", "bookworm", "12")):
         again = boot_sandbox(pair.name, ("app", "replica"), pair.inventory, suite)
         assert again.suite == suite
@@ -236,8 +243,10 @@ def test_up_on_another_release_boots_every_host_fresh_on_it(pair):
             assert f"VERSION_CODENAME={codename}" in release, release
             assert f'VERSION_ID="{version}"' in release, release
             assert host.run("systemctl is-system-running --wait").stdout.strip() == "running"
-            assert f"Suites: {codename} {codename}-updates" in host.run(
-                "cat /etc/apt/sources.list.d/debian.sources").stdout
+            assert (
+                f"Suites: {codename} {codename}-updates"
+                in host.run("cat /etc/apt/sources.list.d/debian.sources").stdout
+            )
             assert state["hosts"][name]["host_key"] != keys[name]
             keys[name] = state["hosts"][name]["host_key"]
         again.ansible("all", "-m", "ansible.builtin.ping")
@@ -337,10 +346,15 @@ def test_host_specs_name_the_containers_kind(monkeypatch):
     tool = _load_tool(monkeypatch)
     specs = ["app@containers:digitalme,monitoring", "replica", "spare@containers"]
     assert tool.parse_host_specs(specs) == {
-        "app": ["digitalme", "monitoring"], "replica": ["backup_targets"],
-        "spare": ["backup_targets"]}
+        "app": ["digitalme", "monitoring"],
+        "replica": ["backup_targets"],
+        "spare": ["backup_targets"],
+    }
     assert tool.parse_host_kinds(specs) == {
-        "app": "containers", "replica": "plain", "spare": "containers"}
+        "app": "containers",
+        "replica": "plain",
+        "spare": "containers",
+    }
     with pytest.raises(tool.SandboxError, match="bad host kind 'vm'"):
         tool.parse_host_specs(["app@vm"])
 
@@ -371,24 +385,37 @@ def test_hosts_of_each_release_get_the_machines_mirror_for_it(monkeypatch):
         "Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
         "Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n"
         "Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
-        deb822=True)
+        deb822=True,
+    )
     renamed = tool._entries_for_suite(machine, "trixie", "bookworm")
     assert [(e.uri, e.suite) for e in renamed] == [
         ("http://deb.debian.org/debian", "trixie"),
         ("http://deb.debian.org/debian", "trixie-updates"),
-        ("http://deb.debian.org/debian-security", "trixie-security")]
+        ("http://deb.debian.org/debian-security", "trixie-security"),
+    ]
     assert tool._entries_for_suite(machine, "bookworm", "bookworm") == machine
     # A machine that lists both releases: each host gets its own release's entries only.
     both = machine + tool._parse_sources(
-        "deb [signed-by=/k.gpg] http://mirror.example/debian trixie main contrib\n",
-        deb822=False)
+        "deb [signed-by=/k.gpg] http://mirror.example/debian trixie main contrib\n", deb822=False
+    )
     assert [e.suite for e in tool._entries_for_suite(both, "bookworm", "bookworm")] == [
-        "bookworm", "bookworm-updates", "bookworm-security"]
+        "bookworm",
+        "bookworm-updates",
+        "bookworm-security",
+    ]
     (listed,) = tool._entries_for_suite(both, "trixie", "bookworm")
     assert (listed.uri, listed.components, listed.signed_by) == (
-        "http://mirror.example/debian", ("main", "contrib"), "/k.gpg")
-    sources = tool.AptSources(suite="trixie", entries=tuple(renamed), mirror=renamed[0].uri,
-                              hosts=frozenset({"deb.debian.org"}), upstream_proxy=None)
+        "http://mirror.example/debian",
+        ("main", "contrib"),
+        "/k.gpg",
+    )
+    sources = tool.AptSources(
+        suite="trixie",
+        entries=tuple(renamed),
+        mirror=renamed[0].uri,
+        hosts=frozenset({"deb.debian.org"}),
+        upstream_proxy=None,
+    )
     text = sources.sources_file()
     assert "Suites: trixie trixie-updates\n" in text and "Suites: trixie-security\n" in text
     assert "bookworm" not in text
@@ -417,4 +444,8 @@ def test_a_new_image_replaces_only_this_checkouts_image_of_its_release(tmp_path,
     (tmp_path / "images" / ".build-trixie-0-999999999").mkdir()  # a dead build's leftovers
     tool._gc_images(keep=tmp_path / "images" / "new")
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
-        "mine-bookworm", "new", "no-owner", "other-checkout"]
+        "mine-bookworm",
+        "new",
+        "no-owner",
+        "other-checkout",
+    ]

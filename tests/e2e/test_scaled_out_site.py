@@ -109,17 +109,59 @@ def start_s3(address: str, workdir: Path) -> S3Store:
     assert RCLONE.exists(), f"{RCLONE} is missing: run scripts/bootstrap.sh"
     tls = workdir / "s3-tls"
     tls.mkdir()
-    openssl = ["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-               "-nodes", "-days", "2"]
-    subprocess.run([*openssl, "-x509", "-keyout", tls / "ca.key", "-out", tls / "ca.crt",
-                    "-subj", "/CN=scale-out test CA"], check=True, capture_output=True)
-    subprocess.run([*openssl, "-keyout", tls / "s3.key", "-out", tls / "s3.csr",
-                    "-subj", f"/CN={S3_NAME}"], check=True, capture_output=True)
+    openssl = [
+        "openssl",
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "2",
+    ]
+    subprocess.run(
+        [
+            *openssl,
+            "-x509",
+            "-keyout",
+            tls / "ca.key",
+            "-out",
+            tls / "ca.crt",
+            "-subj",
+            "/CN=scale-out test CA",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [*openssl, "-keyout", tls / "s3.key", "-out", tls / "s3.csr", "-subj", f"/CN={S3_NAME}"],
+        check=True,
+        capture_output=True,
+    )
     (tls / "ext").write_text(f"subjectAltName=DNS:{S3_NAME}\n")
-    subprocess.run(["openssl", "x509", "-req", "-in", tls / "s3.csr", "-CA", tls / "ca.crt",
-                    "-CAkey", tls / "ca.key", "-CAcreateserial", "-days", "2",
-                    "-out", tls / "s3.crt", "-extfile", tls / "ext"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            tls / "s3.csr",
+            "-CA",
+            tls / "ca.crt",
+            "-CAkey",
+            tls / "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            tls / "s3.crt",
+            "-extfile",
+            tls / "ext",
+        ],
+        check=True,
+        capture_output=True,
+    )
     root = workdir / "s3-root"
     (root / S3_BUCKET).mkdir(parents=True)  # the bucket, made as an owner makes it
     key_id = "AKIA" + uuid.uuid4().hex[:16].upper()
@@ -129,13 +171,29 @@ def start_s3(address: str, workdir: Path) -> S3Store:
     # The key pair through the environment (RCLONE_AUTH_KEY, a CSV list: quoted, as the
     # pair holds a comma), not the command line.
     process = subprocess.Popen(
-        [str(RCLONE), "serve", "s3", "--addr", f"{address}:{port}", "--cert",
-         str(tls / "s3.crt"), "--key", str(tls / "s3.key"), "--config", "/dev/null",
-         str(root)],
+        [
+            str(RCLONE),
+            "serve",
+            "s3",
+            "--addr",
+            f"{address}:{port}",
+            "--cert",
+            str(tls / "s3.crt"),
+            "--key",
+            str(tls / "s3.key"),
+            "--config",
+            "/dev/null",
+            str(root),
+        ],
         env={"PATH": "/usr/bin:/bin", "RCLONE_AUTH_KEY": f'"{key_id},{secret}"'},
-        stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    wait_for(lambda: port_open(address, port) or process.poll() is not None, 30,
-             "rclone's S3 server listening")
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    wait_for(
+        lambda: port_open(address, port) or process.poll() is not None,
+        30,
+        "rclone's S3 server listening",
+    )
     assert process.poll() is None, log.read_text()
     return S3Store(root, port, (tls / "ca.crt").read_text(), key_id, secret, process)
 
@@ -144,7 +202,8 @@ def resolve_s3(deployment: Deployment, host: str) -> None:
     """On a fresh host (root still logs in: before site.yml's base role)."""
     address = deployment.sandbox.controller_address
     deployment.sandbox.hosts[host].run(
-        f"grep -q {S3_NAME} /etc/hosts || echo '{address} {S3_NAME}' >> /etc/hosts")
+        f"grep -q {S3_NAME} /etc/hosts || echo '{address} {S3_NAME}' >> /etc/hosts"
+    )
 
 
 def s3_group_vars(s3: S3Store) -> dict[str, object]:
@@ -185,14 +244,32 @@ class ScaleOut:
     def curl(self, path: str, *args: str) -> subprocess.CompletedProcess[str]:
         """curl from the controller to the public site, on the load balancer."""
         return subprocess.run(
-            ["curl", "--silent", "--show-error", "--max-time", "30", "--noproxy", "*",
-             "--resolve", f"{DOMAIN}:443:{self.deployment.sandbox.hosts['db'].address}",
-             "--cacert", str(self.lb_ca), *args, f"https://{DOMAIN}{path}"],
-            capture_output=True, text=True, timeout=60)
+            [
+                "curl",
+                "--silent",
+                "--show-error",
+                "--max-time",
+                "30",
+                "--noproxy",
+                "*",
+                "--resolve",
+                f"{DOMAIN}:443:{self.deployment.sandbox.hosts['db'].address}",
+                "--cacert",
+                str(self.lb_ca),
+                *args,
+                f"https://{DOMAIN}{path}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def token(self, name: str) -> str:
-        return self.on("app", "/usr/local/sbin/digitalme token create --name "
-                              f"{name}-{uuid.uuid4().hex[:6]} --scope chat --quiet").stdout.strip()
+        return self.on(
+            "app",
+            "/usr/local/sbin/digitalme token create --name "
+            f"{name}-{uuid.uuid4().hex[:6]} --scope chat --quiet",
+        ).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -203,16 +280,22 @@ def scale_out(sandbox_hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     # Where the sandbox's Alertmanager sends every notification (monitoring_webhook_urls in
     # inventory/sandbox/group_vars): without a receiver, the Watchdog's own delivery fails
     # and AlertmanagerNotificationsFailing fires.
-    with AlertReceiver(host=sandbox.controller_address, port=ALERT_RECEIVER_PORT), \
-            BackgroundLoop() as loop:
+    with (
+        AlertReceiver(host=sandbox.controller_address, port=ALERT_RECEIVER_PORT),
+        BackgroundLoop() as loop,
+    ):
         anthropic, telegram = AnthropicStandin(), None
         try:
             loop.run(anthropic.start(host=sandbox.controller_address, port=STANDIN_PORT))
             telegram = loop.run(start_telegram(sandbox.controller_address, TELEGRAM_TOKEN))
-            add_group_vars(sandbox.inventory,
-                           {"digitalme": app_test_settings(telegram.base_url),
-                            "monitoring": MONITORING_TEST_SETTINGS,
-                            "postgresql": s3_group_vars(s3)})
+            add_group_vars(
+                sandbox.inventory,
+                {
+                    "digitalme": app_test_settings(telegram.base_url),
+                    "monitoring": MONITORING_TEST_SETTINGS,
+                    "postgresql": s3_group_vars(s3),
+                },
+            )
             TIMINGS.unlink(missing_ok=True)
             deployment = Deployment(sandbox, workdir, TIMINGS, log_prefix="scale-out-")
             resolve_s3(deployment, "db")
@@ -233,28 +316,41 @@ def test_the_apps_keep_their_data_on_postgresql_over_verified_tls(scale_out: Sca
     created = scale_out.curl("/api/v1/conversations", *auth, "--request", "POST")
     assert created.returncode == 0, created.stderr
     conversation = json.loads(created.stdout)["id"]
-    said = scale_out.curl(f"/api/v1/conversations/{conversation}/messages", *auth,
-                          "--json", json.dumps({"text": "Hello from the load balancer"}))
+    said = scale_out.curl(
+        f"/api/v1/conversations/{conversation}/messages",
+        *auth,
+        "--json",
+        json.dumps({"text": "Hello from the load balancer"}),
+    )
     assert said.returncode == 0, said.stderr
-    stored = scale_out.sql("SELECT count(*) FROM messages WHERE conversation_id = "
-                           f"'{conversation}'")
+    stored = scale_out.sql(
+        f"SELECT count(*) FROM messages WHERE conversation_id = '{conversation}'"
+    )
     assert stored == "2", stored  # the question and the reply, on the server
     for host in APP_HOSTS:
         assert scale_out.on(host, f"test -e {SQLITE_DB}", check=False).returncode != 0, host
     # Every connection of the app's login comes from an app host, over TLS.
     connections = scale_out.sql(
         "SELECT DISTINCT host(a.client_addr) || ' ' || s.ssl FROM pg_stat_activity a "
-        "JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'digitalme'").splitlines()
+        "JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'digitalme'"
+    ).splitlines()
     addresses = {scale_out.deployment.sandbox.hosts[h].address for h in APP_HOSTS}
     assert connections and {line.split()[0] for line in connections} <= addresses, connections
     assert {line.split()[1] for line in connections} == {"true"}, connections
     # Without TLS the server refuses the app's own login (pg_hba: hostssl only).
     db = scale_out.deployment.sandbox.hosts["db"].address
-    attempt = scale_out.on("app", (
-        "cd /var/lib/digitalme && runuser -u digitalme -- env PGPASSFILE=/etc/digitalme/pgpass "
-        "/opt/digitalme/current/venv/bin/python -c " + shlex.quote(
-            "import psycopg; psycopg.connect("
-            f"'host={db} dbname=digitalme user=digitalme sslmode=disable')")), check=False)
+    attempt = scale_out.on(
+        "app",
+        (
+            "cd /var/lib/digitalme && runuser -u digitalme -- env PGPASSFILE=/etc/digitalme/pgpass "
+            "/opt/digitalme/current/venv/bin/python -c "
+            + shlex.quote(
+                "import psycopg; psycopg.connect("
+                f"'host={db} dbname=digitalme user=digitalme sslmode=disable')"
+            )
+        ),
+        check=False,
+    )
     assert attempt.returncode != 0 and "pg_hba.conf" in attempt.stderr, attempt.stderr
     # Neither the server nor the app hosts' backend sites are reachable from elsewhere.
     assert not port_open(db, 5432)
@@ -263,25 +359,33 @@ def test_the_apps_keep_their_data_on_postgresql_over_verified_tls(scale_out: Sca
 
 
 def test_the_load_balancer_spreads_requests_and_the_app_sees_the_client(
-        scale_out: ScaleOut) -> None:
+    scale_out: ScaleOut,
+) -> None:
     marker = uuid.uuid4().hex[:12]
     for index in range(12):
         answer = scale_out.curl(f"/health?spread={marker}-{index}", "--fail")
         assert answer.returncode == 0, answer.stderr
     controller = scale_out.deployment.sandbox.controller_address
     for host in APP_HOSTS:
-        logged = scale_out.on(host, "journalctl -u digitalme -o cat --no-pager -n 2000 "
-                                    f"| grep -F {marker}", check=False).stdout.splitlines()
+        logged = scale_out.on(
+            host,
+            f"journalctl -u digitalme -o cat --no-pager -n 2000 | grep -F {marker}",
+            check=False,
+        ).stdout.splitlines()
         assert logged, f"{host} served none of the 12 requests"
         # Through the load balancer's Caddy and the app host's: the client's own address.
         # "INFO aiohttp.access: <client> "GET ..." ...": the client's own address.
-        assert all(line.split("aiohttp.access: ")[1].split()[0] == controller
-                   for line in logged), logged[:3]
+        assert all(line.split("aiohttp.access: ")[1].split()[0] == controller for line in logged), (
+            logged[:3]
+        )
 
 
 def firing(scale_out: ScaleOut) -> set[tuple[str, str]]:
-    alerts = prometheus(scale_out.deployment, "/api/v1/query?query=" + quote(
-        'ALERTS{alertstate="firing",alertname!="Watchdog"}'), host="db")["result"]
+    alerts = prometheus(
+        scale_out.deployment,
+        "/api/v1/query?query=" + quote('ALERTS{alertstate="firing",alertname!="Watchdog"}'),
+        host="db",
+    )["result"]
     return {(a["metric"]["alertname"], a["metric"].get("host", "")) for a in alerts}
 
 
@@ -293,59 +397,92 @@ def test_the_monitoring_host_watches_the_scaled_out_site(scale_out: ScaleOut) ->
         active = prometheus(scale_out.deployment, "/api/v1/targets", host="db")["activeTargets"]
         found = {(t["labels"]["job"], t["labels"].get("host", "")): t["health"] for t in active}
         return found if found and all(h == "up" for h in found.values()) else {}
+
     found = wait_for(targets, 120, "every target up on the monitoring host")
-    expected = {("node", h) for h in ("db", *APP_HOSTS)} | \
-        {(job, h) for job in ("digitalme", "caddy") for h in APP_HOSTS} | \
-        {("caddy", "db"), ("postgresql", "db")}
+    expected = (
+        {("node", h) for h in ("db", *APP_HOSTS)}
+        | {(job, h) for job in ("digitalme", "caddy") for h in APP_HOSTS}
+        | {("caddy", "db"), ("postgresql", "db")}
+    )
     assert expected <= set(found), sorted(found)
     assert not [key for key in found if key[0] == "litestream"], sorted(found)
     assert any(job == "blackbox_https" for job, _ in found), sorted(found)
     # The database's restore drill (as its daily timer would have run it) passes, and
     # Prometheus has the result from node-exporter on db.
-    drill = scale_out.on("db", "systemctl start digitalme-backup-drill.service", check=False,
-                         timeout=900)
+    drill = scale_out.on(
+        "db", "systemctl start digitalme-backup-drill.service", check=False, timeout=900
+    )
     assert drill.returncode == 0, scale_out.on(
-        "db", "journalctl -u digitalme-backup-drill -o cat -n 40 --no-pager").stdout
-    wait_for(lambda: [r for r in prometheus(scale_out.deployment, "/api/v1/query?query=" + quote(
-        'digitalme_backup_drill_success{host="db"} == 1'), host="db")["result"]], 60,
-        "the drill's success on the monitoring host")
+        "db", "journalctl -u digitalme-backup-drill -o cat -n 40 --no-pager"
+    ).stdout
+    wait_for(
+        lambda: [
+            r
+            for r in prometheus(
+                scale_out.deployment,
+                "/api/v1/query?query=" + quote('digitalme_backup_drill_success{host="db"} == 1'),
+                host="db",
+            )["result"]
+        ],
+        60,
+        "the drill's success on the monitoring host",
+    )
     # WAL archiving is watched (WALArchivingFailing reads both series): the segments the
     # drill restored were archived (failures before the stanza existed may be counted).
-    archiver = {sample["metric"]["__name__"]: float(sample["value"][1]) for sample in wait_for(
-        lambda: prometheus(scale_out.deployment, "/api/v1/query?query=" + quote(
-            '{__name__=~"pg_stat_archiver_(archived|failed)_count", host="db"}'),
-            host="db")["result"], 60, "pg_stat_archiver on the monitoring host")}
+    archiver = {
+        sample["metric"]["__name__"]: float(sample["value"][1])
+        for sample in wait_for(
+            lambda: prometheus(
+                scale_out.deployment,
+                "/api/v1/query?query="
+                + quote('{__name__=~"pg_stat_archiver_(archived|failed)_count", host="db"}'),
+                host="db",
+            )["result"],
+            60,
+            "pg_stat_archiver on the monitoring host",
+        )
+    }
     assert archiver.get("pg_stat_archiver_archived_count", 0) > 0, archiver
     assert "pg_stat_archiver_failed_count" in archiver, archiver
     # Nothing fires on a healthy site (rules' `for:` shortened to 10 s here): in particular
     # no LitestreamDown or BackupDrillNeverRan for app hosts that keep no SQLite database.
     time.sleep(30)
     assert firing(scale_out) == set(), prometheus(
-        scale_out.deployment, "/api/v1/query?query=" + quote(
-            'count_over_time(ALERTS{alertstate="firing"}[15m])'), host="db")["result"]
+        scale_out.deployment,
+        "/api/v1/query?query=" + quote('count_over_time(ALERTS{alertstate="firing"}[15m])'),
+        host="db",
+    )["result"]
     # The database server stopping is told, and its return.
     scale_out.on("db", "systemctl stop postgresql")
     try:
-        wait_for(lambda: ("PostgreSQLDown", "db") in firing(scale_out), 120,
-                 "PostgreSQLDown firing")
+        wait_for(
+            lambda: ("PostgreSQLDown", "db") in firing(scale_out), 120, "PostgreSQLDown firing"
+        )
     finally:
         scale_out.on("db", "systemctl start postgresql")
-    wait_for(lambda: ("PostgreSQLDown", "db") not in firing(scale_out), 120,
-             "PostgreSQLDown resolved")
+    wait_for(
+        lambda: ("PostgreSQLDown", "db") not in firing(scale_out), 120, "PostgreSQLDown resolved"
+    )
     # The site serves again (the apps reconnect on their own).
-    wait_for(lambda: scale_out.curl("/health/ready", "--fail").returncode == 0, 120,
-             "the site ready again through the load balancer")
+    wait_for(
+        lambda: scale_out.curl("/health/ready", "--fail").returncode == 0,
+        120,
+        "the site ready again through the load balancer",
+    )
 
 
 def test_the_database_is_backed_up_to_the_bucket_and_the_key_stays_secret(
-        scale_out: ScaleOut) -> None:
+    scale_out: ScaleOut,
+) -> None:
     info = json.loads(scale_out.on("db", f"{PGBACKREST} --output=json info").stdout)[0]
     assert info["status"]["code"] == 0, info["status"]
     assert [b["type"] for b in info["backup"]][:1] == ["full"], info["backup"]
     # WAL reaches the bucket: a switch is archived (pgbackrest check waits for it).
     scale_out.on("db", f"{PGBACKREST} check")
-    stored = {p.relative_to(scale_out.s3.root / S3_BUCKET).parts[:3]
-              for p in scale_out.s3.objects(S3_PATH)}
+    stored = {
+        p.relative_to(scale_out.s3.root / S3_BUCKET).parts[:3]
+        for p in scale_out.s3.objects(S3_PATH)
+    }
     assert {("clones", "department", "archive"), ("clones", "department", "backup")} <= stored
     # The secret key: only in pgBackRest's settings, which postgres alone reads. Our own
     # commands must not put it in the journal either (sudo logs each command line): the
@@ -353,11 +490,15 @@ def test_the_database_is_backed_up_to_the_bucket_and_the_key_stays_secret(
     secret = scale_out.s3.secret
     key = f"'{secret[:20]}''{secret[20:]}'"
     holders = scale_out.on(
-        "db", f"grep -rlsF {key} /etc /var/log /run /tmp /var/lib/postgresql /usr/local",
-        check=False).stdout.split()
+        "db",
+        f"grep -rlsF {key} /etc /var/log /run /tmp /var/lib/postgresql /usr/local",
+        check=False,
+    ).stdout.split()
     assert holders == ["/etc/pgbackrest.conf"], holders
-    assert scale_out.on("db", "stat -c '%U:%G %a' /etc/pgbackrest.conf").stdout.split() == \
-        ["root:postgres", "640"]
+    assert scale_out.on("db", "stat -c '%U:%G %a' /etc/pgbackrest.conf").stdout.split() == [
+        "root:postgres",
+        "640",
+    ]
     assert secret not in scale_out.on("db", "ps -eo args").stdout
     for log in (REPO / "artifacts").glob("scale-out-*.log"):
         assert secret not in log.read_text(), log
@@ -369,8 +510,12 @@ def say(scale_out: ScaleOut, token: str, text: str) -> str:
     created = scale_out.curl("/api/v1/conversations", *auth, "--request", "POST")
     assert created.returncode == 0, created.stderr
     conversation = str(json.loads(created.stdout)["id"])
-    said = scale_out.curl(f"/api/v1/conversations/{conversation}/messages", *auth,
-                          "--json", json.dumps({"text": text}))
+    said = scale_out.curl(
+        f"/api/v1/conversations/{conversation}/messages",
+        *auth,
+        "--json",
+        json.dumps({"text": text}),
+    )
     assert said.returncode == 0, said.stderr
     return conversation
 
@@ -380,7 +525,7 @@ def changed_on_db(output: str) -> str:
     task, changed = "", []
     for line in output.splitlines():
         if line.startswith("TASK ["):
-            task = line[len("TASK ["):line.rfind("]")]
+            task = line[len("TASK [") : line.rfind("]")]
         elif line.startswith("changed: [db]"):
             changed.append(task)
     return "\n".join(changed)
@@ -392,16 +537,17 @@ def stored(scale_out: ScaleOut, text: str) -> int:
 
 def test_a_second_run_changes_nothing(scale_out: ScaleOut) -> None:
     counts = site_yml(scale_out.deployment, "site-second")
-    assert {host: c["changed"] for host, c in counts.items()} == \
-        {host: 0 for host in counts}, counts
+    assert {host: c["changed"] for host, c in counts.items()} == {host: 0 for host in counts}, (
+        counts
+    )
 
 
-def test_a_point_in_time_restore_brings_back_the_state_at_that_moment(
-        scale_out: ScaleOut) -> None:
+def test_a_point_in_time_restore_brings_back_the_state_at_that_moment(scale_out: ScaleOut) -> None:
     deployment = scale_out.deployment
     # Without restore_force=true nothing stops and nothing changes.
-    refused = deployment.playbook("restore-database.yml", "restore-refused",
-                                  "-e", "restore_timestamp=2000-01-01T00:00:00Z")
+    refused = deployment.playbook(
+        "restore-database.yml", "restore-refused", "-e", "restore_timestamp=2000-01-01T00:00:00Z"
+    )
     assert refused.returncode != 0 and "-e restore_force=true" in refused.stdout
     assert scale_out.curl("/health/ready", "--fail").returncode == 0
 
@@ -411,19 +557,33 @@ def test_a_point_in_time_restore_brings_back_the_state_at_that_moment(
     point = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     time.sleep(2)
     say(scale_out, token, "said after the point")
-    assert (stored(scale_out, "said before the point"),
-            stored(scale_out, "said after the point")) == (1, 1)
+    assert (
+        stored(scale_out, "said before the point"),
+        stored(scale_out, "said after the point"),
+    ) == (1, 1)
 
-    result = deployment.playbook("restore-database.yml", "restore-database",
-                                 "-e", "restore_force=true", "-e", f"restore_timestamp={point}")
+    result = deployment.playbook(
+        "restore-database.yml",
+        "restore-database",
+        "-e",
+        "restore_force=true",
+        "-e",
+        f"restore_timestamp={point}",
+    )
     assert result.returncode == 0, result.stdout[-5000:]
-    assert (stored(scale_out, "said before the point"),
-            stored(scale_out, "said after the point")) == (1, 0)
+    assert (
+        stored(scale_out, "said before the point"),
+        stored(scale_out, "said after the point"),
+    ) == (1, 0)
     # The state it replaced is kept as a backup, named in the output.
     kept = re.search(r"The state\s+before the restore is the backup (\S+);", result.stdout)
     assert kept, result.stdout[-3000:]
-    labels = [b["label"] for b in json.loads(
-        scale_out.on("db", f"{PGBACKREST} --output=json info").stdout)[0]["backup"]]
+    labels = [
+        b["label"]
+        for b in json.loads(scale_out.on("db", f"{PGBACKREST} --output=json info").stdout)[0][
+            "backup"
+        ]
+    ]
     assert kept.group(1) in labels, labels
     # Both app hosts are back, the token made before the point still works.
     for host in APP_HOSTS:
@@ -433,21 +593,37 @@ def test_a_point_in_time_restore_brings_back_the_state_at_that_moment(
 
     # Undone: the kept backup (on the timeline the restore abandoned) brings back the turn
     # after the point, and not the one said since.
-    undone = deployment.playbook("restore-database.yml", "restore-undo", "-e",
-                                 "restore_force=true", "-e", f"restore_backup={kept.group(1)}")
+    undone = deployment.playbook(
+        "restore-database.yml",
+        "restore-undo",
+        "-e",
+        "restore_force=true",
+        "-e",
+        f"restore_backup={kept.group(1)}",
+    )
     assert undone.returncode == 0, undone.stdout[-5000:]
-    assert (stored(scale_out, "said before the point"), stored(scale_out, "said after the point"),
-            stored(scale_out, "said after the restore")) == (1, 1, 0)
-    wait_for(lambda: scale_out.curl("/health/ready", "--fail").returncode == 0, 60,
-             "the site ready after the undo")
+    assert (
+        stored(scale_out, "said before the point"),
+        stored(scale_out, "said after the point"),
+        stored(scale_out, "said after the restore"),
+    ) == (1, 1, 0)
+    wait_for(
+        lambda: scale_out.curl("/health/ready", "--fail").returncode == 0,
+        60,
+        "the site ready after the undo",
+    )
 
 
 def test_an_app_host_dying_fails_no_request_but_its_own_in_flight(scale_out: ScaleOut) -> None:
     deployment = scale_out.deployment
     target = Target(deployment.sandbox.hosts["db"].address, DOMAIN, scale_out.lb_ca)
-    load = SteadyLoad(target, scale_out.token("failover"), TELEGRAM_SECRET,
-                      label=f"failover-{uuid.uuid4().hex[:6]}",
-                      workers={"health": 2, "chat": 3, "stream": 1, "webhook": 2})
+    load = SteadyLoad(
+        target,
+        scale_out.token("failover"),
+        TELEGRAM_SECRET,
+        label=f"failover-{uuid.uuid4().hex[:6]}",
+        workers={"health": 2, "chat": 3, "stream": 1, "webhook": 2},
+    )
     with load.running(scale_out.loop):
         time.sleep(10)
         killed_at = time.time()
@@ -457,13 +633,19 @@ def test_an_app_host_dying_fails_no_request_but_its_own_in_flight(scale_out: Sca
         time.sleep(25)
 
     def turns_per_second(start: float, end: float) -> float:
-        done = [o for o in load.outcomes if o.kind in ("chat", "stream") and o.status == 200
-                and start <= o.finished <= end]
+        done = [
+            o
+            for o in load.outcomes
+            if o.kind in ("chat", "stream") and o.status == 200 and start <= o.finished <= end
+        ]
         return len(done) / (end - start)
+
     # Recorded, not asserted: every host shares the machine's two cores (and the load and
     # the Claude stand-in run on them too), so this is no measure of what a second host adds.
-    two, one = (turns_per_second(killed_at - 10, killed_at),
-                turns_per_second(killed_at + 5, killed_at + 25))
+    two, one = (
+        turns_per_second(killed_at - 10, killed_at),
+        turns_per_second(killed_at + 5, killed_at + 25),
+    )
     deployment.record("failover_turns_per_second_two_hosts", two)
     deployment.record("failover_turns_per_second_one_host", one)
     # What failed was sent before app2 died (in flight there); nothing sent after it did.
@@ -473,8 +655,11 @@ def test_an_app_host_dying_fails_no_request_but_its_own_in_flight(scale_out: Sca
     # (but the successful requests) from the kill on.
     since = f"--since=@{killed_at - 1:.0f}"
     for host, units in (("db", "-u caddy"), ("app", "-u caddy -u digitalme")):
-        logged = scale_out.on(host, f"journalctl {units} -o short-unix --no-pager {since} "
-                                    "| grep -v '\"status\":20'", check=False).stdout
+        logged = scale_out.on(
+            host,
+            f"journalctl {units} -o short-unix --no-pager {since} | grep -v '\"status\":20'",
+            check=False,
+        ).stdout
         (REPO / "artifacts" / f"scale-out-failover-{host}.log").write_text(logged)
     assert late == [], (late[:5], "see artifacts/scale-out-failover-*.log")
     after = [o for o in load.outcomes if o.started > dead_by + 5]
@@ -485,31 +670,43 @@ def test_an_app_host_dying_fails_no_request_but_its_own_in_flight(scale_out: Sca
     keys = load.acknowledged("chat") + load.acknowledged("stream")
     assert keys
     found = {
-        row for row in scale_out.sql(
-            "SELECT text FROM messages WHERE role = 'user' AND text LIKE "
-            f"'{load.label} %'").splitlines()}
+        row
+        for row in scale_out.sql(
+            f"SELECT text FROM messages WHERE role = 'user' AND text LIKE '{load.label} %'"
+        ).splitlines()
+    }
     assert set(keys) - found == set(), sorted(set(keys) - found)[:5]
     # Every acknowledged delivery is answered once, app2's too (app's worker takes over
     # its claims once their lease runs out).
     wanted = load.acknowledged("webhook")
     assert wanted
+
     # A reply part in flight on app2 when it died is sent again by app (Telegram cannot be
     # asked whether it arrived: docs/channels.md), saying so in its log; only those may
     # show twice.
     def sent_again() -> int:
-        return len(scale_out.on("app", f"journalctl -u digitalme -o cat --no-pager {since} "
-                                       "| grep -F 'sending again what may have arrived already'",
-                                check=False).stdout.splitlines())
+        return len(
+            scale_out.on(
+                "app",
+                f"journalctl -u digitalme -o cat --no-pager {since} "
+                "| grep -F 'sending again what may have arrived already'",
+                check=False,
+            ).stdout.splitlines()
+        )
+
     resent = wait_until_answered(scale_out.telegram, load, timeout=180, resent=sent_again)
-    print(f"failover: {len(load.outcomes)} requests, {len(failed)} failed (all in flight "
-          f"on app2 when it died), {len(after)} served by the survivor after it, "
-          f"{len(wanted)} deliveries answered ({resent} sent again unchecked); chat turns/s "
-          f"{two:.1f} on two hosts, "
-          f"{one:.1f} on one")
+    print(
+        f"failover: {len(load.outcomes)} requests, {len(failed)} failed (all in flight "
+        f"on app2 when it died), {len(after)} served by the survivor after it, "
+        f"{len(wanted)} deliveries answered ({resent} sent again unchecked); chat turns/s "
+        f"{two:.1f} on two hosts, "
+        f"{one:.1f} on one"
+    )
 
 
 def test_a_fresh_database_host_comes_back_from_the_bucket(
-        scale_out: ScaleOut, sandbox_hosts) -> None:
+    scale_out: ScaleOut, sandbox_hosts
+) -> None:
     deployment = scale_out.deployment
     token = scale_out.token("loss")
     say(scale_out, token, "archived before the loss")
@@ -525,8 +722,9 @@ def test_a_fresh_database_host_comes_back_from_the_bucket(
     site_yml(deployment, "site-recovery")
     deployment.record("database_recovery_seconds", time.monotonic() - started)
     log = (REPO / "artifacts" / "scale-out-site-recovery.log").read_text()
-    assert "Restore the latest backup and the archived WAL" in changed_on_db(log), \
+    assert "Restore the latest backup and the archived WAL" in changed_on_db(log), (
         "site.yml did not restore the database"
+    )
     # Everything archived is back (the last segment may not be: at most
     # postgresql_archive_timeout of writes, docs/scale-out.md).
     assert stored(scale_out, "archived before the loss") == 1

@@ -60,8 +60,10 @@ def prometheus(deployment: Deployment, path: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def deployment(sandbox_hosts, tmp_path_factory: pytest.TempPathFactory,
-               ) -> Iterator[Deployment]:
+def deployment(
+    sandbox_hosts,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Deployment]:
     sandbox = sandbox_hosts(*HOSTS, suite=SUITE)
     add_group_vars(sandbox.inventory, {"monitoring": MONITORING_TEST_SETTINGS})
     workdir = tmp_path_factory.mktemp("trixie")
@@ -96,8 +98,11 @@ def test_a_chat_turn_is_stored_and_reaches_the_replica(deployment: Deployment) -
     chat_turn(deployment, "Hello from Debian 13", token_name="e2e-trixie")
     assert count_messages(deployment, DB, "Hello from Debian 13") == 2  # question and reply
     wait_replicated(deployment, "Hello from Debian 13")
-    files = deployment.sandbox.hosts["replica"].run(
-        "find /srv/litestream/replicas/digitalme -type f | head -5", login=ADMIN).stdout
+    files = (
+        deployment.sandbox.hosts["replica"]
+        .run("find /srv/litestream/replicas/digitalme -type f | head -5", login=ADMIN)
+        .stdout
+    )
     assert files.strip(), "no replica files on the backup target"
 
 
@@ -106,8 +111,11 @@ def test_the_restore_drill_passes(deployment: Deployment) -> None:
     assert returncode == 0, journal
     # Its result reaches the monitoring host (the app host's node-exporter, scraped over TLS).
     query = "/api/v1/query?query=" + quote('digitalme_backup_drill_success{host="app"}')
-    wait_for(lambda: [r for r in prometheus(deployment, query)["result"]
-                      if r["value"][1] == "1"], 60, "the drill's success on the monitoring host")
+    wait_for(
+        lambda: [r for r in prometheus(deployment, query)["result"] if r["value"][1] == "1"],
+        60,
+        "the drill's success on the monitoring host",
+    )
 
 
 def test_the_monitoring_host_scrapes_the_app_host_over_https(deployment: Deployment) -> None:
@@ -121,14 +129,20 @@ def test_the_monitoring_host_scrapes_the_app_host_over_https(deployment: Deploym
 
     def app_targets() -> dict[tuple[str, str], dict[str, Any]]:
         targets = prometheus(deployment, "/api/v1/targets")["activeTargets"]
-        found = {(t["labels"]["job"], t["labels"]["host"]): t for t in targets
-                 if t["labels"].get("host") == "app"}
+        found = {
+            (t["labels"]["job"], t["labels"]["host"]): t
+            for t in targets
+            if t["labels"].get("host") == "app"
+        }
         return found if all(t["health"] == "up" for t in found.values()) else {}
+
     found = wait_for(app_targets, 90, "the app host's targets up on the monitoring host")
     assert {key: t["scrapeUrl"] for key, t in found.items() if key in expected} == expected, found
     # The app's own series, through the site (the rules read them by job and host).
-    build = prometheus(deployment, "/api/v1/query?query=" + quote(
-        'digitalme_build_info{host="app",job="digitalme"}'))["result"]
+    build = prometheus(
+        deployment,
+        "/api/v1/query?query=" + quote('digitalme_build_info{host="app",job="digitalme"}'),
+    )["result"]
     assert build and build[0]["value"][1] == "1", build
 
 
@@ -136,14 +150,39 @@ def test_the_metrics_site_admits_the_monitoring_host_only(deployment: Deployment
     app = deployment.app.address
     # From the controller the firewall drops it; the public site does not serve metrics.
     assert not port_open(app, METRICS_SITE_PORT)
-    assert deployment.curl(f"https://{DOMAIN}/caddy/metrics", "--write-out", "%{http_code}",
-                           "--output", "/dev/null").stdout != "200"
+    assert (
+        deployment.curl(
+            f"https://{DOMAIN}/caddy/metrics",
+            "--write-out",
+            "%{http_code}",
+            "--output",
+            "/dev/null",
+        ).stdout
+        != "200"
+    )
     base = f"https://{app}:{METRICS_SITE_PORT}"
 
     def status(path: str, *options: str) -> str:
-        return deployment.on("replica", shlex.join([
-            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
-            "--cacert", PINNED_CADDY_ROOT, *options, base + path]), check=False).stdout
+        return deployment.on(
+            "replica",
+            shlex.join(
+                [
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "10",
+                    "--cacert",
+                    PINNED_CADDY_ROOT,
+                    *options,
+                    base + path,
+                ]
+            ),
+            check=False,
+        ).stdout
 
     # TLS the monitoring host trusts through the pinned root, and a login for each path.
     assert status("/litestream/metrics") == "401"
@@ -151,21 +190,26 @@ def test_the_metrics_site_admits_the_monitoring_host_only(deployment: Deployment
     assert status("/litestream/metrics", "--user", SCRAPE_LOGIN) == "200"
     assert status("/caddy/metrics", "--user", SCRAPE_LOGIN) == "200"
     assert status("/digitalme/metrics") == "401"  # the app's own check: its bearer token
-    assert status("/digitalme/metrics", "--header",
-                  f"Authorization: Bearer {METRICS_TOKEN}") == "200"
+    assert (
+        status("/digitalme/metrics", "--header", f"Authorization: Bearer {METRICS_TOKEN}") == "200"
+    )
     assert status("/anything-else", "--user", SCRAPE_LOGIN) == "404"
     # Without the pinned root the certificate is not trusted (Caddy's own CA, not public).
-    untrusted = deployment.on("replica", f"curl -s --max-time 10 {base}/caddy/metrics",
-                              check=False)
+    untrusted = deployment.on("replica", f"curl -s --max-time 10 {base}/caddy/metrics", check=False)
     assert untrusted.returncode == 60, untrusted
 
 
 def test_litestream_stopped_on_the_app_host_alerts_the_monitoring_host(
-        deployment: Deployment) -> None:
+    deployment: Deployment,
+) -> None:
     def alert() -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = prometheus(deployment, "/api/v1/query?query=" + quote(
-            'ALERTS{alertname="LitestreamDown",host="app",alertstate="firing"}'))["result"]
+        result: list[dict[str, Any]] = prometheus(
+            deployment,
+            "/api/v1/query?query="
+            + quote('ALERTS{alertname="LitestreamDown",host="app",alertstate="firing"}'),
+        )["result"]
         return result
+
     assert not alert()
     started = time.monotonic()
     deployment.on_app("systemctl stop litestream.service")

@@ -85,13 +85,20 @@ class Sources:
 def sources(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sources]:
     base = tmp_path_factory.mktemp("releases")
     previous = base / "previous"
-    found = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{UPGRADE_FROM}^{{commit}}"],
-                           capture_output=True, text=True)
+    found = subprocess.run(
+        ["git", "-C", str(REPO), "cat-file", "-e", f"{UPGRADE_FROM}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
     assert found.returncode == 0, (
         f"commit {UPGRADE_FROM} (the release upgraded from) is not in this clone; clone the "
-        "repository with its history")
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(previous),
-                    UPGRADE_FROM], check=True, capture_output=True)
+        "repository with its history"
+    )
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(previous), UPGRADE_FROM],
+        check=True,
+        capture_output=True,
+    )
     never_ready = copy_of_checkout(base / "never-ready")
     ops = never_ready / "app" / "digitalme" / "handlers" / "ops.py"
     text = ops.read_text()
@@ -104,8 +111,10 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sources]:
     try:
         yield Sources(previous, never_ready, broken, migrating)
     finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
-                        str(previous)], capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(previous)],
+            capture_output=True,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +127,16 @@ def timings(site: SharedSite) -> Deployment:
     return Deployment(site.deployment.sandbox, site.deployment.workdir, TIMINGS)
 
 
-def play(site: SharedSite, playbook: str, *extra: str, source: Path | None = None,
-         check: bool = True) -> tuple[subprocess.CompletedProcess[str], float]:
+def play(
+    site: SharedSite, playbook: str, *extra: str, source: Path | None = None, check: bool = True
+) -> tuple[subprocess.CompletedProcess[str], float]:
     args = list(extra) + (["-e", f"digitalme_source_dir={source}"] if source else [])
     started = time.monotonic()
     result = site.playbook(playbook, *args, check=False)
     seconds = time.monotonic() - started
     (REPO / "artifacts" / f"upgrade-{playbook.removesuffix('.yml')}.log").write_text(
-        result.stdout + result.stderr)
+        result.stdout + result.stderr
+    )
     if check:
         assert result.returncode == 0, result.stdout[-6000:]
     return result, seconds
@@ -159,15 +170,20 @@ def load_on(site: SharedSite, label: str, **workers: int) -> SteadyLoad:
     if not deployment.ca_file.exists():
         deployment.ca_file.write_text(on_app(site, f"cat {CADDY_ROOT}"))
     token = deployment.chat_token(f"load-{label}")
-    load = SteadyLoad(Target(deployment.app.address, DOMAIN, deployment.ca_file), token,
-                      TELEGRAM_SECRET, label=f"{label}-{uuid.uuid4().hex[:6]}")
+    load = SteadyLoad(
+        Target(deployment.app.address, DOMAIN, deployment.ca_file),
+        token,
+        TELEGRAM_SECRET,
+        label=f"{label}-{uuid.uuid4().hex[:6]}",
+    )
     if workers:
         load.workers = workers
     return load
 
 
 def test_upgrade_from_the_previous_release_fails_no_request(
-        site: SharedSite, sources: Sources, timings: Deployment) -> None:
+    site: SharedSite, sources: Sources, timings: Deployment
+) -> None:
     _, seconds = play(site, "upgrade.yml", source=sources.previous)
     assert info(site)["release"]["commit"] == UPGRADE_FROM
     timings.record("deploy_previous_release_seconds", seconds)
@@ -194,28 +210,33 @@ def test_upgrade_from_the_previous_release_fails_no_request(
     p99_during = percentile([o.seconds for o in during], 0.99)
     added = [o.seconds - median for o in held]
     assert held, "no request was in flight while the service restarted: nothing was proved"
-    print(f"upgrade: {len(during)} requests during the play ({seconds:.0f}s), 0 failed; "
-          f"deploy {record['duration_seconds']}s, restart {restart['seconds']}s, gate "
-          f"{record['gate_seconds']}s; {len(held)} requests in flight across the restart, "
-          f"added latency p99 {percentile(added, 0.99):.2f}s max {max(added):.2f}s; "
-          f"p99 {p99_before:.3f}s before, {p99_during:.3f}s during")
-    for name, value in (("upgrade_play_seconds", seconds),
-                        ("upgrade_deploy_seconds", record["duration_seconds"]),
-                        ("upgrade_restart_seconds", restart["seconds"]),
-                        ("upgrade_gate_seconds", record["gate_seconds"]),
-                        ("upgrade_requests_during", len(during)),
-                        ("upgrade_requests_failed", len(load.failed())),
-                        ("upgrade_requests_held", len(held)),
-                        ("upgrade_held_added_p99_seconds", percentile(added, 0.99)),
-                        ("upgrade_held_added_max_seconds", max(added)),
-                        ("upgrade_p99_before_seconds", p99_before),
-                        ("upgrade_p99_during_seconds", p99_during)):
+    print(
+        f"upgrade: {len(during)} requests during the play ({seconds:.0f}s), 0 failed; "
+        f"deploy {record['duration_seconds']}s, restart {restart['seconds']}s, gate "
+        f"{record['gate_seconds']}s; {len(held)} requests in flight across the restart, "
+        f"added latency p99 {percentile(added, 0.99):.2f}s max {max(added):.2f}s; "
+        f"p99 {p99_before:.3f}s before, {p99_during:.3f}s during"
+    )
+    for name, value in (
+        ("upgrade_play_seconds", seconds),
+        ("upgrade_deploy_seconds", record["duration_seconds"]),
+        ("upgrade_restart_seconds", restart["seconds"]),
+        ("upgrade_gate_seconds", record["gate_seconds"]),
+        ("upgrade_requests_during", len(during)),
+        ("upgrade_requests_failed", len(load.failed())),
+        ("upgrade_requests_held", len(held)),
+        ("upgrade_held_added_p99_seconds", percentile(added, 0.99)),
+        ("upgrade_held_added_max_seconds", max(added)),
+        ("upgrade_p99_before_seconds", p99_before),
+        ("upgrade_p99_during_seconds", p99_during),
+    ):
         timings.record(name, value)
 
     # Every acknowledged write is there: each chat turn stored, each delivery answered once.
     chats = set(load.acknowledged("chat")) | set(load.acknowledged("stream"))
-    stored = set(sql(site, "SELECT text FROM messages WHERE role = 'user' AND text LIKE "
-                           f"'{load.label} %'"))
+    stored = set(
+        sql(site, f"SELECT text FROM messages WHERE role = 'user' AND text LIKE '{load.label} %'")
+    )
     assert load.acknowledged("stream"), "no streamed turn finished"
     assert chats and chats <= stored, f"{len(chats - stored)} acknowledged turns missing"
     wait_until_answered(site.telegram, load)
@@ -230,12 +251,19 @@ def test_a_run_with_nothing_new_changes_nothing(site: SharedSite, timings: Deplo
 
 
 def test_a_release_that_never_becomes_ready_is_rolled_back(
-        site: SharedSite, sources: Sources, timings: Deployment) -> None:
+    site: SharedSite, sources: Sources, timings: Deployment
+) -> None:
     running = info(site)["release"]["release"]
     load = load_on(site, "never-ready", health=3, chat=2, webhook=1)
     with load.running(site.loop):
-        result, _ = play(site, "upgrade.yml", "-e", "digitalme_upgrade_gate_timeout_seconds=20",
-                         source=sources.never_ready, check=False)
+        result, _ = play(
+            site,
+            "upgrade.yml",
+            "-e",
+            "digitalme_upgrade_gate_timeout_seconds=20",
+            source=sources.never_ready,
+            check=False,
+        )
         time.sleep(2)
     assert result.returncode != 0
     output = result.stdout
@@ -247,15 +275,19 @@ def test_a_release_that_never_becomes_ready_is_rolled_back(
     record = last_record(site)
     assert record["result"] == "rolled_back" and record["rolled_back_to"] == running
     assert "digitalme_deploy_last_success 0" in on_app(
-        site, "cat /var/lib/prometheus/node-exporter/digitalme_deploy.prom")
+        site, "cat /var/lib/prometheus/node-exporter/digitalme_deploy.prom"
+    )
     timings.record("automatic_rollback_seconds", record["rollback_seconds"])
-    print(f"never ready: rolled back in {record['rollback_seconds']}s, "
-          f"{len(load.outcomes)} requests meanwhile, 0 failed")
+    print(
+        f"never ready: rolled back in {record['rollback_seconds']}s, "
+        f"{len(load.outcomes)} requests meanwhile, 0 failed"
+    )
     wait_until_answered(site.telegram, load)
 
 
 def test_a_migration_that_fails_half_way_changes_nothing(
-        site: SharedSite, sources: Sources) -> None:
+    site: SharedSite, sources: Sources
+) -> None:
     running = info(site)["release"]["release"]
     tables = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
     counts = "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM inbox)"
@@ -275,16 +307,22 @@ def chat_turns(site: SharedSite, label: str, count: int) -> None:
     deployment = site.deployment
     token = deployment.chat_token(label)
     auth = ["--header", f"Authorization: Bearer {token}", "--fail"]
-    conversation = json.loads(deployment.curl(
-        f"https://{DOMAIN}/api/v1/conversations", *auth, "--request", "POST").stdout)["id"]
+    conversation = json.loads(
+        deployment.curl(f"https://{DOMAIN}/api/v1/conversations", *auth, "--request", "POST").stdout
+    )["id"]
     for i in range(count):
-        said = deployment.curl(f"https://{DOMAIN}/api/v1/conversations/{conversation}/messages",
-                               *auth, "--json", json.dumps({"text": f"{label} #{i}"}))
+        said = deployment.curl(
+            f"https://{DOMAIN}/api/v1/conversations/{conversation}/messages",
+            *auth,
+            "--json",
+            json.dumps({"text": f"{label} #{i}"}),
+        )
         assert said.returncode == 0, said.stderr
 
 
-def test_rollback_after_a_migrating_upgrade(site: SharedSite, sources: Sources,
-                                            timings: Deployment) -> None:
+def test_rollback_after_a_migrating_upgrade(
+    site: SharedSite, sources: Sources, timings: Deployment
+) -> None:
     previous = info(site)["release"]["release"]
     play(site, "upgrade.yml", source=sources.migrating)
     upgrade = last_record(site)
@@ -297,17 +335,21 @@ def test_rollback_after_a_migrating_upgrade(site: SharedSite, sources: Sources,
     label = f"after-upgrade-{uuid.uuid4().hex[:6]}"
     chat_turns(site, label, 3)  # what a data rollback loses: at least these 6 messages
     highest = upgrade["snapshot"]["highest_rowids"]
-    written = {table: int(sql(site, f"SELECT count(*) FROM {table} WHERE rowid > {n}")[0])
-               for table, n in highest.items()}
+    written = {
+        table: int(sql(site, f"SELECT count(*) FROM {table} WHERE rowid > {n}")[0])
+        for table, n in highest.items()
+    }
     assert written["messages"] >= 6 and written["conversations"] >= 1
 
     refused, _ = play(site, "rollback.yml", check=False)
     assert refused.returncode != 0
     assert f"applied migrations ({PROBE}) that release" in refused.stdout
     assert "rollback_data=false: keep it" in refused.stdout
-    assert (f"this LOSES what was written since: {written['messages']} messages, "
-            f"{written['conversations']} conversations and {written['inbox']} webhook "
-            "deliveries") in refused.stdout, refused.stdout[-3000:]
+    assert (
+        f"this LOSES what was written since: {written['messages']} messages, "
+        f"{written['conversations']} conversations and {written['inbox']} webhook "
+        "deliveries"
+    ) in refused.stdout, refused.stdout[-3000:]
     assert schema(site)[-1] == PROBE_VERSION
     assert info(site)["release"]["release"] == upgrade["to_release"]
 
@@ -340,15 +382,24 @@ def test_rollback_after_a_migrating_upgrade(site: SharedSite, sources: Sources,
     chat_turns(site, later, 1)
     deadline = time.monotonic() + 60
     while True:
-        drill = site.deployment.on_app("systemctl start digitalme-backup-drill.service",
-                                       check=False, timeout=600)
+        drill = site.deployment.on_app(
+            "systemctl start digitalme-backup-drill.service", check=False, timeout=600
+        )
         on_app(site, "rm -f /var/lib/digitalme/e2e-upgrade.db*")
         restored = site.deployment.on_app(
-            "litestream-admin restore -o /var/lib/digitalme/e2e-upgrade.db " + DB, check=False)
+            "litestream-admin restore -o /var/lib/digitalme/e2e-upgrade.db " + DB, check=False
+        )
         # The turn's two messages: the question and the stand-in's reply quoting it.
-        found = on_app(site, "sqlite3 -readonly /var/lib/digitalme/e2e-upgrade.db "
-                             f"\"SELECT count(*) FROM messages WHERE text LIKE '%{later}%'\"",
-                       check=False).strip() if restored.returncode == 0 else ""
+        found = (
+            on_app(
+                site,
+                "sqlite3 -readonly /var/lib/digitalme/e2e-upgrade.db "
+                f"\"SELECT count(*) FROM messages WHERE text LIKE '%{later}%'\"",
+                check=False,
+            ).strip()
+            if restored.returncode == 0
+            else ""
+        )
         if drill.returncode == 0 and found == "2":
             break
         assert time.monotonic() < deadline, (drill.stdout, drill.stderr, restored.stderr)
@@ -369,7 +420,8 @@ def test_a_second_deploy_fails_on_the_lock_or_waits_for_it(site: SharedSite) -> 
 
     def upgrade_waiting() -> None:
         waited["result"], waited["seconds"] = play(
-            site, "upgrade.yml", "-e", "digitalme_deploy_lock_wait_seconds=300")
+            site, "upgrade.yml", "-e", "digitalme_deploy_lock_wait_seconds=300"
+        )
 
     worker = threading.Thread(target=upgrade_waiting)
     worker.start()

@@ -41,14 +41,20 @@ class Platforms:
 
     def settings(self) -> dict[str, Any]:
         return {
-            "telegram_bot_token": TELEGRAM_TOKEN, "telegram_secret_token": TELEGRAM_SECRET,
+            "telegram_bot_token": TELEGRAM_TOKEN,
+            "telegram_secret_token": TELEGRAM_SECRET,
             "telegram_api_base": self.telegram.base_url,
-            "slack_signing_secret": SLACK_SECRET, "slack_bot_token": SLACK_TOKEN,
+            "slack_signing_secret": SLACK_SECRET,
+            "slack_bot_token": SLACK_TOKEN,
             "slack_api_base": self.slack.api_base,
-            "github_webhook_secret": GITHUB_SECRET, "github_token": GITHUB_TOKEN,
-            "github_api_base": self.github.base_url, "github_handle": GITHUB_HANDLE,
-            "clickup_webhook_secret": CLICKUP_SECRET, "clickup_token": CLICKUP_TOKEN,
-            "clickup_api_base": self.clickup.base_url, "clickup_list_id": CLICKUP_LIST,
+            "github_webhook_secret": GITHUB_SECRET,
+            "github_token": GITHUB_TOKEN,
+            "github_api_base": self.github.base_url,
+            "github_handle": GITHUB_HANDLE,
+            "clickup_webhook_secret": CLICKUP_SECRET,
+            "clickup_token": CLICKUP_TOKEN,
+            "clickup_api_base": self.clickup.base_url,
+            "clickup_list_id": CLICKUP_LIST,
         }
 
 
@@ -57,17 +63,24 @@ class Platforms:
 # ack takes a few milliseconds (bench/webhook_bench.py).
 ACK_BUDGET = 1.0
 
-FAST = {"worker_poll_seconds": 0.1, "inbox_retry_base_seconds": 0.05,
-        "inbox_retry_max_seconds": 0.5, "outbound_timeout_seconds": 2.0,
-        "outbound_retries": 1, "rate_limit_per_minute": 0}
+FAST = {
+    "worker_poll_seconds": 0.1,
+    "inbox_retry_base_seconds": 0.05,
+    "inbox_retry_max_seconds": 0.5,
+    "outbound_timeout_seconds": 2.0,
+    "outbound_retries": 1,
+    "rate_limit_per_minute": 0,
+}
 
 
 @pytest.fixture
 async def platforms() -> AsyncIterator[Platforms]:
-    async with running(TelegramStandin(TELEGRAM_TOKEN)) as telegram, \
-            running(SlackStandin(SLACK_TOKEN)) as slack, \
-            running(GitHubStandin(GITHUB_TOKEN, GITHUB_HANDLE)) as github, \
-            running(ClickUpStandin(CLICKUP_TOKEN, (CLICKUP_LIST, "902"))) as clickup:
+    async with (
+        running(TelegramStandin(TELEGRAM_TOKEN)) as telegram,
+        running(SlackStandin(SLACK_TOKEN)) as slack,
+        running(GitHubStandin(GITHUB_TOKEN, GITHUB_HANDLE)) as github,
+        running(ClickUpStandin(CLICKUP_TOKEN, (CLICKUP_LIST, "902"))) as clickup,
+    ):
         yield Platforms(telegram, slack, github, clickup)
 
 
@@ -75,11 +88,15 @@ ChannelServiceFactory = Callable[..., Awaitable[Service]]
 
 
 @pytest.fixture
-def make_channel_service(make_service: ServiceFactory, platforms: Platforms,
-                         ) -> ChannelServiceFactory:
+def make_channel_service(
+    make_service: ServiceFactory,
+    platforms: Platforms,
+) -> ChannelServiceFactory:
     """The app with every channel on (override any setting, e.g. one secret to None)."""
+
     async def make(**overrides: Any) -> Service:
         return await make_service(**{**platforms.settings(), **FAST, **overrides})
+
     return make
 
 
@@ -88,8 +105,12 @@ async def channel_service(make_channel_service: ChannelServiceFactory) -> Servic
     return await make_channel_service()
 
 
-async def post(service: Service, path: str, headers: dict[str, str], body: bytes,
-               ) -> tuple[int, dict[str, Any], float]:
+async def post(
+    service: Service,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+) -> tuple[int, dict[str, Any], float]:
     """POST a delivery; (status, JSON body, seconds to the answer)."""
     started = time.monotonic()
     response = await service.client.post(path, data=body, headers=headers)
@@ -98,14 +119,16 @@ async def post(service: Service, path: str, headers: dict[str, str], body: bytes
     return response.status, payload, elapsed
 
 
-async def wait_settled(service: Service, channel: str | None = None, *,
-                       timeout: float = 10.0) -> list[InboxItem]:
+async def wait_settled(
+    service: Service, channel: str | None = None, *, timeout: float = 10.0
+) -> list[InboxItem]:
     """Wait until no inbox item is pending or processing; return all items, oldest first."""
     inbox = service.app[INBOX]
     deadline = time.monotonic() + timeout
     while True:
-        items = [i for i in await inbox.recent(limit=1000)
-                 if channel is None or i.channel == channel]
+        items = [
+            i for i in await inbox.recent(limit=1000) if channel is None or i.channel == channel
+        ]
         if all(i.status not in ("pending", "processing") for i in items):
             return sorted(items, key=lambda i: i.id)
         if time.monotonic() > deadline:
@@ -113,8 +136,9 @@ async def wait_settled(service: Service, channel: str | None = None, *,
         await asyncio.sleep(0.02)
 
 
-async def wait_status(service: Service, item_id: int, *statuses: str,
-                      timeout: float = 10.0) -> InboxItem:
+async def wait_status(
+    service: Service, item_id: int, *statuses: str, timeout: float = 10.0
+) -> InboxItem:
     inbox = service.app[INBOX]
     deadline = time.monotonic() + timeout
     while True:
@@ -122,8 +146,9 @@ async def wait_status(service: Service, item_id: int, *statuses: str,
         if item is not None and item.status in statuses:
             return item
         if time.monotonic() > deadline:
-            raise TimeoutError(f"item {item_id} never reached {statuses}: "
-                               f"{item.to_json() if item else None}")
+            raise TimeoutError(
+                f"item {item_id} never reached {statuses}: {item.to_json() if item else None}"
+            )
         await asyncio.sleep(0.02)
 
 

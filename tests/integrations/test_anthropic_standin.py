@@ -38,8 +38,11 @@ HELLO = [{"role": "user", "content": "Hello, stand-in!"}]
 WEATHER_TOOL = {
     "name": "get_weather",
     "description": "Current weather for a city.",
-    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
-                     "required": ["city"]},
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
 }
 
 # The SDK's environment is cleaned, and `standin` provided, by tests/conftest.py.
@@ -50,8 +53,13 @@ async def make_client(standin: AnthropicStandin) -> AsyncIterator[Callable[..., 
     clients: list[anthropic.AsyncAnthropic] = []
 
     def make(**options: Any) -> anthropic.AsyncAnthropic:
-        options = {"api_key": KEY, "base_url": standin.base_url, "max_retries": 0,
-                   "timeout": 10.0, **options}
+        options = {
+            "api_key": KEY,
+            "base_url": standin.base_url,
+            "max_retries": 0,
+            "timeout": 10.0,
+            **options,
+        }
         client = anthropic.AsyncAnthropic(**options)
         clients.append(client)
         return client
@@ -80,7 +88,10 @@ async def test_plain_reply_usage_and_recorded_request(standin, make_client) -> N
 
     (first, second) = standin.requests
     assert (first.method, first.path, second.path) == (
-        "POST", "/v1/messages", "/v1/messages/count_tokens")
+        "POST",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+    )
     assert first.body["messages"] == HELLO and first.body["max_tokens"] == 256
     assert first.api_key_present and first.auth_scheme == "bearer"  # 2.14 sends a bearer token
     assert first.api_key_sha256 == hashlib.sha256(KEY.encode()).hexdigest()
@@ -93,13 +104,17 @@ async def test_plain_reply_usage_and_recorded_request(standin, make_client) -> N
 async def test_prompt_caching_creation_then_read(standin, make_client) -> None:
     client = make_client()
     persona = "You are DigitalMe, speaking in your owner's voice. " * 40
-    system = [{"type": "text", "text": persona, "cache_control": {"type": "ephemeral"}},
-              {"type": "text", "text": "Today is Tuesday."}]
-    first = await client.messages.create(model=MODEL, max_tokens=64, system=system,
-                                         messages=HELLO)
+    system = [
+        {"type": "text", "text": persona, "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "Today is Tuesday."},
+    ]
+    first = await client.messages.create(model=MODEL, max_tokens=64, system=system, messages=HELLO)
     second = await client.messages.create(
-        model=MODEL, max_tokens=64, system=system,
-        messages=[{"role": "user", "content": "A different question"}])
+        model=MODEL,
+        max_tokens=64,
+        system=system,
+        messages=[{"role": "user", "content": "A different question"}],
+    )
     counted = await client.messages.count_tokens(model=MODEL, system=system, messages=HELLO)
 
     cached = (len(persona) + 3) // 4
@@ -108,15 +123,18 @@ async def test_prompt_caching_creation_then_read(standin, make_client) -> None:
     assert first.usage.cache_creation.ephemeral_5m_input_tokens == cached
     assert second.usage.cache_creation_input_tokens == 0
     assert second.usage.cache_read_input_tokens == cached
-    assert (first.usage.input_tokens + first.usage.cache_creation_input_tokens
-            + first.usage.cache_read_input_tokens) == counted.input_tokens
+    assert (
+        first.usage.input_tokens
+        + first.usage.cache_creation_input_tokens
+        + first.usage.cache_read_input_tokens
+    ) == counted.input_tokens
 
     # A changed prefix is a cache miss; a different model has its own cache.
     other = [{**system[0], "text": persona + "!"}, system[1]]
-    third = await client.messages.create(model=MODEL, max_tokens=64, system=other,
-                                         messages=HELLO)
-    fourth = await client.messages.create(model=MODEL + "-b", max_tokens=64, system=system,
-                                          messages=HELLO)
+    third = await client.messages.create(model=MODEL, max_tokens=64, system=other, messages=HELLO)
+    fourth = await client.messages.create(
+        model=MODEL + "-b", max_tokens=64, system=system, messages=HELLO
+    )
     assert third.usage.cache_read_input_tokens == 0 and third.usage.cache_creation_input_tokens
     assert fourth.usage.cache_read_input_tokens == 0
     assert fourth.usage.cache_creation_input_tokens == cached
@@ -144,13 +162,19 @@ async def test_stream_helper_text_deltas_and_final_usage(standin, make_client) -
 async def test_create_stream_true_raw_events_in_order(standin, make_client) -> None:
     client = make_client()
     standin.script(Reply(chunks=["One, ", "two, ", "three."]))
-    stream = await client.messages.create(model=MODEL, max_tokens=64, messages=HELLO,
-                                          stream=True)
+    stream = await client.messages.create(model=MODEL, max_tokens=64, messages=HELLO, stream=True)
     events = [event async for event in stream]
 
     assert [e.type for e in events] == [
-        "message_start", "content_block_start", "content_block_delta", "content_block_delta",
-        "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
     assert events[0].message.usage.input_tokens == 11 and events[0].message.content == []
     assert [e.delta.text for e in events[2:5]] == ["One, ", "two, ", "three."]
     assert events[6].delta.stop_reason == "end_turn" and events[6].usage.output_tokens == 4
@@ -159,8 +183,10 @@ async def test_create_stream_true_raw_events_in_order(standin, make_client) -> N
 async def test_wire_format_has_event_lines_and_ping(standin) -> None:
     body = {"model": MODEL, "max_tokens": 64, "messages": HELLO, "stream": True}
     headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
-    async with aiohttp.ClientSession() as session, session.post(
-            f"{standin.base_url}/v1/messages", json=body, headers=headers) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{standin.base_url}/v1/messages", json=body, headers=headers) as response,
+    ):
         assert response.status == 200
         assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
         raw = (await response.read()).decode()
@@ -168,8 +194,12 @@ async def test_wire_format_has_event_lines_and_ping(standin) -> None:
     frames = [f for f in raw.split("\n\n") if f]
     names = [f.splitlines()[0] for f in frames]
     assert names[:3] == ["event: message_start", "event: content_block_start", "event: ping"]
-    assert names[-4:] == ["event: content_block_delta", "event: content_block_stop",
-                          "event: message_delta", "event: message_stop"]
+    assert names[-4:] == [
+        "event: content_block_delta",
+        "event: content_block_stop",
+        "event: message_delta",
+        "event: message_stop",
+    ]
     for frame in frames:  # each data line is JSON whose type matches its event line
         event, data = frame.splitlines()
         assert json.loads(data.removeprefix("data: "))["type"] == event.removeprefix("event: ")
@@ -179,41 +209,64 @@ async def test_wire_format_has_event_lines_and_ping(standin) -> None:
 async def test_tool_use_round_trip_json_and_stream(standin, make_client) -> None:
     client = make_client()
     question = [{"role": "user", "content": "Weather in Porto?"}]
-    standin.script(Reply(tool_use={"name": "get_weather", "input": {"city": "Porto"}}),
-                   Reply(text="Looking it up.", tool_use={"name": "get_weather",
-                                                          "input": {"city": "Braga"}}))
-    first = await client.messages.create(model=MODEL, max_tokens=256, messages=question,
-                                         tools=[WEATHER_TOOL])
+    standin.script(
+        Reply(tool_use={"name": "get_weather", "input": {"city": "Porto"}}),
+        Reply(text="Looking it up.", tool_use={"name": "get_weather", "input": {"city": "Braga"}}),
+    )
+    first = await client.messages.create(
+        model=MODEL, max_tokens=256, messages=question, tools=[WEATHER_TOOL]
+    )
     assert first.stop_reason == "tool_use"
     (call,) = first.content
     assert call.type == "tool_use" and call.name == "get_weather"
     assert call.input == {"city": "Porto"} and call.id.startswith("toolu_")
 
-    async with client.messages.stream(model=MODEL, max_tokens=256, messages=question,
-                                      tools=[WEATHER_TOOL]) as stream:
+    async with client.messages.stream(
+        model=MODEL, max_tokens=256, messages=question, tools=[WEATHER_TOOL]
+    ) as stream:
         streamed = await stream.get_final_message()
     assert [b.type for b in streamed.content] == ["text", "tool_use"]
     assert streamed.content[0].text == "Looking it up."
     assert streamed.content[1].input == {"city": "Braga"} and streamed.stop_reason == "tool_use"
 
-    follow_up = [*question, {"role": "assistant", "content": first.content},
-                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
-                                               "content": "14C and raining"}]}]
-    answer = await client.messages.create(model=MODEL, max_tokens=256, messages=follow_up,
-                                          tools=[WEATHER_TOOL])
+    follow_up = [
+        *question,
+        {"role": "assistant", "content": first.content},
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": call.id, "content": "14C and raining"}
+            ],
+        },
+    ]
+    answer = await client.messages.create(
+        model=MODEL, max_tokens=256, messages=follow_up, tools=[WEATHER_TOOL]
+    )
     assert answer.content[0].text == "Stand-in reply to: 14C and raining"
     assert standin.requests[-1].body["messages"][2]["content"][0]["tool_use_id"] == call.id
 
     # A client that forgets the tool_result, or answers the wrong id, is told so.
     with pytest.raises(anthropic.BadRequestError, match="without `tool_result` blocks"):
         await client.messages.create(
-            model=MODEL, max_tokens=64, tools=[WEATHER_TOOL],
-            messages=[*follow_up[:2], {"role": "user", "content": "and?"}])
-    wrong = [*follow_up[:2], {"role": "user", "content": [
-        *follow_up[2]["content"], {"type": "tool_result", "tool_use_id": "toolu_nope"}]}]
+            model=MODEL,
+            max_tokens=64,
+            tools=[WEATHER_TOOL],
+            messages=[*follow_up[:2], {"role": "user", "content": "and?"}],
+        )
+    wrong = [
+        *follow_up[:2],
+        {
+            "role": "user",
+            "content": [
+                *follow_up[2]["content"],
+                {"type": "tool_result", "tool_use_id": "toolu_nope"},
+            ],
+        },
+    ]
     with pytest.raises(anthropic.BadRequestError, match="unexpected `tool_use_id`"):
-        await client.messages.create(model=MODEL, max_tokens=64, tools=[WEATHER_TOOL],
-                                     messages=wrong)
+        await client.messages.create(
+            model=MODEL, max_tokens=64, tools=[WEATHER_TOOL], messages=wrong
+        )
 
 
 async def test_rate_limit_with_retry_after_is_retried(standin, make_client) -> None:
@@ -294,14 +347,18 @@ async def test_mid_stream_error_surfaces_from_the_stream(standin, make_client) -
 async def test_invalid_requests_are_rejected_like_the_api(standin, make_client) -> None:
     client = make_client()
     cases = [
-        ({"messages": [{"role": "assistant", "content": "hi"}, *HELLO]},
-         'first message must use the "user" role'),
+        (
+            {"messages": [{"role": "assistant", "content": "hi"}, *HELLO]},
+            'first message must use the "user" role',
+        ),
         ({"messages": [*HELLO, *HELLO]}, "roles must alternate"),
         ({"messages": []}, "at least one message"),
         ({"max_tokens": -1}, "max_tokens: Input should be greater than or equal to 0"),
         ({"messages": [{"role": "user", "content": "  "}]}, "non-whitespace text"),
-        ({"system": [{"type": "text", "text": "x", "cache_control": {"type": "forever"}}]},
-         "cache_control.type"),
+        (
+            {"system": [{"type": "text", "text": "x", "cache_control": {"type": "forever"}}]},
+            "cache_control.type",
+        ),
         ({"tools": [{"name": "bad name", "input_schema": {"type": "object"}}]}, "pattern"),
         ({"extra_body": {"temprature": 0.5}}, "temprature: Extra inputs are not permitted"),
     ]
@@ -317,18 +374,25 @@ async def test_invalid_requests_are_rejected_like_the_api(standin, make_client) 
 
 async def test_authentication_errors() -> None:
     async with run_anthropic_standin(api_keys=["sk-right"]) as server:
-        async with anthropic.AsyncAnthropic(api_key="sk-wrong", base_url=server.base_url,
-                                            max_retries=0) as client:
+        async with anthropic.AsyncAnthropic(
+            api_key="sk-wrong", base_url=server.base_url, max_retries=0
+        ) as client:
             with pytest.raises(anthropic.AuthenticationError) as caught:
                 await client.messages.create(model=MODEL, max_tokens=8, messages=HELLO)
         assert caught.value.type == "authentication_error"
-        async with aiohttp.ClientSession() as session, session.post(
-                f"{server.base_url}/v1/messages", headers={"anthropic-version": "2023-06-01"},
-                json={"model": MODEL, "max_tokens": 8, "messages": HELLO}) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{server.base_url}/v1/messages",
+                headers={"anthropic-version": "2023-06-01"},
+                json={"model": MODEL, "max_tokens": 8, "messages": HELLO},
+            ) as response,
+        ):
             assert response.status == 401
             assert (await response.json())["error"]["type"] == "authentication_error"
-        async with anthropic.AsyncAnthropic(api_key="sk-right", base_url=server.base_url,
-                                            max_retries=0) as client:
+        async with anthropic.AsyncAnthropic(
+            api_key="sk-right", base_url=server.base_url, max_retries=0
+        ) as client:
             ok = await client.messages.create(model=MODEL, max_tokens=8, messages=HELLO)
         assert ok.stop_reason == "max_tokens" and ok.usage.output_tokens == 8
         assert [r.status for r in server.requests] == [401, 401, 200]
@@ -353,10 +417,12 @@ async def test_hang_until_the_server_closes() -> None:
     server = AnthropicStandin()
     await server.start("127.0.0.1", 0)
     server.script(Hang())
-    async with anthropic.AsyncAnthropic(api_key=KEY, base_url=server.base_url, max_retries=0,
-                                        timeout=10.0) as client:
+    async with anthropic.AsyncAnthropic(
+        api_key=KEY, base_url=server.base_url, max_retries=0, timeout=10.0
+    ) as client:
         call = asyncio.ensure_future(
-            client.messages.create(model=MODEL, max_tokens=64, messages=HELLO))
+            client.messages.create(model=MODEL, max_tokens=64, messages=HELLO)
+        )
         await server.wait_for_requests(1)
         await asyncio.sleep(0.2)
         assert not call.done()
@@ -371,9 +437,23 @@ async def test_hang_until_the_server_closes() -> None:
 def test_standalone_process_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
     env = dict(os.environ)  # already cleaned of SDK variables by tests/conftest.py
     process = subprocess.Popen(
-        [sys.executable, "-m", "standins.anthropic_api", "--host", "127.0.0.1",
-         "--port", "0", "--delay", "0.05"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "standins.anthropic_api",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--delay",
+            "0.05",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = process.stdout.readline().strip()
         assert line.startswith("anthropic-standin listening on http://127.0.0.1:"), line
@@ -411,38 +491,50 @@ async def test_api_details_clients_rely_on(make_client) -> None:
         client = make_client(base_url=lenient.base_url)
         # Consecutive user turns are merged, as the API documents.
         merged = await client.messages.create(
-            model=MODEL, max_tokens=64,
-            messages=[{"role": "user", "content": "one"}, {"role": "user", "content": "two"}])
+            model=MODEL,
+            max_tokens=64,
+            messages=[{"role": "user", "content": "one"}, {"role": "user", "content": "two"}],
+        )
         assert merged.content[0].text == "Stand-in reply to: two"
 
         # max_tokens=0 pre-warms the cache: no content, the prefix is written.
-        system = [{"type": "text", "text": "persona " * 50, "cache_control": {"type": "ephemeral",
-                                                                              "ttl": "1h"}}]
-        warm = await client.messages.create(model=MODEL, max_tokens=0, system=system,
-                                            messages=HELLO)
+        system = [
+            {
+                "type": "text",
+                "text": "persona " * 50,
+                "cache_control": {"type": "ephemeral", "ttl": "1h"},
+            }
+        ]
+        warm = await client.messages.create(
+            model=MODEL, max_tokens=0, system=system, messages=HELLO
+        )
         assert warm.content == [] and warm.stop_reason == "max_tokens"
         assert warm.usage.output_tokens == 0
         assert warm.usage.cache_creation.ephemeral_1h_input_tokens == 100
-        hot = await client.messages.create(model=MODEL, max_tokens=64, system=system,
-                                           messages=HELLO)
+        hot = await client.messages.create(
+            model=MODEL, max_tokens=64, system=system, messages=HELLO
+        )
         assert hot.usage.cache_read_input_tokens == 100
 
         # Top-level cache_control caches the whole conversation so far.
-        auto = await client.messages.create(model=MODEL, max_tokens=64, messages=HELLO,
-                                            cache_control={"type": "ephemeral"})
+        auto = await client.messages.create(
+            model=MODEL, max_tokens=64, messages=HELLO, cache_control={"type": "ephemeral"}
+        )
         assert auto.usage.input_tokens == 4 and auto.usage.cache_creation_input_tokens == 7
 
         # Stop sequences cut the text and are reported.
         lenient.script(Reply(text="alpha. STOP beta"))
-        stopped = await client.messages.create(model=MODEL, max_tokens=64, messages=HELLO,
-                                               stop_sequences=["STOP"])
+        stopped = await client.messages.create(
+            model=MODEL, max_tokens=64, messages=HELLO, stop_sequences=["STOP"]
+        )
         assert stopped.content[0].text == "alpha. "
         assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", "STOP")
 
         # count_tokens has its own parameter set; unknown routes get the JSON error shape.
         with pytest.raises(anthropic.BadRequestError, match="max_tokens: Extra inputs"):
-            await client.messages.count_tokens(model=MODEL, messages=HELLO,
-                                               extra_body={"max_tokens": 5})
+            await client.messages.count_tokens(
+                model=MODEL, messages=HELLO, extra_body={"max_tokens": 5}
+            )
         with pytest.raises(anthropic.NotFoundError) as missing:
             await client.models.list()
         assert missing.value.type == "not_found_error"

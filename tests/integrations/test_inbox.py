@@ -53,9 +53,11 @@ async def telegram(service: Service, update: dict[str, Any]) -> int:
 
 
 async def test_claude_outage_delays_but_never_loses_or_fails(
-        make_channel_service: ChannelServiceFactory, platforms: Platforms) -> None:
-    service = await make_channel_service(inbox_max_attempts=2, breaker_failure_threshold=1,
-                                         breaker_reset_seconds=0.1)
+    make_channel_service: ChannelServiceFactory, platforms: Platforms
+) -> None:
+    service = await make_channel_service(
+        inbox_max_attempts=2, breaker_failure_threshold=1, breaker_reset_seconds=0.1
+    )
     service.standin.fail_all(Error(status=529))
     assert await telegram(service, payloads.telegram_message(1, "anyone home?")) == 200
     # Many more attempts than inbox_max_attempts, and the item is still pending.
@@ -72,31 +74,45 @@ async def test_claude_outage_delays_but_never_loses_or_fails(
     # The message was stored once, however many times Claude was asked.
     rows = peek.rows(service.settings.database, "SELECT role, text FROM messages ORDER BY id")
     assert rows == [("user", "anyone home?"), ("assistant", "Stand-in reply to: anyone home?")]
-    assert await metric_value(service, 'digitalme_inbox_processed_total{channel="telegram",'
-                              'result="deferred"}') >= 3
+    assert (
+        await metric_value(
+            service, 'digitalme_inbox_processed_total{channel="telegram",result="deferred"}'
+        )
+        >= 3
+    )
 
 
 # --- crash recovery with a real process ------------------------------------------------------
 
 
-def _channel_env(tmp_path: Path, standin: AnthropicStandin, platforms: Platforms,
-                 ) -> dict[str, str]:
+def _channel_env(
+    tmp_path: Path,
+    standin: AnthropicStandin,
+    platforms: Platforms,
+) -> dict[str, str]:
     env = service_env(
-        tmp_path, anthropic_base_url=standin.base_url,
+        tmp_path,
+        anthropic_base_url=standin.base_url,
         DIGITALME_TELEGRAM_BOT_TOKEN=TELEGRAM_TOKEN,
         DIGITALME_TELEGRAM_SECRET_TOKEN=TELEGRAM_SECRET,
         DIGITALME_TELEGRAM_API_BASE=platforms.telegram.base_url,
-        DIGITALME_WORKER_POLL_SECONDS="0.2", DIGITALME_INBOX_RETRY_BASE_SECONDS="0.1",
-        DIGITALME_INBOX_RETRY_MAX_SECONDS="0.5", DIGITALME_OUTBOUND_RETRIES="0",
-        DIGITALME_CLAUDE_TIMEOUT_SECONDS="60", DIGITALME_CLAUDE_DEADLINE_SECONDS="120")
+        DIGITALME_WORKER_POLL_SECONDS="0.2",
+        DIGITALME_INBOX_RETRY_BASE_SECONDS="0.1",
+        DIGITALME_INBOX_RETRY_MAX_SECONDS="0.5",
+        DIGITALME_OUTBOUND_RETRIES="0",
+        DIGITALME_CLAUDE_TIMEOUT_SECONDS="60",
+        DIGITALME_CLAUDE_DEADLINE_SECONDS="120",
+    )
     prepare_database(env)
     return env
 
 
 async def _deliver(base_url: str, update: dict[str, Any]) -> int:
     headers, body = signing.telegram(TELEGRAM_SECRET, update)
-    async with aiohttp.ClientSession() as http, \
-            http.post(f"{base_url}{TELEGRAM}", data=body, headers=headers) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{base_url}{TELEGRAM}", data=body, headers=headers) as response,
+    ):
         return response.status
 
 
@@ -106,14 +122,16 @@ def _rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
 
 
 async def test_killed_mid_processing_finishes_after_restart_without_double_replies(
-        tmp_path: Path, standin: AnthropicStandin, platforms: Platforms) -> None:
+    tmp_path: Path, standin: AnthropicStandin, platforms: Platforms
+) -> None:
     env = _channel_env(tmp_path, standin, platforms)
     service = ServiceProcess(env, tmp_path)
     await service.start_async()
     try:
         standin.set_delay(60)  # every delivery is inside its Claude call when we kill
-        updates = [payloads.telegram_message(100 + n, f"question {n}", chat_id=500 + n)
-                   for n in range(3)]
+        updates = [
+            payloads.telegram_message(100 + n, f"question {n}", chat_id=500 + n) for n in range(3)
+        ]
         for update in updates:
             assert await _deliver(service.base_url, update) == 200
         await standin.wait_for_requests(3, timeout=10)
@@ -123,8 +141,7 @@ async def test_killed_mid_processing_finishes_after_restart_without_double_repli
 
         standin.set_delay(0)
         await service.start_async()
-        await platforms.telegram.wait_for(lambda: len(platforms.telegram.sent) == 3,
-                                          timeout=15)
+        await platforms.telegram.wait_for(lambda: len(platforms.telegram.sent) == 3, timeout=15)
         # Telegram redelivers nothing we acknowledged; a stray redelivery is a no-op.
         assert await _deliver(service.base_url, updates[0]) == 200
         await asyncio.sleep(0.5)
@@ -133,8 +150,11 @@ async def test_killed_mid_processing_finishes_after_restart_without_double_repli
         assert statuses == [("done", 2)] * 3
         # Each question stored once, each answered once.
         messages = _rows(service.db_path, "SELECT role, text FROM messages ORDER BY id")
-        assert sorted(t for r, t in messages if r == "user") == \
-            ["question 0", "question 1", "question 2"]
+        assert sorted(t for r, t in messages if r == "user") == [
+            "question 0",
+            "question 1",
+            "question 2",
+        ]
         assert len([r for r, _ in messages if r == "assistant"]) == 3
         assert "interrupted by a stop" in service.log_text()
     finally:
@@ -142,7 +162,8 @@ async def test_killed_mid_processing_finishes_after_restart_without_double_repli
 
 
 async def test_killed_after_the_reply_was_stored_sends_it_without_asking_claude_again(
-        tmp_path: Path, standin: AnthropicStandin, platforms: Platforms) -> None:
+    tmp_path: Path, standin: AnthropicStandin, platforms: Platforms
+) -> None:
     env = _channel_env(tmp_path, standin, platforms)
     service = ServiceProcess(env, tmp_path)
     await service.start_async()
@@ -162,7 +183,8 @@ async def test_killed_after_the_reply_was_stored_sends_it_without_asking_claude_
 
 
 async def test_inbox_list_and_retry_work_against_the_running_service(
-        tmp_path: Path, standin: AnthropicStandin, platforms: Platforms) -> None:
+    tmp_path: Path, standin: AnthropicStandin, platforms: Platforms
+) -> None:
     env = _channel_env(tmp_path, standin, platforms)
     service = ServiceProcess(env, tmp_path)
     await service.start_async()
@@ -199,17 +221,32 @@ async def test_inbox_list_and_retry_work_against_the_running_service(
 # --- channels that are off, and refusals -----------------------------------------------------
 
 
-async def test_a_channel_without_its_secret_is_off(make_channel_service: ChannelServiceFactory,
-                                                   ) -> None:
+async def test_a_channel_without_its_secret_is_off(
+    make_channel_service: ChannelServiceFactory,
+) -> None:
     service = await make_channel_service(
-        telegram_secret_token=None, slack_signing_secret=None, github_webhook_secret=None,
-        clickup_webhook_secret=None)
-    for path in ("/webhooks/telegram", "/webhooks/slack/events", "/webhooks/slack/commands",
-                 "/webhooks/github", "/webhooks/clickup"):
-        response = await service.client.post(path, data=b"{}", headers={
-            "Content-Type": "application/json",
-            # Even a "valid-looking" header gets nowhere: there is nothing to compare with.
-            "X-Telegram-Bot-Api-Secret-Token": "", "X-Signature": ""})
+        telegram_secret_token=None,
+        slack_signing_secret=None,
+        github_webhook_secret=None,
+        clickup_webhook_secret=None,
+    )
+    for path in (
+        "/webhooks/telegram",
+        "/webhooks/slack/events",
+        "/webhooks/slack/commands",
+        "/webhooks/github",
+        "/webhooks/clickup",
+    ):
+        response = await service.client.post(
+            path,
+            data=b"{}",
+            headers={
+                "Content-Type": "application/json",
+                # Even a "valid-looking" header gets nowhere: there is nothing to compare with.
+                "X-Telegram-Bot-Api-Secret-Token": "",
+                "X-Signature": "",
+            },
+        )
         assert response.status == 404, path
         body = await response.json()
         assert body["error"] == "channel_not_configured"
@@ -218,20 +255,28 @@ async def test_a_channel_without_its_secret_is_off(make_channel_service: Channel
     body = await ready.json()
     assert ready.status == 200, body  # channels are not required
     checks = body["checks"]
-    assert checks["telegram"] == {**checks["telegram"], "ok": True, "required": False,
-                                  "detail": "off (DIGITALME_TELEGRAM_SECRET_TOKEN not set)"}
+    assert checks["telegram"] == {
+        **checks["telegram"],
+        "ok": True,
+        "required": False,
+        "detail": "off (DIGITALME_TELEGRAM_SECRET_TOKEN not set)",
+    }
     assert checks["slack"]["detail"] == "off (DIGITALME_SLACK_SIGNING_SECRET not set)"
     assert checks["github"]["detail"] == "off (DIGITALME_GITHUB_WEBHOOK_SECRET not set)"
-    assert checks["clickup"]["detail"] == \
-        "webhook off (DIGITALME_CLICKUP_WEBHOOK_SECRET not set)"
+    assert checks["clickup"]["detail"] == "webhook off (DIGITALME_CLICKUP_WEBHOOK_SECRET not set)"
     assert checks["inbox"]["required"] is False
     assert await wait_settled(service) == []
-    assert await metric_value(service, 'digitalme_webhook_deliveries_total{'
-                              'channel="github",outcome="not_configured"}') == 1
+    assert (
+        await metric_value(
+            service, 'digitalme_webhook_deliveries_total{channel="github",outcome="not_configured"}'
+        )
+        == 1
+    )
 
 
 async def test_configured_channels_missing_their_tokens_are_reported(
-        make_channel_service: ChannelServiceFactory) -> None:
+    make_channel_service: ChannelServiceFactory,
+) -> None:
     service = await make_channel_service(telegram_bot_token=None, slack_bot_token=None)
     body = await (await service.client.get("/health/ready")).json()
     checks = body["checks"]
@@ -243,23 +288,33 @@ async def test_configured_channels_missing_their_tokens_are_reported(
 
 
 async def test_oversized_bodies_are_413_json_and_counted(
-        make_channel_service: ChannelServiceFactory) -> None:
+    make_channel_service: ChannelServiceFactory,
+) -> None:
     service = await make_channel_service(max_body_bytes=4096)
     update = payloads.telegram_message(1, "x" * 5000)
     status = await telegram(service, update)
     assert status == 413
     response = await service.client.post(
-        TELEGRAM, data=json.dumps(update).encode(),
-        headers={"X-Telegram-Bot-Api-Secret-Token": TELEGRAM_SECRET,
-                 "Content-Type": "application/json"})
+        TELEGRAM,
+        data=json.dumps(update).encode(),
+        headers={
+            "X-Telegram-Bot-Api-Secret-Token": TELEGRAM_SECRET,
+            "Content-Type": "application/json",
+        },
+    )
     assert response.status == 413
     assert (await response.json())["error"] == "body_too_large"
-    assert await metric_value(service, 'digitalme_webhook_deliveries_total{'
-                              'channel="telegram",outcome="too_large"}') == 2
+    assert (
+        await metric_value(
+            service, 'digitalme_webhook_deliveries_total{channel="telegram",outcome="too_large"}'
+        )
+        == 2
+    )
 
 
 async def test_valid_deliveries_are_not_rate_limited_but_forgeries_are(
-        make_channel_service: ChannelServiceFactory) -> None:
+    make_channel_service: ChannelServiceFactory,
+) -> None:
     service = await make_channel_service(rate_limit_per_minute=5)
     for n in range(12):
         assert await telegram(service, payloads.telegram_message(100 + n, "hi")) == 200
@@ -276,15 +331,15 @@ async def test_metrics_show_the_queue_and_latencies(channel_service: Service) ->
     await wait_settled(channel_service)
     text = await channel_service.metrics_text()
     assert 'digitalme_inbox_items{channel="telegram",status="done"} 1.0' in text
-    assert 'digitalme_webhook_deliveries_total{channel="telegram",outcome="accepted"} 1.0' \
-        in text
+    assert 'digitalme_webhook_deliveries_total{channel="telegram",outcome="accepted"} 1.0' in text
     assert 'digitalme_inbox_completion_seconds_count{channel="telegram"} 1.0' in text
     assert 'digitalme_inbox_attempt_duration_seconds_count{channel="telegram"} 1.0' in text
     assert 'digitalme_outbound_requests_total{service="telegram"} 1.0' in text
 
 
 async def test_an_unknown_channel_item_waits_and_items_are_claimed_once(
-        channel_service: Service) -> None:
+    channel_service: Service,
+) -> None:
     inbox = channel_service.app[INBOX]
     first = await inbox.ingest("telegram", "x1", "message", {}, ignored=True)
     again = await inbox.ingest("telegram", "x1", "message", {})
@@ -297,21 +352,28 @@ async def test_an_unknown_channel_item_waits_and_items_are_claimed_once(
 
 
 async def test_a_conversation_is_answered_in_order_while_others_go_on(
-        make_channel_service: ChannelServiceFactory, platforms: Platforms) -> None:
+    make_channel_service: ChannelServiceFactory, platforms: Platforms
+) -> None:
     service = await make_channel_service(worker_concurrency=8)
     service.standin.set_delay(0.3)
     for n, (chat, text) in enumerate([(1, "a1"), (1, "a2"), (1, "a3"), (2, "b1")]):
-        assert await telegram(service, payloads.telegram_message(
-            500 + n, text, chat_id=chat)) == 200
+        assert (
+            await telegram(service, payloads.telegram_message(500 + n, text, chat_id=chat)) == 200
+        )
     await platforms.telegram.wait_for(lambda: len(platforms.telegram.sent) == 4, timeout=15)
-    sent = [(m["chat_id"], m["text"].removeprefix("Stand-in reply to: "))
-            for m in platforms.telegram.sent]
+    sent = [
+        (m["chat_id"], m["text"].removeprefix("Stand-in reply to: "))
+        for m in platforms.telegram.sent
+    ]
     assert [text for chat, text in sent if chat == 1] == ["a1", "a2", "a3"]
     # Chat 2 did not wait for chat 1's queue: answered before chat 1's second reply.
     assert sent.index((2, "b1")) < sent.index((1, "a2"))
     # One Claude call at a time for chat 1, each seeing the turns before it.
-    calls = [r for r in service.standin.message_requests
-             if r.body["messages"][-1]["content"].startswith("a")]
+    calls = [
+        r
+        for r in service.standin.message_requests
+        if r.body["messages"][-1]["content"].startswith("a")
+    ]
     assert [len(r.body["messages"]) for r in calls] == [1, 3, 5]
     assert all(b.time - a.time >= 0.25 for a, b in itertools.pairwise(calls))
     items = await wait_settled(service)
@@ -319,13 +381,15 @@ async def test_a_conversation_is_answered_in_order_while_others_go_on(
 
 
 async def test_a_stop_gives_back_items_that_did_not_start(
-        make_channel_service: ChannelServiceFactory, platforms: Platforms) -> None:
+    make_channel_service: ChannelServiceFactory, platforms: Platforms
+) -> None:
     service = await make_channel_service(worker_concurrency=8)
     worker = service.app[WORKER]
     service.standin.set_delay(60)
     for n in range(3):
-        assert await telegram(service, payloads.telegram_message(
-            700 + n, f"q{n}", chat_id=9)) == 200
+        assert (
+            await telegram(service, payloads.telegram_message(700 + n, f"q{n}", chat_id=9)) == 200
+        )
     await service.standin.wait_for_requests(1, timeout=10)
     await asyncio.sleep(0.2)
     assert worker.busy == 3  # one asking Claude, two waiting for their turn in chat 9
@@ -339,14 +403,19 @@ async def test_a_stop_gives_back_items_that_did_not_start(
     await worker.start()
     await platforms.telegram.wait_for(lambda: len(platforms.telegram.sent) == 3, timeout=15)
     await asyncio.sleep(0.3)
-    assert [m["text"] for m in platforms.telegram.sent] == \
-        [f"Stand-in reply to: q{n}" for n in range(3)]
-    assert [(i.status, i.attempts) for i in await wait_settled(service)] == \
-        [("done", 2), ("done", 1), ("done", 1)]
+    assert [m["text"] for m in platforms.telegram.sent] == [
+        f"Stand-in reply to: q{n}" for n in range(3)
+    ]
+    assert [(i.status, i.attempts) for i in await wait_settled(service)] == [
+        ("done", 2),
+        ("done", 1),
+        ("done", 1),
+    ]
 
 
 async def test_the_worker_backs_off_while_requests_keep_the_loop_busy(
-        channel_service: Service) -> None:
+    channel_service: Service,
+) -> None:
     worker = channel_service.app[WORKER]
     assert worker.slots == channel_service.settings.worker_concurrency == 16
     # The policy: halve while the loop is late and requests come, down to none; one back

@@ -42,8 +42,10 @@ from tests.support.process import ServiceProcess, prepare_database, service_env
 
 # A reply in two parts on both platforms (Slack cuts at 3,900 characters, Telegram 4,096).
 LONG_REPLY = " ".join(["word"] * 1500)
-PARTS = {"slack": split_text(LONG_REPLY, slack_act.MESSAGE_LIMIT),
-         "telegram": split_text(LONG_REPLY, telegram_act.MESSAGE_LIMIT)}
+PARTS = {
+    "slack": split_text(LONG_REPLY, slack_act.MESSAGE_LIMIT),
+    "telegram": split_text(LONG_REPLY, telegram_act.MESSAGE_LIMIT),
+}
 DM_TS = "1700000001.000100"
 
 
@@ -62,17 +64,22 @@ def _rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
 
 def _env(tmp_path: Path, standin: AnthropicStandin, platforms: Platforms) -> dict[str, str]:
     env = service_env(
-        tmp_path, anthropic_base_url=standin.base_url,
+        tmp_path,
+        anthropic_base_url=standin.base_url,
         DIGITALME_TELEGRAM_BOT_TOKEN=TELEGRAM_TOKEN,
         DIGITALME_TELEGRAM_SECRET_TOKEN=TELEGRAM_SECRET,
         DIGITALME_TELEGRAM_API_BASE=platforms.telegram.base_url,
-        DIGITALME_SLACK_SIGNING_SECRET=SLACK_SECRET, DIGITALME_SLACK_BOT_TOKEN=SLACK_TOKEN,
+        DIGITALME_SLACK_SIGNING_SECRET=SLACK_SECRET,
+        DIGITALME_SLACK_BOT_TOKEN=SLACK_TOKEN,
         DIGITALME_SLACK_API_BASE=platforms.slack.api_base,
-        DIGITALME_WORKER_POLL_SECONDS="0.2", DIGITALME_INBOX_RETRY_BASE_SECONDS="0.1",
-        DIGITALME_INBOX_RETRY_MAX_SECONDS="0.5", DIGITALME_OUTBOUND_RETRIES="0",
+        DIGITALME_WORKER_POLL_SECONDS="0.2",
+        DIGITALME_INBOX_RETRY_BASE_SECONDS="0.1",
+        DIGITALME_INBOX_RETRY_MAX_SECONDS="0.5",
+        DIGITALME_OUTBOUND_RETRIES="0",
         DIGITALME_MAX_TOKENS="4000",  # room for LONG_REPLY
         # Long enough that the part is still in flight when the test kills the service.
-        DIGITALME_OUTBOUND_TIMEOUT_SECONDS="60")
+        DIGITALME_OUTBOUND_TIMEOUT_SECONDS="60",
+    )
     prepare_database(env)
     return env
 
@@ -80,15 +87,20 @@ def _env(tmp_path: Path, standin: AnthropicStandin, platforms: Platforms) -> dic
 async def _deliver(base_url: str, channel: str) -> None:
     """One message that Claude answers in two parts."""
     if channel == "slack":
-        headers, body = signing.slack_event(SLACK_SECRET, payloads.slack_event(
-            "Ev900", payloads.slack_dm("tell me everything", ts=DM_TS)))
+        headers, body = signing.slack_event(
+            SLACK_SECRET,
+            payloads.slack_event("Ev900", payloads.slack_dm("tell me everything", ts=DM_TS)),
+        )
         path = "/webhooks/slack/events"
     else:
-        headers, body = signing.telegram(TELEGRAM_SECRET,
-                                         payloads.telegram_message(900, "tell me everything"))
+        headers, body = signing.telegram(
+            TELEGRAM_SECRET, payloads.telegram_message(900, "tell me everything")
+        )
         path = "/webhooks/telegram"
-    async with aiohttp.ClientSession() as http, \
-            http.post(f"{base_url}{path}", data=body, headers=headers) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{base_url}{path}", data=body, headers=headers) as response,
+    ):
         assert response.status == 200, await response.text()
 
 
@@ -103,15 +115,24 @@ def _standin(platforms: Platforms, channel: str) -> PlatformStandin:
     return platforms.slack if channel == "slack" else platforms.telegram
 
 
-@pytest.mark.parametrize(("channel", "arrived", "copies"), [
-    ("slack", True, 1),  # found in the thread: not sent again
-    ("slack", False, 1),  # not in the thread: sent
-    ("telegram", False, 1),  # the stand-in refused it: sent once
-    ("telegram", True, 2),  # the Bot API cannot say: sent again, it shows twice
-])
+@pytest.mark.parametrize(
+    ("channel", "arrived", "copies"),
+    [
+        ("slack", True, 1),  # found in the thread: not sent again
+        ("slack", False, 1),  # not in the thread: sent
+        ("telegram", False, 1),  # the stand-in refused it: sent once
+        ("telegram", True, 2),  # the Bot API cannot say: sent again, it shows twice
+    ],
+)
 async def test_killed_with_a_reply_part_in_flight(
-        tmp_path: Path, standin: AnthropicStandin, platforms: Platforms,
-        released: asyncio.Event, channel: str, arrived: bool, copies: int) -> None:
+    tmp_path: Path,
+    standin: AnthropicStandin,
+    platforms: Platforms,
+    released: asyncio.Event,
+    channel: str,
+    arrived: bool,
+    copies: int,
+) -> None:
     env = _env(tmp_path, standin, platforms)
     assert len(PARTS[channel]) == 2
     standin.script(Reply(text=LONG_REPLY))
@@ -126,8 +147,9 @@ async def test_killed_with_a_reply_part_in_flight(
         platform = _standin(platforms, channel)
         await platform.wait_for(lambda: len(platform.requests) == 2)
         # The part's send was recorded before its request: that is what the restart sees.
-        [(parts_sent, in_flight)] = _rows(service.db_path,
-                                          "SELECT parts_sent, sending_since FROM inbox")
+        [(parts_sent, in_flight)] = _rows(
+            service.db_path, "SELECT parts_sent, sending_since FROM inbox"
+        )
         assert parts_sent == 1 and in_flight is not None
         assert service.kill() == -signal.SIGKILL
         released.set()
@@ -140,8 +162,7 @@ async def test_killed_with_a_reply_part_in_flight(
         await asyncio.sleep(0.3)
         first, second = PARTS[channel]
         assert _accepted(platforms, channel) == [first] + [second] * copies
-        assert _rows(service.db_path, "SELECT parts_sent, sending_since FROM inbox") == \
-            [(2, None)]
+        assert _rows(service.db_path, "SELECT parts_sent, sending_since FROM inbox") == [(2, None)]
         assert len(standin.message_requests) == 1  # Claude was asked once
         log = service.log_text()
         if channel == "slack":
@@ -159,26 +180,36 @@ async def test_killed_with_a_reply_part_in_flight(
 
 
 async def test_a_slack_part_whose_answer_timed_out_is_found_not_resent(
-        make_channel_service: ChannelServiceFactory, platforms: Platforms,
-        released: asyncio.Event) -> None:
+    make_channel_service: ChannelServiceFactory, platforms: Platforms, released: asyncio.Event
+) -> None:
     """No crash: the answer to a part Slack took in never comes (a timeout), and the retry
     finds the part in the thread instead of posting it again."""
     service = await make_channel_service(outbound_timeout_seconds=1.0, outbound_retries=1)
     platforms.slack.script(Lose(released))
-    status, _, _ = await post(service, "/webhooks/slack/events", *signing.slack_event(
-        SLACK_SECRET, payloads.slack_event("Ev901", payloads.slack_dm("hi", ts=DM_TS))))
+    status, _, _ = await post(
+        service,
+        "/webhooks/slack/events",
+        *signing.slack_event(
+            SLACK_SECRET, payloads.slack_event("Ev901", payloads.slack_dm("hi", ts=DM_TS))
+        ),
+    )
     assert status == 200
     [item] = await wait_settled(service)
     assert item.status == "done", item.to_json()
     assert len(platforms.slack.posted) == 1
     [thread] = platforms.slack.threads.values()
     assert len(thread) == 1 and len(platforms.slack.lookups) == 1
-    assert await metric_value(service, 'digitalme_outbound_reconciled_total{result="found",'
-                              'service="slack"}') == 1
+    assert (
+        await metric_value(
+            service, 'digitalme_outbound_reconciled_total{result="found",service="slack"}'
+        )
+        == 1
+    )
 
 
-async def _deliver_in_process(service: Service, path: str, headers: dict[str, str],
-                             body: bytes) -> InboxItem:
+async def _deliver_in_process(
+    service: Service, path: str, headers: dict[str, str], body: bytes
+) -> InboxItem:
     status, _, _ = await post(service, path, headers, body)
     assert status == 200
     [item] = await wait_settled(service)
@@ -186,43 +217,62 @@ async def _deliver_in_process(service: Service, path: str, headers: dict[str, st
 
 
 async def test_without_history_scopes_a_slack_part_is_sent_again_and_counted(
-        make_channel_service: ChannelServiceFactory, platforms: Platforms,
-        released: asyncio.Event) -> None:
+    make_channel_service: ChannelServiceFactory, platforms: Platforms, released: asyncio.Event
+) -> None:
     service = await make_channel_service(outbound_timeout_seconds=1.0, outbound_retries=1)
     platforms.slack.history_scope = False
     platforms.slack.script(Lose(released))
-    item = await _deliver_in_process(service, "/webhooks/slack/events",
-                                  *signing.slack_event(SLACK_SECRET, payloads.slack_event(
-                                      "Ev902", payloads.slack_dm("hi", ts=DM_TS))))
+    item = await _deliver_in_process(
+        service,
+        "/webhooks/slack/events",
+        *signing.slack_event(
+            SLACK_SECRET, payloads.slack_event("Ev902", payloads.slack_dm("hi", ts=DM_TS))
+        ),
+    )
     assert item.status == "done", item.to_json()
     assert len(platforms.slack.posted) == 2  # the platform would not say: it shows twice
     assert len(platforms.slack.lookups) == 1  # asked; Slack answered missing_scope
-    assert await metric_value(service, 'digitalme_outbound_reconciled_total{'
-                              'result="unknowable",service="slack"}') == 1
+    assert (
+        await metric_value(
+            service, 'digitalme_outbound_reconciled_total{result="unknowable",service="slack"}'
+        )
+        == 1
+    )
 
 
 async def test_a_telegram_part_whose_answer_timed_out_is_sent_again_and_counted(
-        make_channel_service: ChannelServiceFactory, platforms: Platforms,
-        released: asyncio.Event) -> None:
+    make_channel_service: ChannelServiceFactory, platforms: Platforms, released: asyncio.Event
+) -> None:
     service = await make_channel_service(outbound_timeout_seconds=1.0, outbound_retries=1)
     platforms.telegram.script(Lose(released))
-    item = await _deliver_in_process(service, "/webhooks/telegram",
-                                  *signing.telegram(TELEGRAM_SECRET,
-                                                    payloads.telegram_message(903, "hi")))
+    item = await _deliver_in_process(
+        service,
+        "/webhooks/telegram",
+        *signing.telegram(TELEGRAM_SECRET, payloads.telegram_message(903, "hi")),
+    )
     assert item.status == "done", item.to_json()
     assert len(platforms.telegram.sent) == 2
-    assert await metric_value(service, 'digitalme_outbound_reconciled_total{'
-                              'result="unknowable",service="telegram"}') == 1
+    assert (
+        await metric_value(
+            service, 'digitalme_outbound_reconciled_total{result="unknowable",service="telegram"}'
+        )
+        == 1
+    )
 
 
 async def test_a_refused_connection_is_retried_without_asking(
-        make_channel_service: ChannelServiceFactory, platforms: Platforms) -> None:
+    make_channel_service: ChannelServiceFactory, platforms: Platforms
+) -> None:
     """A request that never left (connection refused) is definitely not delivered: retried
     at once, nothing to reconcile."""
-    service = await make_channel_service(telegram_api_base="http://127.0.0.1:9",
-                                         outbound_retries=1, inbox_max_attempts=1)
-    status, _, _ = await post(service, "/webhooks/telegram", *signing.telegram(
-        TELEGRAM_SECRET, payloads.telegram_message(904, "hi")))
+    service = await make_channel_service(
+        telegram_api_base="http://127.0.0.1:9", outbound_retries=1, inbox_max_attempts=1
+    )
+    status, _, _ = await post(
+        service,
+        "/webhooks/telegram",
+        *signing.telegram(TELEGRAM_SECRET, payloads.telegram_message(904, "hi")),
+    )
     assert status == 200
     [item] = await wait_settled(service)
     assert item.status == "failed" and item.attempts == 1

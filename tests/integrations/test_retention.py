@@ -48,38 +48,50 @@ def rows(db: peek.Target, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[
 def age(db: peek.Target, table: str, column: str, ids: list[int], days: float) -> None:
     """Make rows look ``days`` old (as if they had finished, or happened, back then)."""
     marks = ",".join("?" * len(ids))
-    peek.rows(db, f"UPDATE {table} SET {column} = ? WHERE id IN ({marks})",
-              (_iso(time.time() - days * DAY), *ids))
+    peek.rows(
+        db,
+        f"UPDATE {table} SET {column} = ? WHERE id IN ({marks})",
+        (_iso(time.time() - days * DAY), *ids),
+    )
 
 
 async def test_old_finished_deliveries_and_activity_go_the_rest_stays(
-        channel_service: Service, platforms: Platforms) -> None:
+    channel_service: Service, platforms: Platforms
+) -> None:
     service, db = channel_service, channel_service.settings.database
     inbox = service.app[INBOX]
     s = service.settings
-    assert (s.inbox_retention_days, s.inbox_failed_retention_days,
-            s.activity_retention_days) == (14, 30, 30)  # the defaults
+    assert (s.inbox_retention_days, s.inbox_failed_retention_days, s.activity_retention_days) == (
+        14,
+        30,
+        30,
+    )  # the defaults
     for n in range(4):
         assert await telegram(service, payloads.telegram_message(10 + n, f"q{n}")) == 200
     assert await github(service, "issues", payloads.github_issues_opened(number=1)) == 202
     assert await github(service, "issues", payloads.github_issues_opened(number=2)) == 202
-    assert await github(service, "star", {"action": "created",
-                                          "repository": payloads.REPOSITORY}) == 202
+    assert (
+        await github(service, "star", {"action": "created", "repository": payloads.REPOSITORY})
+        == 202
+    )
     items = await wait_settled(service)
     by_kind = [(i.channel, i.status) for i in items]
-    assert by_kind == [("telegram", "done")] * 4 + [("github", "done")] * 2 + \
-        [("github", "ignored")]
+    assert by_kind == [("telegram", "done")] * 4 + [("github", "done")] * 2 + [
+        ("github", "ignored")
+    ]
     t0, t1, t2, t3, issue1, issue2, star = (i.id for i in items)
     # Three more that are not finished, or failed, all of them old.
     pending = (await inbox.ingest("telegram", "p1", "message", {})).item_id
     processing = (await inbox.ingest("telegram", "p2", "message", {})).item_id
     failed = (await inbox.ingest("telegram", "f1", "message", {})).item_id
     failed_recent = (await inbox.ingest("telegram", "f2", "message", {})).item_id
-    peek.rows(db, "UPDATE inbox SET status = 'processing', next_attempt_at = 1e12"
-                  " WHERE id = ?", (processing,))
+    peek.rows(
+        db,
+        "UPDATE inbox SET status = 'processing', next_attempt_at = 1e12 WHERE id = ?",
+        (processing,),
+    )
     peek.rows(db, "UPDATE inbox SET next_attempt_at = 1e12 WHERE id = ?", (pending,))
-    peek.rows(db, "UPDATE inbox SET status = 'failed' WHERE id IN (?, ?)",
-              (failed, failed_recent))
+    peek.rows(db, "UPDATE inbox SET status = 'failed' WHERE id IN (?, ?)", (failed, failed_recent))
     age(db, "inbox", "updated_at", [t0, t1, star, pending, processing], days=15)
     age(db, "inbox", "updated_at", [t2], days=13)  # within the retention
     age(db, "inbox", "updated_at", [issue1, issue2], days=40)
@@ -102,12 +114,17 @@ async def test_old_finished_deliveries_and_activity_go_the_rest_stays(
     # Conversations are untouched: the pruned deliveries pointed at them, not the reverse.
     assert rows(db, "SELECT id, role, text FROM messages ORDER BY id") == messages_before
     assert len(messages_before) == 8
-    assert await metric_value(
-        service, 'digitalme_retention_deleted_rows_total{table="inbox"}') == 5
-    assert await metric_value(
-        service, 'digitalme_retention_deleted_rows_total{table="activity"}') == 1
-    assert abs(await metric_value(
-        service, "digitalme_retention_last_run_timestamp_seconds") - time.time()) < 60
+    assert await metric_value(service, 'digitalme_retention_deleted_rows_total{table="inbox"}') == 5
+    assert (
+        await metric_value(service, 'digitalme_retention_deleted_rows_total{table="activity"}') == 1
+    )
+    assert (
+        abs(
+            await metric_value(service, "digitalme_retention_last_run_timestamp_seconds")
+            - time.time()
+        )
+        < 60
+    )
     # A second run finds nothing more; the schema's foreign keys still hold.
     again = await service.app[RETENTION].prune()
     assert (again.inbox, again.activity) == (0, 0)
@@ -115,9 +132,9 @@ async def test_old_finished_deliveries_and_activity_go_the_rest_stays(
 
 
 async def test_zero_keeps_everything(make_channel_service: ChannelServiceFactory) -> None:
-    service = await make_channel_service(inbox_retention_days=0,
-                                         inbox_failed_retention_days=0,
-                                         activity_retention_days=0)
+    service = await make_channel_service(
+        inbox_retention_days=0, inbox_failed_retention_days=0, activity_retention_days=0
+    )
     assert await github(service, "issues", payloads.github_issues_opened()) == 202
     assert await telegram(service, payloads.telegram_message(1, "hi")) == 200
     await wait_settled(service)
@@ -127,7 +144,8 @@ async def test_zero_keeps_everything(make_channel_service: ChannelServiceFactory
 
 
 async def test_a_redelivery_is_a_no_op_while_kept_and_answered_again_once_pruned(
-        channel_service: Service, platforms: Platforms) -> None:
+    channel_service: Service, platforms: Platforms
+) -> None:
     """What deduplication relies on: the delivery's row. While it is kept, the same
     update_id is acknowledged and dropped; once the prune deleted it, the same update is a
     new delivery. The inbox retention's floor (8 days) is above every platform's
@@ -140,8 +158,12 @@ async def test_a_redelivery_is_a_no_op_while_kept_and_answered_again_once_pruned
     assert await telegram(service, update) == 200
     await asyncio.sleep(0.3)
     assert len(platforms.telegram.sent) == 1
-    assert await metric_value(service, 'digitalme_webhook_deliveries_total{'
-                              'channel="telegram",outcome="duplicate"}') == 1
+    assert (
+        await metric_value(
+            service, 'digitalme_webhook_deliveries_total{channel="telegram",outcome="duplicate"}'
+        )
+        == 1
+    )
     # 13 days later it is still kept; 15 days later it is gone.
     assert (await service.app[RETENTION].prune(now=time.time() + 13 * DAY)).inbox == 0
     assert (await service.app[RETENTION].prune(now=time.time() + 15 * DAY)).inbox == 1
@@ -162,12 +184,18 @@ async def test_batches_leave_the_writer_to_other_writes(channel_service: Service
     service, db = channel_service, channel_service.settings.database
     old = _iso(time.time() - 60 * DAY)
     peek.many(
-        db, "INSERT INTO inbox (channel, delivery_id, kind, payload, status, next_attempt_at,"
+        db,
+        "INSERT INTO inbox (channel, delivery_id, kind, payload, status, next_attempt_at,"
         " received_at, updated_at) VALUES ('telegram', ?, 'message', ?, 'done', 0, ?, ?)",
-        [(f"old-{n}", json.dumps({"update_id": n}), old, old) for n in range(3000)])
-    retention = Retention(service.app[DATABASE], service.settings,
-                          service.app[RETENTION].metrics, batch_rows=200,
-                          batch_pause_seconds=0.005)
+        [(f"old-{n}", json.dumps({"update_id": n}), old, old) for n in range(3000)],
+    )
+    retention = Retention(
+        service.app[DATABASE],
+        service.settings,
+        service.app[RETENTION].metrics,
+        batch_rows=200,
+        batch_pause_seconds=0.005,
+    )
     inbox = service.app[INBOX]
     prune = asyncio.create_task(retention.prune())
     waits = []
@@ -181,14 +209,12 @@ async def test_batches_leave_the_writer_to_other_writes(channel_service: Service
     assert (pruned.inbox, pruned.batches) == (3000, 19)
     assert len(waits) >= 10, waits  # writes went through during the prune
     assert max(waits) < pruned.seconds / 3, (max(waits), pruned.seconds)
-    assert rows(db, "SELECT count(*) FROM inbox WHERE delivery_id LIKE 'new-%'") == \
-        [(len(waits),)]
+    assert rows(db, "SELECT count(*) FROM inbox WHERE delivery_id LIKE 'new-%'") == [(len(waits),)]
 
 
 async def test_the_service_prunes_on_its_schedule(channel_service: Service) -> None:
     service = channel_service
-    item = await service.app[INBOX].ingest("telegram", "ancient", "message", {},
-                                          ignored=True)
+    item = await service.app[INBOX].ingest("telegram", "ancient", "message", {}, ignored=True)
     age(service.settings.database, "inbox", "updated_at", [item.item_id], days=100)
     retention = service.app[RETENTION]
     await retention.stop()  # the app's, due a minute after start; now at once instead

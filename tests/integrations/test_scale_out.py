@@ -41,25 +41,28 @@ def replies(platforms: Platforms) -> list[str]:
 
 
 async def test_two_hosts_answer_each_delivery_once(
-        make_channel_service: ChannelServiceFactory, platforms: Platforms) -> None:
+    make_channel_service: ChannelServiceFactory, platforms: Platforms
+) -> None:
     hosts = [await make_channel_service(worker_concurrency=4) for _ in range(2)]
     for n in range(DELIVERIES):  # round robin, as Caddy spreads them
         update = payloads.telegram_message(2000 + n, f"q{n}", chat_id=900 + n)
         assert await telegram(hosts[n % 2], update) == 200
-    await platforms.telegram.wait_for(lambda: len(platforms.telegram.sent) >= DELIVERIES,
-                                      timeout=30)
+    await platforms.telegram.wait_for(
+        lambda: len(platforms.telegram.sent) >= DELIVERIES, timeout=30
+    )
     await asyncio.sleep(0.5)  # a second reply to any of them would have come by now
     assert replies(platforms) == sorted(f"Stand-in reply to: q{n}" for n in range(DELIVERIES))
     items = await wait_settled(hosts[0])
     assert [(i.status, i.attempts) for i in items] == [("done", 1)] * DELIVERIES
-    owners = peek.rows(hosts[0].settings.database,
-                       "SELECT count(DISTINCT claimed_by) FROM inbox")
+    owners = peek.rows(hosts[0].settings.database, "SELECT count(DISTINCT claimed_by) FROM inbox")
     assert owners == [(2,)], "one host did all the work: nothing was shared"
 
 
 async def test_a_dead_hosts_deliveries_are_taken_over_and_answered_once(
-        make_channel_service: ChannelServiceFactory, platforms: Platforms,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    make_channel_service: ChannelServiceFactory,
+    platforms: Platforms,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     lease = 0.6  # instead of 30 s; heartbeats every 0.2 s
     monkeypatch.setattr(inbox_module, "LEASE_SECONDS", lease)
     monkeypatch.setattr(worker_module, "LEASE_SECONDS", lease)
@@ -73,13 +76,18 @@ async def test_a_dead_hosts_deliveries_are_taken_over_and_answered_once(
     await dying.standin.wait_for_requests(3, timeout=10)
     # The host dies: its worker stops in its tracks, no sign-off, no heartbeat any more.
     worker = dying.app[WORKER]
-    for task in [worker._loop_task, worker._probe_task, worker._lease_task,
-                 *worker._lane_tasks.values()]:
+    for task in [
+        worker._loop_task,
+        worker._probe_task,
+        worker._lease_task,
+        *worker._lane_tasks.values(),
+    ]:
         if task is not None:
             task.cancel()
     await asyncio.sleep(0.1)
-    assert peek.rows(dying.settings.database,
-                     "SELECT status, count(*) FROM inbox GROUP BY status") == [("processing", 3)]
+    assert peek.rows(
+        dying.settings.database, "SELECT status, count(*) FROM inbox GROUP BY status"
+    ) == [("processing", 3)]
     dying.standin.set_delay(0)
     await survivor.app[WORKER].start()  # a live host: it waits for the lease, then takes over
     await platforms.telegram.wait_for(lambda: len(platforms.telegram.sent) >= 3, timeout=15)
@@ -90,24 +98,30 @@ async def test_a_dead_hosts_deliveries_are_taken_over_and_answered_once(
 
 
 async def test_rate_limits_and_the_circuit_breaker_are_per_host(
-        make_channel_service: ChannelServiceFactory) -> None:
+    make_channel_service: ChannelServiceFactory,
+) -> None:
     """What docs/scale-out.md states: each host counts its own requests and Claude's
     failures; N hosts let a client make N times the limit."""
-    first = await make_channel_service(rate_limit_per_minute=3, breaker_failure_threshold=1,
-                                       breaker_reset_seconds=60)
+    first = await make_channel_service(
+        rate_limit_per_minute=3, breaker_failure_threshold=1, breaker_reset_seconds=60
+    )
     second = await make_channel_service(rate_limit_per_minute=3)
     token = first.chat_token  # a token of the shared database: valid on both hosts
 
     async def statuses(host: Service) -> list[int]:
-        return [(await host.client.get("/api/v1/conversations",
-                                       headers=host.auth(token))).status for _ in range(4)]
+        return [
+            (await host.client.get("/api/v1/conversations", headers=host.auth(token))).status
+            for _ in range(4)
+        ]
+
     assert await statuses(first) == [200, 200, 200, 429]
     assert await statuses(second) == [200, 200, 200, 429]
     # Claude fails on the first host: its breaker opens; the second's stays closed.
     first.standin.fail_all(Error(status=529))
     conversation = await first.new_conversation(first.admin_token)
-    response = await first.client.post(f"/api/v1/conversations/{conversation}/messages",
-                                       json={"text": "hi"}, headers=first.admin)
+    response = await first.client.post(
+        f"/api/v1/conversations/{conversation}/messages", json={"text": "hi"}, headers=first.admin
+    )
     assert response.status == 503
     ready = [await (await host.client.get("/health/ready")).json() for host in (first, second)]
     assert [r["checks"]["claude"]["breaker"] for r in ready] == ["open", "closed"]

@@ -27,16 +27,20 @@ from tests.support.process import run_cli, service_env
 PATH = "/webhooks/telegram"
 
 
-async def deliver(service: Service, update: dict[str, object],
-                  secret: str = TELEGRAM_SECRET) -> tuple[int, dict[str, object], float]:
+async def deliver(
+    service: Service, update: dict[str, object], secret: str = TELEGRAM_SECRET
+) -> tuple[int, dict[str, object], float]:
     headers, body = signing.telegram(secret, update)
     return await post(service, PATH, headers, body)
 
 
-async def test_a_text_message_is_answered_in_its_chat(channel_service: Service,
-                                                      platforms: Platforms) -> None:
-    status, body, _ = await deliver(channel_service, payloads.telegram_message(
-        1001, "What are you working on?", chat_id=777, message_id=55))
+async def test_a_text_message_is_answered_in_its_chat(
+    channel_service: Service, platforms: Platforms
+) -> None:
+    status, body, _ = await deliver(
+        channel_service,
+        payloads.telegram_message(1001, "What are you working on?", chat_id=777, message_id=55),
+    )
     assert (status, body) == (200, {})
     [item] = await wait_settled(channel_service)
     assert item.status == "done", item.to_json()
@@ -52,12 +56,14 @@ async def test_a_text_message_is_answered_in_its_chat(channel_service: Service,
     stored = await channel_service.app[CONVERSATIONS].messages(conversation.id)
     assert [(m.role, m.text) for m in stored] == [
         ("user", "What are you working on?"),
-        ("assistant", "Stand-in reply to: What are you working on?")]
+        ("assistant", "Stand-in reply to: What are you working on?"),
+    ]
     assert stored[0].channel_message_id == "55"
 
 
-async def test_start_and_help_answer_without_claude(channel_service: Service,
-                                                    platforms: Platforms) -> None:
+async def test_start_and_help_answer_without_claude(
+    channel_service: Service, platforms: Platforms
+) -> None:
     await deliver(channel_service, payloads.telegram_message(2001, "/start"))
     await deliver(channel_service, payloads.telegram_message(2002, "/help@CloneBot"))
     await wait_settled(channel_service)
@@ -67,8 +73,9 @@ async def test_start_and_help_answer_without_claude(channel_service: Service,
     assert channel_service.standin.message_requests == []
 
 
-async def test_duplicate_update_is_answered_once(channel_service: Service,
-                                                 platforms: Platforms) -> None:
+async def test_duplicate_update_is_answered_once(
+    channel_service: Service, platforms: Platforms
+) -> None:
     update = payloads.telegram_message(3001, "Hello twice")
     results = await asyncio.gather(*(deliver(channel_service, update) for _ in range(3)))
     assert [r[0] for r in results] == [200, 200, 200]
@@ -78,21 +85,32 @@ async def test_duplicate_update_is_answered_once(channel_service: Service,
     assert len(items) == 1
     assert len(platforms.telegram.sent) == 1
     assert len(channel_service.standin.message_requests) == 1
-    assert await metric_value(channel_service, 'digitalme_webhook_deliveries_total{'
-                              'channel="telegram",outcome="duplicate"}') == 3
+    assert (
+        await metric_value(
+            channel_service,
+            'digitalme_webhook_deliveries_total{channel="telegram",outcome="duplicate"}',
+        )
+        == 3
+    )
 
 
-async def test_wrong_or_missing_secret_is_401_and_stores_nothing(channel_service: Service,
-                                                                  platforms: Platforms,
-                                                                  ) -> None:
+async def test_wrong_or_missing_secret_is_401_and_stores_nothing(
+    channel_service: Service,
+    platforms: Platforms,
+) -> None:
     update = payloads.telegram_message(4001, "let me in")
     status, body, _ = await deliver(channel_service, update, secret="wrong")
     assert status == 401 and body["error"] == "invalid_secret_token"
     response = await channel_service.client.post(PATH, json=update)
     assert response.status == 401
     assert await wait_settled(channel_service) == []
-    assert await metric_value(channel_service, 'digitalme_webhook_deliveries_total{'
-                              'channel="telegram",outcome="bad_signature"}') == 2
+    assert (
+        await metric_value(
+            channel_service,
+            'digitalme_webhook_deliveries_total{channel="telegram",outcome="bad_signature"}',
+        )
+        == 2
+    )
 
 
 async def test_malformed_updates_are_400(channel_service: Service) -> None:
@@ -104,7 +122,8 @@ async def test_malformed_updates_are_400(channel_service: Service) -> None:
 
 
 async def test_updates_without_text_and_bot_messages_are_recorded_but_not_answered(
-        channel_service: Service, platforms: Platforms) -> None:
+    channel_service: Service, platforms: Platforms
+) -> None:
     sticker = payloads.telegram_message(5001, "x")
     del sticker["message"]["text"]  # type: ignore[attr-defined]
     await deliver(channel_service, sticker)
@@ -116,13 +135,15 @@ async def test_updates_without_text_and_bot_messages_are_recorded_but_not_answer
 
 
 async def test_slow_claude_does_not_slow_the_acknowledgement(
-        make_channel_service: ChannelServiceFactory, platforms: Platforms) -> None:
+    make_channel_service: ChannelServiceFactory, platforms: Platforms
+) -> None:
     channel_service = await make_channel_service(claude_timeout_seconds=15)
     channel_service.standin.script(Slow(5), Slow(5), Slow(5))
     timings = []
     for n in range(3):
         status, _, elapsed = await deliver(
-            channel_service, payloads.telegram_message(6000 + n, f"slow {n}", chat_id=n))
+            channel_service, payloads.telegram_message(6000 + n, f"slow {n}", chat_id=n)
+        )
         assert status == 200
         timings.append(elapsed)
     assert max(timings) < ACK_BUDGET, timings  # Telegram waits ~60 s; we answer in milliseconds
@@ -131,8 +152,9 @@ async def test_slow_claude_does_not_slow_the_acknowledgement(
     assert len(platforms.telegram.sent) == 3
 
 
-async def test_429_with_retry_after_then_success(channel_service: Service,
-                                                 platforms: Platforms) -> None:
+async def test_429_with_retry_after_then_success(
+    channel_service: Service, platforms: Platforms
+) -> None:
     platforms.telegram.script(Fail(429, retry_after=0.3))
     await deliver(channel_service, payloads.telegram_message(7001, "rate limited?"))
     [item] = await wait_settled(channel_service)
@@ -144,7 +166,8 @@ async def test_429_with_retry_after_then_success(channel_service: Service,
 
 
 async def test_outbound_outage_retries_with_the_stored_reply_then_fails_visibly(
-        make_channel_service: ChannelServiceFactory, platforms: Platforms) -> None:
+    make_channel_service: ChannelServiceFactory, platforms: Platforms
+) -> None:
     service = await make_channel_service(inbox_max_attempts=3)
     platforms.telegram.fail_all(Fail(502))
     await deliver(service, payloads.telegram_message(8001, "is anyone there?"))
@@ -157,12 +180,17 @@ async def test_outbound_outage_retries_with_the_stored_reply_then_fails_visibly(
     # Claude was asked once: every retry reused the stored reply.
     assert len(service.standin.message_requests) == 1
     assert platforms.telegram.sent == []
-    assert await metric_value(service, 'digitalme_outbound_errors_total{kind="server_error",'
-                              'service="telegram"}') >= 3
+    assert (
+        await metric_value(
+            service, 'digitalme_outbound_errors_total{kind="server_error",service="telegram"}'
+        )
+        >= 3
+    )
 
 
-async def test_a_permanent_error_fails_at_once(channel_service: Service,
-                                               platforms: Platforms) -> None:
+async def test_a_permanent_error_fails_at_once(
+    channel_service: Service, platforms: Platforms
+) -> None:
     platforms.telegram.script(Fail(403))  # e.g. the user blocked the bot
     await deliver(channel_service, payloads.telegram_message(9001, "hi"))
     [item] = await wait_settled(channel_service)
@@ -170,11 +198,13 @@ async def test_a_permanent_error_fails_at_once(channel_service: Service,
     assert "HTTP 403" in (item.last_error or "")
 
 
-async def test_bot_token_never_appears_in_errors(make_channel_service: ChannelServiceFactory,
-                                                 ) -> None:
+async def test_bot_token_never_appears_in_errors(
+    make_channel_service: ChannelServiceFactory,
+) -> None:
     # Nothing listens on this port: a connection error whose text could carry the URL.
-    service = await make_channel_service(telegram_api_base="http://127.0.0.1:9",
-                                         inbox_max_attempts=1)
+    service = await make_channel_service(
+        telegram_api_base="http://127.0.0.1:9", inbox_max_attempts=1
+    )
     await deliver(service, payloads.telegram_message(9101, "hi"))
     [item] = await wait_settled(service)
     assert item.status == "failed"
@@ -182,16 +212,23 @@ async def test_bot_token_never_appears_in_errors(make_channel_service: ChannelSe
 
 
 async def test_set_webhook_registers_url_secret_and_update_types(
-        tmp_path: Path, platforms: Platforms) -> None:
-    env = service_env(tmp_path, DIGITALME_TELEGRAM_BOT_TOKEN=TELEGRAM_TOKEN,
-                      DIGITALME_TELEGRAM_SECRET_TOKEN=TELEGRAM_SECRET,
-                      DIGITALME_TELEGRAM_API_BASE=platforms.telegram.base_url)
+    tmp_path: Path, platforms: Platforms
+) -> None:
+    env = service_env(
+        tmp_path,
+        DIGITALME_TELEGRAM_BOT_TOKEN=TELEGRAM_TOKEN,
+        DIGITALME_TELEGRAM_SECRET_TOKEN=TELEGRAM_SECRET,
+        DIGITALME_TELEGRAM_API_BASE=platforms.telegram.base_url,
+    )
     url = "https://clone.example.org/webhooks/telegram"
     result = await asyncio.to_thread(run_cli, ["telegram", "set-webhook", url], env)
     assert result.returncode == 0, result.stderr
     assert "webhook set to https://clone.example.org/webhooks/telegram" in result.stdout
-    assert platforms.telegram.webhook == {"url": url, "secret_token": TELEGRAM_SECRET,
-                                          "allowed_updates": ["message"]}
+    assert platforms.telegram.webhook == {
+        "url": url,
+        "secret_token": TELEGRAM_SECRET,
+        "allowed_updates": ["message"],
+    }
     assert TELEGRAM_SECRET not in result.stdout + result.stderr
     assert TELEGRAM_TOKEN not in result.stdout + result.stderr
 

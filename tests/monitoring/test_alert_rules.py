@@ -36,9 +36,11 @@ def prometheus_tool(name: str) -> str:
         return str(unpacked)
     found = shutil.which(name)
     if found is None:
-        pytest.fail(f"{name} not found: run scripts/bootstrap.sh (it unpacks Debian's "
-                    f"prometheus and prometheus-alertmanager into .cache/prometheus-tools)",
-                    pytrace=False)
+        pytest.fail(
+            f"{name} not found: run scripts/bootstrap.sh (it unpacks Debian's "
+            f"prometheus and prometheus-alertmanager into .cache/prometheus-tools)",
+            pytrace=False,
+        )
     return found
 
 
@@ -69,16 +71,25 @@ def runbook_sections() -> dict[str, str]:
 
 
 def test_promtool_accepts_the_rule_file() -> None:
-    proc = subprocess.run([prometheus_tool("promtool"), "check", "rules", str(RULES)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [prometheus_tool("promtool"), "check", "rules", str(RULES)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in proc.stdout
 
 
 def test_promtool_unit_tests_pass() -> None:
     assert TESTS, "no promtool unit tests in tests/monitoring/rules"
-    proc = subprocess.run([prometheus_tool("promtool"), "test", "rules", *map(str, TESTS)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [prometheus_tool("promtool"), "test", "rules", *map(str, TESTS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("SUCCESS") == len(TESTS), proc.stdout
 

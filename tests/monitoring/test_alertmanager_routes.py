@@ -45,7 +45,13 @@ SMTP_USER, SMTP_PASSWORD = "alerts@example.com", "smtp-password-from-the-vault"
 # a mount namespace of its own where /usr/share also shows the unpacked tree (a read-only
 # overlay; the machine's /usr/share is untouched). Needs root, as CI has.
 WITH_DEBIAN_SHARE = [
-    "unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+    "unshare",
+    "--mount",
+    "--propagation",
+    "private",
+    "--",
+    "sh",
+    "-c",
     'mount -t overlay overlay -o "lowerdir=$0:/usr/share" /usr/share && exec "$@"',
     str(REPO / ".cache/prometheus-tools/usr/share"),
 ]
@@ -73,15 +79,15 @@ class Mailbox:
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.logins: list[tuple[bytes, bytes]] = []
 
-    def __call__(self, server: Any, session: Session, envelope: Envelope, mechanism: str,
-                 data: Any) -> AuthResult:
+    def __call__(
+        self, server: Any, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
         assert isinstance(data, LoginPassword)
         self.logins.append((data.login, data.password))
         ok = (data.login, data.password) == (SMTP_USER.encode(), SMTP_PASSWORD.encode())
         return AuthResult(success=ok, handled=False)
 
-    async def handle_DATA(self, server: Any, session: Session,
-                          envelope: Envelope) -> str:
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
         self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         return "250 OK"
 
@@ -93,33 +99,59 @@ def render(tmp_path: Path, settings: dict[str, Any]) -> Path:
     extra = tmp_path / "extra.json"
     extra.write_text(json.dumps(settings))
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
-         "-e", f"ansible_python_interpreter={sys.executable}", "-e", f"@{extra}", str(playbook)],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+        [
+            str(Path(sys.executable).parent / "ansible-playbook"),
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            "-e",
+            f"@{extra}",
+            str(playbook),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return config
 
 
-async def post_alerts(session: aiohttp.ClientSession, url: str,
-                      alerts: list[dict[str, str]]) -> None:
-    body = [{"labels": labels, "annotations": {"summary": f"{labels['alertname']} test"}}
-            for labels in alerts]
+async def post_alerts(
+    session: aiohttp.ClientSession, url: str, alerts: list[dict[str, str]]
+) -> None:
+    body = [
+        {"labels": labels, "annotations": {"summary": f"{labels['alertname']} test"}}
+        for labels in alerts
+    ]
     async with session.post(f"{url}/api/v2/alerts", json=body) as posted:
         assert posted.status == 200, await posted.text()
 
 
 async def test_email_telegram_and_webhook_receive_alerts_and_down_hosts_inhibit(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     if not ALERTMANAGER.is_file():
         pytest.fail("run scripts/bootstrap.sh (it unpacks Debian's Alertmanager)", pytrace=False)
     if os.geteuid() != 0:
-        pytest.fail("needs root (a mount namespace for Debian's template path); CI runs as root",
-                    pytrace=False)
+        pytest.fail(
+            "needs root (a mount namespace for Debian's template path); CI runs as root",
+            pytrace=False,
+        )
     mailbox = Mailbox()
     # PLAIN only: aiosmtpd's LOGIN challenges ("User Name") are not the usual "Username:"
     # that Alertmanager's LOGIN expects; Go sends PLAIN without TLS to 127.0.0.1 only.
-    smtp = Controller(mailbox, hostname="127.0.0.1", port=free_port(), authenticator=mailbox,
-                      auth_require_tls=False, auth_exclude_mechanism=["LOGIN"])
+    smtp = Controller(
+        mailbox,
+        hostname="127.0.0.1",
+        port=free_port(),
+        authenticator=mailbox,
+        auth_require_tls=False,
+        auth_exclude_mechanism=["LOGIN"],
+    )
     smtp.start()
     telegram = TelegramStandin(BOT_TOKEN)
     await telegram.start()
@@ -129,61 +161,88 @@ async def test_email_telegram_and_webhook_receive_alerts_and_down_hosts_inhibit(
     port = free_port()
     process = None
     try:
-        config = await asyncio.to_thread(render, tmp_path, {
-            "monitoring_email_to": "owner@example.com",
-            "monitoring_smtp_smarthost": f"127.0.0.1:{smtp.port}",
-            "monitoring_smtp_from": SMTP_USER,
-            "monitoring_smtp_auth_username": SMTP_USER,
-            "monitoring_smtp_auth_password": SMTP_PASSWORD,
-            "monitoring_smtp_require_tls": False,  # the sink speaks no TLS
-            "monitoring_telegram_chat_id": 424242,
-            "monitoring_telegram_bot_token": BOT_TOKEN,
-            "monitoring_telegram_api_url": telegram.base_url,
-            "monitoring_webhook_urls": [webhook.url],
-            "monitoring_group_wait": "1s",
-            "monitoring_group_interval": "2s",
-            # Where the role would put the password file, here.
-            "_monitoring_smtp_password_file": str(password_file),
-        })
+        config = await asyncio.to_thread(
+            render,
+            tmp_path,
+            {
+                "monitoring_email_to": "owner@example.com",
+                "monitoring_smtp_smarthost": f"127.0.0.1:{smtp.port}",
+                "monitoring_smtp_from": SMTP_USER,
+                "monitoring_smtp_auth_username": SMTP_USER,
+                "monitoring_smtp_auth_password": SMTP_PASSWORD,
+                "monitoring_smtp_require_tls": False,  # the sink speaks no TLS
+                "monitoring_telegram_chat_id": 424242,
+                "monitoring_telegram_bot_token": BOT_TOKEN,
+                "monitoring_telegram_api_url": telegram.base_url,
+                "monitoring_webhook_urls": [webhook.url],
+                "monitoring_group_wait": "1s",
+                "monitoring_group_interval": "2s",
+                # Where the role would put the password file, here.
+                "_monitoring_smtp_password_file": str(password_file),
+            },
+        )
         text = config.read_text()
         assert SMTP_PASSWORD not in text  # only the file's name
         assert f"smtp_auth_password_file: {password_file}" in text
-        checked = subprocess.run([str(AMTOOL), "check-config", str(config)],
-                                 capture_output=True, text=True, timeout=60)
+        checked = subprocess.run(
+            [str(AMTOOL), "check-config", str(config)], capture_output=True, text=True, timeout=60
+        )
         assert checked.returncode == 0, checked.stdout + checked.stderr
         with (tmp_path / "alertmanager.log").open("wb") as log:
             process = subprocess.Popen(
-                [*WITH_DEBIAN_SHARE, str(ALERTMANAGER), f"--config.file={config}",
-                 f"--web.listen-address=127.0.0.1:{port}", f"--storage.path={tmp_path / 'data'}",
-                 "--cluster.listen-address="],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent)
+                [
+                    *WITH_DEBIAN_SHARE,
+                    str(ALERTMANAGER),
+                    f"--config.file={config}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    f"--storage.path={tmp_path / 'data'}",
+                    "--cluster.listen-address=",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+            )
         url = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, url, tmp_path)
-            await post_alerts(session, url, [
-                {"alertname": "HostDown", "host": "replica", "severity": "critical"},
-                {"alertname": "TargetDown", "host": "replica", "job": "node-extra",
-                 "severity": "warning"},
-                {"alertname": "LitestreamDown", "host": "app", "severity": "critical"},
-                {"alertname": "PostgreSQLDown", "host": "db", "severity": "critical"},
-                {"alertname": "WALArchivingFailing", "host": "db", "severity": "critical"},
-            ])
+            await post_alerts(
+                session,
+                url,
+                [
+                    {"alertname": "HostDown", "host": "replica", "severity": "critical"},
+                    {
+                        "alertname": "TargetDown",
+                        "host": "replica",
+                        "job": "node-extra",
+                        "severity": "warning",
+                    },
+                    {"alertname": "LitestreamDown", "host": "app", "severity": "critical"},
+                    {"alertname": "PostgreSQLDown", "host": "db", "severity": "critical"},
+                    {"alertname": "WALArchivingFailing", "host": "db", "severity": "critical"},
+                ],
+            )
             for name in ("HostDown", "LitestreamDown", "PostgreSQLDown"):
                 assert await asyncio.to_thread(
-                    webhook.wait_for, "firing", alertname=name, timeout=30), webhook.summary()
-            await wait(lambda: len(telegram.sent) >= 2 and len(mailbox.messages) >= 2,
-                       "two messages by Telegram and e-mail", tmp_path,
-                       lambda: [(r.method, r.path, r.status) for r in telegram.requests])
+                    webhook.wait_for, "firing", alertname=name, timeout=30
+                ), webhook.summary()
+            await wait(
+                lambda: len(telegram.sent) >= 2 and len(mailbox.messages) >= 2,
+                "two messages by Telegram and e-mail",
+                tmp_path,
+                lambda: [(r.method, r.path, r.status) for r in telegram.requests],
+            )
             # The down host's other alert is held back, not sent.
-            async with session.get(f"{url}/api/v2/alerts",
-                                   params={"filter": 'alertname="TargetDown"'}) as listed:
+            async with session.get(
+                f"{url}/api/v2/alerts", params={"filter": 'alertname="TargetDown"'}
+            ) as listed:
                 target_down = (await listed.json())[0]
             assert target_down["status"]["state"] == "suppressed"
             assert target_down["status"]["inhibitedBy"], target_down
             # So is a consequence whose cause fires on the same host.
-            async with session.get(f"{url}/api/v2/alerts",
-                                   params={"filter": 'alertname="WALArchivingFailing"'}) as listed:
+            async with session.get(
+                f"{url}/api/v2/alerts", params={"filter": 'alertname="WALArchivingFailing"'}
+            ) as listed:
                 archiving = (await listed.json())[0]
             assert archiving["status"]["state"] == "suppressed", archiving
         assert webhook.find("firing", alertname="TargetDown") is None, webhook.summary()
@@ -194,7 +253,8 @@ async def test_email_telegram_and_webhook_receive_alerts_and_down_hosts_inhibit(
         assert any("LitestreamDown" in t for t in texts) and any("HostDown" in t for t in texts)
         assert not any("TargetDown" in t for t in texts)
         assert mailbox.logins and set(mailbox.logins) == {
-            (SMTP_USER.encode(), SMTP_PASSWORD.encode())}
+            (SMTP_USER.encode(), SMTP_PASSWORD.encode())
+        }
         mails = [message_from_bytes(content) for _, _, content in mailbox.messages]
         assert {tuple(rcpts) for _, rcpts, _ in mailbox.messages} == {("owner@example.com",)}
         subjects = " ".join(str(mail["Subject"]) for mail in mails)
@@ -215,20 +275,26 @@ async def wait_ready(session: aiohttp.ClientSession, url: str, tmp_path: Path) -
                 return answer.status == 200
         except aiohttp.ClientError:
             return False
+
     deadline = time.monotonic() + 30
     while not await ready():
         if time.monotonic() > deadline:
-            pytest.fail("Alertmanager did not start:\n"
-                        + (tmp_path / "alertmanager.log").read_text(), pytrace=False)
+            pytest.fail(
+                "Alertmanager did not start:\n" + (tmp_path / "alertmanager.log").read_text(),
+                pytrace=False,
+            )
         await asyncio.sleep(0.2)
 
 
-async def wait(condition: Any, what: str, tmp_path: Path, detail: Any = None,
-               timeout: float = 30) -> None:
+async def wait(
+    condition: Any, what: str, tmp_path: Path, detail: Any = None, timeout: float = 30
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what} ({detail() if detail else ''}); "
-                        "Alertmanager's log:\n"
-                        + (tmp_path / "alertmanager.log").read_text()[-3000:], pytrace=False)
+            pytest.fail(
+                f"timed out waiting for {what} ({detail() if detail else ''}); "
+                "Alertmanager's log:\n" + (tmp_path / "alertmanager.log").read_text()[-3000:],
+                pytrace=False,
+            )
         await asyncio.sleep(0.2)

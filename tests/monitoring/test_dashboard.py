@@ -52,9 +52,16 @@ ROLE_FILES = REPO / "roles/monitoring/files/etc/prometheus"
 METRICS_TOKEN = "dashboard-metrics-token-" + "0" * 24
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-default-apps",
-    "--disable-domain-reliability", "--no-default-browser-check", "--metrics-recording-only",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-domain-reliability",
+    "--no-default-browser-check",
+    "--metrics-recording-only",
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 ]
 
@@ -72,8 +79,13 @@ class Daemon:
     def __init__(self, argv: list[str], log: Path) -> None:
         self.log = log
         with log.open("wb") as out:
-            self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+            self.process = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+            )
 
     def stop(self) -> None:
         self.process.terminate()
@@ -90,10 +102,16 @@ def textfile_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "textfile"
     folder.mkdir()
     finished = time.time() - 3 * 3600
-    result = {"ok": True, "duration_seconds": 2.3, "finished_epoch": finished,
-              "last_success_epoch": finished, "replica_age_seconds": 4.0,
-              "behind_seconds": 0.0, "restored_bytes": 118784,
-              "rows": {"messages": 12, "conversations": 3}}
+    result = {
+        "ok": True,
+        "duration_seconds": 2.3,
+        "finished_epoch": finished,
+        "last_success_epoch": finished,
+        "replica_age_seconds": 4.0,
+        "behind_seconds": 0.0,
+        "restored_bytes": 118784,
+        "rows": {"messages": 12, "conversations": 3},
+    }
     (folder / "digitalme_backup.prom").write_text(render_metrics(result))
     return folder
 
@@ -101,10 +119,15 @@ def textfile_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def node_exporter(tmp_path: Path, textfile_dir: Path) -> Iterator[str]:
     port = free_port()
-    daemon = Daemon([str(tool("prometheus-node-exporter")),
-                     f"--web.listen-address=127.0.0.1:{port}", "--no-collector.systemd",
-                     f"--collector.textfile.directory={textfile_dir}"],
-                    tmp_path / "node-exporter.log")
+    daemon = Daemon(
+        [
+            str(tool("prometheus-node-exporter")),
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--no-collector.systemd",
+            f"--collector.textfile.directory={textfile_dir}",
+        ],
+        tmp_path / "node-exporter.log",
+    )
     yield f"127.0.0.1:{port}"
     daemon.stop()
 
@@ -113,33 +136,57 @@ def node_exporter(tmp_path: Path, textfile_dir: Path) -> Iterator[str]:
 async def app(tmp_path: Path, standin: AnthropicStandin) -> AsyncIterator[tuple[str, str]]:
     """The real app, with a chat token; Litestream's control socket at its stand-in."""
     socket_path = tmp_path / "litestream.sock"
-    env = service_env(tmp_path, anthropic_base_url=standin.base_url,
-                      DIGITALME_LITESTREAM_SOCKET=str(socket_path),
-                      DIGITALME_METRICS_TOKEN=METRICS_TOKEN)
+    env = service_env(
+        tmp_path,
+        anthropic_base_url=standin.base_url,
+        DIGITALME_LITESTREAM_SOCKET=str(socket_path),
+        DIGITALME_METRICS_TOKEN=METRICS_TOKEN,
+    )
     prepare_database(env)
     token = run_cli(["token", "create", "--name", "dashboard", "--scope", "chat", "--quiet"], env)
     assert token.returncode == 0, token.stderr
-    async with run_litestream_socket(socket_path, tmp_path / "digitalme.db") as litestream, \
-            running_service_async(env, tmp_path) as service:
+    async with (
+        run_litestream_socket(socket_path, tmp_path / "digitalme.db") as litestream,
+        running_service_async(env, tmp_path) as service,
+    ):
         litestream.synced(2)
         yield service.base_url, token.stdout.strip()
 
 
 def prometheus_config(tmp_path: Path, app_address: str, node_address: str) -> Path:
     rules = tmp_path / "settings.rules.yml"
-    rules.write_text(yaml.safe_dump({"groups": [{"name": "digitalme-settings", "rules": [
-        {"record": "digitalme:claude_daily_token_budget", "expr": "vector(1000000)"}]}]}))
+    rules.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "digitalme-settings",
+                        "rules": [
+                            {
+                                "record": "digitalme:claude_daily_token_budget",
+                                "expr": "vector(1000000)",
+                            }
+                        ],
+                    }
+                ]
+            }
+        )
+    )
     token_file = tmp_path / "digitalme-metrics-token"
     token_file.write_text(METRICS_TOKEN)
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ROLE_FILES / "rules/digitalme.rules.yml"), str(rules)],
         "scrape_configs": [
-            {"job_name": "digitalme",
-             "authorization": {"credentials_file": str(token_file)},
-             "static_configs": [{"targets": [app_address], "labels": {"host": "app"}}]},
-            {"job_name": "node",
-             "static_configs": [{"targets": [node_address], "labels": {"host": "app"}}]},
+            {
+                "job_name": "digitalme",
+                "authorization": {"credentials_file": str(token_file)},
+                "static_configs": [{"targets": [app_address], "labels": {"host": "app"}}],
+            },
+            {
+                "job_name": "node",
+                "static_configs": [{"targets": [node_address], "labels": {"host": "app"}}],
+            },
         ],
     }
     path = tmp_path / "prometheus.yml"
@@ -163,20 +210,26 @@ async def chat_traffic(base_url: str, token: str, standin: AnthropicStandin) -> 
 
 
 async def test_the_overview_renders_real_metrics_in_chromium(
-        tmp_path: Path, app: tuple[str, str], node_exporter: str,
-        standin: AnthropicStandin) -> None:
+    tmp_path: Path, app: tuple[str, str], node_exporter: str, standin: AnthropicStandin
+) -> None:
     base_url, token = app
     # Once before Prometheus starts, so that every series exists at its first scrape (a
     # counter's first sample has no increase), and again while it scrapes.
     await chat_traffic(base_url, token, standin)
     port = free_port()
     config = prometheus_config(tmp_path, urlsplit(base_url).netloc, node_exporter)
-    prometheus = Daemon([
-        str(tool("prometheus")), f"--config.file={config}",
-        f"--web.listen-address=127.0.0.1:{port}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-        f"--web.console.templates={ROLE_FILES / 'consoles'}",
-        f"--web.console.libraries={ROLE_FILES / 'console_libraries'}",
-        f"--web.local-assets={TOOLS / 'usr/share/prometheus/web'}"], tmp_path / "prometheus.log")
+    prometheus = Daemon(
+        [
+            str(tool("prometheus")),
+            f"--config.file={config}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.console.templates={ROLE_FILES / 'consoles'}",
+            f"--web.console.libraries={ROLE_FILES / 'console_libraries'}",
+            f"--web.local-assets={TOOLS / 'usr/share/prometheus/web'}",
+        ],
+        tmp_path / "prometheus.log",
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as session:
@@ -209,8 +262,12 @@ async def wait_for(session: aiohttp.ClientSession, url: str, query: str) -> None
 
 def tile(html: str, label: str) -> tuple[str, str]:
     """(css classes, value) of the tile with this label, from the rendered template."""
-    found = re.search(r'<div class="dm-tile ([^"]*)"><div class="dm-label">' + re.escape(label)
-                      + r'</div><div class="dm-value">([^<]*)</div>', html)
+    found = re.search(
+        r'<div class="dm-tile ([^"]*)"><div class="dm-label">'
+        + re.escape(label)
+        + r'</div><div class="dm-value">([^<]*)</div>',
+        html,
+    )
     assert found, f"no {label!r} tile"
     return found[1].strip(), found[2]
 
@@ -236,13 +293,23 @@ async def look_at_it(url: str, html: str) -> None:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         try:
             page = await browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("console", lambda m: console.append(f"{m.type}: {m.text}")
-                    if m.type in ("error", "warning") else None)
+            page.on(
+                "console",
+                lambda m: (
+                    console.append(f"{m.type}: {m.text}")
+                    if m.type in ("error", "warning")
+                    else None
+                ),
+            )
             page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
-            page.on("request", lambda r: foreign.append(r.url)
-                    if urlsplit(r.url).netloc != own else None)
-            page.on("response", lambda r: console.append(f"HTTP {r.status}: {r.url}")
-                    if r.status >= 400 else None)
+            page.on(
+                "request",
+                lambda r: foreign.append(r.url) if urlsplit(r.url).netloc != own else None,
+            )
+            page.on(
+                "response",
+                lambda r: console.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None,
+            )
             # The graphs over the last two minutes (the time bar's state lives in the hash).
             await page.goto(url + '#pctc{"duration":120,"endTime":0}')
             for graph in ("requests", "latency", "claude", "tokens", "inbox", "lag", "disk"):

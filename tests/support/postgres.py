@@ -47,8 +47,10 @@ SETTINGS = {
 
 def bin_dir() -> Path | None:
     """The newest installed PostgreSQL's bin directory, or None."""
-    found = sorted((p for p in PG_ROOT.glob("*/bin") if (p / "initdb").exists()),
-                   key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    found = sorted(
+        (p for p in PG_ROOT.glob("*/bin") if (p / "initdb").exists()),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
     return found[-1] if found else None
 
 
@@ -72,8 +74,15 @@ def reap_orphans(bin: Path) -> None:
         if _alive(owner):
             continue
         if (directory / "data" / "postmaster.pid").exists():
-            command = [str(bin / "pg_ctl"), "-D", str(directory / "data"), "-m", "immediate",
-                       "-w", "stop"]
+            command = [
+                str(bin / "pg_ctl"),
+                "-D",
+                str(directory / "data"),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ]
             if os.geteuid() == 0:
                 command = ["runuser", "-u", "nobody", "--", *command]
             subprocess.run(command, capture_output=True, timeout=60, check=False)
@@ -95,31 +104,48 @@ class Cluster:
 
     def _run(self, *argv: str) -> None:
         command = [*(["runuser", "-u", self._user, "--"] if self._user else []), *argv]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                                cwd=self.dir)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=self.dir)
         if result.returncode != 0:
             log = self.dir / "server.log"
             tail = log.read_text()[-2000:] if log.exists() else ""
-            raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stdout}{result.stderr}"
-                               f"{tail}")
+            raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stdout}{result.stderr}{tail}")
 
     def start(self) -> None:
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
-                  "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
+        self._run(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        )
         options = " ".join(f"-c {name}={value}" for name, value in SETTINGS.items())
         hba = self.data / "pg_hba.conf"
         rules = hba.read_text()
         hba.write_text(f"local all {PASSWORD_USER} scram-sha-256\n{rules}")
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l",
-                  str(self.dir / "server.log"), "-w", "-o",
-                  f"{options} -c unix_socket_directories={self.dir}", "start")
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.dir / "server.log"),
+            "-w",
+            "-o",
+            f"{options} -c unix_socket_directories={self.dir}",
+            "start",
+        )
         with self.admin() as conn:
             conn.execute(f"CREATE ROLE {PASSWORD_USER} LOGIN PASSWORD '{PASSWORD}'")
 
     def stop(self) -> None:
         try:
-            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
-                      "-w", "stop")
+            self._run(
+                str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"
+            )
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -133,8 +159,7 @@ class Cluster:
         """A new, empty or templated, database; returns its name."""
         name = f"test_{next(self._names)}"
         with self.admin() as conn:
-            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'
-                         " STRATEGY FILE_COPY")
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY')
         return name
 
     def drop(self, name: str) -> None:

@@ -51,8 +51,7 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 _PR_SET_PDEATHSIG = 1
 _libc_name = ctypes.util.find_library("c")
-_libc = ctypes.CDLL(_libc_name, use_errno=True) if sys.platform == "linux" and _libc_name \
-    else None
+_libc = ctypes.CDLL(_libc_name, use_errno=True) if sys.platform == "linux" and _libc_name else None
 
 
 def die_with_parent() -> None:
@@ -88,19 +87,26 @@ def base_env(home: Path) -> dict[str, str]:
     }
 
 
-def service_env(workdir: Path, *, anthropic_base_url: str | None = None,
-                api_key: str | None = TEST_API_KEY, **settings: str) -> dict[str, str]:
+def service_env(
+    workdir: Path,
+    *,
+    anthropic_base_url: str | None = None,
+    api_key: str | None = TEST_API_KEY,
+    **settings: str,
+) -> dict[str, str]:
     """Environment for ``digitalme``: database in ``workdir``, Claude at the stand-in,
     no rate limit, fast failures. ``settings`` are extra variables (``DIGITALME_...=``)."""
     env = base_env(workdir / "home")
-    env.update({
-        "DIGITALME_DB_PATH": str(workdir / "digitalme.db"),
-        "DIGITALME_ENV": "test",
-        "DIGITALME_MODEL": "claude-test",
-        "DIGITALME_RATE_LIMIT_PER_MINUTE": "0",
-        "DIGITALME_CLAUDE_MAX_RETRIES": "0",
-        "DIGITALME_CLAUDE_TIMEOUT_SECONDS": "10",
-    })
+    env.update(
+        {
+            "DIGITALME_DB_PATH": str(workdir / "digitalme.db"),
+            "DIGITALME_ENV": "test",
+            "DIGITALME_MODEL": "claude-test",
+            "DIGITALME_RATE_LIMIT_PER_MINUTE": "0",
+            "DIGITALME_CLAUDE_MAX_RETRIES": "0",
+            "DIGITALME_CLAUDE_TIMEOUT_SECONDS": "10",
+        }
+    )
     if api_key is not None:
         env["ANTHROPIC_API_KEY"] = api_key
     if anthropic_base_url is not None:
@@ -109,13 +115,21 @@ def service_env(workdir: Path, *, anthropic_base_url: str | None = None,
     return env
 
 
-def run_cli(args: Sequence[str], env: Mapping[str, str], *, timeout: float = 120.0,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: Sequence[str], env: Mapping[str, str], *, timeout: float = 120.0, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``digitalme ARGS`` to completion (text output captured, never checked)."""
     return subprocess.run(
-        [*digitalme_command(), *args], env=dict(env), capture_output=True, text=True,
-        timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL,
-        cwd=env.get("HOME"), check=False)
+        [*digitalme_command(), *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        cwd=env.get("HOME"),
+        check=False,
+    )
 
 
 def prepare_database(env: Mapping[str, str], *, persona: Path | None = SAMPLE_PERSONA) -> None:
@@ -191,9 +205,14 @@ class ServiceProcess:
         env = {**self.env, "DIGITALME_LISTEN": f"127.0.0.1:{self.port}"}
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [*digitalme_command(), "serve"], env=env, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
-                preexec_fn=die_with_parent)
+                [*digitalme_command(), "serve"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                preexec_fn=die_with_parent,
+            )
 
     def _exited_early(self) -> bool:
         """True if the process died before answering (raises unless it lost a port race)."""
@@ -204,13 +223,17 @@ class ServiceProcess:
         log = self.log_text()
         if "address already in use" in log.lower():
             return True
-        raise ProcessFailed(f"digitalme serve exited with {code} before it was ready; "
-                            f"log {self.log_path}:\n{_tail(self.log_path)}")
+        raise ProcessFailed(
+            f"digitalme serve exited with {code} before it was ready; "
+            f"log {self.log_path}:\n{_tail(self.log_path)}"
+        )
 
     def _timed_out(self, timeout: float) -> ProcessFailed:
         self.kill()
-        return ProcessFailed(f"digitalme serve did not answer /health within {timeout}s; "
-                             f"log {self.log_path}:\n{_tail(self.log_path)}")
+        return ProcessFailed(
+            f"digitalme serve did not answer /health within {timeout}s; "
+            f"log {self.log_path}:\n{_tail(self.log_path)}"
+        )
 
     def _health_ok(self) -> bool:
         try:
@@ -285,8 +308,9 @@ class ServiceProcess:
 
 
 @contextlib.contextmanager
-def running_service(env: Mapping[str, str], workdir: Path, *,
-                    timeout: float = READY_TIMEOUT_SECONDS) -> Iterator[ServiceProcess]:
+def running_service(
+    env: Mapping[str, str], workdir: Path, *, timeout: float = READY_TIMEOUT_SECONDS
+) -> Iterator[ServiceProcess]:
     service = ServiceProcess(env, workdir)
     try:
         yield service.start(timeout)
@@ -295,9 +319,12 @@ def running_service(env: Mapping[str, str], workdir: Path, *,
 
 
 @contextlib.asynccontextmanager
-async def running_service_async(env: Mapping[str, str], workdir: Path, *,
-                                timeout: float = READY_TIMEOUT_SECONDS,
-                                ) -> AsyncIterator[ServiceProcess]:
+async def running_service_async(
+    env: Mapping[str, str],
+    workdir: Path,
+    *,
+    timeout: float = READY_TIMEOUT_SECONDS,
+) -> AsyncIterator[ServiceProcess]:
     service = ServiceProcess(env, workdir)
     try:
         yield await service.start_async(timeout)
@@ -311,8 +338,9 @@ async def running_service_async(env: Mapping[str, str], workdir: Path, *,
 class StandinProcess:
     """``python -m standins.anthropic_api`` on a free port (it reports its URL)."""
 
-    def __init__(self, workdir: Path, *, delay: float = 0.0, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+    def __init__(
+        self, workdir: Path, *, delay: float = 0.0, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self.workdir = workdir
         self.delay = delay
         self.host = host
@@ -331,19 +359,36 @@ class StandinProcess:
         env = base_env(self.workdir / "standin-home")
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "standins.anthropic_api", "--host", self.host,
-                 "--port", str(self.port), "--delay", str(self.delay), "--log-level",
-                 "WARNING"],
-                env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=log, preexec_fn=die_with_parent)
+                [
+                    sys.executable,
+                    "-m",
+                    "standins.anthropic_api",
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.port),
+                    "--delay",
+                    str(self.delay),
+                    "--log-level",
+                    "WARNING",
+                ],
+                env=env,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                preexec_fn=die_with_parent,
+            )
         assert self.process.stdout is not None
         line = _read_line(self.process.stdout, timeout)
         prefix = "anthropic-standin listening on "
         if not line.startswith(prefix):
             _terminate(self.process, 2)
-            raise ProcessFailed(f"the stand-in did not start (said {line!r}); log "
-                                f"{self.log_path}:\n{_tail(self.log_path)}")
-        self.base_url = line[len(prefix):].strip()
+            raise ProcessFailed(
+                f"the stand-in did not start (said {line!r}); log "
+                f"{self.log_path}:\n{_tail(self.log_path)}"
+            )
+        self.base_url = line[len(prefix) :].strip()
         return self
 
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> int | None:

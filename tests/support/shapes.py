@@ -23,7 +23,8 @@ def _fits(value: Any, hint: Any) -> bool:
     if origin is dict:
         key, item = typing.get_args(hint)
         return isinstance(value, dict) and all(
-            _fits(k, key) and _fits(v, item) for k, v in value.items())
+            _fits(k, key) and _fits(v, item) for k, v in value.items()
+        )
     if origin is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_fits(v, item) for v in value)
@@ -37,6 +38,9 @@ def shape_problems(value: Any, typed_dict: type) -> list[str]:
     hints = typing.get_type_hints(typed_dict)
     required: frozenset[str] = typed_dict.__required_keys__  # type: ignore[attr-defined]
     problems = [f"{name}: missing" for name in sorted(required) if name not in value]
-    problems += [f"{name}: {value[name]!r} is not {hint}" for name, hint in hints.items()
-                 if name in value and not _fits(value[name], hint)]
+    problems += [
+        f"{name}: {value[name]!r} is not {hint}"
+        for name, hint in hints.items()
+        if name in value and not _fits(value[name], hint)
+    ]
     return problems

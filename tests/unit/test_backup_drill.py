@@ -161,8 +161,10 @@ class Host:
         """Commit `count` messages, the last one created at `newest`."""
         for i in range(count):
             at = newest - timedelta(seconds=count - 1 - i)
-            self.live.execute("INSERT INTO messages (conversation_id, text, created_at) "
-                              "VALUES ('c1', ?, ?)", (f"message {i}", iso(at)))
+            self.live.execute(
+                "INSERT INTO messages (conversation_id, text, created_at) VALUES ('c1', ?, ?)",
+                (f"message {i}", iso(at)),
+            )
 
     def replicate(self) -> None:
         """The replica holds exactly what the live database holds now."""
@@ -177,15 +179,32 @@ class Host:
     def settings(self) -> Path:
         replica: dict[str, Any] = {"type": self.replica_type}
         if self.replica_type == "sftp":
-            replica.update(host="10.213.7.12", port=2222, user="litestream",
-                           path="/replicas/digitalme/", host_key=HOST_KEY + " root@replica")
+            replica.update(
+                host="10.213.7.12",
+                port=2222,
+                user="litestream",
+                path="/replicas/digitalme/",
+                host_key=HOST_KEY + " root@replica",
+            )
         path = self.root / "digitalme-backup.json"
-        path.write_text(json.dumps({
-            "db": str(self.db), "config": "/dev/null", "litestream": str(self.root / "litestream"),
-            "sftp": str(self.root / "sftp"), "replica": replica,
-            "table": "messages", "time_column": "created_at",
-            "drill": {"workdir": str(self.workdir), "textfile_dir": str(self.textfile),
-                      "max_behind_seconds": 60}}))
+        path.write_text(
+            json.dumps(
+                {
+                    "db": str(self.db),
+                    "config": "/dev/null",
+                    "litestream": str(self.root / "litestream"),
+                    "sftp": str(self.root / "sftp"),
+                    "replica": replica,
+                    "table": "messages",
+                    "time_column": "created_at",
+                    "drill": {
+                        "workdir": str(self.workdir),
+                        "textfile_dir": str(self.textfile),
+                        "max_behind_seconds": 60,
+                    },
+                }
+            )
+        )
         return path
 
     def argv(self, *args: str) -> list[str]:
@@ -193,17 +212,22 @@ class Host:
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of the tool: the stand-ins' settings, then `extra`."""
-        return {**os.environ, "FAKE_REPLICA_STATE": str(self.replica_state),
-                "FAKE_REPLICA_TIME": "2026-11-26T04:10:51Z",
-                "FAKE_CALLS": str(self.root / "calls"),
-                "FAKE_SFTP_ROOT": str(self.sftp_root),
-                "FAKE_KNOWN_HOST": f"[10.213.7.12]:2222 {HOST_KEY}\n",
-                "FAKE_DESTINATION": "litestream@10.213.7.12",
-                "CREDENTIALS_DIRECTORY": str(self.root / "credentials"), **extra}
+        return {
+            **os.environ,
+            "FAKE_REPLICA_STATE": str(self.replica_state),
+            "FAKE_REPLICA_TIME": "2026-11-26T04:10:51Z",
+            "FAKE_CALLS": str(self.root / "calls"),
+            "FAKE_SFTP_ROOT": str(self.sftp_root),
+            "FAKE_KNOWN_HOST": f"[10.213.7.12]:2222 {HOST_KEY}\n",
+            "FAKE_DESTINATION": "litestream@10.213.7.12",
+            "CREDENTIALS_DIRECTORY": str(self.root / "credentials"),
+            **extra,
+        }
 
     def tool(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=60,
-                              env=self.env(**env))
+        return subprocess.run(
+            self.argv(*args), capture_output=True, text=True, timeout=60, env=self.env(**env)
+        )
 
     def drill(self, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
         return self.tool("drill", *extra, **env)
@@ -257,7 +281,8 @@ def test_a_drill_on_a_current_replica_passes_and_publishes_its_metrics(host: Hos
     assert metrics["digitalme_backup_drill_success"] == 1
     assert metrics["digitalme_backup_drill_duration_seconds"] > 0
     assert metrics["digitalme_backup_drill_last_run_timestamp_seconds"] == pytest.approx(
-        result["finished_epoch"])
+        result["finished_epoch"]
+    )
     assert metrics["digitalme_backup_drill_behind_seconds"] == 0
     assert metrics['digitalme_backup_drill_restored_rows{table="messages"}'] == 20
     assert metrics["digitalme_backup_replica_age_seconds"] > 0
@@ -318,8 +343,10 @@ def test_a_corrupted_replica_fails_loudly_and_keeps_the_last_success(host: Host)
     host.replicate()
     assert host.drill().returncode == 0
     passed = host.result()["last_success_epoch"]
-    proc = host.drill(FAKE_RESTORE_ERROR="decode database: decode page 59: read page header 0:"
-                                         " decompress block: lz4: invalid source")
+    proc = host.drill(
+        FAKE_RESTORE_ERROR="decode database: decode page 59: read page header 0:"
+        " decompress block: lz4: invalid source"
+    )
     assert proc.returncode == 1
     result = host.result()
     assert result["ok"] is False
@@ -328,8 +355,7 @@ def test_a_corrupted_replica_fails_loudly_and_keeps_the_last_success(host: Host)
     assert result["last_success_epoch"] == passed
     metrics = host.metrics()
     assert metrics["digitalme_backup_drill_success"] == 0
-    assert metrics["digitalme_backup_drill_last_success_timestamp_seconds"] == pytest.approx(
-        passed)
+    assert metrics["digitalme_backup_drill_last_success_timestamp_seconds"] == pytest.approx(passed)
     assert not (host.workdir / "scratch").exists()
 
 
@@ -360,8 +386,13 @@ def test_the_apps_reader_reads_what_the_tool_writes(host: Host) -> None:
 def test_a_drill_stopped_by_systemd_reports_a_failure(host: Host) -> None:
     host.write(5, datetime.now(UTC))
     host.replicate()
-    drill = subprocess.Popen(host.argv("drill"), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=host.env(FAKE_SLEEP="30"))
+    drill = subprocess.Popen(
+        host.argv("drill"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=host.env(FAKE_SLEEP="30"),
+    )
     deadline = time.monotonic() + 20
     while not host.calls:  # litestream (the stand-in) is running
         assert time.monotonic() < deadline and drill.poll() is None
@@ -434,15 +465,20 @@ def test_unix_seconds_timestamps_are_understood(host: Host) -> None:
     proc = host.drill("--table", "rows", "--time-column", "at")
     assert proc.returncode == 0, proc.stderr
     assert host.result()["restored_newest_row_at"].startswith(
-        datetime.fromtimestamp(now, UTC).isoformat()[:19])
+        datetime.fromtimestamp(now, UTC).isoformat()[:19]
+    )
 
 
 def test_inspect_reports_integrity_rows_and_newest_row(host: Host) -> None:
     newest = datetime(2026, 11, 26, 4, 10, 51, tzinfo=UTC)
     host.write(3, newest)
     shm_before = host.db.with_name("digitalme.db-shm").stat().st_mtime_ns
-    proc = subprocess.run([sys.executable, str(SCRIPT), "inspect", "--live", str(host.db)],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "inspect", "--live", str(host.db)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["integrity"] == "ok"
@@ -450,18 +486,25 @@ def test_inspect_reports_integrity_rows_and_newest_row(host: Host) -> None:
     assert report["newest_row_at"] == "2026-11-26T04:10:51.000+00:00"
     assert host.db.with_name("digitalme.db-shm").stat().st_mtime_ns >= shm_before
     host.replicate()
-    copy = subprocess.run([sys.executable, str(SCRIPT), "inspect", str(host.replica_state)],
-                          capture_output=True, text=True, timeout=30)
+    copy = subprocess.run(
+        [sys.executable, str(SCRIPT), "inspect", str(host.replica_state)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert json.loads(copy.stdout)["rows"] == report["rows"]
     # A restored copy is opened immutable: no -wal/-shm left beside it.
     assert sorted(p.name for p in host.root.glob("replica-state.db*")) == ["replica-state.db"]
-    missing = subprocess.run([sys.executable, str(SCRIPT), "inspect", "/nonexistent.db"],
-                             capture_output=True, text=True, timeout=30)
+    missing = subprocess.run(
+        [sys.executable, str(SCRIPT), "inspect", "/nonexistent.db"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
-def test_restore_over_sftp_fetches_the_plan_then_restores_from_the_local_copy(
-        host: Host) -> None:
+def test_restore_over_sftp_fetches_the_plan_then_restores_from_the_local_copy(host: Host) -> None:
     host.replica_type = "sftp"
     host.write(30, datetime.now(UTC))
     host.replicate()
@@ -498,8 +541,9 @@ def test_an_sftp_failure_fails_the_restore_and_leaves_nothing(host: Host) -> Non
     host.write(3, datetime.now(UTC))
     host.replicate()
     output = host.root / "restored.db"
-    proc = host.tool("restore", "--output", str(output),
-                     FAKE_SFTP_ERROR="Host key verification failed.")
+    proc = host.tool(
+        "restore", "--output", str(output), FAKE_SFTP_ERROR="Host key verification failed."
+    )
     assert proc.returncode == 1
     assert "sftp could not fetch the replica's files from litestream@10.213.7.12" in proc.stderr
     assert "Host key verification failed." in proc.stderr
@@ -511,8 +555,7 @@ def test_a_truncated_download_is_caught(host: Host) -> None:
     host.replica_type = "sftp"
     host.write(3, datetime.now(UTC))
     host.replicate()
-    proc = host.tool("restore", "--output", str(host.root / "restored.db"),
-                     FAKE_SFTP_TRUNCATE="1")
+    proc = host.tool("restore", "--output", str(host.root / "restored.db"), FAKE_SFTP_TRUNCATE="1")
     assert proc.returncode == 1
     assert "came back with 100 bytes" in proc.stderr
 
@@ -546,7 +589,8 @@ def test_restore_never_overwrites_and_knows_an_empty_replica(host: Host) -> None
 def test_a_point_in_time_goes_to_the_plan_and_the_restore(host: Host) -> None:
     host.write(3, datetime.now(UTC))
     host.replicate()
-    proc = host.tool("restore", "--timestamp", "2026-11-26T02:00:00Z",
-                     "--output", str(host.root / "then.db"))
+    proc = host.tool(
+        "restore", "--timestamp", "2026-11-26T02:00:00Z", "--output", str(host.root / "then.db")
+    )
     assert proc.returncode == 0, proc.stderr
     assert all("-timestamp 2026-11-26T02:00:00Z" in call for call in host.calls)

@@ -20,8 +20,9 @@ def test_split_text_respects_the_limit_and_prefers_boundaries() -> None:
     parts = split_text(text, 1000)
     assert all(0 < len(p) <= 1000 for p in parts)
     assert parts[0].endswith("alpha") and not parts[0].endswith(" ")
-    assert "".join(parts).replace(" ", "").replace("\n", "") == \
-        text.replace(" ", "").replace("\n", "")
+    assert "".join(parts).replace(" ", "").replace("\n", "") == text.replace(" ", "").replace(
+        "\n", ""
+    )
     assert split_text("short", 10) == ["short"]
     assert split_text("   ", 10) == ["…"]
 
@@ -39,8 +40,9 @@ def test_outbound_errors_are_classified() -> None:
 
 
 def test_inbox_backoff_doubles_up_to_the_cap() -> None:
-    settings = load_settings({"DIGITALME_INBOX_RETRY_BASE_SECONDS": "5",
-                              "DIGITALME_INBOX_RETRY_MAX_SECONDS": "60"})
+    settings = load_settings(
+        {"DIGITALME_INBOX_RETRY_BASE_SECONDS": "5", "DIGITALME_INBOX_RETRY_MAX_SECONDS": "60"}
+    )
     assert [retry_delay(settings, n) for n in (1, 2, 3, 4, 5, 9)] == [5, 10, 20, 40, 60, 60]
 
 
@@ -54,10 +56,14 @@ def test_secrets_match_is_safe_on_any_input() -> None:
 def test_telegram_classification_and_commands() -> None:
     message = {"message_id": 1, "chat": {"id": 5}, "from": {"is_bot": False}, "text": "hi"}
     assert telegram_classify({"update_id": 1, "message": message}) == ("message", False)
-    assert telegram_classify({"update_id": 1, "message": {**message, "text": " "}}) == \
-        ("message_without_text", True)
-    assert telegram_classify({"update_id": 1, "message": {**message, "from": "x"}}) == \
-        ("message", False)
+    assert telegram_classify({"update_id": 1, "message": {**message, "text": " "}}) == (
+        "message_without_text",
+        True,
+    )
+    assert telegram_classify({"update_id": 1, "message": {**message, "from": "x"}}) == (
+        "message",
+        False,
+    )
     assert telegram_classify({"update_id": 1, "channel_post": {}}) == ("channel_post", True)
     assert command_of("/Help@SomeBot now") == "/help"
     assert command_of("hello /start") is None
@@ -65,15 +71,25 @@ def test_telegram_classification_and_commands() -> None:
 
 def test_slack_classification() -> None:
     body = {"authorizations": [{"user_id": "UBOT", "is_bot": True}]}
-    dm = {"type": "message", "channel_type": "im", "channel": "D1", "ts": "1.1",
-          "user": "U1", "text": "hi"}
+    dm = {
+        "type": "message",
+        "channel_type": "im",
+        "channel": "D1",
+        "ts": "1.1",
+        "user": "U1",
+        "text": "hi",
+    }
     assert slack_classify(body, dm) == ("direct_message", False)
     assert slack_classify(body, {**dm, "user": "UBOT"}) == ("message.bot", True)
-    mention = {"type": "app_mention", "channel": "C1", "ts": "1.1", "user": "U1",
-               "text": "<@UBOT> hi"}
+    mention = {
+        "type": "app_mention",
+        "channel": "C1",
+        "ts": "1.1",
+        "user": "U1",
+        "text": "<@UBOT> hi",
+    }
     assert slack_classify(body, mention) == ("mention", False)
-    assert slack_classify(body, {**mention, "text": "<@UBOT>"}) == ("app_mention.ignored",
-                                                                    True)
+    assert slack_classify(body, {**mention, "text": "<@UBOT>"}) == ("app_mention.ignored", True)
     assert slack_classify(body, {**mention, "channel": "D1"}) == ("app_mention.dm", True)
     assert without_mentions("<@UBOT|clone>  what   now?") == "what now?"
 

@@ -29,10 +29,15 @@ def test_defaults() -> None:
 
 
 def test_environment_values_are_parsed() -> None:
-    settings = load_settings({
-        "DIGITALME_LISTEN": "[::1]:9000", "DIGITALME_RATE_LIMIT_PER_MINUTE": "7",
-        "DIGITALME_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1",
-        "ANTHROPIC_BASE_URL": "http://127.0.0.1:1234/", "DIGITALME_LOG_LEVEL": "DEBUG"})
+    settings = load_settings(
+        {
+            "DIGITALME_LISTEN": "[::1]:9000",
+            "DIGITALME_RATE_LIMIT_PER_MINUTE": "7",
+            "DIGITALME_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1",
+            "ANTHROPIC_BASE_URL": "http://127.0.0.1:1234/",
+            "DIGITALME_LOG_LEVEL": "DEBUG",
+        }
+    )
     assert settings.listen == ("::1", 9000)
     assert settings.rate_limit_per_minute == 7
     assert [str(n) for n in settings.trusted_proxies] == ["10.0.0.0/8", "127.0.0.1/32"]
@@ -42,11 +47,21 @@ def test_environment_values_are_parsed() -> None:
 
 def test_every_bad_value_is_named_at_once() -> None:
     with pytest.raises(ConfigError) as caught:
-        load_settings({"DIGITALME_LISTEN": "8080", "DIGITALME_RATE_LIMIT_PER_MINUTE": "lots",
-                       "DIGITALME_MAX_TOKENS": "0", "ANTHROPIC_BASE_URL": "ftp://x"})
+        load_settings(
+            {
+                "DIGITALME_LISTEN": "8080",
+                "DIGITALME_RATE_LIMIT_PER_MINUTE": "lots",
+                "DIGITALME_MAX_TOKENS": "0",
+                "ANTHROPIC_BASE_URL": "ftp://x",
+            }
+        )
     problems = caught.value.problems
-    assert set(problems) == {"DIGITALME_LISTEN", "DIGITALME_RATE_LIMIT_PER_MINUTE",
-                             "DIGITALME_MAX_TOKENS", "ANTHROPIC_BASE_URL"}
+    assert set(problems) == {
+        "DIGITALME_LISTEN",
+        "DIGITALME_RATE_LIMIT_PER_MINUTE",
+        "DIGITALME_MAX_TOKENS",
+        "ANTHROPIC_BASE_URL",
+    }
     assert "whole number" in problems["DIGITALME_RATE_LIMIT_PER_MINUTE"]
     assert "DIGITALME_LISTEN" in str(caught.value)
 
@@ -56,8 +71,9 @@ def test_secrets_from_systemd_credentials(tmp_path: Path) -> None:
     settings = load_settings({"CREDENTIALS_DIRECTORY": str(tmp_path)})
     assert settings.anthropic_api_key == "sk-from-credential"
     # The environment, when set, wins over the credential file.
-    settings = load_settings({"CREDENTIALS_DIRECTORY": str(tmp_path),
-                              "ANTHROPIC_API_KEY": "sk-env"})
+    settings = load_settings(
+        {"CREDENTIALS_DIRECTORY": str(tmp_path), "ANTHROPIC_API_KEY": "sk-env"}
+    )
     assert settings.anthropic_api_key == "sk-env"
 
 
@@ -69,8 +85,9 @@ def test_secrets_are_masked_in_the_effective_settings() -> None:
 
 
 def test_unknown_variables_are_reported() -> None:
-    assert unknown_variables({"DIGITALME_RATE_LIMT": "5", "DIGITALME_ENV": "x", "HOME": "/"}) \
-        == ["DIGITALME_RATE_LIMT"]
+    assert unknown_variables({"DIGITALME_RATE_LIMT": "5", "DIGITALME_ENV": "x", "HOME": "/"}) == [
+        "DIGITALME_RATE_LIMT"
+    ]
 
 
 def test_every_setting_has_help_and_the_docs_carry_the_current_reference() -> None:
@@ -78,11 +95,13 @@ def test_every_setting_has_help_and_the_docs_carry_the_current_reference() -> No
         assert len(info.help) > 15, info.env
     docs = (REPO / "docs" / "configuration.md").read_text()
     # Regenerate with: .venv/bin/digitalme check-config --reference
-    assert settings_reference_markdown() in docs, \
+    assert settings_reference_markdown() in docs, (
         "docs/configuration.md is out of date: paste `digitalme check-config --reference`"
+    )
     documented = set(re.findall(r"`(DIGITALME_[A-Z0-9_]+)`", docs))
-    assert documented <= {info.env for info in declared_settings()}, \
+    assert documented <= {info.env for info in declared_settings()}, (
         "docs/configuration.md names settings that do not exist"
+    )
 
 
 def test_the_metrics_token_is_a_long_header_safe_secret(tmp_path: Path) -> None:
@@ -99,33 +118,48 @@ def test_the_metrics_token_is_a_long_header_safe_secret(tmp_path: Path) -> None:
 
 def test_retention_keeps_deliveries_past_every_redelivery_window() -> None:
     settings = load_settings({})
-    assert (settings.inbox_retention_days, settings.inbox_failed_retention_days,
-            settings.activity_retention_days, settings.prune_interval_minutes) == \
-        (14, 30, 30, 60)
+    assert (
+        settings.inbox_retention_days,
+        settings.inbox_failed_retention_days,
+        settings.activity_retention_days,
+        settings.prune_interval_minutes,
+    ) == (14, 30, 30, 60)
     assert load_settings({"DIGITALME_INBOX_RETENTION_DAYS": "0"}).inbox_retention_days == 0
     for name, value, why in (
-            ("DIGITALME_INBOX_RETENTION_DAYS", "7", "at least 8 days"),
-            ("DIGITALME_INBOX_FAILED_RETENTION_DAYS", "-1", "between 0 and 3650"),
-            ("DIGITALME_PRUNE_INTERVAL_MINUTES", "0", "between 1 and 1440"),
-            ("DIGITALME_ACTIVITY_RETENTION_DAYS", "5",
-             "at least DIGITALME_ACTIVITY_DIGEST_DAYS (7) or 0")):
+        ("DIGITALME_INBOX_RETENTION_DAYS", "7", "at least 8 days"),
+        ("DIGITALME_INBOX_FAILED_RETENTION_DAYS", "-1", "between 0 and 3650"),
+        ("DIGITALME_PRUNE_INTERVAL_MINUTES", "0", "between 1 and 1440"),
+        (
+            "DIGITALME_ACTIVITY_RETENTION_DAYS",
+            "5",
+            "at least DIGITALME_ACTIVITY_DIGEST_DAYS (7) or 0",
+        ),
+    ):
         with pytest.raises(ConfigError) as caught:
             load_settings({name: value})
         assert why in caught.value.problems[name], caught.value.problems
     # The digest and the activity it reads agree.
-    assert load_settings({"DIGITALME_ACTIVITY_RETENTION_DAYS": "5",
-                          "DIGITALME_ACTIVITY_DIGEST_DAYS": "5"}).activity_retention_days == 5
+    assert (
+        load_settings(
+            {"DIGITALME_ACTIVITY_RETENTION_DAYS": "5", "DIGITALME_ACTIVITY_DIGEST_DAYS": "5"}
+        ).activity_retention_days
+        == 5
+    )
 
 
 # --- the PostgreSQL backend's settings ------------------------------------------------------
 
-@pytest.mark.parametrize(("raw", "message"), [
-    ("mysql://app:s3cret@db/app", "must be a postgresql:// URL"),
-    ("postgresql://app:s3cret@db:99999/app", "is not a valid URL"),
-    ("postgresql://app:s3cret@db", "names no database"),
-    ("postgresql://app:s3cret@db/app?sslmod=require", 'invalid URI query parameter: "sslmod"'),
-    ("postgresql://app:s3cret@[db/app", "is not a valid URL"),
-])
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("mysql://app:s3cret@db/app", "must be a postgresql:// URL"),
+        ("postgresql://app:s3cret@db:99999/app", "is not a valid URL"),
+        ("postgresql://app:s3cret@db", "names no database"),
+        ("postgresql://app:s3cret@db/app?sslmod=require", 'invalid URI query parameter: "sslmod"'),
+        ("postgresql://app:s3cret@[db/app", "is not a valid URL"),
+    ],
+)
 def test_a_bad_database_url_is_named_without_its_password(raw: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings({"DIGITALME_DATABASE_URL": raw})
@@ -143,10 +177,12 @@ def test_the_database_url_selects_postgresql_and_hides_its_password(tmp_path: Pa
     assert "s3cret" not in repr(settings)
     # The password from a credential file (LoadCredential=), given to the driver apart.
     (tmp_path / "DIGITALME_DATABASE_PASSWORD").write_text("from-credential\n")
-    settings = load_settings({"DIGITALME_DATABASE_URL": "postgresql://app@db/app"},
-                             credentials_directory=str(tmp_path))
+    settings = load_settings(
+        {"DIGITALME_DATABASE_URL": "postgresql://app@db/app"}, credentials_directory=str(tmp_path)
+    )
     assert settings.database == settings.database_url.with_password(  # type: ignore[union-attr]
-        "from-credential")
+        "from-credential"
+    )
     assert settings.database.password == "from-credential"  # type: ignore[union-attr]
     assert "from-credential" not in repr(settings) + str(settings.database)
     shown = dict((name, value) for name, value, _ in effective_settings(settings))
@@ -154,13 +190,15 @@ def test_the_database_url_selects_postgresql_and_hides_its_password(tmp_path: Pa
 
 
 def test_a_database_password_without_a_url_is_refused() -> None:
-    with pytest.raises(ConfigError, match="DIGITALME_DATABASE_PASSWORD: is set but "
-                                          "DIGITALME_DATABASE_URL is not"):
+    with pytest.raises(
+        ConfigError, match="DIGITALME_DATABASE_PASSWORD: is set but DIGITALME_DATABASE_URL is not"
+    ):
         load_settings({"DIGITALME_DATABASE_PASSWORD": "x"})
 
 
-def test_check_config_names_a_bad_url_in_one_line(monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_config_names_a_bad_url_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from digitalme.cli import EXIT_CONFIG, main
 
     monkeypatch.setenv("DIGITALME_DATABASE_URL", "postgres://u:s3cret@db/app?sslmode")
@@ -171,7 +209,8 @@ def test_check_config_names_a_bad_url_in_one_line(monkeypatch: pytest.MonkeyPatc
 
 
 def test_check_config_accepts_a_postgresql_url_and_warns_about_litestream(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from digitalme.cli import EXIT_OK, main
 
     monkeypatch.setenv("DIGITALME_DATABASE_URL", "postgresql://app@db.internal/app")

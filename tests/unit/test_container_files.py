@@ -28,17 +28,19 @@ def test_composes_litestream_is_the_release_the_litestream_role_pins() -> None:
 
 
 def test_the_apps_dockerfile_builds_only_what_the_app_needs() -> None:
-    stages = re.findall(r"^FROM (\S+)(?: AS (\S+))?$", (REPO / "Dockerfile").read_text(),
-                        re.MULTILINE)
+    stages = re.findall(
+        r"^FROM (\S+)(?: AS (\S+))?$", (REPO / "Dockerfile").read_text(), re.MULTILINE
+    )
     assert [name for _, name in stages] == ["tools", "wheels", "install", ""]
     assert "litestream" not in (REPO / "Dockerfile").read_text().lower()
 
 
-def test_compose_builds_litestream_from_its_own_file_and_names_every_image_by_a_setting(
-) -> None:
+def test_compose_builds_litestream_from_its_own_file_and_names_every_image_by_a_setting() -> None:
     services = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]
     assert services["litestream"]["build"] == {
-        "context": "./compose", "dockerfile": "litestream.Dockerfile",
-        "args": {"BASE_IMAGE": services["migrate"]["build"]["args"]["BASE_IMAGE"]}}
+        "context": "./compose",
+        "dockerfile": "litestream.Dockerfile",
+        "args": {"BASE_IMAGE": services["migrate"]["build"]["args"]["BASE_IMAGE"]},
+    }
     assert services["migrate"]["build"]["args"]["WHEELS"] == "${DIGITALME_WHEELS:-lock}"
     assert services["caddy"]["image"].startswith("${DIGITALME_CADDY_IMAGE:-")

@@ -26,8 +26,10 @@ async def test_bundled_migrations_apply_once(tmp_path: Path) -> None:
 
 
 async def test_failed_migration_rolls_back_and_says_which(tmp_path: Path) -> None:
-    migrations = [Migration(1, "good", "CREATE TABLE a (x INTEGER);"),
-                  Migration(2, "bad", "CREATE TABLE b (y INTEGER); INSERT INTO nope VALUES (1);")]
+    migrations = [
+        Migration(1, "good", "CREATE TABLE a (x INTEGER);"),
+        Migration(2, "bad", "CREATE TABLE b (y INTEGER); INSERT INTO nope VALUES (1);"),
+    ]
     db = Database(tmp_path / "x.db", migrations)
     await db.open()
     try:
@@ -51,8 +53,7 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> object:
     return request.getfixturevalue("postgres_database")
 
 
-async def test_changed_migrations_are_refused_newer_ones_tolerated(
-        empty_database: Path) -> None:
+async def test_changed_migrations_are_refused_newer_ones_tolerated(empty_database: Path) -> None:
     path = empty_database
     db = Database(path, [Migration(1, "one", "CREATE TABLE a (x INTEGER);")])
     await db.open()
@@ -81,8 +82,9 @@ async def test_an_unmigrated_database_is_refused_naming_the_command(tmp_path: Pa
     db = Database(tmp_path / "x.db", [Migration(1, "one", "CREATE TABLE a (x INTEGER);")])
     await db.open()
     try:
-        with pytest.raises(DatabaseError,
-                           match=r"lacks migrations 0001_one: run `digitalme migrate`"):
+        with pytest.raises(
+            DatabaseError, match=r"lacks migrations 0001_one: run `digitalme migrate`"
+        ):
             await db.require_migrated()
         await db.migrate()
         assert (await db.require_migrated()).pending == []
@@ -107,8 +109,9 @@ async def test_missing_directory_is_named(tmp_path: Path) -> None:
 
 
 # Statements an older release cannot run beside: its code would miss a table or a column.
-_DESTRUCTIVE = re.compile(r"\b(DROP\s+(TABLE|COLUMN|INDEX|VIEW|TRIGGER)|RENAME\s+(TO|COLUMN))\b",
-                          re.IGNORECASE)
+_DESTRUCTIVE = re.compile(
+    r"\b(DROP\s+(TABLE|COLUMN|INDEX|VIEW|TRIGGER)|RENAME\s+(TO|COLUMN))\b", re.IGNORECASE
+)
 
 
 def destructive_statements(sql: str) -> list[str]:
@@ -130,5 +133,6 @@ def test_migrations_only_add() -> None:
     that must remove something ships its removal a release after the code stopped using it.
     """
     for migration in bundled_migrations():
-        assert destructive_statements(migration.sql) == [], \
+        assert destructive_statements(migration.sql) == [], (
             f"{migration.version:04d}_{migration.name} drops or renames"
+        )

@@ -8,8 +8,14 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PAGES = sorted({REPO / "README.md", REPO / "bench/README.md",
-                *REPO.glob("docs/**/*.md"), *REPO.glob("roles/*/README.md")})
+PAGES = sorted(
+    {
+        REPO / "README.md",
+        REPO / "bench/README.md",
+        *REPO.glob("docs/**/*.md"),
+        *REPO.glob("roles/*/README.md"),
+    }
+)
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 

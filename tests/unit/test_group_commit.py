@@ -14,12 +14,16 @@ import pytest
 
 from digitalme.db import Database, Migration
 
-SCHEMA = Migration(1, "test", """
+SCHEMA = Migration(
+    1,
+    "test",
+    """
 CREATE TABLE parent (id INTEGER PRIMARY KEY);
 CREATE TABLE item (id INTEGER PRIMARY KEY, text TEXT NOT NULL UNIQUE);
 CREATE TABLE child (id INTEGER PRIMARY KEY,
                     parent_id INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);
-""")
+""",
+)
 
 
 @pytest.fixture
@@ -99,8 +103,11 @@ async def test_a_failing_write_is_rolled_back_alone(db: Database) -> None:
     with pytest.raises(sqlite3.IntegrityError):
         await failing
     await after
-    assert sorted(r[0] for r in committed(db, "SELECT text FROM item")) == \
-        ["after", "before", "gate"]
+    assert sorted(r[0] for r in committed(db, "SELECT text FROM item")) == [
+        "after",
+        "before",
+        "gate",
+    ]
 
 
 async def test_a_failed_commit_fails_every_write_of_its_batch(db: Database) -> None:
@@ -151,8 +158,7 @@ async def test_a_cancelled_caller_does_not_cancel_its_write(db: Database) -> Non
     with pytest.raises(asyncio.CancelledError):
         await write
     await db.execute("INSERT INTO item (text) VALUES ('next')")  # after the batch above
-    assert sorted(r[0] for r in committed(db, "SELECT text FROM item")) == \
-        ["gate", "kept", "next"]
+    assert sorted(r[0] for r in committed(db, "SELECT text FROM item")) == ["gate", "kept", "next"]
 
 
 async def test_close_commits_what_is_queued(tmp_path: Path) -> None:

@@ -22,8 +22,14 @@ def _record(created: float, level: int = logging.INFO, msg: str = "a line") -> l
 
 def test_the_formatter_writes_what_logging_does() -> None:
     ours, theirs = LineFormatter(FORMAT), logging.Formatter(FORMAT)
-    for created in (1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.5, 1_700_000_001.25,
-                    1_699_999_999.001, 1_700_086_400.0):
+    for created in (
+        1_700_000_000.0,
+        1_700_000_000.999,
+        1_700_000_001.5,
+        1_700_000_001.25,
+        1_699_999_999.001,
+        1_700_086_400.0,
+    ):
         record = _record(created)
         assert ours.format(record) == theirs.format(record)
     assert ours.formatTime(_record(5.5), "%H") == theirs.formatTime(_record(5.5), "%H")
@@ -69,6 +75,7 @@ def test_a_line_left_by_a_finished_loop_does_not_hold_up_later_ones() -> None:
 
     async def log_and_stop() -> None:
         handler.handle(_record(1.0, msg="last on the loop"))
+
     loop = asyncio.new_event_loop()
     loop.run_until_complete(log_and_stop())
     loop.close()  # the scheduled write may never run

@@ -46,8 +46,13 @@ def test_breaker_opens_after_threshold_and_half_opens_after_reset() -> None:
     breaker.before_call()
     breaker.record_success()
     assert breaker.state == BreakerState.CLOSED
-    assert changes == [BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.OPEN,
-                       BreakerState.HALF_OPEN, BreakerState.CLOSED]
+    assert changes == [
+        BreakerState.OPEN,
+        BreakerState.HALF_OPEN,
+        BreakerState.OPEN,
+        BreakerState.HALF_OPEN,
+        BreakerState.CLOSED,
+    ]
 
 
 def test_breaker_success_resets_the_failure_count() -> None:
@@ -76,8 +81,13 @@ def test_rate_limiter_off() -> None:
 
 
 def test_fit_history_keeps_newest_within_budget() -> None:
-    turns = [("user", "a" * 70), ("assistant", "b" * 70), ("user", "c" * 70),
-             ("assistant", "d" * 70), ("user", "e" * 70)]
+    turns = [
+        ("user", "a" * 70),
+        ("assistant", "b" * 70),
+        ("user", "c" * 70),
+        ("assistant", "d" * 70),
+        ("user", "e" * 70),
+    ]
     cost = estimate_tokens("a" * 70)
     messages = fit_history(turns, budget=cost * 3)
     assert [m["content"][0] for m in messages] == ["c", "d", "e"]
@@ -88,21 +98,26 @@ def test_fit_history_keeps_newest_within_budget() -> None:
 
 def test_fit_history_always_keeps_the_new_message_and_merges_roles() -> None:
     assert fit_history([("user", "x" * 10_000)], budget=10) == [
-        {"role": "user", "content": "x" * 10_000}]
+        {"role": "user", "content": "x" * 10_000}
+    ]
     assert fit_history([("user", "one"), ("user", "two")], budget=1000) == [
-        {"role": "user", "content": "one\n\ntwo"}]
+        {"role": "user", "content": "one\n\ntwo"}
+    ]
 
 
 PROXIES = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))
 
 
-@pytest.mark.parametrize(("peer", "xff", "expected"), [
-    ("203.0.113.5", None, ("203.0.113.5", False)),
-    ("203.0.113.5", "1.2.3.4", ("203.0.113.5", False)),  # untrusted peer: header ignored
-    ("127.0.0.1", "198.51.100.7", ("198.51.100.7", True)),
-    ("127.0.0.1", "6.6.6.6, 198.51.100.7", ("198.51.100.7", True)),  # spoofed left hop
-    ("127.0.0.1", "198.51.100.7, 10.1.1.1", ("198.51.100.7", True)),  # chain of proxies
-    ("127.0.0.1", None, ("127.0.0.1", False)),
-])
+@pytest.mark.parametrize(
+    ("peer", "xff", "expected"),
+    [
+        ("203.0.113.5", None, ("203.0.113.5", False)),
+        ("203.0.113.5", "1.2.3.4", ("203.0.113.5", False)),  # untrusted peer: header ignored
+        ("127.0.0.1", "198.51.100.7", ("198.51.100.7", True)),
+        ("127.0.0.1", "6.6.6.6, 198.51.100.7", ("198.51.100.7", True)),  # spoofed left hop
+        ("127.0.0.1", "198.51.100.7, 10.1.1.1", ("198.51.100.7", True)),  # chain of proxies
+        ("127.0.0.1", None, ("127.0.0.1", False)),
+    ],
+)
 def test_client_address(peer: str, xff: str | None, expected: tuple[str, bool]) -> None:
     assert client_address(peer, xff, PROXIES) == expected

@@ -11,9 +11,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from digitalme.metrics import _LATENCY_BUCKETS, HttpStats
 
-REQUESTS = [("GET", "/health", 200, 0.0003), ("GET", "/health", 200, 0.005),
-            ("GET", "/health", 503, 0.2), ("POST", "/api/v1/conversations", 201, 0.011),
-            ("POST", "/api/v1/conversations", 500, 61.0), ("GET", "unmatched", 404, 0.001)]
+REQUESTS = [
+    ("GET", "/health", 200, 0.0003),
+    ("GET", "/health", 200, 0.005),
+    ("GET", "/health", 503, 0.2),
+    ("POST", "/api/v1/conversations", 201, 0.011),
+    ("POST", "/api/v1/conversations", 500, 61.0),
+    ("GET", "unmatched", 404, 0.001),
+]
 
 
 def without_created_values(text: str) -> str:
@@ -25,11 +30,19 @@ def test_samples_match_the_client_librarys() -> None:
     stats = HttpStats()
     ours.register(stats)
     theirs = CollectorRegistry()
-    counter = Counter("digitalme_http_requests_total", "HTTP requests answered.",
-                      ["method", "route", "status"], registry=theirs)
-    histogram = Histogram("digitalme_http_request_duration_seconds",
-                          "Time to answer an HTTP request.", ["method", "route"],
-                          buckets=_LATENCY_BUCKETS, registry=theirs)
+    counter = Counter(
+        "digitalme_http_requests_total",
+        "HTTP requests answered.",
+        ["method", "route", "status"],
+        registry=theirs,
+    )
+    histogram = Histogram(
+        "digitalme_http_request_duration_seconds",
+        "Time to answer an HTTP request.",
+        ["method", "route"],
+        buckets=_LATENCY_BUCKETS,
+        registry=theirs,
+    )
     for method, route, status, seconds in REQUESTS:
         stats.observe(method, route, status, seconds)
         counter.labels(method, route, str(status)).inc()

@@ -34,33 +34,44 @@ def test_prompt_is_deterministic_and_matches_the_snapshot() -> None:
 def test_traits_are_ordered_by_weight_in_the_prompt() -> None:
     persona, _ = load_persona_file(SAMPLE)
     prompt = build_prompt(persona)
-    positions = [prompt.index(f"] {t.name} (weight") for t in
-                 sorted(persona.traits, key=lambda t: -t.weight)]
+    positions = [
+        prompt.index(f"] {t.name} (weight") for t in sorted(persona.traits, key=lambda t: -t.weight)
+    ]
     assert positions == sorted(positions)
 
 
 def test_markdown_with_front_matter() -> None:
     persona = parse_persona_text(
-        "---\nname: Kim Example\nlanguages: [English]\n---\nKim builds bridges.\n",
-        markdown=True)
+        "---\nname: Kim Example\nlanguages: [English]\n---\nKim builds bridges.\n", markdown=True
+    )
     assert persona.name == "Kim Example"
     assert persona.bio == "Kim builds bridges."
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("name: X\n", "bio is required"),
-    ("bio: x\n", "name is required"),
-    ("name: X\nbio: y\nhobbies: [chess]\n", "unknown keys: hobbies"),
-    ("name: X\nbio: y\ntraits:\n  - {category: a, name: b, weight: 11}\n",
-     "traits[0].weight must be between 0 and 10"),
-    ("name: X\nbio: y\ntraits:\n  - {category: a, name: b, weight: high}\n",
-     "traits[0].weight must be a number"),
-    ("name: X\nbio: y\ntraits:\n  - {category: a, name: b, weight: 1}\n"
-     "  - {category: A, name: B, weight: 2}\n", "listed twice"),
-    ("name: X\nbio: y\nvalues:\n  - Honesty: always\n", "put in quotes"),
-    ("name: [unclosed\n", "not valid YAML at line"),
-    ("- just a list\n", "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: X\n", "bio is required"),
+        ("bio: x\n", "name is required"),
+        ("name: X\nbio: y\nhobbies: [chess]\n", "unknown keys: hobbies"),
+        (
+            "name: X\nbio: y\ntraits:\n  - {category: a, name: b, weight: 11}\n",
+            "traits[0].weight must be between 0 and 10",
+        ),
+        (
+            "name: X\nbio: y\ntraits:\n  - {category: a, name: b, weight: high}\n",
+            "traits[0].weight must be a number",
+        ),
+        (
+            "name: X\nbio: y\ntraits:\n  - {category: a, name: b, weight: 1}\n"
+            "  - {category: A, name: B, weight: 2}\n",
+            "listed twice",
+        ),
+        ("name: X\nbio: y\nvalues:\n  - Honesty: always\n", "put in quotes"),
+        ("name: [unclosed\n", "not valid YAML at line"),
+        ("- just a list\n", "must be a mapping"),
+    ],
+)
 def test_invalid_personas_say_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(PersonaError, match=None) as caught:
         parse_persona_text(text, markdown=False)
@@ -80,9 +91,9 @@ def test_unreadable_and_oversized_files(tmp_path: Path) -> None:
         load_persona_file(binary)
 
 
-def test_import_if_changed_skips_the_same_file(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_import_if_changed_skips_the_same_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from digitalme.cli import main
 
     monkeypatch.setenv("DIGITALME_DB_PATH", str(tmp_path / "p.db"))

@@ -32,7 +32,8 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_every_tool_is_named_here() -> None:
     assert sorted(p.name for p in TOOLS.glob("*.py")) == sorted(
-        PROGRAMS + MODULES + CONTROLLER_PROGRAMS)
+        PROGRAMS + MODULES + CONTROLLER_PROGRAMS
+    )
 
 
 @pytest.mark.parametrize("name", PROGRAMS + MODULES + CONTROLLER_PROGRAMS)
@@ -43,16 +44,20 @@ def test_a_tool_imports_only_the_standard_library_and_the_other_tools(name: str)
 
 
 @pytest.mark.parametrize("name", PROGRAMS)
-def test_a_program_starts_with_the_hosts_python_and_answers_help(
-        name: str, tmp_path: Path) -> None:
+def test_a_program_starts_with_the_hosts_python_and_answers_help(name: str, tmp_path: Path) -> None:
     program = TOOLS / name
     assert program.read_text().startswith("#!/usr/bin/python3\n")  # the roles make it 0755
     # Through a link from another folder, as the roles install it (/usr/local/libexec/...):
     # Python puts the program's own folder, where drill_report.py is, first on the path.
     link = tmp_path / name.removesuffix(".py").replace("_", "-")
     link.symlink_to(program)
-    done = subprocess.run([sys.executable, str(link), "--help"], capture_output=True,
-                          text=True, timeout=60, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(link), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout
 
@@ -67,10 +72,12 @@ def test_the_tools_need_no_python_newer_than_debian_12s() -> None:
 def test_the_controllers_program_answers_help_and_refuses_missing_arguments() -> None:
     program = TOOLS / "wheelhouse.py"
     assert program.read_text().startswith("#!/usr/bin/env python3\n")
-    helped = subprocess.run([sys.executable, str(program), "--help"], capture_output=True,
-                            text=True, timeout=60)
+    helped = subprocess.run(
+        [sys.executable, str(program), "--help"], capture_output=True, text=True, timeout=60
+    )
     assert helped.returncode == 0 and "usage: wheelhouse.py" in helped.stdout, helped.stderr
-    missing = subprocess.run([sys.executable, str(program)], capture_output=True, text=True,
-                             timeout=60)
+    missing = subprocess.run(
+        [sys.executable, str(program)], capture_output=True, text=True, timeout=60
+    )
     assert missing.returncode == 2 and "the following arguments are required" in missing.stderr
     assert "Traceback" not in missing.stderr

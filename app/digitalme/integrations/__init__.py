@@ -99,19 +99,30 @@ class Channel(ABC):
 
     def require_enabled(self) -> None:
         if not self.enabled:
-            raise ApiError(404, "channel_not_configured",
-                           f"the {self.name} channel is off: {self.required_setting} is not set",
-                           channel=self.name)
+            raise ApiError(
+                404,
+                "channel_not_configured",
+                f"the {self.name} channel is off: {self.required_setting} is not set",
+                channel=self.name,
+            )
 
     def note(self, request: web.Request, outcome: str) -> None:
         """Record how a delivery that needs no inbox item ended (e.g. a ping)."""
         request[WEBHOOK_OUTCOME] = outcome
 
-    async def ingest(self, request: web.Request, delivery_id: str, kind: str, payload: Any,
-                     *, ignored: bool = False) -> Ingested:
+    async def ingest(
+        self,
+        request: web.Request,
+        delivery_id: str,
+        kind: str,
+        payload: Any,
+        *,
+        ignored: bool = False,
+    ) -> Ingested:
         """Store a verified delivery, wake the worker, and note the outcome."""
-        ingested = await self.ctx.inbox.ingest(self.name, delivery_id, kind, payload,
-                                               ignored=ignored)
+        ingested = await self.ctx.inbox.ingest(
+            self.name, delivery_id, kind, payload, ignored=ignored
+        )
         if ingested.duplicate:
             outcome = "duplicate"
         elif ignored:
@@ -120,8 +131,14 @@ class Channel(ABC):
             outcome = "accepted"
             self.ctx.wake_worker()
         request[WEBHOOK_OUTCOME] = outcome
-        log.debug("%s delivery %s (%s): %s as inbox item %d", self.name, delivery_id, kind,
-                  outcome, ingested.item_id)
+        log.debug(
+            "%s delivery %s (%s): %s as inbox item %d",
+            self.name,
+            delivery_id,
+            kind,
+            outcome,
+            ingested.item_id,
+        )
         return ingested
 
 
@@ -143,11 +160,13 @@ def json_payload(request: web.Request, raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
-        raise refuse(request, 400, "malformed", "invalid_json",
-                     "the request body is not valid JSON") from None
+        raise refuse(
+            request, 400, "malformed", "invalid_json", "the request body is not valid JSON"
+        ) from None
     if not isinstance(body, dict):
-        raise refuse(request, 400, "malformed", "invalid_json",
-                     "the request body must be a JSON object")
+        raise refuse(
+            request, 400, "malformed", "invalid_json", "the request body must be a JSON object"
+        )
     return body
 
 
@@ -158,14 +177,21 @@ def malformed(request: web.Request, message: str) -> ApiError:
 # --- the worker's side: ask Claude at most once per delivery --------------------------------
 
 
-async def _message(conversations: ConversationStore, conversation: Conversation,
-                   message_id: int) -> Message | None:
+async def _message(
+    conversations: ConversationStore, conversation: Conversation, message_id: int
+) -> Message | None:
     found = await conversations.messages(conversation.id, limit=1, before_id=message_id + 1)
     return found[0] if found and found[0].id == message_id else None
 
 
-async def stored_reply(ctx: ChannelContext, item: InboxItem, conversation: Conversation,
-                       text: str, *, channel_message_id: str | None = None) -> Message:
+async def stored_reply(
+    ctx: ChannelContext,
+    item: InboxItem,
+    conversation: Conversation,
+    text: str,
+    *,
+    channel_message_id: str | None = None,
+) -> Message:
     """Claude's reply to this delivery, stored: from an earlier attempt if there was one,
     else asked now. Progress is noted in the inbox as it happens, so a retry after an
     outage or a crash neither stores the message twice nor asks Claude twice."""
@@ -180,9 +206,9 @@ async def stored_reply(ctx: ChannelContext, item: InboxItem, conversation: Conve
         # between storing the reply and noting it): ask again for the same stored message.
         user = await _message(conversations, conversation, item.user_message_id)
     final = None
-    async for piece in ctx.chat.stream_reply(conversation, text,
-                                             channel_message_id=channel_message_id,
-                                             user_message=user, deltas=False):
+    async for piece in ctx.chat.stream_reply(
+        conversation, text, channel_message_id=channel_message_id, user_message=user, deltas=False
+    ):
         if isinstance(piece, Message):
             if user is None:
                 await ctx.inbox.set_user_message(item.id, piece.id)
@@ -200,8 +226,9 @@ async def stored_reply(ctx: ChannelContext, item: InboxItem, conversation: Conve
 SendPart = Callable[[int, str, bool, float], Awaitable[str | None]]
 
 
-async def send_parts(ctx: ChannelContext, item: InboxItem, parts: list[str],
-                     send: SendPart) -> None:
+async def send_parts(
+    ctx: ChannelContext, item: InboxItem, parts: list[str], send: SendPart
+) -> None:
     """Send the parts of a reply the platform does not have yet, in order.
 
     Before each part's request the inbox notes, durably, that its send began
@@ -230,8 +257,9 @@ def split_text(text: str, limit: int) -> list[str]:
     parts: list[str] = []
     rest = text.strip() or "…"
     while len(rest) > limit:
-        cut = max(rest.rfind("\n\n", 0, limit), rest.rfind("\n", 0, limit),
-                  rest.rfind(" ", 0, limit))
+        cut = max(
+            rest.rfind("\n\n", 0, limit), rest.rfind("\n", 0, limit), rest.rfind(" ", 0, limit)
+        )
         if cut < limit // 2:
             cut = limit
         parts.append(rest[:cut].rstrip())

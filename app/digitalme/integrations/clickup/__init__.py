@@ -24,12 +24,16 @@ class ClickUpChannel(Channel):
     def __init__(self, ctx: ChannelContext, tool_log: ToolActionLog) -> None:
         super().__init__(ctx)
         s = ctx.settings
-        self.api = (ClickUpApi(ctx.outbound, s.clickup_api_base or "", s.clickup_token)
-                    if s.clickup_token else None)
-        self.tool = (CreateTaskTool(self.api, s.clickup_list_id, s.clickup_max_tasks_per_day,
-                                    tool_log)
-                     if self.api is not None and s.clickup_list_id
-                     and s.clickup_max_tasks_per_day > 0 else None)
+        self.api = (
+            ClickUpApi(ctx.outbound, s.clickup_api_base or "", s.clickup_token)
+            if s.clickup_token
+            else None
+        )
+        self.tool = (
+            CreateTaskTool(self.api, s.clickup_list_id, s.clickup_max_tasks_per_day, tool_log)
+            if self.api is not None and s.clickup_list_id and s.clickup_max_tasks_per_day > 0
+            else None
+        )
 
     @property
     def enabled(self) -> bool:
@@ -39,11 +43,19 @@ class ClickUpChannel(Channel):
         s = self.settings
         if self.tool is not None:
             return f"on (list {s.clickup_list_id}, at most {s.clickup_max_tasks_per_day} a day)"
-        missing = [name for name, value in (("DIGITALME_CLICKUP_TOKEN", s.clickup_token),
-                                            ("DIGITALME_CLICKUP_LIST_ID", s.clickup_list_id))
-                   if not value]
-        return f"off ({', '.join(missing)} not set)" if missing else \
-            "off (DIGITALME_CLICKUP_MAX_TASKS_PER_DAY is 0)"
+        missing = [
+            name
+            for name, value in (
+                ("DIGITALME_CLICKUP_TOKEN", s.clickup_token),
+                ("DIGITALME_CLICKUP_LIST_ID", s.clickup_list_id),
+            )
+            if not value
+        ]
+        return (
+            f"off ({', '.join(missing)} not set)"
+            if missing
+            else "off (DIGITALME_CLICKUP_MAX_TASKS_PER_DAY is 0)"
+        )
 
     def status(self) -> CheckResult:
         data: dict[str, Any] = {"enabled": self.enabled, "task_tool": self._tool_status()}

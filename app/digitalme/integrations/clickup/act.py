@@ -27,16 +27,21 @@ class ClickUpApi:
 
     async def request(self, method: str, path: str, body: Any = None) -> Any:
         return await self.outbound.request_json(
-            SERVICE, method, f"{self.base_url}/api/v2{path}", json_body=body,
-            headers={"Authorization": self.token})
+            SERVICE,
+            method,
+            f"{self.base_url}/api/v2{path}",
+            json_body=body,
+            headers={"Authorization": self.token},
+        )
 
     async def task_name(self, task_id: str) -> str | None:
         found = await self.request("GET", f"/task/{task_id}")
         return str(found["name"]) if isinstance(found, dict) and found.get("name") else None
 
     async def create_task(self, list_id: str, name: str, description: str) -> Any:
-        return await self.request("POST", f"/list/{list_id}/task",
-                                  {"name": name, "description": description})
+        return await self.request(
+            "POST", f"/list/{list_id}/task", {"name": name, "description": description}
+        )
 
 
 def _who(item: dict[str, Any]) -> str | None:
@@ -62,8 +67,9 @@ def summarise(body: dict[str, Any], task: str) -> tuple[str, str | None, str | N
     if event == "taskCreated":
         text = f"created task {task}"
     elif event == "taskStatusUpdated" or field == "status":
-        text = f"moved task {task} from {_value(first.get('before'))} to " \
-               f"{_value(first.get('after'))}"
+        text = (
+            f"moved task {task} from {_value(first.get('before'))} to {_value(first.get('after'))}"
+        )
     elif event == "taskCommentPosted":
         comment = first.get("comment")
         if not isinstance(comment, dict):
@@ -85,13 +91,19 @@ async def process(ctx: ChannelContext, api: ClickUpApi | None, item: InboxItem) 
     if api is not None and task_id != "?" and body.get("event") != "taskDeleted":
         try:  # a nicer summary; the event is recorded either way
             name = await api.task_name(task_id)
-            task = f"\"{name}\" ({task_id})" if name else task_id
+            task = f'"{name}" ({task_id})' if name else task_id
         except OutboundError:
             pass
     summary, actor, occurred_at = summarise(body, task)
-    await ctx.activity.record(SERVICE, item.id, str(body.get("event")), summary, actor=actor,
-                              url=f"https://app.clickup.com/t/{task_id}" if task_id != "?"
-                              else None, occurred_at=occurred_at)
+    await ctx.activity.record(
+        SERVICE,
+        item.id,
+        str(body.get("event")),
+        summary,
+        actor=actor,
+        url=f"https://app.clickup.com/t/{task_id}" if task_id != "?" else None,
+        occurred_at=occurred_at,
+    )
     return Outcome.done(f"recorded: {summary[:80]}")
 
 
@@ -100,8 +112,7 @@ class CreateTaskTool:
 
     name = TOOL_NAME
 
-    def __init__(self, api: ClickUpApi, list_id: str, max_per_day: int,
-                 log: ToolActionLog) -> None:
+    def __init__(self, api: ClickUpApi, list_id: str, max_per_day: int, log: ToolActionLog) -> None:
         self.api = api
         self.list_id = list_id
         self.max_per_day = max_per_day
@@ -115,15 +126,21 @@ class CreateTaskTool:
                 "Create a task in the owner's ClickUp list, so the owner sees it. Use it "
                 "only when the person asks for something to be tracked, done later or "
                 "followed up (a to-do, a request, a reminder for the owner). Only one list "
-                f"is available and at most {self.max_per_day} tasks a day."),
+                f"is available and at most {self.max_per_day} tasks a day."
+            ),
             "input_schema": {
                 "type": "object",
                 "properties": {
-                    "name": {"type": "string", "description": "Short task title.",
-                             "maxLength": 200},
-                    "description": {"type": "string",
-                                    "description": "What is asked, by whom, and context.",
-                                    "maxLength": 5000},
+                    "name": {
+                        "type": "string",
+                        "description": "Short task title.",
+                        "maxLength": 200,
+                    },
+                    "description": {
+                        "type": "string",
+                        "description": "What is asked, by whom, and context.",
+                        "maxLength": 5000,
+                    },
                 },
                 "required": ["name"],
             },
@@ -134,20 +151,21 @@ class CreateTaskTool:
         if not name:
             raise ValueError("a task needs a name")
         description = str(arguments.get("description") or "")[:5000]
-        description += (f"\n\n(Created by DigitalMe from a {conversation.channel} "
-                        f"conversation.)")
+        description += f"\n\n(Created by DigitalMe from a {conversation.channel} conversation.)"
         request = hashlib.sha256(json.dumps([name, description]).encode()).hexdigest()
         async with self._lock:
             earlier = await self.log.find_today(TOOL_NAME, conversation.id, request)
             if earlier is not None:
                 return f"This task was already created: {earlier}"
             if await self.log.count_today(TOOL_NAME) >= self.max_per_day:
-                raise ValueError(f"the daily limit of {self.max_per_day} ClickUp tasks is "
-                                 "reached; tell the person the owner will see the request "
-                                 "here instead")
+                raise ValueError(
+                    f"the daily limit of {self.max_per_day} ClickUp tasks is "
+                    "reached; tell the person the owner will see the request "
+                    "here instead"
+                )
             created = await self.api.create_task(self.list_id, name, description)
             task_id = created.get("id") if isinstance(created, dict) else None
             url = created.get("url") if isinstance(created, dict) else None
-            result = f"task {task_id} \"{name}\"" + (f" at {url}" if url else "")
+            result = f'task {task_id} "{name}"' + (f" at {url}" if url else "")
             await self.log.record(TOOL_NAME, conversation.id, request, result)
         return f"Created ClickUp {result}."

@@ -20,13 +20,19 @@ def signature(secret: str, body: bytes) -> str:
 
 def delivery_id_of(body: dict[str, object], raw: bytes) -> str:
     items = body.get("history_items")
-    ids = sorted(str(i["id"]) for i in items if isinstance(i, dict) and i.get("id")) \
-        if isinstance(items, list) else []
+    ids = (
+        sorted(str(i["id"]) for i in items if isinstance(i, dict) and i.get("id"))
+        if isinstance(items, list)
+        else []
+    )
     if not ids:
         return "sha256:" + hashlib.sha256(raw).hexdigest()
     joined = "history:" + ",".join(ids)
-    return joined if len(joined) <= 200 else "history-sha256:" + hashlib.sha256(
-        joined.encode()).hexdigest()
+    return (
+        joined
+        if len(joined) <= 200
+        else "history-sha256:" + hashlib.sha256(joined.encode()).hexdigest()
+    )
 
 
 async def receive(channel: Channel, request: web.Request) -> web.Response:
@@ -36,12 +42,18 @@ async def receive(channel: Channel, request: web.Request) -> web.Response:
     raw = await request.read()
     given = request.headers.get(SIGNATURE_HEADER)
     if not secrets_match(signature(secret, raw), given.strip().lower() if given else None):
-        raise refuse(request, 401, "bad_signature", "invalid_signature",
-                     f"missing {SIGNATURE_HEADER} or it does not match the body")
+        raise refuse(
+            request,
+            401,
+            "bad_signature",
+            "invalid_signature",
+            f"missing {SIGNATURE_HEADER} or it does not match the body",
+        )
     body = json_payload(request, raw)
     event = body.get("event")
     if not isinstance(event, str) or not event:
         raise malformed(request, "the delivery has no event")
-    await channel.ingest(request, delivery_id_of(body, raw), event, body,
-                         ignored=not event.startswith("task"))
+    await channel.ingest(
+        request, delivery_id_of(body, raw), event, body, ignored=not event.startswith("task")
+    )
     return web.json_response({"status": "accepted"})

@@ -21,8 +21,11 @@ class GitHubChannel(Channel):
     def __init__(self, ctx: ChannelContext) -> None:
         super().__init__(ctx)
         s = ctx.settings
-        self.rest = (GitHubRest(ctx.outbound, s.github_api_base or "", s.github_token)
-                     if s.github_token else None)
+        self.rest = (
+            GitHubRest(ctx.outbound, s.github_api_base or "", s.github_token)
+            if s.github_token
+            else None
+        )
 
     @property
     def enabled(self) -> bool:
@@ -33,12 +36,13 @@ class GitHubChannel(Channel):
             return super().status()
         handle = self.settings.github_handle
         if self.rest is not None and handle:
-            return CheckResult(True, f"on; mentions of @{handle} are answered",
-                               {"enabled": True})
-        missing = "DIGITALME_GITHUB_HANDLE" if self.rest is not None else \
-            "DIGITALME_GITHUB_TOKEN"
-        return CheckResult(True, f"on (activity only: {missing} is not set, so mentions "
-                           "are not answered)", {"enabled": True})
+            return CheckResult(True, f"on; mentions of @{handle} are answered", {"enabled": True})
+        missing = "DIGITALME_GITHUB_HANDLE" if self.rest is not None else "DIGITALME_GITHUB_TOKEN"
+        return CheckResult(
+            True,
+            f"on (activity only: {missing} is not set, so mentions are not answered)",
+            {"enabled": True},
+        )
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/webhooks/github", self.receive)]

@@ -14,8 +14,16 @@ from .. import Channel, malformed, refuse
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 # Events recorded as the owner's activity; anything else is only acknowledged.
-RECORDED_EVENTS = frozenset({"issues", "pull_request", "push", "issue_comment",
-                             "pull_request_review", "pull_request_review_comment"})
+RECORDED_EVENTS = frozenset(
+    {
+        "issues",
+        "pull_request",
+        "push",
+        "issue_comment",
+        "pull_request_review",
+        "pull_request_review_comment",
+    }
+)
 
 
 async def receive(channel: Channel, request: web.Request) -> web.Response:
@@ -25,15 +33,24 @@ async def receive(channel: Channel, request: web.Request) -> web.Response:
     raw = await request.read()
     signature = request.headers.get(SIGNATURE_HEADER, "")
     if not signature.startswith("sha256="):
-        raise refuse(request, 401, "bad_signature", "invalid_signature",
-                     f"missing {SIGNATURE_HEADER} (sha256=...)")
+        raise refuse(
+            request,
+            401,
+            "bad_signature",
+            "invalid_signature",
+            f"missing {SIGNATURE_HEADER} (sha256=...)",
+        )
     try:
         sansio.validate_event(raw, signature=signature, secret=secret)
     except ValidationFailure:
-        raise refuse(request, 401, "bad_signature", "invalid_signature",
-                     f"{SIGNATURE_HEADER} does not match the body") from None
-    if not request.headers.get("X-GitHub-Event") or not request.headers.get(
-            "X-GitHub-Delivery"):
+        raise refuse(
+            request,
+            401,
+            "bad_signature",
+            "invalid_signature",
+            f"{SIGNATURE_HEADER} does not match the body",
+        ) from None
+    if not request.headers.get("X-GitHub-Event") or not request.headers.get("X-GitHub-Delivery"):
         raise malformed(request, "missing X-GitHub-Event or X-GitHub-Delivery")
     try:
         event = sansio.Event.from_http(request.headers, raw, secret=secret)
@@ -49,8 +66,12 @@ async def receive(channel: Channel, request: web.Request) -> web.Response:
     action = event.data.get("action")
     kind = f"{event.event}.{action}" if isinstance(action, str) else event.event
     ingested = await channel.ingest(
-        request, event.delivery_id, kind, {"event": event.event, "payload": event.data},
-        ignored=event.event not in RECORDED_EVENTS)
+        request,
+        event.delivery_id,
+        kind,
+        {"event": event.event, "payload": event.data},
+        ignored=event.event not in RECORDED_EVENTS,
+    )
     if ingested.duplicate:
         return web.json_response({"status": "duplicate"})
     return web.json_response({"status": "accepted"}, status=202)

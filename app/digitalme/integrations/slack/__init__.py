@@ -22,10 +22,14 @@ class SlackChannel(Channel):
     def __init__(self, ctx: ChannelContext) -> None:
         super().__init__(ctx)
         s = ctx.settings
-        self.verifier = SignatureVerifier(s.slack_signing_secret) \
-            if s.slack_signing_secret else None
-        self.api = (SlackApi(ctx.outbound, s.slack_api_base or "", s.slack_bot_token)
-                    if s.slack_bot_token else None)
+        self.verifier = (
+            SignatureVerifier(s.slack_signing_secret) if s.slack_signing_secret else None
+        )
+        self.api = (
+            SlackApi(ctx.outbound, s.slack_api_base or "", s.slack_bot_token)
+            if s.slack_bot_token
+            else None
+        )
 
     @property
     def enabled(self) -> bool:
@@ -33,14 +37,19 @@ class SlackChannel(Channel):
 
     def status(self) -> CheckResult:
         if self.enabled and self.api is None:
-            return CheckResult(False, "on, but DIGITALME_SLACK_BOT_TOKEN is not set: messages "
-                               "and mentions cannot be answered (slash commands can)",
-                               {"enabled": True})
+            return CheckResult(
+                False,
+                "on, but DIGITALME_SLACK_BOT_TOKEN is not set: messages "
+                "and mentions cannot be answered (slash commands can)",
+                {"enabled": True},
+            )
         return super().status()
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/webhooks/slack/events", self.events),
-                web.post("/webhooks/slack/commands", self.commands)]
+        return [
+            web.post("/webhooks/slack/events", self.events),
+            web.post("/webhooks/slack/commands", self.commands),
+        ]
 
     async def events(self, request: web.Request) -> web.Response:
         self.require_enabled()

@@ -28,32 +28,53 @@ SIGNATURE_HEADER = "X-Slack-Signature"
 MAX_CLOCK_SKEW = 300  # seconds: Slack's five-minute window
 SLACK_HOOKS_HOST = "hooks.slack.com"
 
-HELP_TEXT = ("Ask me anything with `/digitalme your question`: I answer the way my owner "
-             "would. You can also mention me in a channel or write to me directly.")
+HELP_TEXT = (
+    "Ask me anything with `/digitalme your question`: I answer the way my owner "
+    "would. You can also mention me in a channel or write to me directly."
+)
 ACK_TEXT = "Thinking… I'll answer here in a moment."
 
 _MENTION = re.compile(r"<@[A-Z0-9]+(?:\|[^>]*)?>")
 
 
-def verify(channel: Channel, verifier: SignatureVerifier, request: web.Request,
-           raw: bytes) -> None:
+def verify(channel: Channel, verifier: SignatureVerifier, request: web.Request, raw: bytes) -> None:
     timestamp = request.headers.get(TIMESTAMP_HEADER)
     signature = request.headers.get(SIGNATURE_HEADER)
     if not timestamp or not signature:
-        raise refuse(request, 401, "bad_signature", "invalid_signature",
-                     f"missing {SIGNATURE_HEADER} or {TIMESTAMP_HEADER}")
+        raise refuse(
+            request,
+            401,
+            "bad_signature",
+            "invalid_signature",
+            f"missing {SIGNATURE_HEADER} or {TIMESTAMP_HEADER}",
+        )
     try:
         sent_at = int(timestamp)
     except ValueError:
-        raise refuse(request, 401, "bad_signature", "invalid_signature",
-                     f"{TIMESTAMP_HEADER} is not a unix time") from None
+        raise refuse(
+            request,
+            401,
+            "bad_signature",
+            "invalid_signature",
+            f"{TIMESTAMP_HEADER} is not a unix time",
+        ) from None
     if abs(time.time() - sent_at) > MAX_CLOCK_SKEW:
-        raise refuse(request, 401, "stale_timestamp", "stale_timestamp",
-                     "the request timestamp is more than five minutes from now "
-                     "(a replay, or a clock out of sync)")
+        raise refuse(
+            request,
+            401,
+            "stale_timestamp",
+            "stale_timestamp",
+            "the request timestamp is more than five minutes from now "
+            "(a replay, or a clock out of sync)",
+        )
     if not verifier.is_valid(raw, timestamp, signature):
-        raise refuse(request, 401, "bad_signature", "invalid_signature",
-                     "the Slack signature does not match the body")
+        raise refuse(
+            request,
+            401,
+            "bad_signature",
+            "invalid_signature",
+            "the Slack signature does not match the body",
+        )
 
 
 def bot_user_id(body: dict[str, Any]) -> str | None:
@@ -70,8 +91,7 @@ def classify(body: dict[str, Any], event: dict[str, Any]) -> tuple[str, bool]:
     event_type = str(event.get("type") or "unknown")
     own = bot_user_id(body)
     from_a_bot = bool(event.get("bot_id")) or (own is not None and event.get("user") == own)
-    has_text = isinstance(event.get("text"), str) and bool(_MENTION.sub("", event["text"])
-                                                           .strip())
+    has_text = isinstance(event.get("text"), str) and bool(_MENTION.sub("", event["text"]).strip())
     well_formed = isinstance(event.get("channel"), str) and isinstance(event.get("ts"), str)
     if event_type == "message":
         if event.get("subtype") or from_a_bot:
@@ -89,8 +109,9 @@ def classify(body: dict[str, Any], event: dict[str, Any]) -> tuple[str, bool]:
     return event_type, True
 
 
-async def events(channel: Channel, verifier: SignatureVerifier,
-                 request: web.Request) -> web.Response:
+async def events(
+    channel: Channel, verifier: SignatureVerifier, request: web.Request
+) -> web.Response:
     channel.require_enabled()
     raw = await request.read()
     verify(channel, verifier, request, raw)
@@ -125,8 +146,9 @@ def response_url_allowed(url: str, api_base: str | None) -> bool:
     return False
 
 
-async def commands(channel: Channel, verifier: SignatureVerifier,
-                   request: web.Request) -> web.Response:
+async def commands(
+    channel: Channel, verifier: SignatureVerifier, request: web.Request
+) -> web.Response:
     channel.require_enabled()
     raw = await request.read()
     verify(channel, verifier, request, raw)

@@ -22,8 +22,11 @@ class TelegramChannel(Channel):
     def __init__(self, ctx: ChannelContext) -> None:
         super().__init__(ctx)
         s = ctx.settings
-        self.api = (TelegramApi(ctx.outbound, s.telegram_api_base or "", s.telegram_bot_token)
-                    if s.telegram_bot_token else None)
+        self.api = (
+            TelegramApi(ctx.outbound, s.telegram_api_base or "", s.telegram_bot_token)
+            if s.telegram_bot_token
+            else None
+        )
 
     @property
     def enabled(self) -> bool:
@@ -31,8 +34,12 @@ class TelegramChannel(Channel):
 
     def status(self) -> CheckResult:
         if self.enabled and self.api is None:
-            return CheckResult(False, "on, but DIGITALME_TELEGRAM_BOT_TOKEN is not set: "
-                               "messages are stored but cannot be answered", {"enabled": True})
+            return CheckResult(
+                False,
+                "on, but DIGITALME_TELEGRAM_BOT_TOKEN is not set: "
+                "messages are stored but cannot be answered",
+                {"enabled": True},
+            )
         return super().status()
 
     def routes(self) -> list[web.RouteDef]:

@@ -33,30 +33,38 @@ class TelegramApi:
         self.base_url = base_url.rstrip("/")
         self.token = token
 
-    async def call(self, method: str, payload: dict[str, Any], *,
-                   uncertain: bool = False) -> Any:
+    async def call(self, method: str, payload: dict[str, Any], *, uncertain: bool = False) -> Any:
         answer = await self.outbound.request_json(
-            SERVICE, "POST", f"{self.base_url}/bot{self.token}/{method}", json_body=payload,
-            redact=self.token, uncertain=uncertain)
+            SERVICE,
+            "POST",
+            f"{self.base_url}/bot{self.token}/{method}",
+            json_body=payload,
+            redact=self.token,
+            uncertain=uncertain,
+        )
         if not isinstance(answer, dict) or not answer.get("ok"):
             raise PermanentError(SERVICE, f"{method} did not answer ok: {str(answer)[:200]}")
         return answer.get("result")
 
-    async def send_message(self, chat_id: int, text: str, *, reply_to: int | None = None,
-                           uncertain: bool = False) -> int | None:
+    async def send_message(
+        self, chat_id: int, text: str, *, reply_to: int | None = None, uncertain: bool = False
+    ) -> int | None:
         """``uncertain``: an earlier send of this message may have arrived; there is no way
         to ask, so it is sent again (and counted)."""
         payload: dict[str, Any] = {"chat_id": chat_id, "text": text}
         if reply_to is not None:
-            payload["reply_parameters"] = {"message_id": reply_to,
-                                           "allow_sending_without_reply": True}
+            payload["reply_parameters"] = {
+                "message_id": reply_to,
+                "allow_sending_without_reply": True,
+            }
         result = await self.call("sendMessage", payload, uncertain=uncertain)
         return result.get("message_id") if isinstance(result, dict) else None
 
-    async def set_webhook(self, url: str, secret_token: str,
-                          allowed_updates: Sequence[str]) -> Any:
-        return await self.call("setWebhook", {"url": url, "secret_token": secret_token,
-                                              "allowed_updates": list(allowed_updates)})
+    async def set_webhook(self, url: str, secret_token: str, allowed_updates: Sequence[str]) -> Any:
+        return await self.call(
+            "setWebhook",
+            {"url": url, "secret_token": secret_token, "allowed_updates": list(allowed_updates)},
+        )
 
 
 def command_of(text: str) -> str | None:
@@ -69,10 +77,12 @@ def command_of(text: str) -> str | None:
 async def introduction(ctx: ChannelContext) -> str:
     stored = await ctx.chat.personas.load()
     name = stored.persona.name if stored else "the owner"
-    return (f"Hi! I'm the digital clone of {name}: I answer the way {name} would, from what "
-            f"I know of them. Just write your message.\n\n"
-            "/help shows this again. I'm an AI, so I can be wrong; for anything important, "
-            f"check with {name} directly.")
+    return (
+        f"Hi! I'm the digital clone of {name}: I answer the way {name} would, from what "
+        f"I know of them. Just write your message.\n\n"
+        "/help shows this again. I'm an AI, so I can be wrong; for anything important, "
+        f"check with {name} directly."
+    )
 
 
 def lane(item: InboxItem) -> str | None:
@@ -83,8 +93,11 @@ def lane(item: InboxItem) -> str | None:
 
 async def process(ctx: ChannelContext, api: TelegramApi | None, item: InboxItem) -> Outcome:
     if api is None:
-        raise PermanentError(SERVICE, "DIGITALME_TELEGRAM_BOT_TOKEN is not set; set it, "
-                             "restart, then `digitalme inbox retry`")
+        raise PermanentError(
+            SERVICE,
+            "DIGITALME_TELEGRAM_BOT_TOKEN is not set; set it, "
+            "restart, then `digitalme inbox retry`",
+        )
     message = item.data["message"]
     chat = message["chat"]
     chat_id: int = chat["id"]
@@ -94,15 +107,22 @@ async def process(ctx: ChannelContext, api: TelegramApi | None, item: InboxItem)
     else:
         title = chat.get("title") or chat.get("username") or chat.get("first_name")
         conversation = await ctx.conversations.get_or_create(
-            SERVICE, str(chat_id), title=str(title) if title else None)
-        reply = await stored_reply(ctx, item, conversation, text,
-                                   channel_message_id=str(message["message_id"]))
+            SERVICE, str(chat_id), title=str(title) if title else None
+        )
+        reply = await stored_reply(
+            ctx, item, conversation, text, channel_message_id=str(message["message_id"])
+        )
         answer = reply.text
     parts = split_text(answer, MESSAGE_LIMIT)
 
     async def send(index: int, text: str, uncertain: bool, _began: float) -> str:
-        sent = await api.send_message(chat_id, text, uncertain=uncertain,
-                                      reply_to=message["message_id"] if index == 0 else None)
+        sent = await api.send_message(
+            chat_id,
+            text,
+            uncertain=uncertain,
+            reply_to=message["message_id"] if index == 0 else None,
+        )
         return f"message_id {sent}"
+
     await send_parts(ctx, item, parts, send)
     return Outcome.done(f"answered chat {chat_id} in {len(parts)} message(s)")

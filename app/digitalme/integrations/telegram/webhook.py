@@ -25,10 +25,14 @@ def classify(update: dict[str, Any]) -> tuple[str, bool]:
         if not isinstance(sender, dict):
             sender = {}
         chat = message.get("chat")
-        if (isinstance(message.get("text"), str) and message["text"].strip()
-                and isinstance(chat, dict) and isinstance(chat.get("id"), int)
-                and isinstance(message.get("message_id"), int)
-                and not sender.get("is_bot")):
+        if (
+            isinstance(message.get("text"), str)
+            and message["text"].strip()
+            and isinstance(chat, dict)
+            and isinstance(chat.get("id"), int)
+            and isinstance(message.get("message_id"), int)
+            and not sender.get("is_bot")
+        ):
             return "message", False
         return "message_without_text", True
     kinds = [key for key in update if key != "update_id"]
@@ -40,8 +44,9 @@ async def receive(channel: Channel, request: web.Request) -> web.Response:
     secret = channel.settings.telegram_secret_token
     assert secret is not None
     if not secrets_match(secret, request.headers.get(AUTH_HEADER)):
-        raise refuse(request, 401, "bad_signature", "invalid_secret_token",
-                     f"missing or wrong {AUTH_HEADER}")
+        raise refuse(
+            request, 401, "bad_signature", "invalid_secret_token", f"missing or wrong {AUTH_HEADER}"
+        )
     update = json_payload(request, await request.read())
     update_id = update.get("update_id")
     if not isinstance(update_id, int) or isinstance(update_id, bool):

@@ -26,11 +26,15 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, "ok\n")
         elif path == "/own-headers":
             # An app that sends stricter values of its own: Caddy must keep them.
-            self._send(200, "own headers\n", headers=(
-                ("X-Frame-Options", "SAMEORIGIN"),
-                ("Referrer-Policy", "no-referrer"),
-                ("Content-Security-Policy", "frame-ancestors 'self'"),
-            ))
+            self._send(
+                200,
+                "own headers\n",
+                headers=(
+                    ("X-Frame-Options", "SAMEORIGIN"),
+                    ("Referrer-Policy", "no-referrer"),
+                    ("Content-Security-Policy", "frame-ancestors 'self'"),
+                ),
+            )
         elif path == "/metrics":
             self._send(200, "upstream_secret_metric 1\n")
         elif path == "/events":

@@ -43,9 +43,11 @@ class SiteConnection(http.client.HTTPSConnection):
 @pytest.fixture
 def journal(host):
     """Caddy's and the stand-in's journals, to show in a failure message."""
-    return lambda: host.run(
-        f"journalctl -u {UNIT} -u {UPSTREAM_UNIT} --no-pager -n 60 -o short-precise"
-    ).stdout
+    return lambda: (
+        host.run(
+            f"journalctl -u {UNIT} -u {UPSTREAM_UNIT} --no-pager -n 60 -o short-precise"
+        ).stdout
+    )
 
 
 @pytest.fixture
@@ -92,12 +94,12 @@ def https(address, tls_context, journal):
 def on_host(host, url):
     """GET url from the host itself: (status, body)."""
     fetch = host.run(
-        "python3 -c \"import urllib.request, urllib.error\n"
+        'python3 -c "import urllib.request, urllib.error\n'
         "try:\n"
         f"    r = urllib.request.urlopen('{url}', timeout=10)\n"
         "    print(r.status); print(r.read().decode())\n"
         "except urllib.error.HTTPError as e:\n"
-        "    print(e.code)\""
+        '    print(e.code)"'
     )
     assert fetch.rc == 0, fetch.stderr
     status, _, body = fetch.stdout.partition("\n")
@@ -132,13 +134,24 @@ def test_preflight_refuses_acme_for_a_reserved_name():
 @pytest.mark.parametrize(
     ("settings", "says"),
     [
-        ({"caddy_acme_ca": "http://ca.corp.internal/acme/directory"},
-         "caddy_acme_ca must be the https:// URL of an ACME directory"),
-        ({"caddy_acme_ca": "https://ca.corp.internal/acme/directory", "caddy_acme_challenges": []},
-         "caddy_acme_challenges one or both of http-01 and tls-alpn-01 (now none)"),
-        ({"caddy_acme_ca": "https://ca.corp.internal/acme/directory",
-          "caddy_acme_ca_root": "not a certificate"},
-         "caddy_acme_ca_root the PEM text"),
+        (
+            {"caddy_acme_ca": "http://ca.corp.internal/acme/directory"},
+            "caddy_acme_ca must be the https:// URL of an ACME directory",
+        ),
+        (
+            {
+                "caddy_acme_ca": "https://ca.corp.internal/acme/directory",
+                "caddy_acme_challenges": [],
+            },
+            "caddy_acme_challenges one or both of http-01 and tls-alpn-01 (now none)",
+        ),
+        (
+            {
+                "caddy_acme_ca": "https://ca.corp.internal/acme/directory",
+                "caddy_acme_ca_root": "not a certificate",
+            },
+            "caddy_acme_ca_root the PEM text",
+        ),
     ],
     ids=["plain-http-directory", "no-challenge", "root-not-pem"],
 )
@@ -152,8 +165,9 @@ def test_preflight_refuses_acme_ca_settings_that_cannot_work(settings, says):
 
 def test_an_acme_ca_of_ones_own_may_certify_a_reserved_name():
     """Let's Encrypt refuses .test names; a private ACME CA (caddy_acme_ca) need not."""
-    extra = json.dumps({"caddy_tls_mode": "acme",
-                        "caddy_acme_ca": "https://ca.corp.internal/acme/directory"})
+    extra = json.dumps(
+        {"caddy_tls_mode": "acme", "caddy_acme_ca": "https://ca.corp.internal/acme/directory"}
+    )
     rc, output = ansible_playbook("--check", "-e", extra)
     assert rc == 0, output[-4000:]
     assert "Let's Encrypt does not issue certificates" not in output
@@ -237,9 +251,7 @@ def test_public_listeners_are_80_and_443_and_admin_is_on_loopback(host, address)
     assert host.socket("tcp://0.0.0.0:443").is_listening
     assert host.socket("tcp://0.0.0.0:80").is_listening
     assert host.socket("tcp://127.0.0.1:2019").is_listening
-    admin = [
-        line.split()[3] for line in host.run("ss -Htln 'sport = :2019'").stdout.splitlines()
-    ]
+    admin = [line.split()[3] for line in host.run("ss -Htln 'sport = :2019'").stdout.splitlines()]
     assert admin == ["127.0.0.1:2019"]
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((address, 2019), timeout=5).close()
@@ -305,8 +317,9 @@ def test_caddys_own_metrics_are_on_the_admin_endpoint(host, https):
     monitoring role scrapes them; the requests above are counted."""
     status, body = on_host(host, "http://localhost:2019/metrics")
     assert status == 200
-    assert re.search(r'^caddy_http_request_duration_seconds_count\{[^}]*code="404"', body, re.M), \
+    assert re.search(r'^caddy_http_request_duration_seconds_count\{[^}]*code="404"', body, re.M), (
         body[:3000]
+    )
 
 
 def test_request_body_limit(https):

@@ -8,8 +8,11 @@ from verifier import ansible_playbook
 
 # The migrations in the checkout the release is built from (the role's default source).
 BUNDLED_MIGRATIONS = sorted(
-    p.stem for p in (Path(__file__).resolve().parents[5] / "app" / "digitalme" / "migrations")
-    .glob("0*.sql"))
+    p.stem
+    for p in (Path(__file__).resolve().parents[5] / "app" / "digitalme" / "migrations").glob(
+        "0*.sql"
+    )
+)
 
 SECRET = "sk-molecule-secret-0123456789"
 
@@ -58,8 +61,10 @@ def test_release_is_a_versioned_virtualenv(host):
     assert info["commit"] and info["commit"] == info["release"]["commit"]
     assert host.file(f"{current.linked_to}/.complete").exists
     # The docs travel with the release and are where the unit's Documentation= points.
-    assert host.file("/usr/share/doc/digitalme/operations/README.md").exists or \
-        host.file("/usr/share/doc/digitalme/configuration.md").exists
+    assert (
+        host.file("/usr/share/doc/digitalme/operations/README.md").exists
+        or host.file("/usr/share/doc/digitalme/configuration.md").exists
+    )
 
 
 def test_settings_file_has_no_secret(host):
@@ -86,7 +91,9 @@ def test_secret_is_a_root_only_credential_and_nowhere_else(host):
 
 
 def test_admin_command_runs_as_the_service_user(host):
-    created = host.run("/usr/local/sbin/digitalme token create --name molecule --scope chat --quiet")
+    created = host.run(
+        "/usr/local/sbin/digitalme token create --name molecule --scope chat --quiet"
+    )
     assert created.rc == 0, created.stderr
     token = created.stdout.strip()
     assert token.startswith("dm_")
@@ -149,13 +156,20 @@ def test_a_misspelt_setting_fails_the_play_and_the_settings_stay(host):
     """The release's `digitalme check-config --strict` is the settings file's validate:."""
     env = "/etc/digitalme/digitalme.env"
     before, pid = host.file(env).sha256sum, main_pid(host)
-    typo = json.dumps({"digitalme_settings": {"DIGITALME_RATE_LIMIT_PER_MINUTE": 120,
-                                              "DIGITALME_RATE_LIMT_PER_MINUTE": 5}})
+    typo = json.dumps(
+        {
+            "digitalme_settings": {
+                "DIGITALME_RATE_LIMIT_PER_MINUTE": 120,
+                "DIGITALME_RATE_LIMT_PER_MINUTE": 5,
+            }
+        }
+    )
     rc, output = ansible_playbook("-e", typo)
     said = " ".join(output.split())
     assert rc != 0, output[-4000:]
     assert "TASK [digitalme : Write the settings]" in output
-    assert "DIGITALME_RATE_LIMT_PER_MINUTE is set but is not a DigitalMe setting" in said, \
-        output[-4000:]
+    assert "DIGITALME_RATE_LIMT_PER_MINUTE is set but is not a DigitalMe setting" in said, output[
+        -4000:
+    ]
     assert host.file(env).sha256sum == before
     assert main_pid(host) == pid

@@ -24,6 +24,7 @@ def name(host) -> str:
 def journal(host):
     """The journal of the units involved, to show in a failure message."""
     units = " ".join(f"-u {unit}" for unit in UNITS)
-    return lambda: "\n--- journal ---\n" + host.run(
-        f"journalctl {units} --no-pager -n 80 | grep -v 'compaction monitor'"
-    ).stdout
+    return lambda: (
+        "\n--- journal ---\n"
+        + host.run(f"journalctl {units} --no-pager -n 80 | grep -v 'compaction monitor'").stdout
+    )

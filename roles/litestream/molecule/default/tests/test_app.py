@@ -168,7 +168,7 @@ def test_configuration_is_valid_and_secrets_are_root_only(host, name):
     if name == "app-sftp":
         assert (key.user, key.group, key.mode) == ("root", "root", 0o600)
         assert "PRIVATE KEY" not in config.content_string
-        assert "host-key: \"ssh-ed25519 AAAA" in config.content_string
+        assert 'host-key: "ssh-ed25519 AAAA' in config.content_string
     else:
         assert not key.exists
         replica = host.file("/var/backups/digitalme/litestream")
@@ -186,11 +186,21 @@ def test_units_are_enabled_ordered_and_running_hardened(host, journal):
     assert "digitalme.service" in props["Before"].split()
     assert "litestream-restore.service" in props["After"].split()
     assert "litestream-restore.service" in props["Wants"].split()
-    restore = show(host, "litestream-restore", "Type", "RemainAfterExit", "Before", "RequiredBy", "ConditionResult")
+    restore = show(
+        host,
+        "litestream-restore",
+        "Type",
+        "RemainAfterExit",
+        "Before",
+        "RequiredBy",
+        "ConditionResult",
+    )
     assert restore["Type"] == "oneshot" and restore["RemainAfterExit"] == "no"
     assert {"litestream.service", "digitalme.service"} <= set(restore["Before"].split())
     assert "digitalme.service" in restore["RequiredBy"].split()
-    assert host.file("/etc/systemd/system/digitalme.service.requires/litestream-restore.service").is_symlink
+    assert host.file(
+        "/etc/systemd/system/digitalme.service.requires/litestream-restore.service"
+    ).is_symlink
     status = host.file(f"/proc/{props['MainPID']}/status").content_string
     fields = {k: v.strip() for k, v in (line.split(":", 1) for line in status.splitlines())}
     assert int(fields["Uid"].split()[0]) == host.user("digitalme").uid
@@ -208,9 +218,10 @@ def test_listens_on_its_control_socket_and_its_metrics_on_loopback_only(host, na
     if name == "app-sftp":
         metrics = host.check_output(
             "python3 -c 'import urllib.request; print(urllib.request.urlopen("
-            "\"http://127.0.0.1:9098/metrics\", timeout=10).read().decode())'")
+            '"http://127.0.0.1:9098/metrics", timeout=10).read().decode())\''
+        )
         assert f'litestream_sync_count{{db="{DB}"}}' in metrics
-        assert "addr: \"127.0.0.1:9098\"" in host.file("/etc/litestream.yml").content_string
+        assert 'addr: "127.0.0.1:9098"' in host.file("/etc/litestream.yml").content_string
     sock = host.file(SOCKET)
     assert sock.is_socket and (sock.user, sock.mode) == ("digitalme", 0o600)
     info = host.check_output(f"litestream info -socket {SOCKET}")
@@ -233,15 +244,20 @@ def test_exposure_scores_are_at_most_4(host, name):
 def test_litestream_waits_for_a_database_that_does_not_exist_yet(host, journal):
     assert not host.file(DB).exists
     assert host.service("litestream").is_running, journal()
-    assert "initialized db" in host.check_output("journalctl -u litestream --no-pager -o cat"), journal()
+    assert "initialized db" in host.check_output("journalctl -u litestream --no-pager -o cat"), (
+        journal()
+    )
 
 
 def test_replication_starts_when_the_app_creates_the_database(host, name, journal):
     started = time.monotonic()
     host.check_output("systemctl start digitalme.service")
     found = restore_until(host, 1, within=30)
-    record(REPORT, (name, "seconds from app start to first replicated row"),
-           round(time.monotonic() - started, 2))
+    record(
+        REPORT,
+        (name, "seconds from app start to first replicated row"),
+        round(time.monotonic() - started, 2),
+    )
     assert found.get("rows") == 1 and found["integrity"] == "ok", (found, journal())
     db = host.file(DB)
     assert (db.user, db.group) == ("digitalme", "digitalme")
@@ -253,9 +269,15 @@ def test_replication_lag_is_about_the_sync_interval(host, name, journal):
     result = host.run(f"python3 -c '{code}' {DB} 6")
     assert result.rc == 0, result.stderr + journal()
     lags = json.loads(result.stdout)
-    record(REPORT, (name, "replication lag seconds (commit to restorable; sync-interval 1s)"),
-           {"median": round(statistics.median(lags), 2), "max": round(max(lags), 2),
-            "all": [round(x, 2) for x in lags]})
+    record(
+        REPORT,
+        (name, "replication lag seconds (commit to restorable; sync-interval 1s)"),
+        {
+            "median": round(statistics.median(lags), 2),
+            "max": round(max(lags), 2),
+            "all": [round(x, 2) for x in lags],
+        },
+    )
     assert max(lags) < 5, lags
 
 
@@ -275,13 +297,23 @@ def test_no_row_is_lost_when_litestream_is_killed_during_writes(host, name, jour
             break
         time.sleep(0.5)
     assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1, (after, journal())
-    while host.run("systemctl is-active litestream-test-writer").stdout.strip() in ("active", "activating"):
+    while host.run("systemctl is-active litestream-test-writer").stdout.strip() in (
+        "active",
+        "activating",
+    ):
         time.sleep(0.5)
     committed = count_on_host(host)["rows"]
     found = restore_until(host, committed, within=30)
-    record(REPORT, (name, "rows committed around a SIGKILL / found in the replica"),
-           [committed, found.get("rows")])
-    assert found.get("rows") == committed and found["integrity"] == "ok", (committed, found, journal())
+    record(
+        REPORT,
+        (name, "rows committed around a SIGKILL / found in the replica"),
+        [committed, found.get("rows")],
+    )
+    assert found.get("rows") == committed and found["integrity"] == "ok", (
+        committed,
+        found,
+        journal(),
+    )
 
 
 def test_admin_command_runs_litestream_as_the_app_user_with_the_secrets(host, name):
@@ -308,13 +340,18 @@ def test_litestream_works_as_an_operator_types_it(host, name):
     assert restored.rc == 0, restored.stderr
     copy = host.file("/tmp/typed.db")
     assert (copy.user, copy.group, copy.mode) == ("digitalme", "digitalme", 0o640)
-    check = json.loads(host.check_output(
-        "python3 -c 'import json, sqlite3; c = sqlite3.connect(\"/tmp/typed.db\");"
-        " print(json.dumps([c.execute(\"PRAGMA integrity_check\").fetchone()[0],"
-        " c.execute(\"SELECT count(*) FROM rows\").fetchone()[0]]))'"))
+    check = json.loads(
+        host.check_output(
+            'python3 -c \'import json, sqlite3; c = sqlite3.connect("/tmp/typed.db");'
+            ' print(json.dumps([c.execute("PRAGMA integrity_check").fetchone()[0],'
+            ' c.execute("SELECT count(*) FROM rows").fetchone()[0]]))\''
+        )
+    )
     assert check == ["ok", count_on_host(host)["rows"]], check
     # A relative output path is the caller's folder when the app's user may enter it...
-    relative = host.run(f"cd /var/lib/digitalme && sudo litestream restore -o typed-relative.db {DB}")
+    relative = host.run(
+        f"cd /var/lib/digitalme && sudo litestream restore -o typed-relative.db {DB}"
+    )
     assert relative.rc == 0, relative.stderr
     assert host.file("/var/lib/digitalme/typed-relative.db").user == "digitalme"
     # ...else the command says what to do instead of failing obscurely.
@@ -325,9 +362,13 @@ def test_litestream_works_as_an_operator_types_it(host, name):
     assert ltx.stdout.splitlines()[0].split()[:3] == ["level", "min_txid", "max_txid"], ltx.stdout
     assert re.search(r"^9\s+[0-9a-f]{16}\s", ltx.stdout, re.M), ltx.stdout  # a snapshot
     databases = host.run("sudo litestream databases")
-    assert databases.rc == 0 and re.search(rf"^{re.escape(DB)}\s+{REPLICA[name]}$", databases.stdout, re.M)
+    assert databases.rc == 0 and re.search(
+        rf"^{re.escape(DB)}\s+{REPLICA[name]}$", databases.stdout, re.M
+    )
     status = host.run("sudo litestream status")
-    assert status.rc == 0 and re.search(rf"^{re.escape(DB)}\s+ok\s", status.stdout, re.M), status.stdout
+    assert status.rc == 0 and re.search(rf"^{re.escape(DB)}\s+ok\s", status.stdout, re.M), (
+        status.stdout
+    )
     assert "Litestream 0.5.17" in host.check_output("sudo litestream info")
     assert f"{DB} [replicating]" in host.check_output("sudo litestream list")
     for typed in (f"restore -o /tmp/x.db {DB}", f"ltx {DB}", "databases", "info"):
@@ -356,13 +397,19 @@ def test_a_removed_database_comes_back_before_the_app_starts(host, name, journal
     db = host.file(DB)
     assert (db.user, db.group, db.mode) == ("digitalme", "digitalme", 0o640)
     ran = show(host, "litestream-restore", "ConditionResult", "Result", "ActiveState")
-    assert ran == {"ConditionResult": "yes", "Result": "success", "ActiveState": "inactive"}, (ran, journal())
+    assert ran == {"ConditionResult": "yes", "Result": "success", "ActiveState": "inactive"}, (
+        ran,
+        journal(),
+    )
     assert host.service("litestream").is_running and host.service("digitalme").is_running, journal()
     # The restored database replicates again.
     found = restore_until(host, after["rows"], within=30)
     assert found.get("rows") == after["rows"], (found, journal())
-    record(REPORT, (name, "rows after removing the database and starting the app"),
-           [before["rows"], after["rows"]])
+    record(
+        REPORT,
+        (name, "rows after removing the database and starting the app"),
+        [before["rows"], after["rows"]],
+    )
 
 
 def test_sftp_replica_pins_the_host_key(host, name):
@@ -390,7 +437,10 @@ def test_litestream_keeps_retrying_while_the_target_is_unreachable(host, name, j
     assert int(down["NRestarts"]) >= 1 and down["SubState"] != "failed", (down, journal())
     assert "cannot open store" in log, log
     deadline = time.monotonic() + 30  # the next restart (RestartSec=5s) finds the target
-    while show(host, "litestream", "SubState")["SubState"] != "running" and time.monotonic() < deadline:
+    while (
+        show(host, "litestream", "SubState")["SubState"] != "running"
+        and time.monotonic() < deadline
+    ):
         time.sleep(1)
     assert host.service("litestream").is_running, journal()
     before = count_on_host(host)["rows"]
@@ -410,10 +460,14 @@ def test_a_fresh_host_converge_restores_the_database(host, name, journal):
     host.check_output(f"rm -rf {DB} {DB}-wal {DB}-shm /var/lib/digitalme/.digitalme.db-litestream")
     # The installation is unchanged on a rebuilt host (same binary): only the configure
     # part runs, to keep the scenario short. The replica's facts pin its host key.
-    returncode, output = ansible_playbook("--limit", "app-sftp,replica",
-                                          "--tags", "litestream_configure")
+    returncode, output = ansible_playbook(
+        "--limit", "app-sftp,replica", "--tags", "litestream_configure"
+    )
     assert returncode == 0, output[-6000:]
-    assert re.search(r"TASK \[litestream : Report whether a database was restored\][^\n]*\nchanged: \[app-sftp\]", output), output[-4000:]
+    assert re.search(
+        r"TASK \[litestream : Report whether a database was restored\][^\n]*\nchanged: \[app-sftp\]",
+        output,
+    ), output[-4000:]
     assert count_on_host(host) == before, journal()
     assert host.service("litestream").is_running, journal()
     host.check_output("systemctl start digitalme.service")

@@ -25,9 +25,15 @@ def rendered():
 
 def test_s3_configuration_is_accepted_by_litestream(host, rendered):
     config = host.file(f"{RENDERED}/litestream.yml").content_string
-    for line in ('type: s3', 'bucket: "digitalme-backups"', 'path: "digitalme/app"',
-                 'endpoint: "https://s3.example.invalid"', 'region: "eu-central-1"',
-                 'force-path-style: true', 'sync-interval: 1s'):
+    for line in (
+        "type: s3",
+        'bucket: "digitalme-backups"',
+        'path: "digitalme/app"',
+        'endpoint: "https://s3.example.invalid"',
+        'region: "eu-central-1"',
+        "force-path-style: true",
+        "sync-interval: 1s",
+    ):
         assert line in config, line
     assert SECRET not in config and "AKIAMOLECULE" not in config
     listed = host.check_output(f"litestream databases -config {RENDERED}/litestream.yml")
@@ -55,7 +61,9 @@ def test_s3_units_reach_the_network_and_stay_hardened(host, rendered):
         assert "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6" in text
         assert "PrivateNetwork" not in text and "LoadCredential" not in text
         assert host.run(f"systemd-analyze verify {RENDERED}/{unit}").rc == 0
-        report = host.check_output(f"systemd-analyze security --offline=yes {RENDERED}/{unit} --no-pager")
+        report = host.check_output(
+            f"systemd-analyze security --offline=yes {RENDERED}/{unit} --no-pager"
+        )
         score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", report).group(1))
         record(REPORT, ("app-file (s3 rendering)", f"exposure {unit}"), score)
         assert score <= 4.0, report

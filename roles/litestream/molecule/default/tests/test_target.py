@@ -16,8 +16,10 @@ CHROOT = "/srv/litestream"
 FOLDER = "/replicas/digitalme"
 # On app-sftp, the target's host key is checked against the key pinned in /etc/litestream.yml.
 KNOWN_HOSTS = "/tmp/litestream-known-hosts"
-SSH_OPTIONS = (f"-o BatchMode=yes -o ConnectTimeout=10 -o StrictHostKeyChecking=yes "
-               f"-o UserKnownHostsFile={KNOWN_HOSTS} -o IdentitiesOnly=yes")
+SSH_OPTIONS = (
+    f"-o BatchMode=yes -o ConnectTimeout=10 -o StrictHostKeyChecking=yes "
+    f"-o UserKnownHostsFile={KNOWN_HOSTS} -o IdentitiesOnly=yes"
+)
 
 
 def test_account_is_sftp_only_without_password_or_shell(host):
@@ -88,9 +90,26 @@ def test_the_key_is_refused_from_another_address():
     key = os.path.join(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "litestream_sftp_ed25519")
     known_hosts = os.path.join(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "known_hosts")
     proc = subprocess.run(
-        ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "StrictHostKeyChecking=yes",
-         "-o", f"UserKnownHostsFile={known_hosts}", "-o", "IdentitiesOnly=yes", "-i", key,
-         f"litestream@{address('replica')}", "true"],
-        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        [
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={known_hosts}",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-i",
+            key,
+            f"litestream@{address('replica')}",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 255 and "Permission denied" in proc.stderr, proc.stderr

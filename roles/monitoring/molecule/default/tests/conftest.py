@@ -41,6 +41,7 @@ def query(host, expr: str) -> list[dict]:
 
 def _quote(text: str) -> str:
     from urllib.parse import quote
+
     return quote(text, safe="")
 
 
@@ -65,4 +66,5 @@ def journal(host):
     def read(*units: str) -> str:
         names = " ".join(f"-u {u}" for u in (units or UNITS))
         return host.run(f"journalctl {names} -n 80 --no-pager").stdout
+
     return read

@@ -23,8 +23,11 @@ from verifier import address, ansible_playbook, record
 
 testinfra_hosts = ["mon"]
 
-LISTENERS = {"prometheus": 9090, "prometheus-alertmanager": 9093,
-             "prometheus-blackbox-exporter": 9115}
+LISTENERS = {
+    "prometheus": 9090,
+    "prometheus-alertmanager": 9093,
+    "prometheus-blackbox-exporter": 9115,
+}
 
 
 def test_packages_without_recommends_and_units_running(host, journal):
@@ -55,16 +58,25 @@ def test_listeners_are_on_loopback_only(host):
 def test_flags_configuration_files_and_secrets(host):
     args = host.file("/etc/default/prometheus").content_string
     assert "--web.listen-address=127.0.0.1:9090" in args
-    assert "--storage.tsdb.retention.time=30d" in args and "--storage.tsdb.retention.size=2GB" in args
-    assert re.search(r'--cluster\.listen-address=[\s"]',
-                     host.file("/etc/default/prometheus-alertmanager").content_string)
+    assert (
+        "--storage.tsdb.retention.time=30d" in args and "--storage.tsdb.retention.size=2GB" in args
+    )
+    assert re.search(
+        r'--cluster\.listen-address=[\s"]',
+        host.file("/etc/default/prometheus-alertmanager").content_string,
+    )
     # Each file passes its own tool's check on the host.
     host.check_output("promtool check config /etc/prometheus/prometheus.yml")
     host.check_output("amtool check-config /etc/prometheus/alertmanager.yml")
-    host.check_output("prometheus-blackbox-exporter --config.check --config.file=/etc/prometheus/blackbox.yml")
-    for path in ("/etc/prometheus/alertmanager.yml", "/etc/prometheus/prometheus.yml",
-                 "/etc/prometheus/secrets/node-exporter-password",
-                 "/etc/prometheus/secrets/digitalme-metrics-token"):
+    host.check_output(
+        "prometheus-blackbox-exporter --config.check --config.file=/etc/prometheus/blackbox.yml"
+    )
+    for path in (
+        "/etc/prometheus/alertmanager.yml",
+        "/etc/prometheus/prometheus.yml",
+        "/etc/prometheus/secrets/node-exporter-password",
+        "/etc/prometheus/secrets/digitalme-metrics-token",
+    ):
         f = host.file(path)
         assert (f.user, f.group, f.mode) == ("root", "prometheus", 0o640), path
     secrets = host.file("/etc/prometheus/secrets")
@@ -77,8 +89,11 @@ def test_flags_configuration_files_and_secrets(host):
     assert token == "molecule-metrics-token-not-a-secret-0123456789"
     config = host.file("/etc/prometheus/prometheus.yml").content_string
     assert token not in config
-    assert re.search(r"job_name: digitalme\n\s+authorization:\n\s+credentials_file: "
-                     r"/etc/prometheus/secrets/digitalme-metrics-token\n", config), config
+    assert re.search(
+        r"job_name: digitalme\n\s+authorization:\n\s+credentials_file: "
+        r"/etc/prometheus/secrets/digitalme-metrics-token\n",
+        config,
+    ), config
 
 
 def test_every_rule_is_loaded_with_the_overrides(host):
@@ -89,16 +104,21 @@ def test_every_rule_is_loaded_with_the_overrides(host):
     assert all(rule["health"] == "ok" for rule in rules), [r for r in rules if r["health"] != "ok"]
     # monitoring_rules_for_override and monitoring_runbook_base_url of molecule.yml.
     assert {rule["duration"] for rule in loaded.values()} == {10}
-    assert loaded["HostDown"]["annotations"]["runbook_url"] == \
-        "https://example.org/digitalme/docs/operations/monitoring.md#hostdown"
+    assert (
+        loaded["HostDown"]["annotations"]["runbook_url"]
+        == "https://example.org/digitalme/docs/operations/monitoring.md#hostdown"
+    )
     # The budget as a recording rule (monitoring_daily_token_budget).
     assert query(host, "digitalme:claude_daily_token_budget")[0]["value"][1] == "1000000"
 
 
 def test_both_node_exporters_are_scraped_the_other_over_tls(host):
     def node_targets():
-        found = {r["metric"]["host"]: r["value"][1] for r in query(host, 'up{job="node", host!=""}')}
+        found = {
+            r["metric"]["host"]: r["value"][1] for r in query(host, 'up{job="node", host!=""}')
+        }
         return found if found == {"mon": "1", "target": "1"} else None
+
     wait_for(node_targets, 60, what='up{job="node"} == 1 for mon and target')
     targets = api(host, "/api/v1/targets")["data"]["activeTargets"]
     remote = [t for t in targets if t["labels"]["host"] == "target"]
@@ -121,21 +141,29 @@ def test_alerts_reach_the_webhook_receiver(host, journal):
         return [json.loads(line) for line in text.splitlines()]
 
     def delivered():
-        names = {(alert["labels"]["alertname"], alert["labels"].get("job"))
-                 for n in notifications() for alert in n["payload"]["alerts"]
-                 if alert["status"] == "firing"}
+        names = {
+            (alert["labels"]["alertname"], alert["labels"].get("job"))
+            for n in notifications()
+            for alert in n["payload"]["alerts"]
+            if alert["status"] == "firing"
+        }
         return names if {("TargetDown", "digitalme"), ("Watchdog", None)} <= names else None
 
     wait_for(delivered, 180, what="TargetDown and Watchdog at the webhook")
     record(REPORT, ("webhook_wait_seconds_after_converge",), round(time.monotonic() - started, 1))
-    payload = next(n["payload"] for n in notifications()
-                   if any(a["labels"]["alertname"] == "TargetDown" for a in n["payload"]["alerts"]))
+    payload = next(
+        n["payload"]
+        for n in notifications()
+        if any(a["labels"]["alertname"] == "TargetDown" for a in n["payload"]["alerts"])
+    )
     alert = next(a for a in payload["alerts"] if a["labels"]["alertname"] == "TargetDown")
     assert alert["labels"]["severity"] == "warning" and alert["labels"]["host"] == "mon"
     assert alert["annotations"]["runbook_url"].endswith("#targetdown")
     assert payload["externalURL"] == "http://localhost:9093"
     # Alerts as amtool sees them.
-    firing = host.check_output("amtool --alertmanager.url=http://127.0.0.1:9093 alert query -o json")
+    firing = host.check_output(
+        "amtool --alertmanager.url=http://127.0.0.1:9093 alert query -o json"
+    )
     assert "TargetDown" in firing
 
 
@@ -148,10 +176,12 @@ PREFLIGHT_ON_MON = ("--check", "--limit", "mon", "--tags", "monitoring")
 
 def test_a_rule_file_promtool_rejects_never_reaches_the_host(host, tmp_path):
     broken = tmp_path / "broken.yml"
-    broken.write_text("groups:\n  - name: broken\n    rules:\n      - alert: Broken\n"
-                      "        expr: rate(up[5m]\n")
-    rc, output = ansible_playbook(*CONFIGURE_ONLY,
-                                  "-e", json.dumps({"monitoring_extra_rule_files": [str(broken)]}))
+    broken.write_text(
+        "groups:\n  - name: broken\n    rules:\n      - alert: Broken\n        expr: rate(up[5m]\n"
+    )
+    rc, output = ansible_playbook(
+        *CONFIGURE_ONLY, "-e", json.dumps({"monitoring_extra_rule_files": [str(broken)]})
+    )
     assert rc != 0 and "failed to validate" in output, output[-3000:]
     assert "unclosed left parenthesis" in output
     assert not host.file("/etc/prometheus/rules/extra-broken.yml").exists
@@ -159,11 +189,13 @@ def test_a_rule_file_promtool_rejects_never_reaches_the_host(host, tmp_path):
 
 
 def test_preflight_refuses_a_public_listener_and_no_receiver():
-    rc, output = ansible_playbook(*PREFLIGHT_ON_MON,
-                                  "-e", "monitoring_prometheus_listen_address=0.0.0.0:9090")
+    rc, output = ansible_playbook(
+        *PREFLIGHT_ON_MON, "-e", "monitoring_prometheus_listen_address=0.0.0.0:9090"
+    )
     assert rc != 0 and "is not a loopback host:port" in output, output[-3000:]
-    rc, output = ansible_playbook(*PREFLIGHT_ON_MON,
-                                  "-e", json.dumps({"monitoring_webhook_urls": []}))
+    rc, output = ansible_playbook(
+        *PREFLIGHT_ON_MON, "-e", json.dumps({"monitoring_webhook_urls": []})
+    )
     assert rc != 0 and "Configure at least one receiver" in output, output[-3000:]
     rc, output = ansible_playbook(*PREFLIGHT_ON_MON, "-e", "monitoring_app_metrics_token=")
     assert rc != 0 and "set DIGITALME_METRICS_TOKEN in digitalme_secrets" in output, output[-3000:]
@@ -173,8 +205,11 @@ def test_units_run_hardened(host):
     scores = {}
     for unit in UNITS:
         pid = host.check_output(f"systemctl show -p MainPID --value {unit}")
-        status = dict(line.split(":\t", 1) for line in
-                      host.check_output(f"cat /proc/{pid}/status").splitlines() if ":\t" in line)
+        status = dict(
+            line.split(":\t", 1)
+            for line in host.check_output(f"cat /proc/{pid}/status").splitlines()
+            if ":\t" in line
+        )
         assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2", unit
         assert int(status["CapEff"], 16) == 0, unit
         scores[unit] = exposure(host, unit)

@@ -28,8 +28,9 @@ def scrape(host, password: str | None, scheme: str = "https"):
     if password is not None:
         token = b64encode(f"prometheus:{password}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
-                                         urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+    )
     with opener.open(request, timeout=10) as response:
         return response.status, response.read().decode()
 
@@ -78,11 +79,15 @@ def test_the_password_is_in_no_process_argument(host):
 
 
 def test_pending_reboot_metric(host):
-    host.check_output("touch /run/reboot-required && systemctl start node-exporter-reboot-required.service")
+    host.check_output(
+        "touch /run/reboot-required && systemctl start node-exporter-reboot-required.service"
+    )
     try:
         assert "node_reboot_required 1" in scrape(host, PASSWORD)[1]
     finally:
-        host.check_output("rm -f /run/reboot-required && systemctl start node-exporter-reboot-required.service")
+        host.check_output(
+            "rm -f /run/reboot-required && systemctl start node-exporter-reboot-required.service"
+        )
     assert "node_reboot_required 0" in scrape(host, PASSWORD)[1]
     written = host.file("/var/lib/prometheus/node-exporter/node_reboot_required.prom")
     assert written.group == "node-exporter-textfile" and written.mode == 0o640

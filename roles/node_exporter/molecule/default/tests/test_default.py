@@ -52,7 +52,7 @@ def journal(host):
 
 def metrics(host):
     page = host.run(
-        "python3 -c \"import urllib.request; print(urllib.request.urlopen("
+        'python3 -c "import urllib.request; print(urllib.request.urlopen('
         "'http://127.0.0.1:9100/metrics', timeout=10).read().decode())\""
     )
     assert page.rc == 0, page.stderr
@@ -137,7 +137,6 @@ def test_a_service_user_publishes_a_textfile_metric(host, journal):
     assert "node_textfile_scrape_error 0" in page
 
 
-
 # --- The unit's hardening drop-in (last: the toggle test restarts the exporter) -----------
 
 
@@ -151,22 +150,42 @@ def unit_process_status(host):
 
 def collector_results(host):
     page = metrics(host)
-    results = {m[1]: float(m[2]) for m in re.finditer(
-        r'^node_scrape_collector_success\{collector="([^"]+)"\} (\S+)$', page, re.M)}
+    results = {
+        m[1]: float(m[2])
+        for m in re.finditer(
+            r'^node_scrape_collector_success\{collector="([^"]+)"\} (\S+)$', page, re.M
+        )
+    }
     # node-exporter 1.9.0 (Debian 13) reports the pressure collector failed on a kernel
     # without /proc/pressure/irq, after exporting the CPU, I/O and memory pressure
     # (prometheus/node_exporter#3259, fixed in 1.9.1): there, those metrics say it works.
     exported = {m[1] for m in re.finditer(r"^node_pressure_(cpu|io|memory)_\w+ \S+$", page, re.M)}
-    if (results.get("pressure") == 0 and exported == {"cpu", "io", "memory"}
-            and not host.file("/proc/pressure/irq").exists):
+    if (
+        results.get("pressure") == 0
+        and exported == {"cpu", "io", "memory"}
+        and not host.file("/proc/pressure/irq").exists
+    ):
         results["pressure"] = 1.0
     return results
 
 
 # Collectors that work on the sandbox hosts without the drop-in (the others, such as
 # hwmon, dmi, timex, fail there either way: a container has no such hardware or rights).
-WORKING_COLLECTORS = ("cpu", "diskstats", "filesystem", "loadavg", "meminfo", "netdev",
-                      "netstat", "pressure", "stat", "systemd", "textfile", "uname", "vmstat")
+WORKING_COLLECTORS = (
+    "cpu",
+    "diskstats",
+    "filesystem",
+    "loadavg",
+    "meminfo",
+    "netdev",
+    "netstat",
+    "pressure",
+    "stat",
+    "systemd",
+    "textfile",
+    "uname",
+    "vmstat",
+)
 
 
 def test_node_exporter_runs_hardened_and_its_collectors_still_work(host, journal):
@@ -194,8 +213,9 @@ def test_the_hardening_can_be_switched_off_and_on_again(host, journal):
     returncode, output = ansible_playbook()
     assert returncode == 0, output[-3000:]
     changed = changed_tasks(output)
-    assert any(task.endswith("Harden the node-exporter unit (drop-in)") for task in changed), \
+    assert any(task.endswith("Harden the node-exporter unit (drop-in)") for task in changed), (
         changed
+    )
     assert unit_process_status(host)["NoNewPrivs"].strip() == "1", journal()
     # The drop-in takes no collector away that works without it.
     hardened = collector_results(host)

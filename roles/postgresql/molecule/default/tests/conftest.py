@@ -40,8 +40,11 @@ def install_client_files(host, with_ca: bool = True) -> None:
     files = {
         "digitalme-ca.crt": (ca, CA_ON_CLIENT, "0644"),
         "pgpass": (f"*:*:{DATABASE}:{USER}:{app_password()}\n", PGPASS_ON_HOST, "0600"),
-        "pgpass-wrong": (f"*:*:{DATABASE}:{USER}:wrong-password-for-the-test\n",
-                         WRONG_PGPASS_ON_HOST, "0600"),
+        "pgpass-wrong": (
+            f"*:*:{DATABASE}:{USER}:wrong-password-for-the-test\n",
+            WRONG_PGPASS_ON_HOST,
+            "0600",
+        ),
     }
     if not with_ca:
         del files["digitalme-ca.crt"]
@@ -53,8 +56,7 @@ def install_client_files(host, with_ca: bool = True) -> None:
         assert not result.get("failed"), result.get("msg")
 
 
-def psql(host, conninfo: str, sql: str = "SELECT current_user",
-         passfile: str = PGPASS_ON_HOST):
+def psql(host, conninfo: str, sql: str = "SELECT current_user", passfile: str = PGPASS_ON_HOST):
     """psql on `host` with a libpq connection string; the password from a password file."""
     return host.run(
         f"PGPASSFILE={passfile} PGCONNECT_TIMEOUT=10 psql -XAtw "
@@ -63,8 +65,15 @@ def psql(host, conninfo: str, sql: str = "SELECT current_user",
 
 
 def conninfo(address: str, sslmode: str = "verify-full", **extra: str) -> str:
-    params = {"host": address, "port": str(PORT), "dbname": DATABASE, "user": USER,
-              "sslmode": sslmode, "sslrootcert": CA_ON_CLIENT, **extra}
+    params = {
+        "host": address,
+        "port": str(PORT),
+        "dbname": DATABASE,
+        "user": USER,
+        "sslmode": sslmode,
+        "sslrootcert": CA_ON_CLIENT,
+        **extra,
+    }
     return " ".join(f"{key}={value}" for key, value in params.items())
 
 
@@ -72,5 +81,4 @@ def conninfo(address: str, sslmode: str = "verify-full", **extra: str) -> str:
 def journal(host):
     """The journal of the units involved, to show in a failure message."""
     units = " ".join(f"-u '{unit}'" for unit in UNITS)
-    return lambda: "\n--- journal ---\n" + host.run(
-        f"journalctl {units} --no-pager -n 80").stdout
+    return lambda: "\n--- journal ---\n" + host.run(f"journalctl {units} --no-pager -n 80").stdout

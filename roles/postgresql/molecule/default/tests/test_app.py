@@ -31,8 +31,11 @@ def test_the_ca_certificate_reached_the_app_host_through_the_published_fact(host
 
 
 def test_app_connects_with_verify_full_over_tls_with_the_password(host):
-    result = psql(host, conninfo(address("db")), (
-        "SELECT current_user, ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"))
+    result = psql(
+        host,
+        conninfo(address("db")),
+        ("SELECT current_user, ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"),
+    )
     assert result.rc == 0, result.stderr
     user, ssl, version = result.stdout.strip().split("|")
     assert (user, ssl) == (USER, "t")
@@ -55,8 +58,9 @@ def test_verify_full_refuses_a_name_the_certificate_does_not_hold(host):
 def test_a_connection_without_tls_is_refused_by_pg_hba(host):
     result = psql(host, conninfo(address("db"), sslmode="disable"))
     assert result.rc != 0
-    assert "no encryption" in result.stderr and "pg_hba.conf rejects connection" in \
-        result.stderr, result.stderr
+    assert "no encryption" in result.stderr and "pg_hba.conf rejects connection" in result.stderr, (
+        result.stderr
+    )
 
 
 def test_a_wrong_password_is_refused(host):
@@ -70,13 +74,18 @@ def test_the_app_role_cannot_create_roles_or_databases(host):
         result = psql(host, conninfo(address("db")), statement)
         assert result.rc != 0 and "permission denied" in result.stderr, (statement, result.stderr)
     # It owns its database: the app's migrations create its tables.
-    result = psql(host, conninfo(address("db")),
-                  "CREATE TABLE molecule_probe (id int); DROP TABLE molecule_probe")
+    result = psql(
+        host,
+        conninfo(address("db")),
+        "CREATE TABLE molecule_probe (id int); DROP TABLE molecule_probe",
+    )
     assert result.rc == 0, result.stderr
 
 
 def test_only_the_app_database_is_open_to_it(host):
     result = psql(host, conninfo(address("db"), dbname="postgres"))
     assert result.rc != 0
-    assert 'pg_hba.conf rejects connection for host' in result.stderr and \
-        'database "postgres", SSL encryption' in result.stderr, result.stderr
+    assert (
+        "pg_hba.conf rejects connection for host" in result.stderr
+        and 'database "postgres", SSL encryption' in result.stderr
+    ), result.stderr

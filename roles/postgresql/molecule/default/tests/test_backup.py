@@ -29,7 +29,7 @@ def info(host) -> dict:
 
 
 def app_sql(host, query: str) -> str:
-    result = as_postgres(host, f"psql -XAtq -v ON_ERROR_STOP=1 -d digitalme -c \"{query}\"")
+    result = as_postgres(host, f'psql -XAtq -v ON_ERROR_STOP=1 -d digitalme -c "{query}"')
     assert result.rc == 0, result.stderr
     return result.stdout.strip()
 
@@ -68,16 +68,22 @@ def test_the_backup_unit_takes_a_differential_backup_and_the_timers_are_on(host)
     assert result.rc == 0, host.run("journalctl -u digitalme-database-backup@diff -n 30").stdout
     backups = info(host)["backup"]
     assert len(backups) == before + 1 and backups[-1]["type"] == "diff"
-    for timer in ("digitalme-database-backup-full.timer", "digitalme-database-backup-diff.timer",
-                  "digitalme-backup-drill.timer"):
+    for timer in (
+        "digitalme-database-backup-full.timer",
+        "digitalme-database-backup-diff.timer",
+        "digitalme-backup-drill.timer",
+    ):
         assert host.service(timer).is_enabled and host.service(timer).is_running, timer
 
 
 @pytest.fixture
 def messages(host):
     """The app's table as its migrations make it (what the drill checks), dropped after."""
-    app_sql(host, "CREATE TABLE messages (id bigint PRIMARY KEY, text text NOT NULL, "
-                  "created_at text NOT NULL)")
+    app_sql(
+        host,
+        "CREATE TABLE messages (id bigint PRIMARY KEY, text text NOT NULL, "
+        "created_at text NOT NULL)",
+    )
     yield
     app_sql(host, "DROP TABLE messages")
 
@@ -110,12 +116,17 @@ def test_the_drill_restores_the_archive_and_fails_when_it_lacks_old_rows(host, m
     insert(host, 2, age_seconds=3600)
     failed = as_postgres(host, DRILL_TOOL)
     assert failed.rc == 1
-    assert re.search(r"the backup is stale: the restored copy lacks messages rows written "
-                     r"36\d\ds before the drill", failed.stderr), failed.stderr
+    assert re.search(
+        r"the backup is stale: the restored copy lacks messages rows written "
+        r"36\d\ds before the drill",
+        failed.stderr,
+    ), failed.stderr
     report = metrics(host)
     assert report["digitalme_backup_drill_success"] == "0"
     assert float(report["digitalme_backup_drill_behind_seconds"]) >= 3600
     # The last success is still the earlier run's.
-    assert report["digitalme_backup_drill_last_success_timestamp_seconds"] == \
-        passed["digitalme_backup_drill_last_success_timestamp_seconds"]
+    assert (
+        report["digitalme_backup_drill_last_success_timestamp_seconds"]
+        == passed["digitalme_backup_drill_last_success_timestamp_seconds"]
+    )
     assert json.loads(host.file(RESULT).content_string)["ok"] is False

@@ -37,7 +37,7 @@ def address(host) -> str:
 
 def sql(host, query: str) -> str:
     """A query as postgres over the socket (peer), one value per line."""
-    result = host.run(f"runuser -u postgres -- psql -XAtq -d postgres -c \"{query}\"")
+    result = host.run(f'runuser -u postgres -- psql -XAtq -d postgres -c "{query}"')
     assert result.rc == 0, result.stderr
     return result.stdout.strip()
 
@@ -59,10 +59,17 @@ def test_settings_are_in_conf_d_and_debian_postgresql_conf_is_untouched(host, ve
     assert f"listen_addresses = 'localhost,{address}'" in conf.content_string
     verify = host.run(f"dpkg --verify postgresql-{version} postgresql-common")
     assert "postgresql.conf" not in verify.stdout, verify.stdout
-    settings = dict(line.split("|") for line in sql(host, (
-        "SELECT name, setting FROM pg_settings WHERE name IN ('ssl', 'ssl_cert_file', "
-        "'ssl_key_file', 'ssl_min_protocol_version', 'password_encryption', "
-        "'listen_addresses', 'port')")).splitlines())
+    settings = dict(
+        line.split("|")
+        for line in sql(
+            host,
+            (
+                "SELECT name, setting FROM pg_settings WHERE name IN ('ssl', 'ssl_cert_file', "
+                "'ssl_key_file', 'ssl_min_protocol_version', 'password_encryption', "
+                "'listen_addresses', 'port')"
+            ),
+        ).splitlines()
+    )
     assert settings == {
         "listen_addresses": f"localhost,{address}",
         "password_encryption": "scram-sha-256",
@@ -76,8 +83,11 @@ def test_settings_are_in_conf_d_and_debian_postgresql_conf_is_untouched(host, ve
 
 
 def test_listens_on_its_address_and_loopback_only(host, address, journal):
-    listeners = {field for field in host.check_output(f"ss -Htln 'sport = :{PORT}'").split()
-                 if field.endswith(f":{PORT}")}
+    listeners = {
+        field
+        for field in host.check_output(f"ss -Htln 'sport = :{PORT}'").split()
+        if field.endswith(f":{PORT}")
+    }
     assert f"{address}:{PORT}" in listeners, journal()
     assert f"127.0.0.1:{PORT}" in listeners
     assert listeners <= {f"{address}:{PORT}", f"127.0.0.1:{PORT}", f"[::1]:{PORT}"}, listeners
@@ -86,10 +96,14 @@ def test_listens_on_its_address_and_loopback_only(host, address, journal):
 def test_pg_hba_conf_is_the_roles_own(host, version):
     hba = host.file(f"/etc/postgresql/{version}/main/pg_hba.conf")
     assert (hba.user, hba.group, hba.mode) == ("postgres", "postgres", 0o640)
-    rules = sql(host, (
-        "SELECT type, array_to_string(database, ','), array_to_string(user_name, ','), "
-        "coalesce(address, ''), coalesce(netmask, ''), auth_method "
-        "FROM pg_hba_file_rules ORDER BY line_number")).splitlines()
+    rules = sql(
+        host,
+        (
+            "SELECT type, array_to_string(database, ','), array_to_string(user_name, ','), "
+            "coalesce(address, ''), coalesce(netmask, ''), auth_method "
+            "FROM pg_hba_file_rules ORDER BY line_number"
+        ),
+    ).splitlines()
     client = verifier.address("app")
     assert rules == [
         "local|all|postgres|||peer",
@@ -103,17 +117,24 @@ def test_pg_hba_conf_is_the_roles_own(host, version):
 
 
 def test_app_role_owns_the_database_and_has_no_other_power(host):
-    role = sql(host, (
-        "SELECT rolsuper, rolcreaterole, rolcreatedb, rolreplication, rolbypassrls, "
-        f"rolcanlogin, left(rolpassword, 14) FROM pg_authid WHERE rolname = '{USER}'"))
+    role = sql(
+        host,
+        (
+            "SELECT rolsuper, rolcreaterole, rolcreatedb, rolreplication, rolbypassrls, "
+            f"rolcanlogin, left(rolpassword, 14) FROM pg_authid WHERE rolname = '{USER}'"
+        ),
+    )
     assert role == "f|f|f|f|f|t|SCRAM-SHA-256$"
-    database = sql(host, (
-        "SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datcollate, datctype "
-        f"FROM pg_database WHERE datname = '{DATABASE}'"))
+    database = sql(
+        host,
+        (
+            "SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datcollate, datctype "
+            f"FROM pg_database WHERE datname = '{DATABASE}'"
+        ),
+    )
     assert database == f"{USER}|UTF8|C.UTF-8|C.UTF-8"
     # PUBLIC may not connect: only the owner (and superusers) may.
-    assert sql(host, f"SELECT has_database_privilege('prometheus', '{DATABASE}', 'CONNECT')") \
-        == "f"
+    assert sql(host, f"SELECT has_database_privilege('prometheus', '{DATABASE}', 'CONNECT')") == "f"
 
 
 def test_tls_files_have_the_modes_postgresql_and_the_clients_need(host):
@@ -146,22 +167,28 @@ def test_a_connection_from_an_address_not_in_the_client_list_is_refused(host, ad
     install_client_files(host)
     refused = psql(host, conninfo(address))
     assert refused.rc != 0
-    assert (f'pg_hba.conf rejects connection for host "{address}", user "{USER}", '
-            f'database "{DATABASE}", SSL encryption') in refused.stderr, refused.stderr
+    assert (
+        f'pg_hba.conf rejects connection for host "{address}", user "{USER}", '
+        f'database "{DATABASE}", SSL encryption'
+    ) in refused.stderr, refused.stderr
 
 
 def test_the_exporter_serves_pg_up_on_loopback_only(host, journal):
     service = host.service("prometheus-postgres-exporter")
     assert service.is_enabled
     assert service.is_running, journal()
-    listeners = [field for field in host.check_output("ss -Htln 'sport = :9187'").split()
-                 if field.endswith(":9187")]
+    listeners = [
+        field
+        for field in host.check_output("ss -Htln 'sport = :9187'").split()
+        if field.endswith(":9187")
+    ]
     assert listeners == ["127.0.0.1:9187"]
     page = ""
     for _ in range(10):
         page = host.check_output(
-            "python3 -c \"import urllib.request; print(urllib.request.urlopen("
-            "'http://127.0.0.1:9187/metrics', timeout=10).read().decode())\"")
+            'python3 -c "import urllib.request; print(urllib.request.urlopen('
+            "'http://127.0.0.1:9187/metrics', timeout=10).read().decode())\""
+        )
         if re.search(r"^pg_up 1$", page, re.M):
             break
         time.sleep(1)
@@ -170,9 +197,13 @@ def test_the_exporter_serves_pg_up_on_loopback_only(host, journal):
     assert environment.mode == 0o640
     data_source = re.search(r"^DATA_SOURCE_NAME='([^']*)'$", environment.content_string, re.M)[1]
     assert "password=" not in data_source and "@" not in data_source  # peer, no secret
-    role = sql(host, (
-        "SELECT rolsuper, pg_has_role('prometheus', 'pg_monitor', 'MEMBER') "
-        "FROM pg_roles WHERE rolname = 'prometheus'"))
+    role = sql(
+        host,
+        (
+            "SELECT rolsuper, pg_has_role('prometheus', 'pg_monitor', 'MEMBER') "
+            "FROM pg_roles WHERE rolname = 'prometheus'"
+        ),
+    )
     assert role == "f|t"
 
 
@@ -198,8 +229,10 @@ def test_a_client_list_change_reloads_without_a_restart(host, address):
     assert rc == 0, output[-4000:]
     assert sql(host, "SELECT pg_postmaster_start_time()") == started
     refused = psql(host, conninfo(address))
-    assert (f'pg_hba.conf rejects connection for host "{address}", user "{USER}", '
-            f'database "{DATABASE}", SSL encryption') in refused.stderr, refused.stderr
+    assert (
+        f'pg_hba.conf rejects connection for host "{address}", user "{USER}", '
+        f'database "{DATABASE}", SSL encryption'
+    ) in refused.stderr, refused.stderr
 
 
 def test_the_password_is_in_no_log_on_the_host(host, version):

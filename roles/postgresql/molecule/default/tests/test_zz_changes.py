@@ -35,7 +35,8 @@ def extra_vars_file(name: str, values: dict) -> str:
 
 def start_time(host) -> str:
     return host.check_output(
-        "runuser -u postgres -- psql -XAtq -d postgres -c 'SELECT pg_postmaster_start_time()'")
+        "runuser -u postgres -- psql -XAtq -d postgres -c 'SELECT pg_postmaster_start_time()'"
+    )
 
 
 def test_password_rotation_takes_effect_at_the_next_run():
@@ -43,12 +44,13 @@ def test_password_rotation_takes_effect_at_the_next_run():
     app = other_host("app")
     address = verifier.address("db")
     new = "rotated-throwaway-" + secrets.token_hex(12)
-    rc, output = ansible_playbook("-e", extra_vars_file("password", {
-        "postgresql_app_password": new}))
+    rc, output = ansible_playbook(
+        "-e", extra_vars_file("password", {"postgresql_app_password": new})
+    )
     assert rc == 0, output[-4000:]
     assert new not in output and app_password() not in output
     old = psql(app, conninfo(address))
-    assert 'password authentication failed' in old.stderr, old.stderr
+    assert "password authentication failed" in old.stderr, old.stderr
     ephemeral = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
     pgpass = ephemeral / "client-pgpass-rotated"
     pgpass.touch(mode=0o600)
@@ -101,7 +103,8 @@ def test_a_certificate_expiring_within_30_days_is_renewed_with_a_reload(host):
     cert = f"{TLS_DIR}/server.crt"
     host.check_output(
         f"openssl x509 -req -in {TLS_DIR}/server.csr -CA {TLS_DIR}/ca.crt "
-        f"-CAkey {TLS_DIR}/ca.key -days 10 -copy_extensions copy -out {cert}")
+        f"-CAkey {TLS_DIR}/ca.key -days 10 -copy_extensions copy -out {cert}"
+    )
     assert host.run(f"openssl x509 -in {cert} -noout -checkend {30 * 86400}").rc != 0
     before = start_time(host)
     rc, output = ansible_playbook()
@@ -117,7 +120,8 @@ def test_a_certificate_expiring_within_30_days_is_renewed_with_a_reload(host):
     served = other_host("app").run(
         f"openssl s_client -starttls postgres -connect {address}:5432 "
         f"-CAfile /root/digitalme-ca.crt -verify_return_error </dev/null 2>/dev/null "
-        "| openssl x509 -noout -enddate")
+        "| openssl x509 -noout -enddate"
+    )
     on_disk = host.check_output(f"openssl x509 -in {cert} -noout -enddate")
     assert served.rc == 0 and served.stdout.strip() == on_disk, served.stdout + served.stderr
     rc, output = ansible_playbook()
