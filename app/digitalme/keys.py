@@ -16,6 +16,7 @@ from .inbox import InboxStore
 from .integrations import WEBHOOK_OUTCOME as WEBHOOK_OUTCOME  # how a delivery ended
 from .integrations import Channel
 from .llm import Claude
+from .marks import Mark, RouteMarks
 from .metrics import Metrics
 from .outbound import Outbound
 from .persona import PersonaStore
@@ -44,9 +45,12 @@ ACTIVITY = web.AppKey("activity", ActivityStore)
 RETENTION = web.AppKey("retention", Retention)
 CHANNELS: web.AppKey[tuple[Channel, ...]] = web.AppKey("channels")
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")  # openapi.openapi_document()
+ROUTE_MARKS = web.AppKey("route_marks", RouteMarks)  # each route's mark (routes.py)
 
 # Per request, set by the client middleware: the bearer token (None when absent), the
 # client's address (through trusted proxies), and whether it came through such a proxy.
 REQUEST_TOKEN: web.RequestKey[TokenInfo | None] = web.RequestKey("token")
 CLIENT_ADDRESS = web.RequestKey("client_address", str)
 VIA_PROXY = web.RequestKey("via_proxy", bool)
+# The mark of the route the request is for (marks.py), set first by the request pipeline.
+ROUTE_MARK = web.RequestKey("route_mark", Mark)

@@ -17,25 +17,21 @@ from .keys import (
     METRICS,
     RATE_LIMITER,
     REQUEST_TOKEN,
+    ROUTE_MARK,
+    ROUTE_MARKS,
     SETTINGS,
     TOKENS,
     VIA_PROXY,
     WEBHOOK_OUTCOME,
 )
+from .marks import API, OPS, Mark
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# Operational endpoints: never rate-limited (monitoring must always work); /metrics checks
-# its own bearer token (handlers/ops.py), the others need none.
-OPS_PATHS = frozenset({"/health", "/health/ready", "/info", "/metrics"})
-
-# Platform webhooks: signed, cheap to verify, sent from a few addresses in bursts, so valid
-# deliveries are never rate-limited; failed verifications count against the address.
-WEBHOOK_PREFIX = "/webhooks/"
-WEBHOOK_CHANNELS = frozenset({"telegram", "slack", "github", "clickup"})
+# How a webhook request ended when its channel did not say (a refusal before its handler).
 _WEBHOOK_STATUS_OUTCOMES = {
     400: "malformed",
     401: "bad_signature",
@@ -94,9 +90,10 @@ async def request_pipeline(request: web.Request, handler: Handler) -> web.Stream
     answer, whose status is what the metrics count."""
     started = time.monotonic()
     status = 500
+    mark = request[ROUTE_MARK] = request.app[ROUTE_MARKS].of(request)
     try:
         try:
-            response = await _admit(request, handler)
+            response = await _admit(request, handler, mark)
         except ApiError as exc:
             response = error_response(
                 exc.status, exc.code, exc.message, headers=exc.headers, **exc.extra
@@ -118,12 +115,11 @@ async def request_pipeline(request: web.Request, handler: Handler) -> web.Stream
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         metrics.http.observe(request.method, route, status, time.monotonic() - started)
-        if request.path.startswith(WEBHOOK_PREFIX):
-            channel = request.path.split("/")[2]
+        if mark.channel is not None:
             outcome = request.get(WEBHOOK_OUTCOME) or _WEBHOOK_STATUS_OUTCOMES.get(
                 status, f"http_{status}"
             )
-            metrics.webhook_delivery(channel if channel in WEBHOOK_CHANNELS else "unknown", outcome)
+            metrics.webhook_delivery(mark.channel, outcome)
 
 
 def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
@@ -142,9 +138,10 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     )
 
 
-def _admit(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
-    """Who is asking: address (through trusted proxies), bearer token, rate limit; then
-    the handler. Operational endpoints go straight to it (no extra coroutine)."""
+def _admit(request: web.Request, handler: Handler, mark: Mark) -> Awaitable[web.StreamResponse]:
+    """Who is asking: address (through trusted proxies), bearer token, rate limit, as the
+    route's mark says; then the handler. Operational endpoints go straight to it (no extra
+    coroutine)."""
     settings = request.app[SETTINGS]
     forwarded_for = request.headers.get("X-Forwarded-For")
     if forwarded_for is None:
@@ -158,14 +155,16 @@ def _admit(request: web.Request, handler: Handler) -> Awaitable[web.StreamRespon
     request[REQUEST_TOKEN] = None
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise web.HTTPRequestEntityTooLarge(settings.max_body_bytes, request.content_length)
-    if request.path in OPS_PATHS:
+    if mark is OPS:
         return handler(request)
-    return _client(request, handler, address)
+    return _client(request, handler, address, mark)
 
 
-async def _client(request: web.Request, handler: Handler, address: str) -> web.StreamResponse:
+async def _client(
+    request: web.Request, handler: Handler, address: str, mark: Mark
+) -> web.StreamResponse:
     key = f"address:{address}"
-    if request.path.startswith(WEBHOOK_PREFIX):
+    if mark.channel is not None:  # a webhook: the channel verifies its deliveries
         limiter = request.app[RATE_LIMITER]
         if limiter.peek(key) > 0:
             _limit(request, key)
@@ -176,7 +175,7 @@ async def _client(request: web.Request, handler: Handler, address: str) -> web.S
                 limiter.check(key)
             raise
     authorization = request.headers.get("Authorization")
-    if authorization is not None and request.path.startswith("/api/"):
+    if authorization is not None and mark is API:
         scheme, _, secret = authorization.partition(" ")
         token = None
         if scheme.lower() == "bearer" and secret.strip():
@@ -212,7 +211,6 @@ def _limit(request: web.Request, key: str) -> None:
 # istr keys: CIMultiDict takes them as they are (a str key is case-folded on every use).
 _SECURITY_ITEMS = tuple((istr(name), value) for name, value in SECURITY_HEADERS.items())
 _CACHE_CONTROL = istr("Cache-Control")
-_NO_STORE_PREFIXES = ("/api/", "/health", "/info", "/metrics")
 
 
 async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -223,7 +221,7 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
         headers.extend([item for item in _SECURITY_ITEMS if item[0] not in headers])
     else:
         headers.extend(_SECURITY_ITEMS)
-    if _CACHE_CONTROL not in headers and request.path.startswith(_NO_STORE_PREFIXES):
+    if _CACHE_CONTROL not in headers and request[ROUTE_MARK].no_store:
         headers[_CACHE_CONTROL] = "no-store"
 
 

@@ -1,4 +1,5 @@
-"""The URL table: every route of the service, with the scope it needs.
+"""The URL table: every route of the service, with the scope it needs and its mark
+(marks.py).
 
 ``API_ROUTES`` is also what openapi.py describes (with each handler's ``@operation``).
 """
@@ -9,7 +10,8 @@ from aiohttp import web
 
 from .handlers import api, ops, webchat
 from .handlers.api import requires
-from .keys import CHANNELS
+from .keys import CHANNELS, ROUTE_MARKS
+from .marks import API, OPS, PUBLIC, webhook
 
 chat, admin = requires("chat"), requires("admin")
 
@@ -31,20 +33,30 @@ API_ROUTES = [
 
 
 def setup_routes(app: web.Application) -> None:
-    app.add_routes(
+    """Every route, with its mark (marks.py: how the request pipeline admits it)."""
+    marks = app[ROUTE_MARKS]
+    # operations (no token; /metrics wants DIGITALME_METRICS_TOKEN and is refused through
+    # the proxy)
+    marks.add(
+        app,
+        OPS,
         [
-            # operations (no auth, but /metrics wants DIGITALME_METRICS_TOKEN and is refused
-            # through the proxy)
             web.get("/health", ops.health),
             web.get("/health/ready", ops.ready),
             web.get("/info", ops.info),
             web.get("/metrics", ops.metrics),
-            # web chat
+        ],
+    )
+    # web chat
+    marks.add(
+        app,
+        PUBLIC,
+        [
             web.get("/", webchat.index),
             web.static("/static", webchat.STATIC_DIR, append_version=False),
-            *API_ROUTES,
-        ]
+        ],
     )
+    marks.add(app, API, API_ROUTES)
     # platform webhooks (signed; a channel whose secret is not set answers 404)
     for channel in app[CHANNELS]:
-        app.add_routes(channel.routes())
+        marks.add(app, webhook(channel.name), channel.routes())

@@ -50,12 +50,14 @@ from .keys import (
     READINESS,
     RELEASE,
     RETENTION,
+    ROUTE_MARKS,
     SETTINGS,
     STARTED_AT,
     TOKENS,
     WORKER,
 )
 from .llm import Claude
+from .marks import RouteMarks
 from .metrics import Metrics
 from .middlewares import add_security_headers, request_pipeline
 from .openapi import openapi_document
@@ -238,6 +240,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_resources)
     _wire_channels(app, settings, metrics, db, chat, conversations, readiness)
     app.on_response_prepare.append(add_security_headers)
+    app[ROUTE_MARKS] = RouteMarks()
     setup_routes(app)
     app[OPENAPI] = openapi_document()
     return app
