@@ -404,7 +404,7 @@ def cmd_inbox_prune(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_telegram_set_webhook(settings: Settings, args: argparse.Namespace) -> int:
-    from .integrations.telegram import ALLOWED_UPDATES, TelegramApi
+    from .integrations.telegram.channel import ALLOWED_UPDATES, TelegramApi
     from .metrics import Metrics
     from .outbound import Outbound, OutboundError
 

@@ -16,7 +16,7 @@ Progress within an item is persisted as it happens (the stored user message, Cla
 stored reply, how many reply parts the platform accepted, and when the send of the next
 part began), so a retry after a crash or an outage resumes where the last attempt stopped
 instead of asking Claude or sending again; a part whose send a crash interrupted is
-checked with the platform where it allows (:func:`digitalme.integrations.send_parts`).
+checked with the platform where it allows (:func:`digitalme.integrations.channel.send_parts`).
 Items a crash left ``processing`` are made due again by :meth:`InboxStore.recover`.
 
 Several processes on one database (PostgreSQL): each claim records its claimer

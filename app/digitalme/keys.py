@@ -13,8 +13,8 @@ from .conversations import ConversationStore
 from .db import Database
 from .health import Readiness
 from .inbox import InboxStore
-from .integrations import WEBHOOK_OUTCOME as WEBHOOK_OUTCOME  # how a delivery ended
-from .integrations import Channel
+from .integrations.channel import WEBHOOK_OUTCOME as WEBHOOK_OUTCOME  # how a delivery ended
+from .integrations.channel import Channel
 from .llm import Claude
 from .marks import Mark, RouteMarks
 from .metrics import Metrics

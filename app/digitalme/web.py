@@ -29,11 +29,11 @@ from .health import (
     persona_check,
 )
 from .inbox import InboxStore
-from .integrations import Channel, ChannelContext
-from .integrations.clickup import ClickUpChannel
-from .integrations.github import GitHubChannel
-from .integrations.slack import SlackChannel
-from .integrations.telegram import TelegramChannel
+from .integrations.channel import Channel, ChannelContext
+from .integrations.clickup.channel import ClickUpChannel
+from .integrations.github.channel import GitHubChannel
+from .integrations.slack.channel import SlackChannel
+from .integrations.telegram.channel import TelegramChannel
 from .keys import (
     ACTIVITY,
     CHANNELS,

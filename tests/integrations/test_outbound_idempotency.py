@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from digitalme.inbox import InboxItem
-from digitalme.integrations import split_text
+from digitalme.integrations.channel import split_text
 from digitalme.integrations.slack import act as slack_act
 from digitalme.integrations.telegram import act as telegram_act
 from standins import signing

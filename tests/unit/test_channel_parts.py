@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from digitalme.activity import iso_utc
 from digitalme.config import load_settings
-from digitalme.integrations import secrets_match, split_text
+from digitalme.integrations.channel import secrets_match, split_text
 from digitalme.integrations.github.act import mentions
 from digitalme.integrations.slack.webhook import classify as slack_classify
 from digitalme.integrations.slack.webhook import response_url_allowed, without_mentions

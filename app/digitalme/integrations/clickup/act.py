@@ -13,7 +13,7 @@ from ...inbox import InboxItem
 from ...outbound import Outbound, OutboundError
 from ...tool_actions import ToolActionLog
 from ...worker import Outcome
-from .. import ChannelContext
+from ..channel import ChannelContext
 
 SERVICE = "clickup"
 TOOL_NAME = "create_clickup_task"

@@ -9,7 +9,7 @@ import hmac
 
 from aiohttp import web
 
-from .. import Channel, json_payload, malformed, refuse, secrets_match
+from ..channel import Channel, json_payload, malformed, refuse, secrets_match
 
 SIGNATURE_HEADER = "X-Signature"
 

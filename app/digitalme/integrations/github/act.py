@@ -20,7 +20,7 @@ from gidgethub.aiohttp import GitHubAPI
 from ...inbox import InboxItem
 from ...outbound import Outbound, OutboundError, PermanentError, TransientError, parse_retry_after
 from ...worker import Outcome
-from .. import ChannelContext, stored_reply
+from ..channel import ChannelContext, stored_reply
 
 SERVICE = "github"
 T = TypeVar("T")

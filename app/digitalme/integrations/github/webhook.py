@@ -10,7 +10,7 @@ from __future__ import annotations
 from aiohttp import web
 from gidgethub import BadRequest, ValidationFailure, sansio
 
-from .. import Channel, malformed, refuse
+from ..channel import Channel, malformed, refuse
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 # Events recorded as the owner's activity; anything else is only acknowledged.

@@ -26,7 +26,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from ...inbox import InboxItem
 from ...outbound import Outbound, OutboundError, PermanentError, TransientError, parse_retry_after
 from ...worker import Outcome
-from .. import ChannelContext, send_parts, split_text, stored_reply
+from ..channel import ChannelContext, send_parts, split_text, stored_reply
 from .webhook import without_mentions
 
 MESSAGE_LIMIT = 3900  # Slack truncates message text past 40,000, and advises under 4,000

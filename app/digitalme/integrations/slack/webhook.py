@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 from slack_sdk.signature import SignatureVerifier
 
-from .. import Channel, json_payload, malformed, refuse
+from ..channel import Channel, json_payload, malformed, refuse
 
 TIMESTAMP_HEADER = "X-Slack-Request-Timestamp"
 SIGNATURE_HEADER = "X-Slack-Signature"

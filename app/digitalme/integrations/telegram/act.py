@@ -19,7 +19,7 @@ from typing import Any
 from ...inbox import InboxItem
 from ...outbound import Outbound, PermanentError
 from ...worker import Outcome
-from .. import ChannelContext, send_parts, split_text, stored_reply
+from ..channel import ChannelContext, send_parts, split_text, stored_reply
 
 MESSAGE_LIMIT = 4096
 SERVICE = "telegram"

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import Channel, json_payload, malformed, refuse, secrets_match
+from ..channel import Channel, json_payload, malformed, refuse, secrets_match
 
 AUTH_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 # What `digitalme telegram set-webhook` asks Telegram to send; anything else is ignored.
