@@ -40,7 +40,7 @@ STATUSES = ("pending", "processing", "done", "failed", "ignored")
 _COLUMNS = (
     "id, channel, delivery_id, kind, payload, status, attempts, next_attempt_at,"
     " received_at, updated_at, last_error, user_message_id, reply_message_id,"
-    " parts_sent, result, sending_since"
+    " parts_sent, result, sending_since, lane"
 )
 _ERROR_LIMIT = 2000
 # A worker not seen for this long is gone: its claimed items are taken back. Its heartbeat
@@ -68,6 +68,7 @@ class InboxItem:
     parts_sent: int
     result: str | None
     sending_since: float | None = None  # the next part's send began then (unix time)
+    lane: str | None = None  # its conversation, "<channel>:<key>" (None: a conversation alone)
 
     @property
     def data(self) -> Any:
@@ -102,9 +103,18 @@ class InboxStore:
         self.db = db
 
     async def ingest(
-        self, channel: str, delivery_id: str, kind: str, payload: Any, *, ignored: bool = False
+        self,
+        channel: str,
+        delivery_id: str,
+        kind: str,
+        payload: Any,
+        *,
+        ignored: bool = False,
+        lane: str | None = None,
     ) -> Ingested:
-        """Store a delivery (durably) unless one with the same id is already there."""
+        """Store a delivery (durably) unless one with the same id is already there.
+        ``lane``: the conversation it belongs to (the channel's key), whose deliveries are
+        processed one at a time, in order (:meth:`claim`)."""
         now = now_iso()
         values = (
             channel,
@@ -115,12 +125,14 @@ class InboxStore:
             time.time(),
             now,
             now,
+            f"{channel}:{lane}" if lane is not None else None,
         )
 
         def insert(conn: Connection) -> Ingested:
             inserted = conn.execute(
                 "INSERT INTO inbox (channel, delivery_id, kind, payload, status,"
-                " next_attempt_at, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " next_attempt_at, received_at, updated_at, lane)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (channel, delivery_id) DO NOTHING RETURNING id",
                 values,
             ).fetchall()
@@ -235,19 +247,32 @@ class InboxStore:
         Several processes may claim at once (PostgreSQL, several app hosts): the engine's
         ``skip_locked`` clause makes each skip the rows another has locked, and the status
         is checked again by the UPDATE itself, so a delivery is claimed by one only.
-        ``owner`` (the worker's id) is recorded, for :meth:`recover`."""
+        ``owner`` (the worker's id) is recorded, for :meth:`recover`.
+
+        A conversation's deliveries (one ``lane``) are taken one at a time, in order, by
+        whichever process: a delivery waits while an earlier one of its conversation is due
+        (even if another process has it locked at this very moment) or being processed by
+        another process. The worker that holds one may take the next ones (its own lane
+        keeps them in order). An earlier delivery set back to be retried later does not hold
+        the conversation up."""
         if limit <= 0:
             return []
         skip = ",".join(str(int(i)) for i in exclude) or "0"
-        values = (time.time(), limit, owner, now_iso())
+        now = time.time()
+        values = (now, now, owner or "", limit, owner, now_iso())
         # The due rows are chosen once (a materialized CTE): PostgreSQL would otherwise run
         # a locking subquery again for each row it updates, and each run, skipping the rows
         # this very statement had locked, would take the next ones, past the LIMIT.
         rows = await self.db.write(
             lambda conn: conn.execute(
-                "WITH due AS MATERIALIZED (SELECT id FROM inbox WHERE status = 'pending'"
-                f" AND next_attempt_at <= ? AND id NOT IN ({skip})"
-                f" ORDER BY next_attempt_at, id LIMIT ?{self.db.skip_locked})"
+                "WITH due AS MATERIALIZED (SELECT i.id FROM inbox i WHERE i.status = 'pending'"
+                f" AND i.next_attempt_at <= ? AND i.id NOT IN ({skip})"
+                " AND (i.lane IS NULL OR NOT EXISTS (SELECT 1 FROM inbox j"
+                " WHERE j.lane = i.lane AND j.id < i.id"
+                " AND j.status IN ('pending', 'processing')"
+                " AND ((j.status = 'pending' AND j.next_attempt_at <= ?)"
+                " OR (j.status = 'processing' AND COALESCE(j.claimed_by, '') <> ?))))"
+                f" ORDER BY i.next_attempt_at, i.id LIMIT ?{self.db.skip_locked})"
                 " UPDATE inbox SET status = 'processing', attempts = attempts + 1,"
                 " claimed_by = ?, updated_at = ?"
                 " WHERE status = 'pending' AND id IN (SELECT id FROM due)"

@@ -168,7 +168,6 @@ def _wire_channels(
     )
     for channel in channels:
         worker.processors[channel.name] = channel.process
-        worker.lanes[channel.name] = channel.lane
         readiness.add(channel.name, channel.check, required=False)
     readiness.add(
         "inbox", _inbox_check(inbox, worker), required=any(channel.enabled for channel in channels)

@@ -20,12 +20,15 @@ requests, which then find it prompt, so it goes on a little at a time even under
 flood; a burst is acknowledged first and answered at full speed right after.
 ``digitalme_inbox_worker_slots`` shows the current number.
 
-Items of one conversation (a Telegram chat, a Slack thread, a GitHub issue: the channel's
-:data:`Lane`) are processed one at a time, in the order they were received, so a
-conversation's replies come in the order of its messages and its turns never race; items
-of different conversations run side by side. An item that fails and is retried later
-does not hold its conversation up: the next ones go on, and the retried message reaches
-Claude after them (the chat service asks it last).
+Items of one conversation (a Telegram chat, a Slack thread, a GitHub issue: the lane the
+channel gave the delivery when it came, ``InboxItem.lane``) are processed one at a time,
+in the order they were received, so a conversation's replies come in the order of its
+messages and its turns never race; items of different conversations run side by side.
+Across processes sharing a database the claim sees to it (:meth:`InboxStore.claim` takes
+no delivery while an earlier one of its conversation is due or with another process);
+within this one, each lane's task works through its items in order. An item that fails
+and is retried later does not hold its conversation up: the next ones go on, and the
+retried message reaches Claude after them (the chat service asks it last).
 
 How an attempt ends (the processor's return value or exception):
 
@@ -90,9 +93,6 @@ class Outcome:
 
 
 Processor = Callable[[InboxItem], Awaitable[Outcome]]
-# The conversation an item belongs to, for ordering (None: it needs no order, e.g. an
-# event that is only recorded).
-Lane = Callable[[InboxItem], str | None]
 
 
 def retry_delay(settings: Settings, attempts: int) -> float:
@@ -122,13 +122,11 @@ class Worker:
         inbox: InboxStore,
         metrics: Metrics,
         processors: Mapping[str, Processor],
-        lanes: Mapping[str, Lane] | None = None,
     ) -> None:
         self.settings = settings
         self.inbox = inbox
         self.metrics = metrics
         self.processors = dict(processors)
-        self.lanes = dict(lanes or {})
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         # Claimed and not finished: item id -> its lane; each lane's task works through
@@ -268,10 +266,9 @@ class Worker:
         for item in items:
             self._dispatch(item)
 
-    def _lane(self, item: InboxItem) -> str:
-        lane = self.lanes.get(item.channel)
-        key = lane(item) if lane is not None else None
-        return f"{item.channel}:{key}" if key is not None else f"item:{item.id}"
+    @staticmethod
+    def _lane(item: InboxItem) -> str:
+        return item.lane if item.lane is not None else f"item:{item.id}"
 
     def _dispatch(self, item: InboxItem) -> None:
         lane = self._lane(item)

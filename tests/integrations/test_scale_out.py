@@ -58,6 +58,47 @@ async def test_two_hosts_answer_each_delivery_once(
     assert owners == [(2,)], "one host did all the work: nothing was shared"
 
 
+def said(request: Any) -> list[str]:
+    """The texts of a Claude request's messages, in order."""
+    texts = []
+    for message in request.body["messages"]:
+        content = message["content"]
+        if isinstance(content, str):
+            texts.append(content)
+        else:
+            texts.extend(block.get("text", "") for block in content if block["type"] == "text")
+    return texts
+
+
+async def test_a_conversations_deliveries_are_answered_in_order_across_hosts(
+    make_channel_service: ChannelServiceFactory, platforms: Platforms
+) -> None:
+    """Messages of one chat, acknowledged by either host: each is answered after the one
+    before it, whichever host takes it (never two of the chat at once, on two hosts), so
+    each question reaches Claude with every earlier turn, and the replies come in order."""
+    hosts = [await make_channel_service(worker_concurrency=4) for _ in range(2)]
+    for host in hosts:
+        host.standin.set_delay(0.2)  # one stand-in: both hosts' Claude
+    count = 6
+    for n in range(count):
+        update = payloads.telegram_message(4000 + n, f"m{n}", chat_id=777)
+        assert await telegram(hosts[n % 2], update) == 200
+    await platforms.telegram.wait_for(lambda: len(platforms.telegram.sent) >= count, timeout=30)
+    await asyncio.sleep(0.5)
+    assert [m["text"] for m in platforms.telegram.sent] == [
+        f"Stand-in reply to: m{n}" for n in range(count)
+    ]
+    asked = [said(r) for r in hosts[0].standin.message_requests]
+    assert len(asked) == count
+    for n, texts in enumerate(asked):
+        assert texts[-1].endswith(f"m{n}"), texts
+        for earlier in range(n):  # every earlier turn, question and answer, came before
+            assert any(t.endswith(f"m{earlier}") for t in texts[:-1]), (n, texts)
+            assert f"Stand-in reply to: m{earlier}" in texts, (n, texts)
+    owners = peek.rows(hosts[0].settings.database, "SELECT count(DISTINCT claimed_by) FROM inbox")
+    assert owners[0][0] >= 1
+
+
 async def test_a_dead_hosts_deliveries_are_taken_over_and_answered_once(
     make_channel_service: ChannelServiceFactory,
     platforms: Platforms,

@@ -249,6 +249,46 @@ async def test_two_processes_claiming_at_once_never_take_the_same_delivery(
     ) == [("done", 1, DELIVERIES)]
 
 
+async def _claims_keep_lanes_in_order(target: Path | DatabaseUrl) -> None:
+    db = Database(target)
+    await db.open()
+    try:
+        await db.migrate()
+        inbox = InboxStore(db)
+        ids = {}
+        for name, lane in (("a1", "chat-a"), ("a2", "chat-a"), ("b1", "chat-b"), ("x", None)):
+            ids[name] = (await inbox.ingest("telegram", name, "message", {}, lane=lane)).item_id
+        # One claim takes the head of each conversation (and what has none), not a2: a1 is
+        # due before it.
+        first = {i.id for i in await inbox.claim(10, owner="A")}
+        assert first == {ids["a1"], ids["b1"], ids["x"]}
+        # Another process gets nothing while A has a1; A itself may take a2 (its own lane
+        # keeps the order).
+        assert await inbox.claim(10, owner="B") == []
+        [second] = await inbox.claim(10, exclude=frozenset(first), owner="A")
+        assert second.id == ids["a2"] and second.lane == "telegram:chat-a"
+        # Once a1 is done and a2 given back, anyone may take a2.
+        await inbox.complete(ids["a1"])
+        await inbox.release([ids["a2"]])
+        assert [i.id for i in await inbox.claim(10, owner="B")] == [ids["a2"]]
+        # An earlier delivery to be retried later does not hold its conversation up.
+        c1 = (await inbox.ingest("telegram", "c1", "message", {}, lane="chat-c")).item_id
+        c2 = (await inbox.ingest("telegram", "c2", "message", {}, lane="chat-c")).item_id
+        [claimed] = await inbox.claim(10, owner="A")
+        assert claimed.id == c1
+        await inbox.retry_later(c1, 3600, "temporary")
+        assert [i.id for i in await inbox.claim(10, owner="B")] == [c2]
+    finally:
+        await db.close()
+
+
+async def test_a_claim_takes_a_conversations_deliveries_one_process_at_a_time_in_order(
+    postgres_database: DatabaseUrl, tmp_path: Path
+) -> None:
+    await _claims_keep_lanes_in_order(postgres_database)
+    await _claims_keep_lanes_in_order(tmp_path / "lanes.db")
+
+
 async def test_a_process_takes_back_only_the_items_of_processes_that_are_gone(
     migrated_postgres_database: DatabaseUrl,
 ) -> None:

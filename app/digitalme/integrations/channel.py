@@ -66,9 +66,10 @@ class Channel(ABC):
     @abstractmethod
     async def process(self, item: InboxItem) -> Outcome: ...
 
-    def lane(self, item: InboxItem) -> str | None:
-        """The conversation ``item`` belongs to: the worker processes one conversation's
-        items one at a time, in order. None: no order needed (the default)."""
+    def lane(self, kind: str, payload: Any) -> str | None:
+        """The conversation a delivery belongs to (its key within the channel), kept with
+        it in the inbox: one conversation's deliveries are processed one at a time, in
+        order, by whichever host. None: no order needed (the default)."""
         return None
 
     def status(self) -> CheckResult:
@@ -106,7 +107,12 @@ class Channel(ABC):
     ) -> Ingested:
         """Store a verified delivery, wake the worker, and note the outcome."""
         ingested = await self.ctx.inbox.ingest(
-            self.name, delivery_id, kind, payload, ignored=ignored
+            self.name,
+            delivery_id,
+            kind,
+            payload,
+            ignored=ignored,
+            lane=None if ignored else self.lane(kind, payload),
         )
         if ingested.duplicate:
             outcome = "duplicate"

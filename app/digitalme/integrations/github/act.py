@@ -164,10 +164,10 @@ def summarise(event: str, data: dict[str, Any]) -> tuple[str, str | None, str | 
     return f"{event} {action} in {repo}".strip(), None, None
 
 
-def lane(item: InboxItem) -> str | None:
+def lane(kind: str, stored: dict[str, Any]) -> str | None:
     """The issue or pull request an event is about (its conversation, when a mention is
     answered there), else the repository."""
-    data = item.data.get("payload") or {}
+    data = stored.get("payload") or {}
     repository = (data.get("repository") or {}).get("full_name")
     thing = data.get("issue") or data.get("pull_request") or {}
     if repository is None:

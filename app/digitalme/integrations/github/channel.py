@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from ...health import CheckResult
@@ -53,5 +55,5 @@ class GitHubChannel(Channel):
     async def process(self, item: InboxItem) -> Outcome:
         return await act.process(self.ctx, self.rest, item)
 
-    def lane(self, item: InboxItem) -> str | None:
-        return act.lane(item)
+    def lane(self, kind: str, payload: Any) -> str | None:
+        return act.lane(kind, payload)

@@ -161,11 +161,10 @@ async def respond(
     )
 
 
-def lane(item: InboxItem) -> str | None:
-    """The conversation the item is answered in: a thread, or a user's slash commands in
+def lane(kind: str, data: dict[str, Any]) -> str | None:
+    """The conversation a delivery is answered in: a thread, or a user's slash commands in
     a channel (the same keys as the conversations they are stored in)."""
-    data = item.data
-    if item.kind == "command":
+    if kind == "command":
         return f"command:{data.get('channel_id')}:{data.get('user_id')}"
     event = data.get("event") or {}
     if "channel" not in event:

@@ -85,9 +85,9 @@ async def introduction(ctx: ChannelContext) -> str:
     )
 
 
-def lane(item: InboxItem) -> str | None:
+def lane(kind: str, update: dict[str, Any]) -> str | None:
     """The chat: its messages are answered one at a time, in order."""
-    chat = (item.data.get("message") or {}).get("chat") or {}
+    chat = (update.get("message") or {}).get("chat") or {}
     return str(chat["id"]) if "id" in chat else None
 
 
