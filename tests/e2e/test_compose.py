@@ -31,7 +31,7 @@ import tarfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,14 +122,11 @@ class ComposeSite:
             TIMINGS.write_text(json.dumps(timings, indent=2, sort_keys=True) + "\n")
 
 
-def send_files(host: SandboxHost, into: str, files: dict[str, bytes]) -> None:
-    """Files (name -> content) into a folder of the host, as one tar over SSH."""
+def send_tar(host: SandboxHost, into: str, fill: Callable[[tarfile.TarFile], None]) -> None:
+    """A tar that ``fill`` writes, unpacked into a folder of the host over SSH."""
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
+        fill(tar)
     subprocess.run(
         [*host.ssh_command, f"mkdir -p {into} && tar -x -C {into}"],
         input=archive.getvalue(),
@@ -139,23 +136,30 @@ def send_files(host: SandboxHost, into: str, files: dict[str, bytes]) -> None:
     )
 
 
+def send_files(host: SandboxHost, into: str, files: dict[str, bytes]) -> None:
+    """Files (name -> content) into a folder of the host."""
+
+    def fill(tar: tarfile.TarFile) -> None:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+
+    send_tar(host, into, fill)
+
+
 def send_path(host: SandboxHost, into: str, *paths: Path, root: Path) -> None:
     """Files and folders of the controller (relative to ``root``) into a folder of the host."""
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w") as tar:
+
+    def fill(tar: tarfile.TarFile) -> None:
         for path in paths:
             tar.add(
                 path,
                 arcname=str(path.relative_to(root)),
                 filter=lambda info: None if "__pycache__" in info.name else info,
             )
-    subprocess.run(
-        [*host.ssh_command, f"mkdir -p {into} && tar -x -C {into}"],
-        input=archive.getvalue(),
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+
+    send_tar(host, into, fill)
 
 
 def litestream_wheel() -> tuple[Path, str]:
