@@ -90,6 +90,15 @@ class InboxItem:
         }
 
 
+class ClaimLost(Exception):
+    """This process's claim on an item is gone: it stalled past its lease, and another
+    process took the item back (and may be answering it). The item is left to it."""
+
+    def __init__(self, item_id: int) -> None:
+        super().__init__(f"inbox item {item_id}: the claim was taken over by another worker")
+        self.item_id = item_id
+
+
 @dataclass(frozen=True)
 class Ingested:
     """What :meth:`InboxStore.ingest` did: stored a new item, or found a duplicate."""
@@ -99,8 +108,14 @@ class Ingested:
 
 
 class InboxStore:
+    """The inbox. The claims this process holds (:meth:`claim`) fence its writes to those
+    items: each checks that the item is still its own, processing, and raises
+    :class:`ClaimLost` when another process has taken it back since (a host whose event
+    loop stalled past the lease), so that a reply is never stored or sent by both."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._held: dict[int, str] = {}  # item id -> the owner this process claimed it as
 
     async def ingest(
         self,
@@ -280,11 +295,16 @@ class InboxStore:
                 values,
             ).fetchall()
         )
-        return sorted((InboxItem(**dict(row)) for row in rows), key=lambda i: i.id)
+        items = sorted((InboxItem(**dict(row)) for row in rows), key=lambda i: i.id)
+        if owner is not None:
+            self._held.update((item.id, owner) for item in items)
+        return items
 
     async def release(self, item_ids: list[int]) -> None:
         """Give claimed items that were never started back: pending, due now, the claim's
         attempt returned (the worker stopped before their turn came)."""
+        for item_id in item_ids:
+            self._held.pop(item_id, None)
         marks = ",".join("?" * len(item_ids))
         values = (time.time(), now_iso(), *item_ids)
         await self.db.write(
@@ -296,13 +316,35 @@ class InboxStore:
             )
         )
 
+    async def _update(
+        self, item_id: int, assignments: str, values: tuple[Any, ...], *, last: bool = False
+    ) -> None:
+        """``UPDATE inbox SET <assignments>`` of one item; fenced by this process's claim
+        when it holds one (ClaimLost if it is gone). ``last``: the claim ends with it."""
+        owner = self._held.get(item_id)
+        if owner is None:
+            await self.db.execute(
+                f"UPDATE inbox SET {assignments} WHERE id = ?", (*values, item_id)
+            )
+            return
+        changed = await self.db.execute(
+            f"UPDATE inbox SET {assignments}"
+            " WHERE id = ? AND status = 'processing' AND claimed_by = ?",
+            (*values, item_id, owner),
+        )
+        if not changed or last:
+            self._held.pop(item_id, None)
+        if not changed:
+            raise ClaimLost(item_id)
+
     async def _finish(
         self, item_id: int, status: str, *, result: str | None = None, error: str | None = None
     ) -> None:
-        await self.db.execute(
-            "UPDATE inbox SET status = ?, updated_at = ?, result = COALESCE(?, result),"
-            " last_error = ? WHERE id = ?",
-            (status, now_iso(), result, error[:_ERROR_LIMIT] if error else None, item_id),
+        await self._update(
+            item_id,
+            "status = ?, updated_at = ?, result = COALESCE(?, result), last_error = ?",
+            (status, now_iso(), result, error[:_ERROR_LIMIT] if error else None),
+            last=True,
         )
 
     async def complete(self, item_id: int, result: str | None = None) -> None:
@@ -319,16 +361,12 @@ class InboxStore:
     ) -> None:
         """Back to pending, due in ``delay`` seconds. ``count_attempt=False`` gives the
         attempt back: an outage of Claude delays a delivery but never uses it up."""
-        await self.db.execute(
-            "UPDATE inbox SET status = 'pending', next_attempt_at = ?, updated_at = ?,"
-            " last_error = ?, attempts = attempts - ? WHERE id = ?",
-            (
-                time.time() + delay,
-                now_iso(),
-                error[:_ERROR_LIMIT],
-                0 if count_attempt else 1,
-                item_id,
-            ),
+        await self._update(
+            item_id,
+            "status = 'pending', next_attempt_at = ?, updated_at = ?, last_error = ?,"
+            " attempts = attempts - ?",
+            (time.time() + delay, now_iso(), error[:_ERROR_LIMIT], 0 if count_attempt else 1),
+            last=True,
         )
 
     async def retry(self, item_id: int) -> InboxItem | None:
@@ -344,25 +382,21 @@ class InboxStore:
     # --- progress within an item ---------------------------------------------------------
 
     async def set_user_message(self, item_id: int, message_id: int) -> None:
-        await self.db.execute(
-            "UPDATE inbox SET user_message_id = ? WHERE id = ?", (message_id, item_id)
-        )
+        await self._update(item_id, "user_message_id = ?", (message_id,))
 
     async def set_reply_message(self, item_id: int, message_id: int) -> None:
-        await self.db.execute(
-            "UPDATE inbox SET reply_message_id = ? WHERE id = ?", (message_id, item_id)
-        )
+        await self._update(item_id, "reply_message_id = ?", (message_id,))
 
     async def begin_send(self, item_id: int) -> float:
         """Note, durably, that the send of the next reply part begins now; returns the
         time noted."""
         now = time.time()
-        await self.db.execute("UPDATE inbox SET sending_since = ? WHERE id = ?", (now, item_id))
+        await self._update(item_id, "sending_since = ?", (now,))
         return now
 
     async def end_send(self, item_id: int) -> None:
         """The send failed with a definite answer: the part was not sent."""
-        await self.db.execute("UPDATE inbox SET sending_since = NULL WHERE id = ?", (item_id,))
+        await self._update(item_id, "sending_since = NULL", ())
 
     async def set_parts_sent(
         self,
@@ -371,8 +405,8 @@ class InboxStore:
         result: str | None = None,
     ) -> None:
         """The platform accepted part ``parts`` (1-based): nothing is in flight."""
-        await self.db.execute(
-            "UPDATE inbox SET parts_sent = ?, result = COALESCE(?, result),"
-            " sending_since = NULL WHERE id = ?",
-            (parts, result, item_id),
+        await self._update(
+            item_id,
+            "parts_sent = ?, result = COALESCE(?, result), sending_since = NULL",
+            (parts, result),
         )

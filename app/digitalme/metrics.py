@@ -170,7 +170,7 @@ class Metrics:
         self.inbox_processed = Counter(
             "digitalme_inbox_processed_total",
             "Attempts at inbox items by channel and result (done, ignored, retry, "
-            "deferred, failed).",
+            "deferred, failed, taken_over: another worker took the item back from this one).",
             ["channel", "result"],
             registry=registry,
         )

@@ -60,7 +60,7 @@ from datetime import datetime
 
 from .chat import BudgetExhausted, PersonaMissing
 from .config import Settings
-from .inbox import LEASE_SECONDS, InboxItem, InboxStore
+from .inbox import LEASE_SECONDS, ClaimLost, InboxItem, InboxStore
 from .llm import ClaudeRejected, ClaudeUnavailable
 from .metrics import Metrics
 from .outbound import PermanentError, TransientError
@@ -345,6 +345,20 @@ class Worker:
         await self._process(item)
 
     async def _process(self, item: InboxItem) -> None:
+        try:
+            await self._attempt(item)
+        except ClaimLost:
+            # This process stalled past its lease and another took the item back: it is
+            # that one's now, and nothing more is written or sent for it here.
+            self.metrics.inbox_processed.labels(item.channel, "taken_over").inc()
+            log.warning(
+                "inbox item %d (%s): taken over by another worker while this one had it "
+                "(this process did not renew its lease in time); left to that one",
+                item.id,
+                item.channel,
+            )
+
+    async def _attempt(self, item: InboxItem) -> None:
         channel = item.channel
         started = time.monotonic()
         try:
@@ -357,7 +371,7 @@ class Worker:
                 )
                 return
             outcome = await processor(item)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ClaimLost):
             raise
         except ClaudeUnavailable as exc:
             await self._defer(item, exc.retry_after, f"Claude unavailable: {exc}")

@@ -138,6 +138,39 @@ async def test_a_dead_hosts_deliveries_are_taken_over_and_answered_once(
     assert [(i.status, i.attempts) for i in items] == [("done", 2)] * 3
 
 
+async def test_a_host_that_stalls_past_its_lease_leaves_the_delivery_to_the_one_that_took_it(
+    make_channel_service: ChannelServiceFactory,
+    platforms: Platforms,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host whose heartbeat stops while it is inside a Claude call (its event loop
+    stalled, say) loses the delivery to another host when its lease runs out; when its
+    answer comes, it writes and sends nothing: the delivery is answered once, by the
+    other."""
+    lease = 0.6
+    monkeypatch.setattr(inbox_module, "LEASE_SECONDS", lease)
+    monkeypatch.setattr(worker_module, "LEASE_SECONDS", lease)
+    stalled, other = [await make_channel_service(worker_concurrency=4) for _ in range(2)]
+    await other.app[WORKER].stop(grace_seconds=0)  # only the first host claims, at first
+    stalled.standin.set_delay(2.5)  # both hosts' Claude: one stand-in
+    update = payloads.telegram_message(5000, "s0", chat_id=990)
+    assert await telegram(stalled, update) == 200
+    await stalled.standin.wait_for_requests(1, timeout=10)
+    worker = stalled.app[WORKER]
+    assert worker._lease_task is not None
+    worker._lease_task.cancel()  # no heartbeat from now on; its work goes on
+    await other.app[WORKER].start()  # takes the delivery back once the lease has run out
+    await platforms.telegram.wait_for(lambda: len(platforms.telegram.sent) >= 1, timeout=20)
+    await asyncio.sleep(3)  # the stalled host's answer has come by now
+    assert replies(platforms) == ["Stand-in reply to: s0"]
+    items = await wait_settled(other)
+    assert [(i.status, i.attempts) for i in items] == [("done", 2)]
+    assert (
+        'digitalme_inbox_processed_total{channel="telegram",result="taken_over"} 1.0'
+        in await stalled.metrics_text()
+    )
+
+
 async def test_rate_limits_and_the_circuit_breaker_are_per_host(
     make_channel_service: ChannelServiceFactory,
 ) -> None:
