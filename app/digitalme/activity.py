@@ -9,6 +9,7 @@ caching: it changes whenever something happens.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -18,12 +19,18 @@ from .conversations import now_iso
 from .db import Database
 
 SUMMARY_LIMIT = 240  # characters of one event's summary in the digest
-SOURCE_NAMES = {"github": "GitHub", "clickup": "ClickUp"}
-DIGEST_HEADER = (
-    "Recent activity of the person you speak for, from their GitHub and ClickUp "
-    "(newest first, times in UTC). Use it as background when it is relevant; do not "
-    "recite it unprompted."
-)
+
+
+def digest_header(sources: Iterable[str]) -> str:
+    """The digest's first line, naming where the activity comes from ("GitHub and
+    ClickUp")."""
+    names = list(sources)
+    where = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+    return (
+        f"Recent activity of the person you speak for, from their {where} "
+        "(newest first, times in UTC). Use it as background when it is relevant; do not "
+        "recite it unprompted."
+    )
 
 
 @dataclass(frozen=True)
@@ -36,13 +43,14 @@ class ActivityEvent:
     url: str | None
     occurred_at: str
 
-    def line(self) -> str:
+    def line(self, source: str) -> str:
+        """The event as a line of the digest; ``source``: its platform's name."""
         when = self.occurred_at[:16].replace("T", " ")
         summary = " ".join(self.summary.split())
         if len(summary) > SUMMARY_LIMIT:
             summary = summary[: SUMMARY_LIMIT - 1] + "…"
         actor = f" by {self.actor}" if self.actor else ""
-        return f"- {when} {SOURCE_NAMES.get(self.source, self.source)}{actor}: {summary}"
+        return f"- {when} {source}{actor}: {summary}"
 
 
 def iso_utc(value: str | None) -> str:
@@ -63,9 +71,12 @@ def iso_utc(value: str | None) -> str:
 
 
 class ActivityStore:
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(self, db: Database, settings: Settings, sources: Mapping[str, str]) -> None:
+        """``sources``: the channels that record activity, name -> the platform's name."""
         self.db = db
         self.settings = settings
+        self.sources = dict(sources)
+        self.header = digest_header(self.sources.values())
 
     async def record(
         self,
@@ -106,10 +117,10 @@ class ActivityStore:
         events = await self.recent(days=s.activity_digest_days, limit=s.activity_digest_max_events)
         if not events:
             return None
-        lines = [DIGEST_HEADER]
-        used = estimate_tokens(DIGEST_HEADER)
+        lines = [self.header]
+        used = estimate_tokens(self.header)
         for event in events:
-            line = event.line()
+            line = event.line(self.sources.get(event.source, event.source))
             cost = estimate_tokens(line)
             if used + cost > s.activity_digest_max_tokens:
                 break

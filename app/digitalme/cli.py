@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 from . import __version__
+from .commands import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, CommandError
 from .config import (
     ConfigError,
     EnvFileError,
@@ -30,18 +31,13 @@ from .config import (
 from .db import Database, database_for
 from .engine import DatabaseError, first_line
 from .inbox import STATUSES
+from .integrations.commands import CHANNEL_COMMANDS
 from .loglines import LineFormatter, LineHandler
 from .persona import PersonaError, PersonaStore, build_prompt, load_persona_file
 from .tokens import SCOPES, TokenError, TokenStore
 
 log = logging.getLogger("digitalme")
 T = TypeVar("T")
-
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
-
-
-class CommandError(Exception):
-    """A command failed in a way the user can fix; the message says how."""
 
 
 def _setup_logging(level: str) -> None:
@@ -403,49 +399,6 @@ def cmd_inbox_prune(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_telegram_set_webhook(settings: Settings, args: argparse.Namespace) -> int:
-    from .integrations.telegram.channel import ALLOWED_UPDATES, TelegramApi
-    from .metrics import Metrics
-    from .outbound import Outbound, OutboundError
-
-    if not settings.telegram_bot_token:
-        raise CommandError(
-            "DIGITALME_TELEGRAM_BOT_TOKEN is not set (environment or systemd "
-            "credential): it is the token @BotFather gave the bot"
-        )
-    if not settings.telegram_secret_token:
-        raise CommandError(
-            "DIGITALME_TELEGRAM_SECRET_TOKEN is not set: choose a random "
-            "secret (1-256 of A-Z a-z 0-9 _ -) so the service can tell "
-            "Telegram's deliveries from forgeries"
-        )
-    if not args.url.startswith(("https://", "http://")):
-        raise CommandError(f"the webhook URL must start with https:// (got {args.url!r})")
-
-    async def work() -> Any:
-        outbound = Outbound(settings, Metrics())
-        await outbound.start()
-        try:
-            api = TelegramApi(
-                outbound, settings.telegram_api_base or "", settings.telegram_bot_token or ""
-            )
-            return await api.set_webhook(
-                args.url, settings.telegram_secret_token or "", ALLOWED_UPDATES
-            )
-        finally:
-            await outbound.close()
-
-    try:
-        result = _run(work())
-    except OutboundError as exc:
-        raise CommandError(f"Telegram refused setWebhook: {exc}") from None
-    print(
-        f"webhook set to {args.url} (updates: {', '.join(ALLOWED_UPDATES)}; "
-        f"secret token from DIGITALME_TELEGRAM_SECRET_TOKEN); Telegram said: {result}"
-    )
-    return EXIT_OK
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="digitalme",
@@ -584,18 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_inbox_prune)
 
-    telegram = sub.add_parser("telegram", help="set up the Telegram bot")
-    tgsub = telegram.add_subparsers(dest="telegram_command", required=True, metavar="ACTION")
-    p = tgsub.add_parser(
-        "set-webhook",
-        help="register URL as the bot's webhook, with the "
-        "secret token and the update types we handle",
-    )
-    p.add_argument(
-        "url",
-        help="public URL of /webhooks/telegram, e.g. https://clone.example.org/webhooks/telegram",
-    )
-    p.set_defaults(func=cmd_telegram_set_webhook)
+    for add_commands in CHANNEL_COMMANDS:  # each channel's own (integrations/)
+        add_commands(sub)
     return parser
 
 

@@ -73,6 +73,15 @@ from .worker import Worker
 
 log = logging.getLogger(__name__)
 
+# The channels, in the order readiness, metrics and the activity digest list them. A new
+# platform is a package of integrations/ and a line here (its settings: config.py).
+CHANNEL_TYPES: tuple[type[Channel], ...] = (
+    TelegramChannel,
+    SlackChannel,
+    GitHubChannel,
+    ClickUpChannel,
+)
+
 SHUTDOWN_GRACE_SECONDS = 20.0
 
 
@@ -153,28 +162,32 @@ def _wire_channels(
     readiness: Readiness,
 ) -> None:
     inbox = InboxStore(db)
-    activity = ActivityStore(db, settings)
+    activity = ActivityStore(
+        db, settings, {c.name: c.title for c in CHANNEL_TYPES if c.records_activity}
+    )
     outbound = Outbound(settings, metrics)
     worker = Worker(settings, inbox, metrics, processors={})
     ctx = ChannelContext(
-        settings, metrics, inbox, chat, conversations, activity, outbound, worker.wake
+        settings,
+        metrics,
+        inbox,
+        chat,
+        conversations,
+        activity,
+        outbound,
+        ToolActionLog(db),
+        worker.wake,
     )
-    clickup = ClickUpChannel(ctx, ToolActionLog(db))
-    channels: tuple[Channel, ...] = (
-        TelegramChannel(ctx),
-        SlackChannel(ctx),
-        GitHubChannel(ctx),
-        clickup,
-    )
+    channels = tuple(channel_type(ctx) for channel_type in CHANNEL_TYPES)
     for channel in channels:
         worker.processors[channel.name] = channel.process
         readiness.add(channel.name, channel.check, required=False)
+        for tool in channel.tools():
+            chat.add_tool(tool)
     readiness.add(
         "inbox", _inbox_check(inbox, worker), required=any(channel.enabled for channel in channels)
     )
     chat.add_context_provider(activity.digest)
-    if clickup.tool is not None:
-        chat.add_tool(clickup.tool)
 
     async def refresh_inbox_gauges() -> None:
         for (channel_name, status), count in (await inbox.counts()).items():

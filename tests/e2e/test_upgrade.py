@@ -102,8 +102,8 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sources]:
     never_ready = copy_of_checkout(base / "never-ready")
     ops = never_ready / "app" / "digitalme" / "handlers" / "ops.py"
     text = ops.read_text()
-    assert "status=200 if is_ready else 503)" in text
-    ops.write_text(text.replace("status=200 if is_ready else 503)", "status=503)"))
+    assert "status=200 if is_ready else 503," in text
+    ops.write_text(text.replace("status=200 if is_ready else 503,", "status=503,"))
     broken = copy_of_checkout(base / "broken-migration")
     migrating = copy_of_checkout(base / "migrating")
     for source, sql in ((broken, BROKEN_MIGRATION), (migrating, PROBE_MIGRATION)):

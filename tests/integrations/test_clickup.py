@@ -8,7 +8,7 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
-from digitalme.activity import DIGEST_HEADER
+from digitalme.activity import digest_header
 from digitalme.chat import estimate_tokens
 from digitalme.keys import ACTIVITY, CHAT, INBOX
 from standins import signing
@@ -107,7 +107,14 @@ async def test_activity_digest_reaches_claude_after_the_persona(
     digest = system[1]
     assert "cache_control" not in digest  # changes with every event
     lines = digest["text"].splitlines()
-    assert lines[0] == DIGEST_HEADER
+    assert lines[0] == (
+        "Recent activity of the person you speak for, from their GitHub and ClickUp "
+        "(newest first, times in UTC). Use it as background when it is relevant; do not "
+        "recite it unprompted."
+    )
+    assert digest_header(["GitHub"]).startswith(
+        "Recent activity of the person you speak for, from their GitHub ("
+    )
     assert lines[1].endswith("ClickUp by Owner: created task 86c00042")
     assert (
         "GitHub by owner-login: pushed 2 commit(s) to main in acme/engine: Speed up the "

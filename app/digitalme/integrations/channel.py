@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from ..activity import ActivityStore
-from ..chat import ChatService, Turn
+from ..chat import ChatService, Tool, Turn
 from ..config import Settings
 from ..conversations import Conversation, ConversationStore, Message
 from ..errors import ApiError
@@ -23,6 +23,7 @@ from ..health import CheckResult
 from ..inbox import InboxItem, InboxStore, Ingested
 from ..metrics import Metrics
 from ..outbound import Outbound, OutboundError
+from ..tool_actions import ToolActionLog
 from ..worker import Outcome
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class ChannelContext:
     conversations: ConversationStore
     activity: ActivityStore
     outbound: Outbound
+    tool_actions: ToolActionLog
     wake_worker: Callable[[], None]
 
 
@@ -49,6 +51,8 @@ class Channel(ABC):
     """One platform: its webhook routes, readiness, and inbox processor."""
 
     name: str
+    title: str  # the platform's name as people write it ("GitHub")
+    records_activity: bool = False  # its events are the owner's activity (activity.py)
     required_setting: str  # the variable whose absence turns the channel off
 
     def __init__(self, ctx: ChannelContext) -> None:
@@ -80,6 +84,10 @@ class Channel(ABC):
 
     async def check(self) -> CheckResult:
         return self.status()
+
+    def tools(self) -> list[Tool]:
+        """The tools the channel gives Claude in every chat (none by default)."""
+        return []
 
     # --- helpers for webhook handlers ----------------------------------------------------
 

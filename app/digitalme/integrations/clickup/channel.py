@@ -6,9 +6,9 @@ from typing import Any
 
 from aiohttp import web
 
+from ...chat import Tool
 from ...health import CheckResult
 from ...inbox import InboxItem
-from ...tool_actions import ToolActionLog
 from ...worker import Outcome
 from ..channel import Channel, ChannelContext
 from . import act, webhook
@@ -19,9 +19,11 @@ __all__ = ["ClickUpChannel", "CreateTaskTool"]
 
 class ClickUpChannel(Channel):
     name = "clickup"
+    title = "ClickUp"
+    records_activity = True
     required_setting = "DIGITALME_CLICKUP_WEBHOOK_SECRET"
 
-    def __init__(self, ctx: ChannelContext, tool_log: ToolActionLog) -> None:
+    def __init__(self, ctx: ChannelContext) -> None:
         super().__init__(ctx)
         s = ctx.settings
         self.api = (
@@ -30,7 +32,9 @@ class ClickUpChannel(Channel):
             else None
         )
         self.tool = (
-            CreateTaskTool(self.api, s.clickup_list_id, s.clickup_max_tasks_per_day, tool_log)
+            CreateTaskTool(
+                self.api, s.clickup_list_id, s.clickup_max_tasks_per_day, ctx.tool_actions
+            )
             if self.api is not None and s.clickup_list_id and s.clickup_max_tasks_per_day > 0
             else None
         )
@@ -38,6 +42,9 @@ class ClickUpChannel(Channel):
     @property
     def enabled(self) -> bool:
         return bool(self.settings.clickup_webhook_secret)
+
+    def tools(self) -> list[Tool]:
+        return [self.tool] if self.tool is not None else []
 
     def _tool_status(self) -> str:
         s = self.settings

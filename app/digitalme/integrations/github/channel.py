@@ -18,6 +18,8 @@ __all__ = ["GitHubChannel"]
 
 class GitHubChannel(Channel):
     name = "github"
+    title = "GitHub"
+    records_activity = True
     required_setting = "DIGITALME_GITHUB_WEBHOOK_SECRET"
 
     def __init__(self, ctx: ChannelContext) -> None:

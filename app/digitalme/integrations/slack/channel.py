@@ -19,6 +19,7 @@ __all__ = ["SlackChannel"]
 
 class SlackChannel(Channel):
     name = "slack"
+    title = "Slack"
     required_setting = "DIGITALME_SLACK_SIGNING_SECRET"
 
     def __init__(self, ctx: ChannelContext) -> None:

@@ -19,6 +19,7 @@ __all__ = ["ALLOWED_UPDATES", "TelegramApi", "TelegramChannel"]
 
 class TelegramChannel(Channel):
     name = "telegram"
+    title = "Telegram"
     required_setting = "DIGITALME_TELEGRAM_SECRET_TOKEN"
 
     def __init__(self, ctx: ChannelContext) -> None:
