@@ -1,16 +1,23 @@
 """Channels to the platforms where the owner's people are: one package per platform.
 
-Each package (``telegram``, ``slack``, ``github``, ``clickup``) has the same three parts
-and never imports another package:
+Each package (``telegram``, ``slack``, ``github``, ``clickup``) has the same parts and
+never imports another package:
 
 * ``webhook``: verify the delivery on its raw bytes (constant-time, failing closed when
   the secret is not set), parse just enough to know what it is, store it in the inbox,
   wake the worker and acknowledge at once;
 * ``act``: the worker's side, what the delivery leads to (record activity, ask Claude,
   reply through the platform's API);
-* ``channel``: a :class:`~digitalme.integrations.channel.Channel` that says whether it is
-  configured, how its readiness reads, which routes it serves (each marked as that
-  channel's webhook: marks.py) and how it processes an inbox item.
+* ``channel``: a :class:`~digitalme.integrations.channel.Channel` that says its title,
+  whether it is configured, how its readiness reads, which routes it serves (each marked
+  as that channel's webhook: marks.py), the conversation a delivery belongs to, the tools
+  it gives Claude, whether its events are the owner's activity, and how it processes an
+  inbox item;
+* ``commands`` (where the platform needs one): its ``digitalme`` commands, listed in
+  :mod:`digitalme.integrations.commands`.
+
+``web.CHANNEL_TYPES`` lists the channels; readiness, the worker, the activity digest and
+the chat's tools are read from them.
 
 What they share is in :mod:`digitalme.integrations.channel`: the base class,
 ``ChannelContext`` (the app's stores and clients), request helpers that turn every refusal
