@@ -221,7 +221,10 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
         headers.extend([item for item in _SECURITY_ITEMS if item[0] not in headers])
     else:
         headers.extend(_SECURITY_ITEMS)
-    if _CACHE_CONTROL not in headers and request[ROUTE_MARK].no_store:
+    # (A response aiohttp makes before the pipeline ran, e.g. for a request it could not
+    # parse, has no mark: it is not stored either way.)
+    mark = request.get(ROUTE_MARK)
+    if _CACHE_CONTROL not in headers and mark is not None and mark.no_store:
         headers[_CACHE_CONTROL] = "no-store"
 
 
