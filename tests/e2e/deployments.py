@@ -127,13 +127,25 @@ def chat_turn(
     """One chat turn through Caddy, in a new conversation, with a new token: its question and
     the stand-in's reply are stored (two new messages rows in the live database). The API's
     answer, with ``conversation`` (its id)."""
-    token = deployment.chat_token(token_name)
+    return api_chat_turn(
+        lambda path, *args: deployment.curl(f"https://{DOMAIN}{path}", *args),
+        deployment.chat_token(token_name),
+        text,
+    )
+
+
+def api_chat_turn(
+    curl: Callable[..., subprocess.CompletedProcess[str]], token: str, text: str
+) -> dict[str, Any]:
+    """One chat turn in a new conversation through the API, ``curl(path, *arguments)``
+    reaching it (through Caddy, wherever it runs): the API's answer, with ``conversation``
+    (its id)."""
     auth = ("--fail", "--header", f"Authorization: Bearer {token}")
-    created = deployment.curl(f"https://{DOMAIN}/api/v1/conversations", *auth, "--request", "POST")
+    created = curl("/api/v1/conversations", *auth, "--request", "POST")
     assert created.returncode == 0, created.stderr
     conversation = json.loads(created.stdout)["id"]
-    said = deployment.curl(
-        f"https://{DOMAIN}/api/v1/conversations/{conversation}/messages",
+    said = curl(
+        f"/api/v1/conversations/{conversation}/messages",
         *auth,
         "--json",
         json.dumps({"text": text}),

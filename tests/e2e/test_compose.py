@@ -40,7 +40,7 @@ import pytest
 import yaml
 
 from standins.anthropic_api import AnthropicStandin
-from tests.e2e.deployments import STANDIN_PORT, free_port, port_open
+from tests.e2e.deployments import STANDIN_PORT, api_chat_turn, free_port, port_open
 from tests.e2e.load import BackgroundLoop
 from tests.e2e.sandboxes import (
     REPO,
@@ -330,21 +330,6 @@ def wait_until_ready(site: ComposeSite, timeout: float = 180) -> None:
         time.sleep(2)
 
 
-def chat_turn(site: ComposeSite, token: str, text: str) -> tuple[str, dict[str, Any]]:
-    auth = ("--fail", "--header", f"Authorization: Bearer {token}")
-    created = site.curl("/api/v1/conversations", *auth, "--request", "POST")
-    assert created.returncode == 0, created.stderr
-    conversation = json.loads(created.stdout)["id"]
-    said = site.curl(
-        f"/api/v1/conversations/{conversation}/messages",
-        *auth,
-        "--json",
-        json.dumps({"text": text}),
-    )
-    assert said.returncode == 0, said.stderr
-    return conversation, json.loads(said.stdout)
-
-
 def services(site: ComposeSite) -> dict[str, Any]:
     """docker inspect of each service's container, by service name."""
     ids = site.sh(f"{site.compose} ps -a -q").split()
@@ -385,7 +370,7 @@ def test_the_web_chat_answers_on_https_localhost_through_caddy(site: ComposeSite
         .strip()
         .splitlines()[-1]
     )
-    _, said = chat_turn(site, token, "Hello from Compose")
+    said = api_chat_turn(site.curl, token, "Hello from Compose")
     assert said["reply"]["text"] == "Stand-in reply to: Hello from Compose"
     # Plain HTTP is redirected to HTTPS.
     redirect = site.host.run(
@@ -454,7 +439,7 @@ def test_litestream_replicates_to_the_replica_volume_and_it_restores(site: Compo
         .strip()
         .splitlines()[-1]
     )
-    chat_turn(site, token, "Kept in the replica")
+    api_chat_turn(site.curl, token, "Kept in the replica")
     said_at = time.monotonic()
     while restored_messages(site, "Kept in the replica") != 2:
         assert time.monotonic() - said_at < 60, site.sh(f"{site.compose} logs --tail 30 litestream")
@@ -468,7 +453,7 @@ def test_the_data_outlives_the_containers(site: ComposeSite) -> None:
         .strip()
         .splitlines()[-1]
     )
-    conversation, _ = chat_turn(site, token, "Still here after down")
+    conversation = api_chat_turn(site.curl, token, "Still here after down")["conversation"]
     site.sh(f"{site.compose} down", timeout=300)
     assert site.sh(f"{site.compose} ps -a -q").split() == []
     started = time.monotonic()

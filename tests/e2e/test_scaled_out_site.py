@@ -56,6 +56,7 @@ from tests.e2e.deployments import (
     TELEGRAM_SECRET,
     TELEGRAM_TOKEN,
     Deployment,
+    api_chat_turn,
     app_test_settings,
     free_port,
     port_open,
@@ -506,18 +507,7 @@ def test_the_database_is_backed_up_to_the_bucket_and_the_key_stays_secret(
 
 def say(scale_out: ScaleOut, token: str, text: str) -> str:
     """A chat turn through the load balancer in a new conversation; its id."""
-    auth = ("--fail", "--header", f"Authorization: Bearer {token}")
-    created = scale_out.curl("/api/v1/conversations", *auth, "--request", "POST")
-    assert created.returncode == 0, created.stderr
-    conversation = str(json.loads(created.stdout)["id"])
-    said = scale_out.curl(
-        f"/api/v1/conversations/{conversation}/messages",
-        *auth,
-        "--json",
-        json.dumps({"text": text}),
-    )
-    assert said.returncode == 0, said.stderr
-    return conversation
+    return str(api_chat_turn(scale_out.curl, token, text)["conversation"])
 
 
 def changed_on_db(output: str) -> str:
